@@ -1,0 +1,300 @@
+// Package policy owns the Bulkhead policy document (schema v1): its types,
+// strict decoding, and validation. A Document that passes Validate is free of
+// contradictions the evaluator would otherwise have to guess about. It knows
+// nothing of signatures, storage or the kernel.
+package policy
+
+import (
+	"encoding/base64"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
+)
+
+// Schema is the only document schema this agent understands.
+const Schema = "bulkhead.policy/v1"
+
+// Document is one site-wide policy. Every device class it names gets its
+// access from the same document, so contradictions between classes are
+// caught once, at signing time and again on every device.
+type Document struct {
+	Schema    string              `json:"schema"`
+	Control   []Endpoint          `json:"control"`
+	Validity  Validity            `json:"validity"`
+	Segments  []Segment           `json:"segments"`
+	Schedules map[string]Schedule `json:"schedules,omitzero"`
+	Classes   map[string]Class    `json:"classes"`
+}
+
+// Endpoint is a control-plane address the agent may always reach, in every
+// mode including lockdown.
+type Endpoint struct {
+	Address netip.Addr `json:"address"`
+	Port    uint16     `json:"port"`
+}
+
+// Validity says how long a bundle is enforced in normal mode without fresh
+// contact with control, before the device falls back to its offline profile.
+type Validity struct {
+	MaxOffline Duration `json:"max_offline"`
+}
+
+// Segment is one network segment, reached only through the WireGuard
+// gateway that fronts it.
+type Segment struct {
+	Name         string        `json:"name"`
+	DataClass    string        `json:"data_class"`
+	Tier         int           `json:"tier"`
+	Partner      string        `json:"partner,omitzero"`
+	Destinations []Destination `json:"destinations"`
+	Gateway      Gateway       `json:"gateway"`
+	RateLimit    *RateLimit    `json:"rate_limit,omitzero"`
+}
+
+// Destination is an address range and the protocol and ports on it.
+type Destination struct {
+	CIDR     netip.Prefix `json:"cidr"`
+	Protocol Protocol     `json:"protocol"`
+	Ports    []PortRange  `json:"ports,omitzero"`
+}
+
+// Gateway is the WireGuard peer for a segment.
+type Gateway struct {
+	PublicKey Key    `json:"public_key"`
+	Endpoint  string `json:"endpoint"`
+}
+
+// RateLimit caps a segment's traffic in both directions.
+type RateLimit struct {
+	BytesPerSecond uint64 `json:"bytes_per_second"`
+	BurstBytes     uint64 `json:"burst_bytes,omitzero"`
+}
+
+// Class is a kind of device and what it may reach.
+type Class struct {
+	Rules    []Rule   `json:"rules"`
+	Profiles Profiles `json:"profiles,omitzero"`
+}
+
+// Rule opens one segment to a class, optionally narrowed to some ports and
+// limited to a schedule.
+type Rule struct {
+	Segment  string      `json:"segment"`
+	Ports    []PortRange `json:"ports,omitzero"`
+	Schedule string      `json:"schedule,omitzero"`
+}
+
+// Profiles name, per degraded mode, which of the class's segments stay open.
+// A mode without a profile keeps nothing open but the safety floor and the
+// control endpoints.
+type Profiles struct {
+	Restricted []string `json:"restricted,omitzero"`
+	Offline    []string `json:"offline,omitzero"`
+	Diagnostic []string `json:"diagnostic,omitzero"`
+}
+
+// Schedule is a weekly time window in one IANA time zone. A window whose end
+// is not after its start runs past midnight into the next day; Days name the
+// day the window starts.
+type Schedule struct {
+	Zone  string    `json:"zone"`
+	Days  []Weekday `json:"days"`
+	Start ClockTime `json:"start"`
+	End   ClockTime `json:"end"`
+	loc   *time.Location
+}
+
+// Location is the schedule's time zone; valid after Validate.
+func (s Schedule) Location() *time.Location { return s.loc }
+
+// Parse decodes a policy document strictly and validates it.
+func Parse(data []byte) (*Document, error) {
+	var d Document
+	if err := strictjson.Unmarshal(data, &d); err != nil {
+		return nil, err
+	}
+	if err := d.Validate(); err != nil {
+		return nil, err
+	}
+	return &d, nil
+}
+
+// Segment returns the named segment.
+func (d *Document) Segment(name string) (*Segment, bool) {
+	for i := range d.Segments {
+		if d.Segments[i].Name == name {
+			return &d.Segments[i], true
+		}
+	}
+	return nil, false
+}
+
+// Protocol is a transport protocol a destination is reached with.
+type Protocol string
+
+// Protocols a destination may name.
+const (
+	TCP  Protocol = "tcp"
+	UDP  Protocol = "udp"
+	ICMP Protocol = "icmp"
+	Any  Protocol = "any"
+)
+
+// HasPorts reports whether the protocol is addressed by port.
+func (p Protocol) HasPorts() bool { return p == TCP || p == UDP }
+
+// UnmarshalText accepts only the protocols Bulkhead can enforce.
+func (p *Protocol) UnmarshalText(b []byte) error {
+	switch v := Protocol(b); v {
+	case TCP, UDP, ICMP, Any:
+		*p = v
+		return nil
+	}
+	return fmt.Errorf("unknown protocol %q (want tcp, udp, icmp or any)", b)
+}
+
+// PortRange is an inclusive range of ports; a single port has First == Last.
+type PortRange struct {
+	First, Last uint16
+}
+
+// ParsePortRange reads "443" or "8000-8099".
+func ParsePortRange(s string) (PortRange, error) {
+	lo, hi, isRange := strings.Cut(s, "-")
+	first, err := parsePort(lo)
+	if err != nil {
+		return PortRange{}, fmt.Errorf("port range %q: %v", s, err)
+	}
+	last := first
+	if isRange {
+		if last, err = parsePort(hi); err != nil {
+			return PortRange{}, fmt.Errorf("port range %q: %v", s, err)
+		}
+	}
+	if last < first {
+		return PortRange{}, fmt.Errorf("port range %q: end is below start", s)
+	}
+	return PortRange{first, last}, nil
+}
+
+func parsePort(s string) (uint16, error) {
+	n, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("%q is not a port from 1 to 65535", s)
+	}
+	return uint16(n), nil
+}
+
+func (r PortRange) String() string {
+	if r.First == r.Last {
+		return strconv.Itoa(int(r.First))
+	}
+	return fmt.Sprintf("%d-%d", r.First, r.Last)
+}
+
+// MarshalText writes the form ParsePortRange reads.
+func (r PortRange) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
+
+// UnmarshalText reads "443" or "8000-8099".
+func (r *PortRange) UnmarshalText(b []byte) error {
+	v, err := ParsePortRange(string(b))
+	if err != nil {
+		return err
+	}
+	*r = v
+	return nil
+}
+
+// Contains reports whether o lies wholly inside r.
+func (r PortRange) Contains(o PortRange) bool { return r.First <= o.First && o.Last <= r.Last }
+
+// Duration is a time.Duration written as Go writes it ("72h", "90m").
+type Duration time.Duration
+
+// MarshalText writes the duration as Go formats it.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// UnmarshalText reads a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("%q is not a duration such as \"72h\" or \"90m\"", b)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// Key is a WireGuard public key, written in base64 as wg(8) prints it.
+type Key [32]byte
+
+// MarshalText writes the key as wg(8) does.
+func (k Key) MarshalText() ([]byte, error) { return []byte(k.String()), nil }
+
+func (k Key) String() string { return encodeKey(k) }
+
+// UnmarshalText reads a base64 WireGuard key.
+func (k *Key) UnmarshalText(b []byte) error {
+	v, err := decodeKey(string(b))
+	if err != nil {
+		return err
+	}
+	*k = v
+	return nil
+}
+
+// Weekday is a day name as written in schedules ("mon" … "sun").
+type Weekday time.Weekday
+
+var weekdays = [...]string{"sun", "mon", "tue", "wed", "thu", "fri", "sat"}
+
+// MarshalText writes the three-letter day name.
+func (w Weekday) MarshalText() ([]byte, error) { return []byte(weekdays[w]), nil }
+
+// UnmarshalText reads a three-letter day name.
+func (w *Weekday) UnmarshalText(b []byte) error {
+	for i, name := range weekdays {
+		if strings.EqualFold(string(b), name) {
+			*w = Weekday(i)
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown day %q (want mon, tue, wed, thu, fri, sat or sun)", b)
+}
+
+// ClockTime is a wall-clock time of day, minutes after midnight; "24:00" is
+// allowed as an end.
+type ClockTime int
+
+// MarshalText writes HH:MM.
+func (c ClockTime) MarshalText() ([]byte, error) {
+	return fmt.Appendf(nil, "%02d:%02d", int(c)/60, int(c)%60), nil
+}
+
+// UnmarshalText reads HH:MM.
+func (c *ClockTime) UnmarshalText(b []byte) error {
+	hh, mm, ok := strings.Cut(string(b), ":")
+	h, err1 := strconv.Atoi(hh)
+	m, err2 := strconv.Atoi(mm)
+	if !ok || len(hh) != 2 || len(mm) != 2 || err1 != nil || err2 != nil ||
+		h < 0 || m < 0 || m > 59 || h > 24 || (h == 24 && m != 0) {
+		return fmt.Errorf("%q is not a time of day HH:MM (00:00 to 24:00)", b)
+	}
+	*c = ClockTime(h*60 + m)
+	return nil
+}
+
+func encodeKey(k Key) string { return base64.StdEncoding.EncodeToString(k[:]) }
+
+func decodeKey(s string) (Key, error) {
+	var k Key
+	b, err := base64.StdEncoding.DecodeString(s)
+	if err != nil || len(b) != len(k) {
+		return k, fmt.Errorf("%q is not a WireGuard public key (44 characters of base64, as `wg pubkey` prints)", s)
+	}
+	copy(k[:], b)
+	return k, nil
+}

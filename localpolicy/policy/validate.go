@@ -1,0 +1,307 @@
+package policy
+
+import (
+	"cmp"
+	"errors"
+	"fmt"
+	"net/netip"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+)
+
+// ErrInvalid is wrapped by every validation failure.
+var ErrInvalid = errors.New("invalid policy")
+
+// InvalidError lists every problem found in a document, each prefixed with
+// the path of the field at fault, so one round of fixes is enough.
+type InvalidError struct {
+	Problems []string
+}
+
+func (e *InvalidError) Error() string {
+	const show = 3
+	msg := strings.Join(e.Problems[:min(show, len(e.Problems))], "; ")
+	if n := len(e.Problems) - show; n > 0 {
+		msg += fmt.Sprintf("; and %d more", n)
+	}
+	return "invalid policy: " + msg
+}
+
+func (e *InvalidError) Unwrap() error { return ErrInvalid }
+
+// Names of segments and classes end up in nftables set names, status output
+// and file names, so they are kept plain.
+var nameRE = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,31}$`)
+
+const maxTier = 3
+
+type validator struct{ problems []string }
+
+func (v *validator) addf(path, format string, args ...any) {
+	v.problems = append(v.problems, path+": "+fmt.Sprintf(format, args...))
+}
+
+// Validate reports every contradiction or impossible value in d. It also
+// resolves schedule time zones, so it must run before a Document is used.
+func (d *Document) Validate() error {
+	v := &validator{}
+	if d.Schema != Schema {
+		v.addf("schema", "is %q; this agent understands %q", d.Schema, Schema)
+	}
+	if len(d.Control) == 0 {
+		v.addf("control", "names no endpoint; the agent must always be able to reach control")
+	}
+	for i, e := range d.Control {
+		p := fmt.Sprintf("control[%d]", i)
+		v.checkAddr(p+".address", e.Address)
+		if e.Port == 0 {
+			v.addf(p+".port", "is missing or 0")
+		}
+	}
+	if d.Validity.MaxOffline <= 0 {
+		v.addf("validity.max_offline", "must be a positive duration such as \"72h\"")
+	}
+	v.checkSegments(d.Segments)
+	for _, name := range sortedKeys(d.Schedules) {
+		s := d.Schedules[name]
+		v.checkSchedule("schedules."+name, name, &s)
+		d.Schedules[name] = s
+	}
+	if len(d.Classes) == 0 {
+		v.addf("classes", "names no device class")
+	}
+	for _, name := range sortedKeys(d.Classes) {
+		v.checkClass(d, "classes."+name, name, d.Classes[name])
+	}
+	if len(v.problems) > 0 {
+		return &InvalidError{Problems: v.problems}
+	}
+	return nil
+}
+
+func (v *validator) checkAddr(path string, a netip.Addr) {
+	switch {
+	case !a.IsValid():
+		v.addf(path, "is missing")
+	case a.Is4In6():
+		v.addf(path, "%s is an IPv4-mapped IPv6 address; write it as %s", a, a.Unmap())
+	case a.Zone() != "":
+		v.addf(path, "%s carries a zone; zones are not allowed", a)
+	}
+}
+
+func (v *validator) checkSegments(segs []Segment) {
+	if len(segs) == 0 {
+		v.addf("segments", "names no segment")
+	}
+	seen := map[string]int{}
+	for i, s := range segs {
+		p := fmt.Sprintf("segments[%d]", i)
+		if !nameRE.MatchString(s.Name) {
+			v.addf(p+".name", "%q must be 1-32 characters of a-z, 0-9, '-' or '_', starting with a letter or digit", s.Name)
+		} else if j, dup := seen[s.Name]; dup {
+			v.addf(p+".name", "%q is already the name of segments[%d]", s.Name, j)
+		}
+		seen[s.Name] = i
+		if s.DataClass == "" {
+			v.addf(p+".data_class", "is missing (for example \"pii\", \"financial\", \"operational\")")
+		}
+		switch {
+		case s.Tier < 0 || s.Tier > maxTier:
+			v.addf(p+".tier", "is %d; tiers run from 0 (internal) to %d", s.Tier, maxTier)
+		case s.Partner == "" && s.Tier != 0:
+			v.addf(p+".partner", "is missing; a tier %d segment belongs to a partner", s.Tier)
+		case s.Partner != "" && s.Tier == 0:
+			v.addf(p+".tier", "is 0 (internal) but the segment belongs to partner %q; give it the partner's tier (1-3)", s.Partner)
+		}
+		if s.Partner != "" && !nameRE.MatchString(s.Partner) {
+			v.addf(p+".partner", "%q must be 1-32 characters of a-z, 0-9, '-' or '_'", s.Partner)
+		}
+		if len(s.Destinations) == 0 {
+			v.addf(p+".destinations", "is empty")
+		}
+		for j, dst := range s.Destinations {
+			v.checkDestination(fmt.Sprintf("%s.destinations[%d]", p, j), dst)
+		}
+		if s.Gateway.PublicKey == (Key{}) {
+			v.addf(p+".gateway.public_key", "is missing")
+		}
+		if ap, err := netip.ParseAddrPort(s.Gateway.Endpoint); err != nil || ap.Port() == 0 {
+			v.addf(p+".gateway.endpoint", "%q is not an IP:port (such as 203.0.113.5:51820 or [2001:db8::5]:51820)", s.Gateway.Endpoint)
+		}
+		if s.RateLimit != nil && s.RateLimit.BytesPerSecond == 0 {
+			v.addf(p+".rate_limit.bytes_per_second", "must be above 0; omit rate_limit for no limit")
+		}
+	}
+	v.checkPartnerOverlap(segs)
+}
+
+func (v *validator) checkDestination(p string, d Destination) {
+	switch {
+	case !d.CIDR.IsValid():
+		v.addf(p+".cidr", "is missing")
+	case d.CIDR.Addr().Is4In6():
+		v.addf(p+".cidr", "%s is IPv4-mapped; write the IPv4 prefix", d.CIDR)
+	case d.CIDR != d.CIDR.Masked():
+		v.addf(p+".cidr", "%s has host bits set; write %s", d.CIDR, d.CIDR.Masked())
+	}
+	switch {
+	case d.Protocol == "":
+		v.addf(p+".protocol", "is missing (tcp, udp, icmp or any)")
+	case d.Protocol.HasPorts() && len(d.Ports) == 0:
+		v.addf(p+".ports", "is empty; name the ports (\"1-65535\" for all)")
+	case !d.Protocol.HasPorts() && len(d.Ports) > 0:
+		v.addf(p+".ports", "%s has no ports; remove them", d.Protocol)
+	}
+}
+
+// checkPartnerOverlap rejects address space claimed by segments of different
+// partners: a packet there could not be attributed to one partner, so a
+// partner revocation could not be enforced. Prefixes nest or are disjoint, so
+// after sorting a stack of enclosing prefixes finds every overlap in
+// O(n log n).
+func (v *validator) checkPartnerOverlap(segs []Segment) {
+	type owned struct {
+		prefix  netip.Prefix
+		segment int
+	}
+	var all []owned
+	for i, s := range segs {
+		for _, d := range s.Destinations {
+			if d.CIDR.IsValid() {
+				all = append(all, owned{d.CIDR.Masked(), i})
+			}
+		}
+	}
+	slices.SortFunc(all, func(a, b owned) int {
+		return cmp.Or(a.prefix.Addr().Compare(b.prefix.Addr()), cmp.Compare(a.prefix.Bits(), b.prefix.Bits()))
+	})
+	var stack []owned
+	reported := map[[2]int]bool{}
+	for _, o := range all {
+		for len(stack) > 0 && !contains(stack[len(stack)-1].prefix, o.prefix) {
+			stack = stack[:len(stack)-1]
+		}
+		if len(stack) > 0 {
+			top := stack[len(stack)-1]
+			a, b := segs[top.segment], segs[o.segment]
+			if a.Partner != b.Partner && !reported[[2]int{top.segment, o.segment}] {
+				reported[[2]int{top.segment, o.segment}] = true
+				v.addf("segments", "%s (segment %s, %s) overlaps %s (segment %s, %s); segments of different partners must not share addresses",
+					top.prefix, a.Name, partnerName(a.Partner), o.prefix, b.Name, partnerName(b.Partner))
+			}
+		}
+		stack = append(stack, o)
+	}
+}
+
+func contains(outer, inner netip.Prefix) bool {
+	return outer.Bits() <= inner.Bits() && outer.Contains(inner.Addr())
+}
+
+func partnerName(p string) string {
+	if p == "" {
+		return "internal"
+	}
+	return "partner " + p
+}
+
+func (v *validator) checkSchedule(p, name string, s *Schedule) {
+	if !nameRE.MatchString(name) {
+		v.addf(p, "schedule name %q must be 1-32 characters of a-z, 0-9, '-' or '_'", name)
+	}
+	loc, err := time.LoadLocation(s.Zone)
+	switch {
+	case s.Zone == "":
+		v.addf(p+".zone", "is missing (an IANA zone such as \"Europe/Berlin\" or \"UTC\")")
+	case err != nil:
+		v.addf(p+".zone", "%q is not a known IANA time zone", s.Zone)
+	default:
+		s.loc = loc
+	}
+	if len(s.Days) == 0 {
+		v.addf(p+".days", "is empty")
+	}
+	seen := map[Weekday]bool{}
+	for _, d := range s.Days {
+		if seen[d] {
+			v.addf(p+".days", "names %s twice", weekdays[d])
+		}
+		seen[d] = true
+	}
+	if s.Start >= 24*60 {
+		v.addf(p+".start", "must be before 24:00")
+	}
+	if s.Start == s.End {
+		v.addf(p, "start and end are both %s; the window would be empty", mustText(s.Start))
+	}
+}
+
+func mustText(c ClockTime) string {
+	b, _ := c.MarshalText()
+	return string(b)
+}
+
+func (v *validator) checkClass(d *Document, p, name string, c Class) {
+	if !nameRE.MatchString(name) {
+		v.addf(p, "class name %q must be 1-32 characters of a-z, 0-9, '-' or '_'", name)
+	}
+	opened := map[string]bool{}
+	for i, r := range c.Rules {
+		rp := fmt.Sprintf("%s.rules[%d]", p, i)
+		seg, ok := d.Segment(r.Segment)
+		if !ok {
+			v.addf(rp+".segment", "names unknown segment %q", r.Segment)
+			continue
+		}
+		opened[r.Segment] = true
+		if r.Schedule != "" {
+			if _, ok := d.Schedules[r.Schedule]; !ok {
+				v.addf(rp+".schedule", "names unknown schedule %q", r.Schedule)
+			}
+		}
+		for j, pr := range r.Ports {
+			if !segmentDeclares(seg, pr) {
+				v.addf(fmt.Sprintf("%s.ports[%d]", rp, j), "opens %s, which segment %s does not declare on any tcp or udp destination", pr, seg.Name)
+			}
+		}
+	}
+	for _, m := range []struct {
+		mode     string
+		segments []string
+	}{{"restricted", c.Profiles.Restricted}, {"offline", c.Profiles.Offline}, {"diagnostic", c.Profiles.Diagnostic}} {
+		for j, s := range m.segments {
+			pp := fmt.Sprintf("%s.profiles.%s[%d]", p, m.mode, j)
+			if _, ok := d.Segment(s); !ok {
+				v.addf(pp, "names unknown segment %q", s)
+			} else if !opened[s] {
+				v.addf(pp, "opens segment %q, which normal mode does not open for class %s; a profile may only keep open what normal mode opens", s, name)
+			}
+		}
+	}
+}
+
+func segmentDeclares(seg *Segment, pr PortRange) bool {
+	for _, dst := range seg.Destinations {
+		if !dst.Protocol.HasPorts() {
+			continue
+		}
+		for _, dp := range dst.Ports {
+			if dp.Contains(pr) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	return keys
+}
