@@ -136,6 +136,7 @@ func (v *validator) checkSegments(segs []Segment) {
 		}
 	}
 	v.checkPartnerOverlap(segs)
+	v.checkGateways(segs)
 }
 
 func (v *validator) checkDestination(p string, d Destination) {
@@ -304,4 +305,17 @@ func sortedKeys[V any](m map[string]V) []string {
 	}
 	slices.Sort(keys)
 	return keys
+}
+
+// checkGateways rejects one gateway key reached at two endpoints: a
+// WireGuard peer has exactly one endpoint.
+func (v *validator) checkGateways(segs []Segment) {
+	endpoints := map[Key]string{}
+	for i, s := range segs {
+		if prev, ok := endpoints[s.Gateway.PublicKey]; ok && prev != s.Gateway.Endpoint {
+			v.addf(fmt.Sprintf("segments[%d].gateway.endpoint", i), "gateway %s is already reached at %s; one gateway key has one endpoint", s.Gateway.PublicKey, prev)
+			continue
+		}
+		endpoints[s.Gateway.PublicKey] = s.Gateway.Endpoint
+	}
 }

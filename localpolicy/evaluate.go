@@ -1,0 +1,368 @@
+// Package localpolicy decides what a device may reach. Evaluate is a pure
+// function from the accepted policy, the device's identity and its context
+// (trusted time, check results, sticky state set by commands) to a Desired
+// state that the reconcilers apply. Its sub-packages own the pieces: the
+// policy document, signed bundles, the on-device cache.
+package localpolicy
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// Input is everything a decision depends on. Evaluate reads nothing else.
+type Input struct {
+	// Bundle is the accepted policy; nil means there is none and the device
+	// is in lockdown.
+	Bundle *bundle.Payload
+	// NoPolicy says why there is no bundle, for the explanation.
+	NoPolicy string
+	Device   bundle.Device
+	// Now is the trusted current time (see package trustedtime).
+	Now time.Time
+	// LastContact is the latest trusted time at which control confirmed the
+	// bundle is current. The bundle's issue time counts as contact too.
+	LastContact time.Time
+	Checks      []Check
+	Sticky      Sticky
+	// Floor is the device-local safety floor; open in every mode.
+	Floor []FloorRule
+	// Control is the device-local control endpoint list (from enrolment),
+	// open in every mode, lockdown included.
+	Control []policy.Endpoint
+}
+
+// Check is the latest result of one context check (posture, location,
+// behaviour). A failing check moves the device to its profile mode.
+type Check struct {
+	ID       string
+	Failing  bool
+	Profile  Mode
+	Observed string
+	Expected string
+}
+
+// Sticky is state set by signed commands; it survives restarts and outages.
+type Sticky struct {
+	// Mode is Normal, Diagnostic or Quarantine.
+	Mode   Mode   `json:"mode"`
+	Reason string `json:"reason,omitzero"`
+	// RevokedPartners maps a partner id to the reason it was cut off.
+	RevokedPartners map[string]string `json:"revoked_partners,omitzero"`
+}
+
+// FloorRule is one safety-floor allowance, such as a vehicle's CAN gateway
+// subnet. No policy, command or mode removes it.
+type FloorRule struct {
+	Name string `json:"name"`
+	policy.Destination
+}
+
+// Desired is what the device should enforce now.
+type Desired struct {
+	Mode Mode
+	// Why lists the reasons for the mode, most restrictive first.
+	Why           []string
+	PolicyVersion uint64
+	Floor         []FloorRule
+	Control       []policy.Endpoint
+	// Segments are the open segments, by name.
+	Segments []Access
+	// Peers are the WireGuard gateways of the open segments, by key.
+	Peers []Peer
+	// Decisions explain every segment of the policy, open or not, by name.
+	Decisions []Decision
+	// NextChange is the next instant at which the decision changes with no
+	// other input (a schedule edge, expiry, the offline deadline); zero if
+	// none.
+	NextChange time.Time
+}
+
+// Access is one open segment and exactly what is open on it.
+type Access struct {
+	Segment      string
+	Partner      string
+	Tier         int
+	Gateway      policy.Gateway
+	Destinations []policy.Destination
+	RateLimit    *policy.RateLimit
+}
+
+// Peer is a WireGuard peer and the addresses routed to it.
+type Peer struct {
+	PublicKey  policy.Key
+	Endpoint   string
+	AllowedIPs []netip.Prefix
+	Segments   []string
+}
+
+// Decision explains one segment.
+type Decision struct {
+	Segment string
+	Allowed bool
+	Reason  string
+}
+
+type reason struct {
+	mode Mode
+	why  string
+}
+
+// Evaluate computes the Desired state. It performs no I/O and gives the same
+// result for the same Input.
+func Evaluate(in Input) Desired {
+	d := Desired{
+		Floor:   slices.Clone(in.Floor),
+		Control: slices.Clone(in.Control),
+	}
+	if in.Bundle == nil {
+		why := in.NoPolicy
+		if why == "" {
+			why = "no policy has been accepted yet"
+		}
+		d.Mode, d.Why = Lockdown, []string{why}
+		return d
+	}
+	b := in.Bundle
+	doc := &b.Policy
+	d.PolicyVersion = b.Version
+	d.Control = mergeEndpoints(in.Control, doc.Control)
+
+	reasons, deadline := modeReasons(in)
+	d.Mode = Normal
+	for _, r := range reasons {
+		d.Mode = max(d.Mode, r.mode)
+	}
+	slices.SortStableFunc(reasons, func(a, b reason) int { return cmp.Compare(b.mode, a.mode) })
+	for _, r := range reasons {
+		d.Why = append(d.Why, r.mode.String()+": "+r.why)
+	}
+	d.NextChange = deadline
+
+	class, hasClass := doc.Classes[in.Device.Class]
+	open := map[string]*Access{}
+	why := map[string][]string{}
+	for _, rule := range class.Rules {
+		seg, _ := doc.Segment(rule.Segment)
+		ok, because, edge := ruleOpen(doc, class, rule, seg, d.Mode, in)
+		d.NextChange = earliest(d.NextChange, edge)
+		why[seg.Name] = append(why[seg.Name], because)
+		if !ok {
+			continue
+		}
+		a := open[seg.Name]
+		if a == nil {
+			a = &Access{Segment: seg.Name, Partner: seg.Partner, Tier: seg.Tier, Gateway: seg.Gateway, RateLimit: seg.RateLimit}
+			open[seg.Name] = a
+		}
+		a.Destinations = append(a.Destinations, narrow(seg.Destinations, rule.Ports)...)
+	}
+
+	for _, seg := range doc.Segments {
+		dec := Decision{Segment: seg.Name}
+		if a, ok := open[seg.Name]; ok {
+			dec.Allowed = true
+			a.Destinations = dedupe(a.Destinations)
+			d.Segments = append(d.Segments, *a)
+		}
+		switch reasons := why[seg.Name]; {
+		case !hasClass:
+			dec.Reason = fmt.Sprintf("class %s has no entry in policy v%d", in.Device.Class, b.Version)
+		case len(reasons) == 0:
+			dec.Reason = fmt.Sprintf("no rule of class %s opens it", in.Device.Class)
+		default:
+			dec.Reason = strings.Join(slices.Compact(reasons), "; ")
+		}
+		d.Decisions = append(d.Decisions, dec)
+	}
+	slices.SortFunc(d.Segments, func(a, b Access) int { return strings.Compare(a.Segment, b.Segment) })
+	slices.SortFunc(d.Decisions, func(a, b Decision) int { return strings.Compare(a.Segment, b.Segment) })
+	d.Peers = peers(d.Segments)
+	return d
+}
+
+// modeReasons lists every active reason for a mode above normal and the
+// next instant a time-based one starts.
+func modeReasons(in Input) ([]reason, time.Time) {
+	b := in.Bundle
+	var rs []reason
+	var next time.Time
+	switch in.Sticky.Mode {
+	case Quarantine, Diagnostic:
+		why := "ordered by security operations"
+		if in.Sticky.Reason != "" {
+			why += ": " + in.Sticky.Reason
+		}
+		rs = append(rs, reason{in.Sticky.Mode, why})
+	}
+	if !in.Now.Before(b.ExpiresAt) {
+		rs = append(rs, reason{Offline, fmt.Sprintf("policy v%d expired at %s", b.Version, stamp(b.ExpiresAt))})
+	} else {
+		next = b.ExpiresAt
+	}
+	contact := b.IssuedAt
+	if in.LastContact.After(contact) {
+		contact = in.LastContact
+	}
+	maxOffline := time.Duration(b.Policy.Validity.MaxOffline)
+	if deadline := contact.Add(maxOffline); !in.Now.Before(deadline) {
+		rs = append(rs, reason{Offline, fmt.Sprintf("no contact with control since %s (max_offline %s)", stamp(contact), maxOffline)})
+	} else {
+		next = earliest(next, deadline)
+	}
+	for _, c := range in.Checks {
+		if c.Failing {
+			rs = append(rs, reason{c.Profile, fmt.Sprintf("check %s failed: observed %s, expected %s", c.ID, c.Observed, c.Expected)})
+		}
+	}
+	return rs, next
+}
+
+// ruleOpen decides one rule: whether it opens its segment now, why, and the
+// next schedule edge that could change that.
+func ruleOpen(doc *policy.Document, class policy.Class, rule policy.Rule, seg *policy.Segment, mode Mode, in Input) (bool, string, time.Time) {
+	var edge time.Time
+	active := true
+	if rule.Schedule != "" {
+		active, edge = doc.Schedules[rule.Schedule].Active(in.Now)
+	}
+	switch {
+	case mode >= Quarantine:
+		return false, fmt.Sprintf("mode %s opens only the safety floor and control", mode), edge
+	case seg.Partner != "" && revoked(in.Sticky, seg.Partner):
+		return false, fmt.Sprintf("partner %s is revoked: %s", seg.Partner, in.Sticky.RevokedPartners[seg.Partner]), edge
+	case mode != Normal && !slices.Contains(profile(class, mode), seg.Name):
+		return false, fmt.Sprintf("mode %s: the %s profile of class %s does not keep it open", mode, mode, in.Device.Class), edge
+	case !active:
+		return false, fmt.Sprintf("schedule %s is closed until %s", rule.Schedule, stamp(edge)), edge
+	}
+	because := fmt.Sprintf("class %s rule", in.Device.Class)
+	if len(rule.Ports) > 0 {
+		because += " on ports " + portList(rule.Ports)
+	}
+	if rule.Schedule != "" {
+		because += fmt.Sprintf(" within schedule %s until %s", rule.Schedule, stamp(edge))
+	}
+	if mode != Normal {
+		because += fmt.Sprintf(", kept by the %s profile", mode)
+	}
+	return true, because, edge
+}
+
+func revoked(s Sticky, partner string) bool {
+	_, ok := s.RevokedPartners[partner]
+	return ok
+}
+
+func profile(c policy.Class, m Mode) []string {
+	switch m {
+	case Restricted:
+		return c.Profiles.Restricted
+	case Offline:
+		return c.Profiles.Offline
+	case Diagnostic:
+		return c.Profiles.Diagnostic
+	}
+	return nil
+}
+
+// narrow keeps the destinations a rule opens: all of them without ports,
+// else only tcp and udp destinations, cut to the rule's ports.
+func narrow(dsts []policy.Destination, ports []policy.PortRange) []policy.Destination {
+	if len(ports) == 0 {
+		return dsts
+	}
+	var out []policy.Destination
+	for _, d := range dsts {
+		if !d.Protocol.HasPorts() {
+			continue
+		}
+		var kept []policy.PortRange
+		for _, have := range d.Ports {
+			for _, want := range ports {
+				lo, hi := max(have.First, want.First), min(have.Last, want.Last)
+				if lo <= hi {
+					kept = append(kept, policy.PortRange{First: lo, Last: hi})
+				}
+			}
+		}
+		if len(kept) > 0 {
+			out = append(out, policy.Destination{CIDR: d.CIDR, Protocol: d.Protocol, Ports: kept})
+		}
+	}
+	return out
+}
+
+// dedupe drops repeated destinations, which overlapping rules (a day and a
+// night shift on the same ports) produce.
+func dedupe(dsts []policy.Destination) []policy.Destination {
+	seen := make(map[string]bool, len(dsts))
+	out := dsts[:0:0]
+	for _, d := range dsts {
+		k := d.CIDR.String() + "/" + string(d.Protocol) + "/" + portList(d.Ports)
+		if !seen[k] {
+			seen[k] = true
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+func peers(open []Access) []Peer {
+	byKey := map[policy.Key]*Peer{}
+	for _, a := range open {
+		p := byKey[a.Gateway.PublicKey]
+		if p == nil {
+			p = &Peer{PublicKey: a.Gateway.PublicKey, Endpoint: a.Gateway.Endpoint}
+			byKey[a.Gateway.PublicKey] = p
+		}
+		p.Segments = append(p.Segments, a.Segment)
+		for _, d := range a.Destinations {
+			p.AllowedIPs = append(p.AllowedIPs, d.CIDR)
+		}
+	}
+	out := make([]Peer, 0, len(byKey))
+	for _, p := range byKey {
+		slices.SortFunc(p.AllowedIPs, comparePrefix)
+		p.AllowedIPs = slices.Compact(p.AllowedIPs)
+		out = append(out, *p)
+	}
+	slices.SortFunc(out, func(a, b Peer) int { return strings.Compare(a.PublicKey.String(), b.PublicKey.String()) })
+	return out
+}
+
+func comparePrefix(a, b netip.Prefix) int {
+	return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+}
+
+func mergeEndpoints(local, fromPolicy []policy.Endpoint) []policy.Endpoint {
+	out := slices.Concat(local, fromPolicy)
+	slices.SortFunc(out, func(a, b policy.Endpoint) int {
+		return cmp.Or(a.Address.Compare(b.Address), cmp.Compare(a.Port, b.Port))
+	})
+	return slices.Compact(out)
+}
+
+func portList(ports []policy.PortRange) string {
+	s := make([]string, len(ports))
+	for i, p := range ports {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func earliest(a, b time.Time) time.Time {
+	if a.IsZero() || (!b.IsZero() && b.Before(a)) {
+		return b
+	}
+	return a
+}
+
+func stamp(t time.Time) string { return t.UTC().Format(time.RFC3339) }

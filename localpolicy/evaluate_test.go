@@ -1,0 +1,253 @@
+package localpolicy
+
+import (
+	"net/netip"
+	"os"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// Tuesday 2026-11-24 10:00 in Chicago (16:00 UTC): inside the day shift.
+var dayShift = time.Date(2026, 11, 24, 16, 0, 0, 0, time.UTC)
+
+func example(t *testing.T) *bundle.Payload {
+	t.Helper()
+	data, err := os.ReadFile("../examples/logistics-site.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc, err := policy.Parse(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &bundle.Payload{
+		Version:   4,
+		IssuedAt:  dayShift.Add(-24 * time.Hour),
+		ExpiresAt: dayShift.Add(30 * 24 * time.Hour),
+		Target:    bundle.Target{Classes: []string{"dock-gateway", "scanner", "telematics"}},
+		Policy:    *doc,
+	}
+}
+
+func openSegments(d Desired) []string {
+	var names []string
+	for _, a := range d.Segments {
+		names = append(names, a.Segment)
+	}
+	return names
+}
+
+var floor = []FloorRule{{Name: "can-gateway", Destination: policy.Destination{
+	CIDR: netip.MustParsePrefix("192.168.50.0/29"), Protocol: policy.Any}}}
+
+func TestEvaluateModes(t *testing.T) {
+	b := example(t)
+	tests := []struct {
+		name     string
+		in       Input
+		wantMode Mode
+		wantOpen []string
+		wantWhy  string // substring of the first reason
+	}{
+		{
+			name:     "dock gateway normal",
+			in:       Input{Device: bundle.Device{Class: "dock-gateway"}},
+			wantMode: Normal,
+			wantOpen: []string{"broker-portal", "carrier-edi", "diagnostics", "dock-scheduling", "finance", "wms"},
+		},
+		{
+			name:     "scanner in its shift never reaches finance",
+			in:       Input{Device: bundle.Device{Class: "scanner"}},
+			wantMode: Normal,
+			wantOpen: []string{"diagnostics", "wms"},
+		},
+		{
+			name:     "scanner between shifts",
+			in:       Input{Device: bundle.Device{Class: "scanner"}, Now: time.Date(2026, 11, 24, 21, 0, 0, 0, time.UTC)}, // 15:00 Chicago
+			wantMode: Normal,
+			wantOpen: []string{"diagnostics"},
+		},
+		{
+			name: "failing check restricts",
+			in: Input{Device: bundle.Device{Class: "dock-gateway"}, Checks: []Check{
+				{ID: "edr-running", Failing: true, Profile: Restricted, Observed: "absent", Expected: "running"},
+				{ID: "disk-free", Failing: false, Profile: Quarantine},
+			}},
+			wantMode: Restricted,
+			wantOpen: []string{"dock-scheduling", "wms"},
+			wantWhy:  "check edr-running failed: observed absent, expected running",
+		},
+		{
+			name:     "expired bundle falls to offline profile",
+			in:       Input{Device: bundle.Device{Class: "telematics"}, Now: b.ExpiresAt},
+			wantMode: Offline,
+			wantOpen: []string{"telemetry"},
+			wantWhy:  "expired",
+		},
+		{
+			name:     "no contact past max_offline",
+			in:       Input{Device: bundle.Device{Class: "dock-gateway"}, Now: b.IssuedAt.Add(72 * time.Hour)},
+			wantMode: Offline,
+			wantOpen: []string{"dock-scheduling", "wms"},
+			wantWhy:  "no contact with control since",
+		},
+		{
+			name:     "recent contact keeps normal",
+			in:       Input{Device: bundle.Device{Class: "dock-gateway"}, Now: b.IssuedAt.Add(72 * time.Hour), LastContact: b.IssuedAt.Add(71 * time.Hour)},
+			wantMode: Normal,
+			wantOpen: []string{"broker-portal", "carrier-edi", "diagnostics", "dock-scheduling", "finance", "wms"},
+		},
+		{
+			name:     "diagnostic",
+			in:       Input{Device: bundle.Device{Class: "telematics"}, Sticky: Sticky{Mode: Diagnostic, Reason: "INC-7"}},
+			wantMode: Diagnostic,
+			wantOpen: []string{"diagnostics"},
+			wantWhy:  "ordered by security operations: INC-7",
+		},
+		{
+			name:     "quarantine beats everything but lockdown",
+			in:       Input{Device: bundle.Device{Class: "dock-gateway"}, Sticky: Sticky{Mode: Quarantine}, Checks: []Check{{ID: "x", Failing: true, Profile: Restricted}}},
+			wantMode: Quarantine,
+			wantOpen: nil,
+		},
+		{
+			name:     "revoked partner is cut in normal mode",
+			in:       Input{Device: bundle.Device{Class: "dock-gateway"}, Sticky: Sticky{RevokedPartners: map[string]string{"spotload-brokers": "breach"}}},
+			wantMode: Normal,
+			wantOpen: []string{"carrier-edi", "diagnostics", "dock-scheduling", "finance", "wms"},
+		},
+		{
+			name:     "class missing from policy",
+			in:       Input{Device: bundle.Device{ID: "dev-1", Class: "forklift"}},
+			wantMode: Normal,
+			wantOpen: nil,
+		},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			in := tt.in
+			in.Bundle = b
+			if in.Now.IsZero() {
+				in.Now = dayShift
+			}
+			in.Floor = floor
+			d := Evaluate(in)
+			if d.Mode != tt.wantMode {
+				t.Errorf("mode = %v, want %v (why %q)", d.Mode, tt.wantMode, d.Why)
+			}
+			if diff := cmp.Diff(tt.wantOpen, openSegments(d), netipEq); diff != "" {
+				t.Errorf("open segments (-want +got):\n%s", diff)
+			}
+			if tt.wantWhy != "" && (len(d.Why) == 0 || !strings.Contains(d.Why[0], tt.wantWhy)) {
+				t.Errorf("why = %q, want first reason to mention %q", d.Why, tt.wantWhy)
+			}
+			if diff := cmp.Diff(floor, d.Floor, netipEq); diff != "" {
+				t.Errorf("safety floor changed (-want +got):\n%s", diff)
+			}
+			if len(d.Control) != 2 {
+				t.Errorf("control endpoints = %v, want the policy's two", d.Control)
+			}
+			if got, want := len(d.Decisions), len(b.Policy.Segments); got != want {
+				t.Errorf("%d decisions, want one per segment (%d)", got, want)
+			}
+			for _, dec := range d.Decisions {
+				if dec.Reason == "" {
+					t.Errorf("decision for %s has no reason", dec.Segment)
+				}
+				if dec.Allowed != slices.Contains(tt.wantOpen, dec.Segment) {
+					t.Errorf("decision for %s: allowed=%v disagrees with open segments", dec.Segment, dec.Allowed)
+				}
+			}
+		})
+	}
+}
+
+func TestLockdownWithoutPolicy(t *testing.T) {
+	ctl := []policy.Endpoint{{Address: netip.MustParseAddr("10.99.0.1"), Port: 8443}}
+	d := Evaluate(Input{NoPolicy: "cached bundle failed verification: signature does not verify", Floor: floor, Control: ctl, Now: dayShift})
+	if d.Mode != Lockdown {
+		t.Fatalf("mode = %v, want lockdown", d.Mode)
+	}
+	if len(d.Segments) != 0 || len(d.Peers) != 0 {
+		t.Errorf("lockdown opens %v / peers %v", d.Segments, d.Peers)
+	}
+	if diff := cmp.Diff(floor, d.Floor, netipEq); diff != "" {
+		t.Errorf("floor (-want +got):\n%s", diff)
+	}
+	if diff := cmp.Diff(ctl, d.Control, netipEq); diff != "" {
+		t.Errorf("control (-want +got):\n%s", diff)
+	}
+	if !strings.Contains(d.Why[0], "signature does not verify") {
+		t.Errorf("why = %q", d.Why)
+	}
+}
+
+func TestRulePortsNarrowDestinations(t *testing.T) {
+	d := Evaluate(Input{Bundle: example(t), Device: bundle.Device{Class: "scanner"}, Now: dayShift})
+	for _, a := range d.Segments {
+		if a.Segment != "wms" {
+			continue
+		}
+		want := []policy.Destination{
+			{CIDR: netip.MustParsePrefix("10.20.1.0/24"), Protocol: policy.TCP, Ports: []policy.PortRange{{First: 443, Last: 443}}},
+			{CIDR: netip.MustParsePrefix("fd00:20:1::/64"), Protocol: policy.TCP, Ports: []policy.PortRange{{First: 443, Last: 443}}},
+		}
+		if diff := cmp.Diff(want, a.Destinations, netipEq); diff != "" {
+			t.Errorf("wms destinations for a scanner (-want +got):\n%s", diff)
+		}
+		return
+	}
+	t.Fatal("wms not open for a scanner in its shift")
+}
+
+func TestPeersFollowOpenSegments(t *testing.T) {
+	b := example(t)
+	d := Evaluate(Input{Bundle: b, Device: bundle.Device{Class: "dock-gateway"}, Now: dayShift, Checks: []Check{{ID: "c", Failing: true, Profile: Restricted}}})
+	if len(d.Peers) != 1 {
+		t.Fatalf("peers = %+v, want the one gateway of wms and dock-scheduling", d.Peers)
+	}
+	p := d.Peers[0]
+	if diff := cmp.Diff([]string{"dock-scheduling", "wms"}, p.Segments, netipEq); diff != "" {
+		t.Errorf("peer segments (-want +got):\n%s", diff)
+	}
+	want := []netip.Prefix{netip.MustParsePrefix("10.20.1.0/24"), netip.MustParsePrefix("10.20.2.0/24"), netip.MustParsePrefix("fd00:20:1::/64")}
+	if diff := cmp.Diff(want, p.AllowedIPs, netipEq); diff != "" {
+		t.Errorf("allowed IPs (-want +got):\n%s", diff)
+	}
+}
+
+func TestEvaluateIsDeterministic(t *testing.T) {
+	in := Input{Bundle: example(t), Device: bundle.Device{Class: "dock-gateway"}, Now: dayShift}
+	first := Evaluate(in)
+	for range 50 {
+		if diff := cmp.Diff(first, Evaluate(in), netipEq); diff != "" {
+			t.Fatalf("second evaluation differs:\n%s", diff)
+		}
+	}
+}
+
+// The scanner's shift rules decide both the access and the instant of the
+// next change, so the agent wakes exactly then.
+func TestNextChangeIsTheShiftEdge(t *testing.T) {
+	d := Evaluate(Input{Bundle: example(t), Device: bundle.Device{Class: "scanner"}, Now: dayShift})
+	want := time.Date(2026, 11, 24, 20, 0, 0, 0, time.UTC) // 14:00 CST
+	if !d.NextChange.Equal(want) {
+		t.Errorf("NextChange = %v, want %v", d.NextChange, want)
+	}
+	after := Evaluate(Input{Bundle: example(t), Device: bundle.Device{Class: "scanner"}, Now: want})
+	if slices.Contains(openSegments(after), "wms") {
+		t.Errorf("wms still open at the end of the shift")
+	}
+}
+
+var netipEq = cmp.Options{
+	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
+	cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
+}

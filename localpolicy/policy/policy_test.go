@@ -1,0 +1,144 @@
+package policy
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
+)
+
+func exampleText(t testing.TB) string {
+	t.Helper()
+	data, err := os.ReadFile("../../examples/logistics-site.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(data)
+}
+
+func TestExamplesAreValid(t *testing.T) {
+	files, err := filepath.Glob("../../examples/*.json")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no examples found: %v", err)
+	}
+	for _, f := range files {
+		data, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Parse(data); err != nil {
+			t.Errorf("%s: %v", f, err)
+		}
+	}
+}
+
+// Each case changes the valid example in one place and names the problem
+// the operator must be told about.
+func TestValidationRejects(t *testing.T) {
+	tests := []struct {
+		name      string
+		old, new  string
+		wantErr   error
+		wantInMsg string
+	}{
+		{"rule names unknown segment",
+			`{"segment": "finance"}`, `{"segment": "finanse"}`,
+			ErrInvalid, `classes.dock-gateway.rules[4].segment: names unknown segment "finanse"`},
+		{"overlapping segments of different partners",
+			`{"cidr": "10.70.0.10/32"`, `{"cidr": "10.60.0.128/25"`,
+			ErrInvalid, `10.60.0.0/24 (segment carrier-edi, partner northline-freight) overlaps 10.60.0.128/25 (segment broker-portal, partner spotload-brokers)`},
+		{"internal segment overlapping a partner's",
+			`{"cidr": "10.30.0.0/24"`, `{"cidr": "10.60.0.0/16"`,
+			ErrInvalid, `(segment finance, internal) overlaps 10.60.0.0/24 (segment carrier-edi, partner northline-freight)`},
+		{"profile opens more than normal mode",
+			`"restricted": ["wms"],`, `"restricted": ["wms", "finance"],`,
+			ErrInvalid, `classes.scanner.profiles.restricted[1]: opens segment "finance", which normal mode does not open for class scanner`},
+		{"rule opens a port the segment does not declare",
+			`{"segment": "carrier-edi", "ports": ["443"]}`, `{"segment": "carrier-edi", "ports": ["22"]}`,
+			ErrInvalid, `classes.telematics.rules[1].ports[0]: opens 22, which segment carrier-edi does not declare`},
+		{"unknown schedule",
+			`"schedule": "day-shift"`, `"schedule": "weekend"`,
+			ErrInvalid, `names unknown schedule "weekend"`},
+		{"unknown zone",
+			`"zone": "America/Chicago", "days": ["mon"`, `"zone": "America/Springfield", "days": ["mon"`,
+			ErrInvalid, `schedules.day-shift.zone: "America/Springfield" is not a known IANA time zone`},
+		{"empty window",
+			`"start": "06:00", "end": "14:00"`, `"start": "06:00", "end": "06:00"`,
+			ErrInvalid, `the window would be empty`},
+		{"host bits set",
+			`"10.20.1.0/24"`, `"10.20.1.7/24"`,
+			ErrInvalid, `10.20.1.7/24 has host bits set; write 10.20.1.0/24`},
+		{"tcp without ports",
+			`{"cidr": "10.30.0.0/24", "protocol": "tcp", "ports": ["443"]}`, `{"cidr": "10.30.0.0/24", "protocol": "tcp"}`,
+			ErrInvalid, `segments[2].destinations[0].ports: is empty`},
+		{"partner segment at tier 0",
+			`"tier": 1,`, `"tier": 0,`,
+			ErrInvalid, `segments[5].tier: is 0 (internal) but the segment belongs to partner "northline-freight"`},
+		{"duplicate segment name",
+			`"name": "finance"`, `"name": "wms"`,
+			ErrInvalid, `segments[2].name: "wms" is already the name of segments[0]`},
+		{"one gateway two endpoints",
+			`"U2YQklOv9bKmPFyg6JlSTSzDSfIgc5uwhXj3kxmRwW8=", "endpoint": "10.10.0.22:51820"`, `"5p2fPOTJKkll/Ed47AnOR2v5sJGQzt1u2YTxkfOVjzQ=", "endpoint": "10.10.0.22:51820"`,
+			ErrInvalid, `segments[2].gateway.endpoint: gateway 5p2fPOTJKkll/Ed47AnOR2v5sJGQzt1u2YTxkfOVjzQ= is already reached at 10.10.0.21:51820`},
+		{"gateway endpoint is a name",
+			`"endpoint": "10.10.0.25:51820"`, `"endpoint": "gw.example:51820"`,
+			ErrInvalid, `segments[6].gateway.endpoint: "gw.example:51820" is not an IP:port`},
+		{"bad key",
+			`"public_key": "Y1KuI/W/tP3P4uYDdcptys4f0w6I/Ge59JNaDXbfjPE="`, `"public_key": "not-a-key"`,
+			nil, `segments[6].gateway.public_key`},
+		{"wrong schema",
+			`"schema": "bulkhead.policy/v1"`, `"schema": "bulkhead.policy/v2"`,
+			ErrInvalid, `schema: is "bulkhead.policy/v2"`},
+		{"no max offline",
+			`"max_offline": "72h"`, `"max_offline": "0s"`,
+			ErrInvalid, `validity.max_offline`},
+		{"unknown field names its path",
+			`"data_class": "financial",`, `"data_class": "financial", "dataclass": "x",`,
+			strictjson.ErrUnknownField, `"segments[2].dataclass"`},
+		{"bad protocol",
+			`"protocol": "icmp"`, `"protocol": "gre"`,
+			nil, `segments[4].destinations[1].protocol: unknown protocol "gre"`},
+		{"bad port range",
+			`"8000-8099"`, `"8099-8000"`,
+			nil, `end is below start`},
+		{"bad day",
+			`"days": ["mon", "tue"`, `"days": ["monday", "tue"`,
+			nil, `unknown day "monday"`},
+	}
+	base := exampleText(t)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if !strings.Contains(base, tt.old) {
+				t.Fatalf("example does not contain %q", tt.old)
+			}
+			_, err := Parse([]byte(strings.Replace(base, tt.old, tt.new, 1)))
+			if err == nil {
+				t.Fatal("Parse succeeded, want an error")
+			}
+			if tt.wantErr != nil && !errors.Is(err, tt.wantErr) {
+				t.Errorf("error %q is not %v", err, tt.wantErr)
+			}
+			if !strings.Contains(err.Error(), tt.wantInMsg) {
+				t.Errorf("error %q\ndoes not say %q", err, tt.wantInMsg)
+			}
+		})
+	}
+}
+
+func TestInvalidErrorListsEverything(t *testing.T) {
+	d := Document{}
+	err := d.Validate()
+	var inv *InvalidError
+	if !errors.As(err, &inv) {
+		t.Fatalf("Validate(empty) = %v, want *InvalidError", err)
+	}
+	if len(inv.Problems) < 4 {
+		t.Errorf("problems = %q, want schema, control, validity, segments and classes", inv.Problems)
+	}
+	if !strings.Contains(err.Error(), "and") {
+		t.Errorf("summary %q does not say more problems exist", err)
+	}
+}
