@@ -6,6 +6,7 @@ require (
 	github.com/go-json-experiment/json v1.27.2
 	github.com/google/go-cmp v0.7.0
 	github.com/secure-systems-lab/go-securesystemslib v0.11.1
+	go.etcd.io/bbolt v1.5.0
 )
 
 require (
