@@ -345,4 +345,3 @@ func u64(n uint64) []byte { return binary.BigEndian.AppendUint64(nil, n) }
 
 // Path is where the cache file lives; used in messages.
 func (s *Store) Path() string { return s.db.Path() }
-
