@@ -1,0 +1,11 @@
+// Command bulkhead-control is the security-operations tool and reference
+// control server. See package control/opscli.
+package main
+
+import (
+	"os"
+
+	"github.com/bulkhead-edge/bulkhead/control/opscli"
+)
+
+func main() { os.Exit(opscli.Main(os.Args[1:])) }

@@ -1,0 +1,14 @@
+// Command bulkhead is the device agent. See package agent/cli.
+package main
+
+import (
+	"os"
+
+	"github.com/bulkhead-edge/bulkhead/agent/cli"
+
+	// Schedules name IANA zones; a gateway without a zoneinfo database must
+	// still open and close shift windows at the right instant.
+	_ "time/tzdata"
+)
+
+func main() { os.Exit(cli.Main(os.Args[1:])) }
