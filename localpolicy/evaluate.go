@@ -148,6 +148,7 @@ func Evaluate(in Input) Desired {
 
 	class, hasClass := doc.Classes[in.Device.Class]
 	open := map[string]*Access{}
+	rulesOpening := map[string]int{}
 	why := map[string][]string{}
 	for _, rule := range class.Rules {
 		seg, _ := doc.Segment(rule.Segment)
@@ -163,13 +164,16 @@ func Evaluate(in Input) Desired {
 			open[seg.Name] = a
 		}
 		a.Destinations = append(a.Destinations, narrow(seg.Destinations, rule.Ports)...)
+		rulesOpening[seg.Name]++
 	}
 
 	for _, seg := range doc.Segments {
 		dec := Decision{Segment: seg.Name}
 		if a, ok := open[seg.Name]; ok {
 			dec.Allowed = true
-			a.Destinations = dedupe(a.Destinations)
+			if rulesOpening[seg.Name] > 1 {
+				a.Destinations = dedupe(a.Destinations)
+			}
 			d.Segments = append(d.Segments, *a)
 		}
 		switch reasons := why[seg.Name]; {

@@ -77,7 +77,7 @@ func TestSignAndVerify(t *testing.T) {
 	}{
 		{"tampered payload", []string{"--trust", k1 + "/ops.pub", "--trust", k2 + "/ops.pub", tampered}, 1, "does not match the payload"},
 		{"signer not trusted", []string{"--trust", k1 + "/ops.pub", "--trust", k3 + "/ops.pub", bundlePath}, 1, "is not a trusted ops key"},
-		{"below threshold", []string{"--trust", k1 + "/ops.pub", "--trust", k2 + "/ops.pub", "--trust", k3 + "/ops.pub", bundlePath}, 1, "2 valid signatures from trusted keys, 3 of 3 required"},
+		{"below threshold", []string{"--trust", k1 + "/ops.pub", "--trust", k2 + "/ops.pub", "--trust", k3 + "/ops.pub", bundlePath}, 1, "2 valid signature(s) from trusted keys, 3 of 3 required"},
 		{"threshold given", []string{"--trust", k1 + "/ops.pub", "--trust", k2 + "/ops.pub", "--trust", k3 + "/ops.pub", "--threshold", "2", bundlePath}, 0, ""},
 		{"wrong class", []string{"--trust", k1 + "/ops.pub", "--trust", k2 + "/ops.pub", "--class", "telematics", bundlePath}, 1, "not this device"},
 		{"expired", []string{"--trust", k1 + "/ops.pub", "--trust", k2 + "/ops.pub", "--at", "2099-01-01T00:00:00Z", bundlePath}, 1, "expired"},

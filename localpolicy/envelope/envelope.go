@@ -115,7 +115,7 @@ func Open(raw []byte, payloadType string, sets ...opskey.Roots) (*Signed, error)
 			}
 		}
 		if n < set.Threshold {
-			return nil, fmt.Errorf("%w: %d valid signatures from trusted keys, %d of %d required", ErrThreshold, n, set.Threshold, set.Len())
+			return nil, fmt.Errorf("%w: %d valid signature(s) from trusted keys, %d of %d required", ErrThreshold, n, set.Threshold, set.Len())
 		}
 	}
 	signers := make([]string, 0, len(env.Signatures))

@@ -1,0 +1,55 @@
+# Bulkhead. The README's two commands are `make demo` and `make test`; each
+# installs what it needs (Go through the module proxy, Debian packages via
+# apt-get) when it is missing.
+
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
+# go.mod names the Go release; an older installed go fetches it from the
+# module proxy instead of failing.
+export GOTOOLCHAIN ?= auto
+
+VERSION := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X github.com/bulkhead-edge/bulkhead/agent/cli.Version=$(VERSION) \
+	-X github.com/bulkhead-edge/bulkhead/control/opscli.Version=$(VERSION)
+GOBUILD := go build -trimpath -ldflags '$(LDFLAGS)'
+FUZZTIME ?= 10s
+
+.PHONY: all build test lint fuzz bench demo deps go clean
+
+all: build
+
+go:
+	@.ci/ensure-go
+
+deps: go
+	@go mod download
+
+build: deps
+	@mkdir -p bin
+	$(GOBUILD) -o bin/bulkhead ./cmd/bulkhead
+	$(GOBUILD) -o bin/bulkhead-control ./cmd/bulkhead-control
+	@ls -l bin/bulkhead bin/bulkhead-control
+
+test: deps
+	go test -count=1 ./...
+
+lint: deps
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt would change:"; echo "$$unformatted"; exit 1; fi
+	go vet ./...
+
+# A short run of every fuzz target, seeded from examples/. Minimisation is
+# off: on large seeds it stalls the engine for a minute per new input.
+fuzz: deps
+	go test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/policy
+	go test -run '^$$' -fuzz '^FuzzValidate$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/policy
+	go test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/bundle
+
+bench: deps
+	go run ./bench/cmd/bulkhead-bench -out bench/RESULTS.md
+
+demo: build
+	@lab/demo-policy.sh bin
+
+clean:
+	rm -rf bin

@@ -1,0 +1,156 @@
+// Package bench owns Bulkhead's performance figures: the workloads they are
+// measured on, the targets they are held to, and the RESULTS.md table that
+// `make bench` regenerates. Benchmarks run here, never as timed assertions
+// inside unit tests.
+package bench
+
+import (
+	"crypto/ed25519"
+	"fmt"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// Case is one measured figure.
+type Case struct {
+	Name   string
+	Target time.Duration // per operation; zero means reported only
+	Run    func(b *testing.B)
+	Note   string
+}
+
+// Cases are the benchmarks `make bench` runs, in table order.
+func Cases() []Case {
+	return []Case{
+		{
+			Name: "verify bundle, 10,000 destinations",
+			Run:  func(b *testing.B) { benchVerify(b, 10000) },
+			Note: "size cap, DSSE + Ed25519, strict decode, validation",
+		},
+		{
+			Name: "evaluate, 10,000 destinations",
+			Run:  func(b *testing.B) { benchEvaluate(b, 10000) },
+		},
+		{
+			Name:   "verify + evaluate, 10,000 destinations",
+			Target: 20 * time.Millisecond,
+			Run:    func(b *testing.B) { benchVerifyEvaluate(b, 10000) },
+			Note:   "what a new bundle costs before it is applied",
+		},
+		{
+			Name: "verify + evaluate, 100 destinations",
+			Run:  func(b *testing.B) { benchVerifyEvaluate(b, 100) },
+		},
+	}
+}
+
+// LargePolicy builds a valid policy with n destinations spread over
+// segments of 1,000 destinations each (fewer for small n), every one open
+// to class "scanner", half of them through a schedule.
+func LargePolicy(n int) policy.Document {
+	const perSegment = 1000
+	doc := policy.Document{
+		Schema:   policy.Schema,
+		Control:  []policy.Endpoint{{Address: netip.MustParseAddr("10.99.0.1"), Port: 8443}},
+		Validity: policy.Validity{MaxOffline: policy.Duration(72 * time.Hour)},
+		Schedules: map[string]policy.Schedule{
+			"day": {Zone: "Europe/Berlin", Days: []policy.Weekday{1, 2, 3, 4, 5}, Start: 6 * 60, End: 22 * 60},
+		},
+		Classes: map[string]policy.Class{"scanner": {}},
+	}
+	class := doc.Classes["scanner"]
+	for s := 0; s*perSegment < n; s++ {
+		seg := policy.Segment{
+			Name:      fmt.Sprintf("seg-%03d", s),
+			DataClass: "operational",
+			Gateway:   policy.Gateway{PublicKey: policy.Key{byte(s), 1}, Endpoint: fmt.Sprintf("10.10.%d.%d:51820", s/250, s%250+1)},
+		}
+		for i := 0; i < perSegment && s*perSegment+i < n; i++ {
+			seg.Destinations = append(seg.Destinations, policy.Destination{
+				CIDR:     netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(100 + s), byte(i / 250), byte(i%250 + 1)}), 32),
+				Protocol: policy.TCP,
+				Ports:    []policy.PortRange{{First: 443, Last: 443}, {First: 8000, Last: 8099}},
+			})
+		}
+		rule := policy.Rule{Segment: seg.Name}
+		if s%2 == 1 {
+			rule.Schedule = "day"
+			rule.Ports = []policy.PortRange{{First: 443, Last: 443}}
+		}
+		class.Rules = append(class.Rules, rule)
+		doc.Segments = append(doc.Segments, seg)
+	}
+	doc.Classes["scanner"] = class
+	return doc
+}
+
+// signedLarge returns a signed bundle of LargePolicy(n) and its roots.
+func signedLarge(b *testing.B, n int) ([]byte, opskey.Roots) {
+	b.Helper()
+	priv := ed25519.NewKeyFromSeed(make([]byte, ed25519.SeedSize))
+	roots, err := opskey.NewRoots(1, priv.Public().(ed25519.PublicKey))
+	if err != nil {
+		b.Fatal(err)
+	}
+	now := time.Now().UTC()
+	raw, err := bundle.Sign(bundle.Payload{
+		Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
+		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: LargePolicy(n),
+	}, priv)
+	if err != nil {
+		b.Fatal(err)
+	}
+	return raw, roots
+}
+
+var scanner = bundle.Device{ID: "dev-1", Class: "scanner"}
+
+func benchVerify(b *testing.B, n int) {
+	raw, roots := signedLarge(b, n)
+	b.SetBytes(int64(len(raw)))
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := bundle.Verify(raw, roots); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func benchEvaluate(b *testing.B, n int) {
+	raw, roots := signedLarge(b, n)
+	bu, err := bundle.Verify(raw, roots)
+	if err != nil {
+		b.Fatal(err)
+	}
+	in := localpolicy.Input{Bundle: &bu.Payload, Device: scanner, Now: bu.IssuedAt}
+	b.ReportAllocs()
+	for b.Loop() {
+		if d := localpolicy.Evaluate(in); len(d.Segments) == 0 {
+			b.Fatal("nothing open")
+		}
+	}
+}
+
+func benchVerifyEvaluate(b *testing.B, n int) {
+	raw, roots := signedLarge(b, n)
+	b.ReportAllocs()
+	for b.Loop() {
+		bu, err := bundle.Verify(raw, roots)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := bu.Admit(bu.IssuedAt, 0, scanner); err != nil {
+			b.Fatal(err)
+		}
+		in := localpolicy.Input{Bundle: &bu.Payload, Device: scanner, Now: bu.IssuedAt}
+		if d := localpolicy.Evaluate(in); len(d.Segments) == 0 {
+			b.Fatal("nothing open")
+		}
+	}
+}
