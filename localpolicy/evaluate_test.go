@@ -2,7 +2,6 @@ package localpolicy
 
 import (
 	"net/netip"
-	"os"
 	"slices"
 	"strings"
 	"testing"
@@ -10,6 +9,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/bulkhead-edge/bulkhead/examples"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
@@ -19,11 +19,7 @@ var dayShift = time.Date(2026, 11, 24, 16, 0, 0, 0, time.UTC)
 
 func example(t *testing.T) *bundle.Payload {
 	t.Helper()
-	data, err := os.ReadFile("../examples/logistics-site.json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	doc, err := policy.Parse(data)
+	doc, err := policy.Parse(examples.Site())
 	if err != nil {
 		t.Fatal(err)
 	}

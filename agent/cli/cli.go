@@ -4,7 +4,6 @@
 package cli
 
 import (
-	"crypto/ed25519"
 	"flag"
 	"fmt"
 	"os"
@@ -30,11 +29,6 @@ func Root() *subcmd.Command {
 			versionCmd(),
 		},
 	}
-}
-
-// Main runs the command line and returns the exit status.
-func Main(args []string) int {
-	return subcmd.Run(Root(), args, &subcmd.Env{Stdout: os.Stdout, Stderr: os.Stderr})
 }
 
 func versionCmd() *subcmd.Command {
@@ -87,13 +81,9 @@ func verifyCmd() *subcmd.Command {
 }
 
 func loadRoots(files []string, threshold int) (opskey.Roots, error) {
-	keys := make([]ed25519.PublicKey, 0, len(files))
-	for _, f := range files {
-		k, err := opskey.LoadPublic(f)
-		if err != nil {
-			return opskey.Roots{}, err
-		}
-		keys = append(keys, k)
+	keys, err := opskey.LoadPublicKeys(files)
+	if err != nil {
+		return opskey.Roots{}, err
 	}
 	if threshold == 0 {
 		threshold = len(keys)

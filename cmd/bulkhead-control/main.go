@@ -5,7 +5,8 @@ package main
 import (
 	"os"
 
+	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 	"github.com/bulkhead-edge/bulkhead/control/opscli"
 )
 
-func main() { os.Exit(opscli.Main(os.Args[1:])) }
+func main() { os.Exit(subcmd.Main(opscli.Root())) }

@@ -5,10 +5,11 @@ import (
 	"os"
 
 	"github.com/bulkhead-edge/bulkhead/agent/cli"
+	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 
 	// Schedules name IANA zones; a gateway without a zoneinfo database must
 	// still open and close shift windows at the right instant.
 	_ "time/tzdata"
 )
 
-func main() { os.Exit(cli.Main(os.Args[1:])) }
+func main() { os.Exit(subcmd.Main(cli.Root())) }

@@ -9,6 +9,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 )
 
@@ -36,6 +37,12 @@ func (e *UsageError) Error() string { return e.Msg }
 // Usagef returns a UsageError.
 func Usagef(format string, args ...any) error {
 	return &UsageError{Msg: fmt.Sprintf(format, args...)}
+}
+
+// Main runs root with the process's arguments and standard streams and
+// returns the exit status for os.Exit.
+func Main(root *Command) int {
+	return Run(root, os.Args[1:], &Env{Stdout: os.Stdout, Stderr: os.Stderr})
 }
 
 // Run executes the command line args (without the program name) against

@@ -40,11 +40,6 @@ func Root() *subcmd.Command {
 	}
 }
 
-// Main runs the command line and returns the exit status.
-func Main(args []string) int {
-	return subcmd.Run(Root(), args, &subcmd.Env{Stdout: os.Stdout, Stderr: os.Stderr})
-}
-
 func keygenCmd() *subcmd.Command {
 	return &subcmd.Command{
 		Name:    "keygen",
@@ -187,13 +182,9 @@ func rootsSignCmd() *subcmd.Command {
 				if err != nil {
 					return err
 				}
-				var newKeys []ed25519.PublicKey
-				for _, p := range pubs {
-					k, err := opskey.LoadPublic(p)
-					if err != nil {
-						return err
-					}
-					newKeys = append(newKeys, k)
+				newKeys, err := opskey.LoadPublicKeys(pubs)
+				if err != nil {
+					return err
 				}
 				if *threshold == 0 {
 					*threshold = len(newKeys)

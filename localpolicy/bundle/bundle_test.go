@@ -8,11 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/examples"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -47,11 +47,7 @@ func roots(t testing.TB, k int, pubs ...ed25519.PublicKey) opskey.Roots {
 
 func examplePolicy(t testing.TB) policy.Document {
 	t.Helper()
-	data, err := os.ReadFile("../../examples/logistics-site.json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	d, err := policy.Parse(data)
+	d, err := policy.Parse(examples.Site())
 	if err != nil {
 		t.Fatal(err)
 	}

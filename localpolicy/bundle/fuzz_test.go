@@ -3,11 +3,10 @@ package bundle
 import (
 	"bytes"
 	"crypto/ed25519"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/examples"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -22,12 +21,7 @@ func FuzzVerify(f *testing.F) {
 		f.Fatal(err)
 	}
 	signed := map[string]bool{}
-	files, _ := filepath.Glob("../../examples/*.json")
-	for _, name := range files {
-		data, err := os.ReadFile(name)
-		if err != nil {
-			f.Fatal(err)
-		}
+	for _, data := range examples.All() {
 		doc, err := policy.Parse(data)
 		if err != nil {
 			f.Fatal(err)

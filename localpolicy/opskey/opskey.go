@@ -142,6 +142,19 @@ func LoadPublic(path string) (ed25519.PublicKey, error) {
 	return pub, nil
 }
 
+// LoadPublicKeys reads several ops.pub files.
+func LoadPublicKeys(paths []string) ([]ed25519.PublicKey, error) {
+	keys := make([]ed25519.PublicKey, 0, len(paths))
+	for _, p := range paths {
+		k, err := LoadPublic(p)
+		if err != nil {
+			return nil, err
+		}
+		keys = append(keys, k)
+	}
+	return keys, nil
+}
+
 // Roots is a set of trusted ops keys and how many of them must sign.
 type Roots struct {
 	Threshold int

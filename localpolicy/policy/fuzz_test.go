@@ -2,24 +2,16 @@ package policy
 
 import (
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"testing"
 
 	"github.com/go-json-experiment/json"
+
+	"github.com/bulkhead-edge/bulkhead/examples"
 )
 
 func addExampleSeeds(f *testing.F) {
-	files, _ := filepath.Glob("../../examples/*.json")
-	if len(files) == 0 {
-		f.Fatal("no examples to seed from")
-	}
-	for _, name := range files {
-		data, err := os.ReadFile(name)
-		if err != nil {
-			f.Fatal(err)
-		}
+	for _, data := range examples.All() {
 		f.Add(data)
 	}
 }
@@ -53,10 +45,7 @@ func FuzzParse(f *testing.F) {
 // profiles only name known segments, profiles open nothing normal mode does
 // not.
 func FuzzValidate(f *testing.F) {
-	base, err := os.ReadFile("../../examples/logistics-site.json")
-	if err != nil {
-		f.Fatal(err)
-	}
+	base := examples.Site()
 	f.Add(uint8(6), "10.70.0.10/32", "spotload-brokers", 3, uint8(1), "finance", "443", "wms")
 	f.Add(uint8(2), "10.60.0.0/16", "", 0, uint8(0), "wms", "22-80", "finance")
 	f.Add(uint8(0), "fd00:20:1::/48", "northline-freight", 1, uint8(2), "telemetry", "8883", "telemetry")

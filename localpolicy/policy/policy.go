@@ -28,6 +28,8 @@ type Document struct {
 	Segments  []Segment           `json:"segments"`
 	Schedules map[string]Schedule `json:"schedules,omitzero"`
 	Classes   map[string]Class    `json:"classes"`
+
+	segIndex map[string]int // by name; built by Validate
 }
 
 // Endpoint is a control-plane address the agent may always reach, in every
@@ -125,6 +127,13 @@ func Parse(data []byte) (*Document, error) {
 
 // Segment returns the named segment.
 func (d *Document) Segment(name string) (*Segment, bool) {
+	if d.segIndex != nil {
+		i, ok := d.segIndex[name]
+		if !ok {
+			return nil, false
+		}
+		return &d.Segments[i], true
+	}
 	for i := range d.Segments {
 		if d.Segments[i].Name == name {
 			return &d.Segments[i], true

@@ -2,33 +2,17 @@ package policy
 
 import (
 	"errors"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/bulkhead-edge/bulkhead/examples"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
 )
 
-func exampleText(t testing.TB) string {
-	t.Helper()
-	data, err := os.ReadFile("../../examples/logistics-site.json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(data)
-}
+func exampleText(t testing.TB) string { return string(examples.Site()) }
 
 func TestExamplesAreValid(t *testing.T) {
-	files, err := filepath.Glob("../../examples/*.json")
-	if err != nil || len(files) == 0 {
-		t.Fatalf("no examples found: %v", err)
-	}
-	for _, f := range files {
-		data, err := os.ReadFile(f)
-		if err != nil {
-			t.Fatal(err)
-		}
+	for f, data := range examples.All() {
 		if _, err := Parse(data); err != nil {
 			t.Errorf("%s: %v", f, err)
 		}

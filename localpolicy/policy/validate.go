@@ -64,6 +64,12 @@ func (d *Document) Validate() error {
 		v.addf("validity.max_offline", "must be a positive duration such as \"72h\"")
 	}
 	v.checkSegments(d.Segments)
+	d.segIndex = make(map[string]int, len(d.Segments))
+	for i, s := range d.Segments {
+		if _, dup := d.segIndex[s.Name]; !dup {
+			d.segIndex[s.Name] = i
+		}
+	}
 	for _, name := range sortedKeys(d.Schedules) {
 		s := d.Schedules[name]
 		v.checkSchedule("schedules."+name, name, &s)

@@ -12,6 +12,7 @@ import (
 
 	bolt "go.etcd.io/bbolt"
 
+	"github.com/bulkhead-edge/bulkhead/examples"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
@@ -40,11 +41,7 @@ func newFixture(t *testing.T) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	data, err := os.ReadFile("../../examples/logistics-site.json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	doc, err := policy.Parse(data)
+	doc, err := policy.Parse(examples.Site())
 	if err != nil {
 		t.Fatal(err)
 	}
