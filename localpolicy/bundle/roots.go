@@ -81,11 +81,14 @@ func VerifyRotation(raw []byte, current opskey.Roots, currentVersion uint64) (op
 	if err != nil {
 		return opskey.Roots{}, s, err
 	}
-	if _, err := envelope.Open(raw, RootsPayloadType, current, next); err != nil {
-		return opskey.Roots{}, s, err
-	}
+	// A stale version is refused before signatures are checked: rejecting
+	// needs no trust, and "not above the current" is the useful message for
+	// a replayed rotation.
 	if s.Version <= currentVersion {
 		return opskey.Roots{}, s, fmt.Errorf("%w: root set version %d is not above the current %d", ErrRollback, s.Version, currentVersion)
+	}
+	if _, err := envelope.Open(raw, RootsPayloadType, current, next); err != nil {
+		return opskey.Roots{}, s, err
 	}
 	return next, s, nil
 }
