@@ -13,6 +13,8 @@ LDFLAGS := -s -w -X github.com/bulkhead-edge/bulkhead/agent/cli.Version=$(VERSIO
 	-X github.com/bulkhead-edge/bulkhead/control/opscli.Version=$(VERSION)
 GOBUILD := go build -trimpath -ldflags '$(LDFLAGS)'
 FUZZTIME ?= 10s
+# What the kernel-facing tests drive or read back with.
+TEST_DEBS := iproute2 nftables
 
 .PHONY: all build test lint fuzz bench demo deps go clean
 
@@ -31,6 +33,7 @@ build: deps
 	@ls -l bin/bulkhead bin/bulkhead-control
 
 test: deps
+	@.ci/ensure-debs $(TEST_DEBS)
 	go test -count=1 ./...
 
 lint: deps

@@ -1,0 +1,75 @@
+package lab
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// NS is a network namespace made for one test and deleted after it.
+type NS struct {
+	Name string
+	fd   *os.File
+}
+
+// NewNS creates a fresh namespace with loopback up; it is removed when t
+// ends, pass or fail.
+func NewNS(t testing.TB, prefix string) *NS {
+	t.Helper()
+	suffix := make([]byte, 3)
+	rand.Read(suffix)
+	name := "bh-" + prefix + "-" + hex.EncodeToString(suffix)
+	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
+		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
+	}
+	ns := &NS{Name: name}
+	t.Cleanup(func() {
+		if ns.fd != nil {
+			ns.fd.Close()
+		}
+		exec.Command("ip", "netns", "del", name).Run()
+	})
+	ns.MustRun(t, "ip", "link", "set", "lo", "up")
+	f, err := os.Open(filepath.Join("/run/netns", name))
+	if err != nil {
+		t.Fatalf("open namespace %s: %v", name, err)
+	}
+	ns.fd = f
+	return ns
+}
+
+// FD is a file descriptor of the namespace, for netlink sockets inside it.
+func (ns *NS) FD() int { return int(ns.fd.Fd()) }
+
+// Command prepares argv to run inside the namespace.
+func (ns *NS) Command(argv ...string) *exec.Cmd {
+	return exec.Command("ip", append([]string{"netns", "exec", ns.Name}, argv...)...)
+}
+
+// Run runs argv inside the namespace and returns its combined output.
+func (ns *NS) Run(argv ...string) (string, error) {
+	var out bytes.Buffer
+	cmd := ns.Command(argv...)
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	if err != nil {
+		return out.String(), fmt.Errorf("%s in %s: %w: %s", strings.Join(argv, " "), ns.Name, err, strings.TrimSpace(out.String()))
+	}
+	return out.String(), nil
+}
+
+// MustRun is Run that fails t on error.
+func (ns *NS) MustRun(t testing.TB, argv ...string) string {
+	t.Helper()
+	out, err := ns.Run(argv...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}

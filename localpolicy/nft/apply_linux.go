@@ -1,0 +1,378 @@
+package nft
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"slices"
+	"sync"
+
+	"github.com/google/nftables"
+	"github.com/google/nftables/binaryutil"
+	"github.com/google/nftables/expr"
+	"github.com/google/nftables/userdata"
+	"golang.org/x/sys/unix"
+)
+
+// Enforcer applies Rulesets to the kernel of one network namespace. Its
+// methods are safe for concurrent use.
+type Enforcer struct {
+	netns int // namespace fd, or -1 for the caller's namespace
+
+	mu      sync.Mutex
+	applied string // Text of the last ruleset applied; guarded by mu
+}
+
+// Option configures an Enforcer.
+type Option func(*Enforcer)
+
+// WithNetNS targets the network namespace open at fd (tests use it; the
+// agent enforces in its own namespace).
+func WithNetNS(fd int) Option { return func(e *Enforcer) { e.netns = fd } }
+
+// NewEnforcer returns an Enforcer. It touches nothing until Apply.
+func NewEnforcer(opts ...Option) *Enforcer {
+	e := &Enforcer{netns: -1}
+	for _, o := range opts {
+		o(e)
+	}
+	return e
+}
+
+func (e *Enforcer) conn() (*nftables.Conn, error) {
+	if e.netns >= 0 {
+		return nftables.New(nftables.WithNetNSFd(e.netns))
+	}
+	return nftables.New()
+}
+
+var table = &nftables.Table{Family: nftables.TableFamilyINet, Name: Table}
+
+// Apply replaces the whole table with rs in one netlink transaction: the
+// kernel applies all of it or none of it, so a reader never sees half a
+// policy and a failure leaves the previous ruleset in force. An rs equal to
+// the last one applied is a no-op (changed is false).
+func (e *Enforcer) Apply(rs Ruleset) (changed bool, err error) {
+	text := rs.Text()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if text == e.applied {
+		return false, nil
+	}
+	if err := e.applyLocked(rs); err != nil {
+		return false, err
+	}
+	e.applied = text
+	return true, nil
+}
+
+// Reapply applies rs even if it equals the last one applied: the repair
+// after drift.
+func (e *Enforcer) Reapply(rs Ruleset) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.applyLocked(rs); err != nil {
+		return err
+	}
+	e.applied = rs.Text()
+	return nil
+}
+
+func (e *Enforcer) applyLocked(rs Ruleset) error {
+	c, err := e.conn()
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	// add + delete + add: the delete cannot fail on a missing table, and the
+	// old table's removal commits with the new one.
+	c.AddTable(table)
+	c.DelTable(table)
+	c.AddTable(table)
+	sets := map[string]*nftables.Set{}
+	for _, s := range rs.Sets {
+		ns, elems := nfSet(s)
+		if err := c.AddSet(ns, elems); err != nil {
+			return fmt.Errorf("nftables: set %s: %w", s.Name, err)
+		}
+		sets[s.Name] = ns
+	}
+	for _, ch := range rs.Chains {
+		chain := c.AddChain(&nftables.Chain{
+			Name: ch.Name, Table: table, Type: nftables.ChainTypeFilter,
+			Hooknum: hook(ch.Name), Priority: nftables.ChainPriorityFilter, Policy: ptr(nftables.ChainPolicyDrop),
+		})
+		for _, r := range ch.Rules {
+			exprs, err := r.exprs(ch.Name, sets)
+			if err != nil {
+				return err
+			}
+			c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs,
+				UserData: userdata.AppendString(nil, userdata.TypeComment, r.Comment)})
+		}
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("nftables: apply table inet %s: %w", Table, err)
+	}
+	return nil
+}
+
+// Remove deletes the table; a missing table is not an error. Only an
+// explicit cleanup or uninstall calls this: the table outlives the agent.
+func (e *Enforcer) Remove() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	c, err := e.conn()
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	c.AddTable(table)
+	c.DelTable(table)
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("nftables: delete table inet %s: %w", Table, err)
+	}
+	e.applied = ""
+	return nil
+}
+
+// ErrDrift reports that the table in the kernel is not what was applied.
+var ErrDrift = errors.New("nftables table differs from what the agent applied")
+
+// Check reads the table back and compares it with rs: chains, the order and
+// comments of their rules, and every set element. It returns an error
+// wrapping ErrDrift that says what differs.
+func (e *Enforcer) Check(rs Ruleset) error {
+	c, err := e.conn()
+	if err != nil {
+		return fmt.Errorf("nftables: %w", err)
+	}
+	got, err := c.ListTableOfFamily(Table, nftables.TableFamilyINet)
+	if err != nil || got == nil {
+		return fmt.Errorf("%w: table inet %s is missing", ErrDrift, Table)
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return fmt.Errorf("nftables: list chains: %w", err)
+	}
+	byName := map[string]*nftables.Chain{}
+	for _, ch := range chains {
+		if ch.Table.Name == Table {
+			byName[ch.Name] = ch
+		}
+	}
+	if len(byName) != len(rs.Chains) {
+		return fmt.Errorf("%w: %d chains, want %d", ErrDrift, len(byName), len(rs.Chains))
+	}
+	for _, want := range rs.Chains {
+		ch, ok := byName[want.Name]
+		if !ok {
+			return fmt.Errorf("%w: chain %s is missing", ErrDrift, want.Name)
+		}
+		if ch.Policy == nil || *ch.Policy != nftables.ChainPolicyDrop {
+			return fmt.Errorf("%w: chain %s policy is not drop", ErrDrift, want.Name)
+		}
+		rules, err := c.GetRules(table, ch)
+		if err != nil {
+			return fmt.Errorf("nftables: list rules: %w", err)
+		}
+		var comments []string
+		for _, r := range rules {
+			s, _ := userdata.GetString(r.UserData, userdata.TypeComment)
+			comments = append(comments, s)
+		}
+		var wantComments []string
+		for _, r := range want.Rules {
+			wantComments = append(wantComments, r.Comment)
+		}
+		if !slices.Equal(comments, wantComments) {
+			return fmt.Errorf("%w: chain %s has rules %q, want %q", ErrDrift, want.Name, comments, wantComments)
+		}
+	}
+	sets, err := c.GetSets(table)
+	if err != nil {
+		return fmt.Errorf("nftables: list sets: %w", err)
+	}
+	if len(sets) != len(rs.Sets) {
+		return fmt.Errorf("%w: %d sets, want %d", ErrDrift, len(sets), len(rs.Sets))
+	}
+	for _, want := range rs.Sets {
+		s, err := c.GetSetByName(table, want.Name)
+		if err != nil {
+			return fmt.Errorf("%w: set %s is missing", ErrDrift, want.Name)
+		}
+		elems, err := c.GetSetElements(s)
+		if err != nil {
+			return fmt.Errorf("nftables: list set %s: %w", want.Name, err)
+		}
+		var have []Element
+		for _, el := range elems {
+			if e, ok := decodeElement(el, want.V6); ok {
+				have = append(have, e)
+			}
+		}
+		slices.SortFunc(have, compareElements)
+		if !slices.Equal(have, want.Elements) {
+			return fmt.Errorf("%w: set %s has %d elements, want %d (or they differ)", ErrDrift, want.Name, len(have), len(want.Elements))
+		}
+	}
+	return nil
+}
+
+func hook(chain string) *nftables.ChainHook {
+	switch chain {
+	case "input":
+		return nftables.ChainHookInput
+	case "output":
+		return nftables.ChainHookOutput
+	}
+	return nftables.ChainHookForward
+}
+
+func ptr[T any](v T) *T { return &v }
+
+func nfSet(s Set) (*nftables.Set, []nftables.SetElement) {
+	addrType := nftables.TypeIPAddr
+	if s.V6 {
+		addrType = nftables.TypeIP6Addr
+	}
+	ns := &nftables.Set{
+		Table: table, Name: s.Name, Interval: true, Concatenation: true,
+		KeyType: nftables.MustConcatSetType(addrType, nftables.TypeInetProto, nftables.TypeInetService),
+	}
+	elems := make([]nftables.SetElement, 0, len(s.Elements))
+	for _, e := range s.Elements {
+		first, last := e.Prefix.Masked().Addr(), lastAddr(e.Prefix)
+		elems = append(elems, nftables.SetElement{
+			Key:    key(first, e.ProtoFrom, e.PortFrom),
+			KeyEnd: key(last, e.ProtoTo, e.PortTo),
+		})
+	}
+	return ns, elems
+}
+
+// key encodes addr . proto . port as the kernel stores a concatenation:
+// each field padded to a multiple of four bytes.
+func key(a netip.Addr, proto uint8, port uint16) []byte {
+	b := a.AsSlice()
+	b = append(b, proto, 0, 0, 0)
+	b = binary.BigEndian.AppendUint16(b, port)
+	return append(b, 0, 0)
+}
+
+func decodeElement(el nftables.SetElement, v6 bool) (Element, bool) {
+	n := 4
+	if v6 {
+		n = 16
+	}
+	if len(el.Key) != n+8 || len(el.KeyEnd) != n+8 {
+		return Element{}, false
+	}
+	first, _ := netip.AddrFromSlice(el.Key[:n])
+	last, _ := netip.AddrFromSlice(el.KeyEnd[:n])
+	bits := first.BitLen()
+	for bits > 0 {
+		p, _ := first.Prefix(bits - 1)
+		if p.Addr() != first || lastAddr(p).Compare(last) > 0 {
+			break
+		}
+		bits--
+	}
+	p, _ := first.Prefix(bits)
+	if lastAddr(p) != last {
+		return Element{}, false
+	}
+	return Element{
+		Prefix:    p,
+		ProtoFrom: el.Key[n], ProtoTo: el.KeyEnd[n],
+		PortFrom: binary.BigEndian.Uint16(el.Key[n+4:]), PortTo: binary.BigEndian.Uint16(el.KeyEnd[n+4:]),
+	}, true
+}
+
+func lastAddr(p netip.Prefix) netip.Addr {
+	b := p.Masked().Addr().AsSlice()
+	for i := p.Bits(); i < len(b)*8; i++ {
+		b[i/8] |= 0x80 >> (i % 8)
+	}
+	a, _ := netip.AddrFromSlice(b)
+	return a
+}
+
+func nfproto(v6 bool) []expr.Any {
+	p := byte(unix.NFPROTO_IPV4)
+	if v6 {
+		p = unix.NFPROTO_IPV6
+	}
+	return []expr.Any{
+		&expr.Meta{Key: expr.MetaKeyNFPROTO, Register: 1},
+		&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{p}},
+	}
+}
+
+// exprs compiles a rule the way nft(8) compiles the same text, so that
+// `nft list` shows our rules exactly as Text writes them.
+func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, error) {
+	var ex []expr.Any
+	if r.Established {
+		ex = append(ex,
+			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
+				Xor:  binaryutil.NativeEndian.PutUint32(0)},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)})
+	}
+	switch {
+	case r.Iface != "":
+		key := expr.MetaKeyOIFNAME
+		if chain == "input" {
+			key = expr.MetaKeyIIFNAME
+		}
+		name := make([]byte, unix.IFNAMSIZ)
+		copy(name, r.Iface)
+		ex = append(ex, &expr.Meta{Key: key, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name})
+	case r.ND:
+		ex = append(ex, nfproto(true)...)
+		ex = append(ex,
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_ICMPV6}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 1},
+			&expr.Range{Op: expr.CmpOpEq, Register: 1, FromData: []byte{133}, ToData: []byte{136}})
+	case r.DHCP != nil:
+		ex = append(ex, nfproto(r.DHCP.V6)...)
+		ports := binary.BigEndian.AppendUint16(binary.BigEndian.AppendUint16(nil, r.DHCP.Src), r.DHCP.Dst)
+		ex = append(ex,
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: 1},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{unix.IPPROTO_UDP}},
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 0, Len: 4},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: ports})
+	case r.Lookup != nil:
+		l := r.Lookup
+		set, ok := sets[l.Set]
+		if !ok {
+			return nil, fmt.Errorf("nftables: rule %q uses unknown set %s", r.Comment, l.Set)
+		}
+		// Registers as nft allocates them for a concatenation: the address
+		// from register 1, then the next free 32-bit slots.
+		off, n, protoReg, portReg := uint32(12), uint32(4), uint32(9), uint32(10)
+		if l.V6 {
+			off, n, protoReg, portReg = 8, 16, 2, 13
+		}
+		if l.Addr == Dst {
+			off += n
+		}
+		portOff := uint32(0)
+		if l.Port == Dst {
+			portOff = 2
+		}
+		ex = append(ex, nfproto(l.V6)...)
+		ex = append(ex,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n},
+			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: protoReg},
+			&expr.Byteorder{SourceRegister: protoReg, DestRegister: protoReg, Op: expr.ByteorderHton, Len: 1, Size: 2},
+			&expr.Payload{DestRegister: portReg, Base: expr.PayloadBaseTransportHeader, Offset: portOff, Len: 2},
+			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID})
+	}
+	if r.Drop {
+		return append(ex, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}), nil
+	}
+	return append(ex, &expr.Verdict{Kind: expr.VerdictAccept}), nil
+}

@@ -1,0 +1,355 @@
+// Package nft owns the agent's kernel enforcement: the nftables table
+// `inet bulkhead`. Build turns a Desired state into a Ruleset (pure: sets of
+// address . protocol . port intervals and the rules that use them); Text
+// renders it for `nft -f`; the Linux side applies it through netlink as one
+// atomic transaction, notices when something else changes it, and removes
+// it only when told to.
+package nft
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// Table is the name of the agent's table in the inet family.
+const Table = "bulkhead"
+
+// Element is one interval box of a set: an address prefix, a protocol range
+// and a port range. Sets are `ipvX_addr . inet_proto . inet_service` with
+// the interval flag, so one lookup answers a whole destination list.
+type Element struct {
+	Prefix             netip.Prefix
+	ProtoFrom, ProtoTo uint8
+	PortFrom, PortTo   uint16
+}
+
+// Set is a named set of one address family.
+type Set struct {
+	Name     string
+	V6       bool
+	Elements []Element
+}
+
+// Field selects the source or destination side of a packet.
+type Field int
+
+// The two sides.
+const (
+	Src Field = iota
+	Dst
+)
+
+// Rule is one rule of a base chain. Exactly one of Lookup, Iface, ND and
+// DHCP is set, or none for the final drop.
+type Rule struct {
+	Comment string
+	// Established limits the rule to packets of established or related
+	// connections (the replies of what an outbound rule allowed).
+	Established bool
+	Lookup      *Lookup
+	// Iface matches the loopback interface name (iifname/oifname by chain).
+	Iface string
+	// ND accepts ICMPv6 router and neighbour discovery (types 133-136),
+	// without which IPv6 stops working altogether.
+	ND bool
+	// DHCP accepts the client side of DHCP (v4 and v6), so a device that
+	// gets its address by DHCP keeps it in lockdown.
+	DHCP *DHCP
+	Drop bool
+}
+
+// Lookup matches address . l4proto . port against a set.
+type Lookup struct {
+	Set  string
+	V6   bool
+	Addr Field
+	Port Field
+}
+
+// DHCP is a client port pair: from Src to Dst.
+type DHCP struct {
+	V6       bool
+	Src, Dst uint16
+}
+
+// Chain is a base chain with policy drop.
+type Chain struct {
+	Name  string // also the hook: input, output or forward
+	Rules []Rule
+}
+
+// Ruleset is the whole table.
+type Ruleset struct {
+	Sets   []Set
+	Chains []Chain
+}
+
+// Options are device-local choices that no policy changes.
+type Options struct {
+	// DHCP keeps DHCP client traffic open in every mode.
+	DHCP bool
+}
+
+// Build renders d as the agent's table. Order inside every chain: loopback,
+// the safety floor, the control endpoints, the segments, then drop.
+// Packets of live connections are matched against the same sets as new
+// ones (there is no blanket "established accept"), so when a destination
+// leaves a set its established flows stop with the same transaction.
+func Build(d localpolicy.Desired, opt Options) Ruleset {
+	var rs Ruleset
+	var floor, control []Element
+	for _, f := range d.Floor {
+		floor = append(floor, elements(f.Destination)...)
+	}
+	for _, c := range d.Control {
+		control = append(control, Element{Prefix: netip.PrefixFrom(c.Address, c.Address.BitLen()), ProtoFrom: 6, ProtoTo: 6, PortFrom: c.Port, PortTo: c.Port})
+	}
+	type group struct {
+		name, comment string
+		elems         []Element
+	}
+	groups := []group{{"floor", "safety floor", floor}, {"control", "control", control}}
+	for _, a := range d.Segments {
+		var elems []Element
+		for _, dst := range a.Destinations {
+			elems = append(elems, elements(dst)...)
+		}
+		groups = append(groups, group{"seg_" + a.Segment, "segment " + a.Segment, elems})
+	}
+
+	in := Chain{Name: "input", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
+	out := Chain{Name: "output", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
+	fwd := Chain{Name: "forward"}
+	for _, r := range []Rule{{Comment: "ipv6 neighbour discovery", ND: true}} {
+		in.Rules, out.Rules = append(in.Rules, r), append(out.Rules, r)
+	}
+	if opt.DHCP {
+		in.Rules = append(in.Rules,
+			Rule{Comment: "dhcp", DHCP: &DHCP{Src: 67, Dst: 68}},
+			Rule{Comment: "dhcpv6", DHCP: &DHCP{V6: true, Src: 547, Dst: 546}})
+		out.Rules = append(out.Rules,
+			Rule{Comment: "dhcp", DHCP: &DHCP{Src: 68, Dst: 67}},
+			Rule{Comment: "dhcpv6", DHCP: &DHCP{V6: true, Src: 546, Dst: 547}})
+	}
+	for gi, g := range groups {
+		for _, v6 := range []bool{false, true} {
+			elems := normalize(family(g.elems, v6))
+			if len(elems) == 0 {
+				continue
+			}
+			name := g.name + map[bool]string{false: "_v4", true: "_v6"}[v6]
+			rs.Sets = append(rs.Sets, Set{Name: name, V6: v6, Elements: elems})
+			look := func(addr, port Field) *Lookup { return &Lookup{Set: name, V6: v6, Addr: addr, Port: port} }
+			out.Rules = append(out.Rules, Rule{Comment: g.comment, Lookup: look(Dst, Dst)})
+			in.Rules = append(in.Rules, Rule{Comment: g.comment + " replies", Established: true, Lookup: look(Src, Src)})
+			if gi == 0 {
+				// The floor is symmetric: local services on the floor's
+				// ports (a PLC port) are reachable from its addresses.
+				out.Rules = append(out.Rules, Rule{Comment: g.comment + " served", Lookup: look(Dst, Src)})
+				in.Rules = append(in.Rules, Rule{Comment: g.comment + " inbound", Lookup: look(Src, Dst)})
+				fwd.Rules = append(fwd.Rules,
+					Rule{Comment: g.comment + " to", Lookup: look(Dst, Dst)},
+					Rule{Comment: g.comment + " from", Lookup: look(Src, Src)})
+			}
+		}
+	}
+	for _, c := range []*Chain{&in, &out, &fwd} {
+		c.Rules = append(c.Rules, Rule{Comment: "default drop", Drop: true})
+	}
+	rs.Chains = []Chain{in, out, fwd}
+	return rs
+}
+
+func elements(d policy.Destination) []Element {
+	e := Element{Prefix: d.CIDR.Masked(), PortFrom: 0, PortTo: 65535}
+	switch d.Protocol {
+	case policy.TCP:
+		e.ProtoFrom, e.ProtoTo = 6, 6
+	case policy.UDP:
+		e.ProtoFrom, e.ProtoTo = 17, 17
+	case policy.ICMP:
+		e.ProtoFrom, e.ProtoTo = 1, 1
+		if d.CIDR.Addr().Is6() {
+			e.ProtoFrom, e.ProtoTo = 58, 58
+		}
+	default:
+		e.ProtoFrom, e.ProtoTo = 0, 255
+	}
+	if !d.Protocol.HasPorts() {
+		return []Element{e}
+	}
+	out := make([]Element, 0, len(d.Ports))
+	for _, p := range d.Ports {
+		e.PortFrom, e.PortTo = p.First, p.Last
+		out = append(out, e)
+	}
+	return out
+}
+
+func family(elems []Element, v6 bool) []Element {
+	var out []Element
+	for _, e := range elems {
+		if e.Prefix.Addr().Is6() == v6 {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// normalize makes a set's boxes disjoint, as the kernel requires of
+// interval sets, without changing what they match: boxes are taken widest
+// prefix first, and each later box keeps only the parts not already
+// covered. Prefixes nest or are disjoint, so the boxes a new one can
+// overlap are those on its ancestor prefixes.
+func normalize(elems []Element) []Element {
+	slices.SortStableFunc(elems, func(a, b Element) int {
+		return cmp.Or(cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()), a.Prefix.Addr().Compare(b.Prefix.Addr()),
+			cmp.Compare(a.ProtoFrom, b.ProtoFrom), cmp.Compare(a.PortFrom, b.PortFrom))
+	})
+	kept := map[netip.Prefix][]Element{}
+	var lengths []int // prefix lengths present, ascending
+	var out []Element
+	for _, e := range elems {
+		pieces := []Element{e}
+		for _, bits := range lengths {
+			if bits > e.Prefix.Bits() {
+				break
+			}
+			anc, _ := e.Prefix.Addr().Prefix(bits)
+			for _, k := range kept[anc] {
+				var next []Element
+				for _, p := range pieces {
+					next = append(next, subtract(p, k)...)
+				}
+				pieces = next
+			}
+		}
+		if len(pieces) == 0 {
+			continue
+		}
+		if _, ok := kept[e.Prefix]; !ok {
+			lengths = append(lengths, e.Prefix.Bits())
+			slices.Sort(lengths)
+			lengths = slices.Compact(lengths)
+		}
+		kept[e.Prefix] = append(kept[e.Prefix], pieces...)
+		out = append(out, pieces...)
+	}
+	slices.SortFunc(out, compareElements)
+	return out
+}
+
+// subtract returns the parts of p not covered by k, where k's prefix
+// contains p's: p's protocols outside k's whole, and inside k's the ports
+// outside k's.
+func subtract(p, k Element) []Element {
+	lo, hi := max(p.ProtoFrom, k.ProtoFrom), min(p.ProtoTo, k.ProtoTo)
+	if lo > hi || max(p.PortFrom, k.PortFrom) > min(p.PortTo, k.PortTo) {
+		return []Element{p}
+	}
+	var out []Element
+	if p.ProtoFrom < lo {
+		q := p
+		q.ProtoTo = lo - 1
+		out = append(out, q)
+	}
+	if p.ProtoTo > hi {
+		q := p
+		q.ProtoFrom = hi + 1
+		out = append(out, q)
+	}
+	mid := p
+	mid.ProtoFrom, mid.ProtoTo = lo, hi
+	if p.PortFrom < k.PortFrom {
+		q := mid
+		q.PortTo = k.PortFrom - 1
+		out = append(out, q)
+	}
+	if p.PortTo > k.PortTo {
+		q := mid
+		q.PortFrom = k.PortTo + 1
+		out = append(out, q)
+	}
+	return out
+}
+
+func compareElements(a, b Element) int {
+	return cmp.Or(a.Prefix.Addr().Compare(b.Prefix.Addr()), cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()),
+		cmp.Compare(a.ProtoFrom, b.ProtoFrom), cmp.Compare(a.PortFrom, b.PortFrom))
+}
+
+// Text renders the ruleset in nft(8) syntax, for `nft -f` and for people.
+// It creates the table if missing and replaces its contents.
+func (rs Ruleset) Text() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "table inet %s\ndelete table inet %s\ntable inet %s {\n", Table, Table, Table)
+	for _, s := range rs.Sets {
+		typ := "ipv4_addr"
+		if s.V6 {
+			typ = "ipv6_addr"
+		}
+		fmt.Fprintf(&b, "\tset %s {\n\t\ttype %s . inet_proto . inet_service\n\t\tflags interval\n", s.Name, typ)
+		if len(s.Elements) > 0 {
+			b.WriteString("\t\telements = {\n")
+			for _, e := range s.Elements {
+				fmt.Fprintf(&b, "\t\t\t%s . %s . %s,\n", e.Prefix, rangeText(int(e.ProtoFrom), int(e.ProtoTo)), rangeText(int(e.PortFrom), int(e.PortTo)))
+			}
+			b.WriteString("\t\t}\n")
+		}
+		b.WriteString("\t}\n")
+	}
+	for _, c := range rs.Chains {
+		fmt.Fprintf(&b, "\tchain %s {\n\t\ttype filter hook %s priority filter; policy drop;\n", c.Name, c.Name)
+		for _, r := range c.Rules {
+			fmt.Fprintf(&b, "\t\t%s comment %q\n", r.text(c.Name), r.Comment)
+		}
+		b.WriteString("\t}\n")
+	}
+	b.WriteString("}\n")
+	return b.String()
+}
+
+func rangeText(lo, hi int) string {
+	if lo == hi {
+		return fmt.Sprint(lo)
+	}
+	return fmt.Sprintf("%d-%d", lo, hi)
+}
+
+func (r Rule) text(chain string) string {
+	var parts []string
+	if r.Established {
+		parts = append(parts, "ct state established,related")
+	}
+	switch {
+	case r.Iface != "":
+		dir := "oifname"
+		if chain == "input" {
+			dir = "iifname"
+		}
+		parts = append(parts, fmt.Sprintf("%s %q", dir, r.Iface))
+	case r.ND:
+		parts = append(parts, "icmpv6 type 133-136")
+	case r.DHCP != nil:
+		parts = append(parts, fmt.Sprintf("%s udp sport %d udp dport %d", map[bool]string{false: "meta nfproto ipv4", true: "meta nfproto ipv6"}[r.DHCP.V6], r.DHCP.Src, r.DHCP.Dst))
+	case r.Lookup != nil:
+		l := r.Lookup
+		ip := "ip"
+		if l.V6 {
+			ip = "ip6"
+		}
+		parts = append(parts, fmt.Sprintf("%s %s . meta l4proto . th %s @%s", ip, map[Field]string{Src: "saddr", Dst: "daddr"}[l.Addr], map[Field]string{Src: "sport", Dst: "dport"}[l.Port], l.Set))
+	}
+	if r.Drop {
+		parts = append(parts, "counter drop")
+	} else {
+		parts = append(parts, "accept")
+	}
+	return strings.Join(parts, " ")
+}

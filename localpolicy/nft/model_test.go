@@ -1,0 +1,122 @@
+package nft
+
+import (
+	"net/netip"
+	"slices"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+)
+
+func el(prefix string, proto0, proto1 uint8, port0, port1 uint16) Element {
+	return Element{Prefix: netip.MustParsePrefix(prefix), ProtoFrom: proto0, ProtoTo: proto1, PortFrom: port0, PortTo: port1}
+}
+
+var prefixEq = cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })
+
+// normalize must make boxes disjoint without changing what they match.
+func TestNormalize(t *testing.T) {
+	tests := []struct {
+		name string
+		in   []Element
+		want []Element
+	}{
+		{"duplicates collapse",
+			[]Element{el("10.0.0.0/24", 6, 6, 443, 443), el("10.0.0.0/24", 6, 6, 443, 443)},
+			[]Element{el("10.0.0.0/24", 6, 6, 443, 443)}},
+		{"contained box dropped",
+			[]Element{el("10.0.1.0/24", 6, 6, 443, 443), el("10.0.0.0/16", 6, 6, 400, 500)},
+			[]Element{el("10.0.0.0/16", 6, 6, 400, 500)}},
+		{"overlapping ports split",
+			[]Element{el("10.0.0.0/24", 6, 6, 400, 450), el("10.0.0.0/24", 6, 6, 440, 500)},
+			[]Element{el("10.0.0.0/24", 6, 6, 400, 450), el("10.0.0.0/24", 6, 6, 451, 500)}},
+		{"any protocol over a tcp port",
+			[]Element{el("10.0.0.5/32", 6, 6, 22, 22), el("10.0.0.0/24", 0, 255, 0, 65535)},
+			[]Element{el("10.0.0.0/24", 0, 255, 0, 65535)}},
+		{"narrow prefix keeps what the wide one lacks",
+			[]Element{el("10.0.0.5/32", 6, 6, 20, 30), el("10.0.0.0/24", 6, 6, 22, 22)},
+			[]Element{el("10.0.0.0/24", 6, 6, 22, 22), el("10.0.0.5/32", 6, 6, 20, 21), el("10.0.0.5/32", 6, 6, 23, 30)}},
+		{"disjoint stay",
+			[]Element{el("10.0.1.0/24", 17, 17, 53, 53), el("10.0.0.0/24", 17, 17, 53, 53)},
+			[]Element{el("10.0.0.0/24", 17, 17, 53, 53), el("10.0.1.0/24", 17, 17, 53, 53)}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := normalize(slices.Clone(tt.in))
+			if diff := cmp.Diff(tt.want, got, prefixEq); diff != "" {
+				t.Errorf("(-want +got):\n%s", diff)
+			}
+			// Same coverage: every probe point matched before is matched
+			// after, and nothing new.
+			for _, pt := range probePoints(tt.in) {
+				if covered(tt.in, pt) != covered(got, pt) {
+					t.Errorf("coverage of %+v changed", pt)
+				}
+			}
+		})
+	}
+}
+
+type point struct {
+	addr  netip.Addr
+	proto uint8
+	port  uint16
+}
+
+func probePoints(elems []Element) []point {
+	var pts []point
+	for _, e := range elems {
+		for _, a := range []netip.Addr{e.Prefix.Addr(), lastAddr(e.Prefix)} {
+			for _, pr := range []uint8{e.ProtoFrom, e.ProtoTo, 6, 17} {
+				for _, po := range []uint16{e.PortFrom, e.PortTo, e.PortFrom - 1, e.PortTo + 1, 22, 443} {
+					pts = append(pts, point{a, pr, po})
+				}
+			}
+		}
+	}
+	return pts
+}
+
+func covered(elems []Element, p point) bool {
+	for _, e := range elems {
+		if e.Prefix.Contains(p.addr) && e.ProtoFrom <= p.proto && p.proto <= e.ProtoTo && e.PortFrom <= p.port && p.port <= e.PortTo {
+			return true
+		}
+	}
+	return false
+}
+
+// Inside every chain: loopback first, then the floor, control, segments,
+// and the drop last.
+func TestBuildOrder(t *testing.T) {
+	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true})
+	for _, c := range rs.Chains {
+		var order []string
+		for _, r := range c.Rules {
+			switch {
+			case r.Lookup == nil && !r.Drop:
+				order = append(order, "base")
+			case r.Drop:
+				order = append(order, "drop")
+			case r.Lookup.Set[:5] == "floor":
+				order = append(order, "floor")
+			case r.Lookup.Set[:7] == "control":
+				order = append(order, "control")
+			default:
+				order = append(order, "segment")
+			}
+		}
+		rank := map[string]int{"base": 0, "floor": 1, "control": 2, "segment": 3, "drop": 4}
+		if !slices.IsSortedFunc(order, func(a, b string) int { return rank[a] - rank[b] }) || order[len(order)-1] != "drop" {
+			t.Errorf("chain %s order %v", c.Name, order)
+		}
+	}
+	quarantined := Build(desired(t, "dock-gateway", localpolicy.Sticky{Mode: localpolicy.Quarantine}), Options{})
+	for _, s := range quarantined.Sets {
+		if s.Name[:4] == "seg_" {
+			t.Errorf("quarantine keeps set %s", s.Name)
+		}
+	}
+}

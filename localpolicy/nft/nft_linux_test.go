@@ -1,0 +1,262 @@
+package nft
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/examples"
+	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+var now = time.Date(2026, 11, 24, 16, 0, 0, 0, time.UTC)
+
+func desired(t *testing.T, class string, sticky localpolicy.Sticky) localpolicy.Desired {
+	t.Helper()
+	doc, err := policy.Parse(examples.Site())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return localpolicy.Evaluate(localpolicy.Input{
+		Bundle: &bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour), Policy: *doc},
+		Device: bundle.Device{Class: class}, Now: now, Sticky: sticky,
+		Floor: []localpolicy.FloorRule{{Name: "can", Destination: policy.Destination{
+			CIDR: netip.MustParsePrefix("192.168.50.0/29"), Protocol: policy.Any}}},
+	})
+}
+
+// nftView is what `nft -j list table` says about the table, reduced to
+// what the agent decides: rule comments in order per chain, chain
+// policies, and set elements.
+type nftView struct {
+	Chains map[string][]string
+	Policy map[string]string
+	Sets   map[string][]string
+}
+
+func listTable(t *testing.T, ns *lab.NS) nftView {
+	t.Helper()
+	out := ns.MustRun(t, "nft", "-j", "list", "table", "inet", Table)
+	var doc struct {
+		Nftables []map[string]json.RawMessage `json:"nftables"`
+	}
+	if err := json.Unmarshal([]byte(out), &doc); err != nil {
+		t.Fatalf("nft -j: %v", err)
+	}
+	v := nftView{Chains: map[string][]string{}, Policy: map[string]string{}, Sets: map[string][]string{}}
+	for _, obj := range doc.Nftables {
+		switch {
+		case obj["chain"] != nil:
+			var c struct{ Name, Policy string }
+			json.Unmarshal(obj["chain"], &c)
+			v.Policy[c.Name] = c.Policy
+			v.Chains[c.Name] = v.Chains[c.Name][:0:0]
+		case obj["rule"] != nil:
+			var r struct{ Chain, Comment string }
+			json.Unmarshal(obj["rule"], &r)
+			v.Chains[r.Chain] = append(v.Chains[r.Chain], r.Comment)
+		case obj["set"] != nil:
+			var s struct {
+				Name string
+				Elem []struct {
+					Concat []json.RawMessage `json:"concat"`
+				}
+			}
+			json.Unmarshal(obj["set"], &s)
+			var elems []string
+			for _, e := range s.Elem {
+				elems = append(elems, concatText(e.Concat))
+			}
+			slices.Sort(elems)
+			v.Sets[s.Name] = elems
+		}
+	}
+	return v
+}
+
+// concatText renders one element as "prefix . proto . port" with ranges as
+// lo-hi and protocol names as numbers, the form the model's Text uses.
+func concatText(parts []json.RawMessage) string {
+	var out []string
+	for i, p := range parts {
+		var prefix struct {
+			Prefix *struct {
+				Addr string
+				Len  int
+			}
+			Range []json.RawMessage
+		}
+		var s string
+		var n int
+		switch {
+		case json.Unmarshal(p, &n) == nil:
+			out = append(out, fmt.Sprint(n))
+		case json.Unmarshal(p, &s) == nil:
+			if i == 0 {
+				a := netip.MustParseAddr(s)
+				out = append(out, netip.PrefixFrom(a, a.BitLen()).String())
+			} else {
+				out = append(out, fmt.Sprint(map[string]int{"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "icmpv6": 58}[s]))
+			}
+		case json.Unmarshal(p, &prefix) == nil && prefix.Prefix != nil:
+			out = append(out, fmt.Sprintf("%s/%d", prefix.Prefix.Addr, prefix.Prefix.Len))
+		case prefix.Range != nil:
+			lo, hi := strings.Trim(string(prefix.Range[0]), `"`), strings.Trim(string(prefix.Range[1]), `"`)
+			out = append(out, lo+"-"+hi)
+		default:
+			out = append(out, string(p))
+		}
+	}
+	return strings.Join(out, " . ")
+}
+
+func modelView(rs Ruleset) nftView {
+	v := nftView{Chains: map[string][]string{}, Policy: map[string]string{}, Sets: map[string][]string{}}
+	for _, c := range rs.Chains {
+		v.Policy[c.Name] = "drop"
+		v.Chains[c.Name] = v.Chains[c.Name][:0:0]
+		for _, r := range c.Rules {
+			v.Chains[c.Name] = append(v.Chains[c.Name], r.Comment)
+		}
+	}
+	for _, s := range rs.Sets {
+		var elems []string
+		for _, e := range s.Elements {
+			elems = append(elems, fmt.Sprintf("%s . %s . %s", e.Prefix, rangeText(int(e.ProtoFrom), int(e.ProtoTo)), rangeText(int(e.PortFrom), int(e.PortTo))))
+		}
+		slices.Sort(elems)
+		v.Sets[s.Name] = elems
+	}
+	return v
+}
+
+func TestApplyMatchesNftListing(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	ns := lab.NewNS(t, "nft")
+	e := NewEnforcer(WithNetNS(ns.FD()))
+	for _, class := range []string{"dock-gateway", "scanner", "telematics"} {
+		rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true})
+		if _, err := e.Apply(rs); err != nil {
+			t.Fatalf("%s: Apply: %v", class, err)
+		}
+		got, want := listTable(t, ns), modelView(rs)
+		if fmt.Sprint(got) != fmt.Sprint(want) {
+			t.Fatalf("%s: nft -j list shows\n%v\nwant\n%v", class, got, want)
+		}
+		if err := e.Check(rs); err != nil {
+			t.Errorf("%s: Check after Apply: %v", class, err)
+		}
+	}
+}
+
+// The same ruleset loaded by nft -f from Text and built through netlink
+// must list identically: our netlink encoding is what nft itself makes.
+func TestNetlinkMatchesNftText(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	viaNetlink, viaText := lab.NewNS(t, "nl"), lab.NewNS(t, "txt")
+	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true})
+	if _, err := NewEnforcer(WithNetNS(viaNetlink.FD())).Apply(rs); err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), "rules.nft")
+	if err := os.WriteFile(file, []byte(rs.Text()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	viaText.MustRun(t, "nft", "-f", file)
+	handles := regexp.MustCompile(`(?m)\s*# handle \d+`)
+	a := handles.ReplaceAllString(viaNetlink.MustRun(t, "nft", "-a", "list", "table", "inet", Table), "")
+	b := handles.ReplaceAllString(viaText.MustRun(t, "nft", "-a", "list", "table", "inet", Table), "")
+	if a != b {
+		t.Errorf("netlink-built table lists differently from nft -f of its text:\n--- netlink\n%s\n--- nft -f\n%s", a, b)
+	}
+}
+
+func TestApplyIsIdempotentAndAtomic(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	ns := lab.NewNS(t, "atomic")
+	e := NewEnforcer(WithNetNS(ns.FD()))
+	rs := Build(desired(t, "scanner", localpolicy.Sticky{}), Options{})
+	if changed, err := e.Apply(rs); err != nil || !changed {
+		t.Fatalf("first Apply = %v, %v", changed, err)
+	}
+	if changed, err := e.Apply(Build(desired(t, "scanner", localpolicy.Sticky{}), Options{})); err != nil || changed {
+		t.Fatalf("second Apply of the same state = %v, %v; want a no-op", changed, err)
+	}
+	// A ruleset the kernel refuses (a set name longer than nftables
+	// allows; the model never makes one) must leave the previous table in
+	// force, since its deletion is part of the refused transaction.
+	bad := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{})
+	long := strings.Repeat("x", 300)
+	for _, c := range bad.Chains {
+		for _, r := range c.Rules {
+			if r.Lookup != nil && r.Lookup.Set == bad.Sets[0].Name {
+				r.Lookup.Set = long
+			}
+		}
+	}
+	bad.Sets[0].Name = long
+	_, err := e.Apply(bad)
+	if err == nil || !strings.Contains(err.Error(), "apply table") {
+		t.Fatalf("Apply(bad) = %v; want the kernel to refuse the transaction", err)
+	}
+	if err := e.Check(rs); err != nil {
+		t.Fatalf("after a refused apply the previous ruleset is gone: %v", err)
+	}
+}
+
+func TestDriftIsDetectedAndRepaired(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	ns := lab.NewNS(t, "drift")
+	e := NewEnforcer(WithNetNS(ns.FD()))
+	rs := Build(desired(t, "telematics", localpolicy.Sticky{}), Options{})
+	if _, err := e.Apply(rs); err != nil {
+		t.Fatal(err)
+	}
+	for _, tamper := range [][]string{
+		{"nft", "flush", "ruleset"},
+		{"nft", "delete", "table", "inet", Table},
+		{"nft", "flush", "chain", "inet", Table, "output"},
+		{"nft", "delete", "element", "inet", Table, "control_v4", "{ 10.99.0.1 . 6 . 8443 }"},
+		{"nft", "add", "rule", "inet", Table, "output", "accept"},
+	} {
+		ns.MustRun(t, tamper...)
+		if err := e.Check(rs); !errors.Is(err, ErrDrift) {
+			t.Fatalf("after %q Check = %v, want ErrDrift", tamper, err)
+		}
+		if err := e.Reapply(rs); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Check(rs); err != nil {
+			t.Fatalf("after repair: %v", err)
+		}
+	}
+}
+
+func TestRemove(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	ns := lab.NewNS(t, "rm")
+	e := NewEnforcer(WithNetNS(ns.FD()))
+	if err := e.Remove(); err != nil {
+		t.Fatalf("Remove with no table: %v", err)
+	}
+	if _, err := e.Apply(Build(desired(t, "scanner", localpolicy.Sticky{}), Options{})); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Remove(); err != nil {
+		t.Fatal(err)
+	}
+	if out, _ := ns.Run("nft", "list", "tables"); strings.Contains(out, Table) {
+		t.Errorf("table still listed after Remove: %s", out)
+	}
+}

@@ -1,0 +1,152 @@
+package nft
+
+import (
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+)
+
+type probe struct {
+	proto string
+	to    string
+}
+
+// site builds an agent namespace and a namespace standing for every
+// segment of the example policy, with echo servers on each probed port.
+func site(t *testing.T, probes []probe) (agent, remote *lab.NS) {
+	t.Helper()
+	agent, remote = lab.NewNS(t, "agent"), lab.NewNS(t, "site")
+	lab.Link(t, agent, "10.10.0.2/24,fd00:10::2/64", remote, "10.10.0.1/24,fd00:10::1/64")
+	agent.MustRun(t, "ip", "route", "add", "default", "via", "10.10.0.1")
+	agent.MustRun(t, "ip", "-6", "route", "add", "default", "via", "fd00:10::1")
+	seen := map[netip.AddrPort]bool{}
+	for _, p := range probes {
+		ap := netip.MustParseAddrPort(p.to)
+		if !seen[netip.AddrPortFrom(ap.Addr(), 0)] {
+			bits := 32
+			if ap.Addr().Is6() {
+				bits = 128
+			}
+			remote.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(ap.Addr(), bits).String(), "dev", "lo")
+			seen[netip.AddrPortFrom(ap.Addr(), 0)] = true
+		}
+		if !seen[ap] {
+			lab.Echo(t, remote, ap)
+			seen[ap] = true
+		}
+	}
+	// Every probe must answer before any table exists, or a "denied"
+	// result later would prove nothing. IPv6 needs a moment for the
+	// link-local addresses that neighbour discovery uses.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		var missing []probe
+		for p, ok := range reach(t, agent, probes) {
+			if !ok {
+				missing = append(missing, p)
+			}
+		}
+		if len(missing) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("without a table %v do not answer; the site is broken", missing)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return agent, remote
+}
+
+func reach(t *testing.T, ns *lab.NS, probes []probe) map[probe]bool {
+	t.Helper()
+	got := make(map[probe]bool, len(probes))
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, p := range probes {
+		wg.Go(func() {
+			ok, err := lab.Reachable(ns, p.proto, netip.MustParseAddrPort(p.to), 300*time.Millisecond)
+			if err != nil {
+				t.Error(err)
+			}
+			mu.Lock()
+			got[p] = ok
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	return got
+}
+
+// Reachability from the device matches the policy exactly, for every class
+// of the example: each allowed (destination, port, protocol) answers, each
+// other one does not, and no scanner ever reaches finance.
+func TestReachabilityMatchesPolicy(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	type want map[probe]bool
+	all := []probe{
+		{"tcp", "10.99.0.1:8443"}, {"tcp", "[fd00:99::1]:8443"}, // control
+		{"tcp", "10.20.1.10:443"}, {"tcp", "10.20.1.10:8050"}, {"tcp", "10.20.1.10:22"}, {"tcp", "[fd00:20:1::10]:443"}, // wms
+		{"tcp", "10.20.2.10:443"}, {"udp", "10.20.2.10:5683"}, // dock-scheduling
+		{"tcp", "10.30.0.10:443"},                                                          // finance
+		{"udp", "10.40.0.10:4789"}, {"tcp", "10.40.0.10:8883"}, {"udp", "10.40.0.10:4790"}, // telemetry
+		{"tcp", "10.50.0.5:22"}, {"tcp", "10.50.0.20:22"}, // diagnostics (/28) and just outside it
+		{"tcp", "10.60.0.10:443"}, {"tcp", "10.60.0.10:4080"}, // carrier-edi
+		{"tcp", "10.70.0.10:443"}, {"tcp", "10.70.0.11:443"}, // broker-portal (/32)
+		{"tcp", "10.80.0.10:443"}, // no segment at all
+	}
+	expect := map[string][]probe{
+		"dock-gateway": {{"tcp", "10.99.0.1:8443"}, {"tcp", "[fd00:99::1]:8443"}, {"tcp", "10.20.1.10:443"}, {"tcp", "10.20.1.10:8050"},
+			{"tcp", "[fd00:20:1::10]:443"}, {"tcp", "10.20.2.10:443"}, {"udp", "10.20.2.10:5683"}, {"tcp", "10.30.0.10:443"},
+			{"tcp", "10.50.0.5:22"}, {"tcp", "10.60.0.10:443"}, {"tcp", "10.60.0.10:4080"}, {"tcp", "10.70.0.10:443"}},
+		"scanner": {{"tcp", "10.99.0.1:8443"}, {"tcp", "[fd00:99::1]:8443"}, {"tcp", "10.20.1.10:443"}, {"tcp", "[fd00:20:1::10]:443"},
+			{"tcp", "10.50.0.5:22"}},
+		"telematics": {{"tcp", "10.99.0.1:8443"}, {"tcp", "[fd00:99::1]:8443"}, {"udp", "10.40.0.10:4789"}, {"tcp", "10.40.0.10:8883"},
+			{"tcp", "10.50.0.5:22"}, {"tcp", "10.60.0.10:443"}},
+	}
+	agent, _ := site(t, all)
+	e := NewEnforcer(WithNetNS(agent.FD()))
+	for class, allowed := range expect {
+		w := want{}
+		for _, p := range allowed {
+			w[p] = true
+		}
+		if _, err := e.Apply(Build(desired(t, class, localpolicy.Sticky{}), Options{})); err != nil {
+			t.Fatal(err)
+		}
+		for p, ok := range reach(t, agent, all) {
+			if ok != w[p] {
+				t.Errorf("%s: %s %s reachable = %v, want %v", class, p.proto, p.to, ok, w[p])
+			}
+		}
+	}
+}
+
+// A quarantine applied while a connection to finance is open stops that
+// connection, not only new ones; the control channel keeps working.
+func TestRevocationStopsEstablishedFlows(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	finance, control := probe{"tcp", "10.30.0.10:443"}, probe{"tcp", "10.99.0.1:8443"}
+	agent, _ := site(t, []probe{finance, control})
+	e := NewEnforcer(WithNetNS(agent.FD()))
+	if _, err := e.Apply(Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{})); err != nil {
+		t.Fatal(err)
+	}
+	conn := lab.Conn(t, agent, netip.MustParseAddrPort(finance.to))
+	if !lab.RoundTrip(conn, time.Second) {
+		t.Fatal("no data over the open finance connection before quarantine")
+	}
+	ctl := lab.Conn(t, agent, netip.MustParseAddrPort(control.to))
+	if _, err := e.Apply(Build(desired(t, "dock-gateway", localpolicy.Sticky{Mode: localpolicy.Quarantine}), Options{})); err != nil {
+		t.Fatal(err)
+	}
+	if lab.RoundTrip(conn, 500*time.Millisecond) {
+		t.Error("the established finance connection still carries data after quarantine")
+	}
+	if !lab.RoundTrip(ctl, time.Second) {
+		t.Error("the established control connection stopped in quarantine")
+	}
+}
