@@ -61,8 +61,8 @@ type Sticky struct {
 // FloorRule is one safety-floor allowance, such as a vehicle's CAN gateway
 // subnet. No policy, command or mode removes it.
 type FloorRule struct {
-	Name string `json:"name"`
-	policy.Destination
+	Name               string `json:"name"`
+	policy.Destination `json:",inline"`
 }
 
 // Desired is what the device should enforce now.

@@ -25,7 +25,11 @@ func Root() *subcmd.Command {
 		Name:    "bulkhead",
 		Summary: "bulkhead: the zero-trust edge agent for logistics devices.",
 		Sub: []*subcmd.Command{
-			{Name: "policy", Summary: "inspect signed policy bundles", Sub: []*subcmd.Command{verifyCmd()}},
+			runCmd(),
+			statusCmd(),
+			explainCmd(),
+			{Name: "policy", Summary: "verify signed policy bundles, or hand one to the agent", Sub: []*subcmd.Command{verifyCmd(), applyCmd()}},
+			cleanupCmd(),
 			versionCmd(),
 		},
 	}

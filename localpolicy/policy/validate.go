@@ -325,3 +325,14 @@ func (v *validator) checkGateways(segs []Segment) {
 		endpoints[s.Gateway.PublicKey] = s.Gateway.Endpoint
 	}
 }
+
+// Check validates one destination on its own, as the agent's configuration
+// uses them for the safety floor.
+func (d Destination) Check() error {
+	v := &validator{}
+	v.checkDestination("", d)
+	if len(v.problems) > 0 {
+		return errors.New(strings.TrimPrefix(strings.Join(v.problems, "; "), "."))
+	}
+	return nil
+}

@@ -33,12 +33,52 @@ func Unmarshal(data []byte, v any) error {
 	// Anything but whitespace after the value is a second, unsigned document
 	// smuggled behind the first: refuse it.
 	if _, err := dec.ReadToken(); err != io.EOF {
-		return fmt.Errorf("%w at byte %d", ErrTrailingData, dec.InputOffset())
+		return &Error{Offset: dec.InputOffset(), Err: fmt.Errorf("%w at byte %d", ErrTrailingData, dec.InputOffset())}
 	}
 	return nil
 }
 
+// Error is a decoding error with the byte offset it was found at.
+type Error struct {
+	Offset int64
+	Err    error
+}
+
+func (e *Error) Error() string { return e.Err.Error() }
+func (e *Error) Unwrap() error { return e.Err }
+
+// Line turns an error from Unmarshal into "line L, column C: message" for
+// data, when the error knows its offset; otherwise it returns err's text.
+func Line(data []byte, err error) string {
+	var e *Error
+	if !errors.As(err, &e) || e.Offset < 0 || e.Offset > int64(len(data)) {
+		return err.Error()
+	}
+	line, col := 1, 1
+	for _, c := range data[:e.Offset] {
+		if c == '\n' {
+			line, col = line+1, 1
+		} else {
+			col++
+		}
+	}
+	return fmt.Sprintf("line %d, column %d: %v", line, col, err)
+}
+
 func describe(err error) error {
+	var offset int64 = -1
+	var serr0 *json.SemanticError
+	var synerr0 *jsontext.SyntacticError
+	switch {
+	case errors.As(err, &serr0):
+		offset = serr0.ByteOffset
+	case errors.As(err, &synerr0):
+		offset = synerr0.ByteOffset
+	}
+	return &Error{Offset: offset, Err: describeErr(err)}
+}
+
+func describeErr(err error) error {
 	var serr *json.SemanticError
 	if errors.As(err, &serr) {
 		path := Path(serr.JSONPointer)

@@ -57,3 +57,12 @@ func TestUnmarshal(t *testing.T) {
 		})
 	}
 }
+
+func TestLine(t *testing.T) {
+	data := []byte("{\n  \"items\": [\n    {\"name\": \"a\", \"prot\": 1}\n  ]\n}")
+	var v outer
+	err := Unmarshal(data, &v)
+	if got := Line(data, err); !strings.HasPrefix(got, "line 3, column") || !strings.Contains(got, "items[0].prot") {
+		t.Errorf("Line = %q, want line 3 and the field path", got)
+	}
+}

@@ -1,0 +1,195 @@
+package agent
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// Request is one admin-socket call: a JSON object per line.
+type Request struct {
+	Op     string `json:"op"`               // status, explain, apply
+	To     string `json:"to,omitempty"`     // explain: ADDR:PORT[/tcp|udp]
+	Bundle []byte `json:"bundle,omitempty"` // apply: the envelope bytes
+}
+
+// Response answers a Request.
+type Response struct {
+	Error   string               `json:"error,omitempty"`
+	Status  *Status              `json:"status,omitempty"`
+	Verdict *localpolicy.Verdict `json:"verdict,omitempty"`
+}
+
+// Status is what `bulkhead status` shows.
+type Status struct {
+	DeviceID      string                 `json:"device_id,omitempty"`
+	DeviceClass   string                 `json:"device_class,omitempty"`
+	Mode          string                 `json:"mode"`
+	Why           []string               `json:"why,omitempty"`
+	PolicyVersion uint64                 `json:"policy_version"`
+	PolicyExpires time.Time              `json:"policy_expires,omitzero"`
+	TrustedTime   time.Time              `json:"trusted_time"`
+	LastApply     time.Time              `json:"last_apply,omitzero"`
+	ApplyError    string                 `json:"apply_error,omitempty"`
+	DriftRepairs  int                    `json:"drift_repairs"`
+	NextChange    time.Time              `json:"next_change,omitzero"`
+	Open          []string               `json:"open_segments"`
+	Decisions     []localpolicy.Decision `json:"decisions,omitempty"`
+}
+
+type request struct {
+	Request
+	reply chan Response
+}
+
+func (a *Agent) handle(r request) Response {
+	switch r.Op {
+	case "status":
+		return Response{Status: a.status()}
+	case "explain":
+		addr, port, proto, err := ParseTarget(r.To)
+		if err != nil {
+			return Response{Error: err.Error()}
+		}
+		var doc *policy.Document
+		if a.bundle != nil {
+			doc = &a.bundle.Policy
+		}
+		v := localpolicy.Explain(a.desired, doc, addr, port, proto)
+		return Response{Verdict: &v, Status: a.status()}
+	case "apply":
+		if _, err := a.install(r.Bundle); err != nil {
+			return Response{Error: "bundle rejected, previous policy still enforced: " + err.Error()}
+		}
+		return Response{Status: a.status()}
+	}
+	return Response{Error: fmt.Sprintf("unknown request %q", r.Op)}
+}
+
+func (a *Agent) status() *Status {
+	s := &Status{
+		DeviceID: a.cfg.Device.ID, DeviceClass: a.cfg.Device.Class,
+		Mode: a.desired.Mode.String(), Why: a.desired.Why, PolicyVersion: a.desired.PolicyVersion,
+		TrustedTime: a.clock.Now().UTC(), LastApply: a.lastApply, ApplyError: a.applyErr,
+		DriftRepairs: a.repairs, NextChange: a.desired.NextChange, Decisions: a.desired.Decisions,
+		Open: []string{},
+	}
+	if a.bundle != nil {
+		s.PolicyExpires = a.bundle.ExpiresAt
+	}
+	for _, seg := range a.desired.Segments {
+		s.Open = append(s.Open, seg.Segment)
+	}
+	return s
+}
+
+// ParseTarget reads ADDR:PORT[/tcp|udp] (tcp by default).
+func ParseTarget(s string) (netip.Addr, uint16, policy.Protocol, error) {
+	hostport, proto, _ := strings.Cut(s, "/")
+	p := policy.TCP
+	if proto != "" {
+		if err := p.UnmarshalText([]byte(proto)); err != nil {
+			return netip.Addr{}, 0, "", err
+		}
+	}
+	ap, err := netip.ParseAddrPort(hostport)
+	if err != nil {
+		return netip.Addr{}, 0, "", fmt.Errorf("%q is not ADDR:PORT[/tcp|udp], for example 10.20.1.10:443/tcp or [fd00::1]:53/udp", s)
+	}
+	return ap.Addr(), ap.Port(), p, nil
+}
+
+// listenAdmin opens the admin socket, reachable by root only: the directory
+// is 0700 and the socket 0600.
+func listenAdmin(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	if err := os.Chmod(filepath.Dir(path), 0o700); err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	os.Remove(path) // a stale socket from a crashed agent
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("admin socket: %w", err)
+	}
+	return ln, nil
+}
+
+func serveAdmin(ctx context.Context, ln net.Listener, reqs chan<- request, log *slog.Logger) {
+	go func() { <-ctx.Done(); ln.Close() }()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(30 * time.Second))
+			line, err := bufio.NewReaderSize(io.LimitReader(c, envelope.MaxEnvelope*2), 64<<10).ReadBytes('\n')
+			var resp Response
+			var req Request
+			if err != nil && !errors.Is(err, io.EOF) {
+				resp.Error = "read request: " + err.Error()
+			} else if err := json.Unmarshal(line, &req); err != nil {
+				resp.Error = "malformed request: " + err.Error()
+			} else {
+				r := request{Request: req, reply: make(chan Response, 1)}
+				select {
+				case reqs <- r:
+					resp = <-r.reply
+				case <-ctx.Done():
+					resp.Error = "agent is stopping"
+				}
+			}
+			if err := json.NewEncoder(c).Encode(resp); err != nil {
+				log.Debug("admin reply", "err", err)
+			}
+		}()
+	}
+}
+
+// Call sends one request to the agent's admin socket.
+func Call(socket string, req Request) (*Response, error) {
+	c, err := net.DialTimeout("unix", socket, 2*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("cannot reach the agent at %s (is `bulkhead run` running, and are you root?): %w", socket, err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	if err := json.NewEncoder(c).Encode(req); err != nil {
+		return nil, err
+	}
+	var resp Response
+	if err := json.NewDecoder(c).Decode(&resp); err != nil {
+		return nil, fmt.Errorf("agent reply: %w", err)
+	}
+	return &resp, nil
+}
+
+func readCapped(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	return envelope.ReadAll(f)
+}

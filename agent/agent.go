@@ -1,0 +1,282 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/trustedtime"
+)
+
+// How often the kernel table is compared with what was applied: the rule
+// structure twice a second (a flushed ruleset is repaired within a second),
+// every set element every ten seconds.
+const (
+	quickCheckEvery = 500 * time.Millisecond
+	fullCheckEvery  = 10 * time.Second
+	dropScanEvery   = time.Second
+)
+
+// Agent is the daemon. Everything below the configuration is owned by the
+// goroutine running Run; other goroutines reach it through requests.
+type Agent struct {
+	cfg      *Config
+	log      *slog.Logger
+	enforcer *nft.Enforcer
+	wall     func() time.Time
+	reqs     chan request
+
+	// Owned by the event loop.
+	store     *store.Store // nil when the cache cannot be opened
+	roots     opskey.Roots
+	clock     *trustedtime.Clock
+	bundle    *bundle.Bundle
+	noPolicy  string
+	sticky    localpolicy.Sticky
+	desired   localpolicy.Desired
+	ruleset   nft.Ruleset
+	lastApply time.Time
+	repairs   int
+	applyErr  string
+}
+
+// Option adjusts an Agent; tests use them.
+type Option func(*Agent)
+
+// WithEnforcer replaces the enforcer (a test enforces in its own namespace).
+func WithEnforcer(e *nft.Enforcer) Option { return func(a *Agent) { a.enforcer = e } }
+
+// WithLogger replaces the logger.
+func WithLogger(l *slog.Logger) Option { return func(a *Agent) { a.log = l } }
+
+// New makes an agent; it touches nothing until Boot.
+func New(cfg *Config, opts ...Option) *Agent {
+	a := &Agent{
+		cfg: cfg, enforcer: nft.NewEnforcer(), wall: time.Now,
+		log:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
+		reqs: make(chan request),
+	}
+	for _, o := range opts {
+		o(a)
+	}
+	return a
+}
+
+// Boot enforces before anything else happens: open the cache, verify the
+// cached bundle from its signed bytes, and apply its ruleset, or lockdown
+// when there is none or it cannot be trusted. The agent does no network
+// I/O before Boot returns.
+func (a *Agent) Boot() error {
+	a.clock = trustedtime.New(time.Time{}, a.wall)
+	if err := a.openStore(); err != nil {
+		a.noPolicy = err.Error()
+		a.log.Error("policy cache unusable; enforcing lockdown", "err", err)
+	} else {
+		a.loadBundle()
+	}
+	return a.reconcile("boot")
+}
+
+func (a *Agent) openStore() error {
+	if err := os.MkdirAll(a.cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	st, err := store.Open(filepath.Join(a.cfg.StateDir, "state.db"))
+	if err != nil {
+		return err
+	}
+	a.store = st
+	if _, ok, err := st.Roots(); err != nil {
+		return err
+	} else if !ok {
+		pinned, err := a.cfg.pinnedRoots()
+		if err != nil {
+			return fmt.Errorf("pin trust roots: %w", err)
+		}
+		if _, err := st.SetRoots(bundle.NewRootSet(1, pinned)); err != nil {
+			return err
+		}
+	}
+	if a.roots, _, err = st.CurrentRoots(); err != nil {
+		return err
+	}
+	if a.sticky, err = st.Sticky(); err != nil {
+		return err
+	}
+	floor, err := st.TrustedTime()
+	if err != nil {
+		return err
+	}
+	a.clock = trustedtime.New(floor, a.wall)
+	return nil
+}
+
+func (a *Agent) loadBundle() {
+	b, err := a.store.Load(a.roots, a.cfg.device())
+	switch {
+	case err == nil:
+		a.bundle, a.noPolicy = b, ""
+	case errors.Is(err, store.ErrNoBundle):
+		a.noPolicy = err.Error()
+	default:
+		a.noPolicy = "cached policy rejected: " + err.Error()
+		a.log.Error("cached policy cannot be trusted; enforcing lockdown", "err", err)
+		a.store.Audit(a.clock.Now(), "cache-rejected", err.Error())
+	}
+}
+
+// reconcile evaluates the current inputs and applies the result. An
+// unchanged result costs an evaluation and a string comparison, no kernel
+// call.
+func (a *Agent) reconcile(why string) error {
+	in := localpolicy.Input{
+		NoPolicy: a.noPolicy, Device: a.cfg.device(), Now: a.clock.Now(),
+		Sticky: a.sticky, Floor: a.cfg.SafetyFloor, Control: a.cfg.Control,
+	}
+	if a.bundle != nil {
+		in.Bundle = &a.bundle.Payload
+	}
+	prev := a.desired.Mode
+	a.desired = localpolicy.Evaluate(in)
+	a.ruleset = nft.Build(a.desired, nft.Options{DHCP: *a.cfg.DHCP})
+	changed, err := a.enforcer.Apply(a.ruleset)
+	if err != nil {
+		a.applyErr = err.Error()
+		a.log.Error("apply failed; the previous ruleset stays in force", "err", err)
+		return err
+	}
+	a.applyErr = ""
+	if changed {
+		a.lastApply = a.wall()
+		a.log.Info("enforcing", "why", why, "mode", a.desired.Mode, "policy", a.desired.PolicyVersion, "segments", len(a.desired.Segments))
+	}
+	if a.desired.Mode != prev && a.store != nil {
+		// A mode change is an instant worth remembering: after a restart
+		// with the clock set back, time cannot run behind it.
+		if err := a.store.AdvanceTrustedTime(a.clock.Floor()); err != nil {
+			a.log.Warn("persist trusted time", "err", err)
+		}
+	}
+	return nil
+}
+
+// Run serves the admin socket and runs the event loop until ctx ends. The
+// table stays in the kernel when Run returns: the device keeps enforcing.
+func (a *Agent) Run(ctx context.Context) error {
+	ln, err := listenAdmin(a.cfg.AdminSocket)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	go serveAdmin(ctx, ln, a.reqs, a.log)
+
+	quick := time.NewTicker(quickCheckEvery)
+	defer quick.Stop()
+	full := time.NewTicker(fullCheckEvery)
+	defer full.Stop()
+	drop := time.NewTicker(dropScanEvery)
+	defer drop.Stop()
+	next := time.NewTimer(a.untilNextChange())
+	defer next.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			if a.store != nil {
+				a.store.Close()
+			}
+			return nil
+		case r := <-a.reqs:
+			r.reply <- a.handle(r)
+		case <-next.C:
+			a.reconcile("scheduled change")
+		case <-quick.C:
+			a.checkDrift(a.enforcer.CheckQuick)
+		case <-full.C:
+			a.checkDrift(a.enforcer.Check)
+		case <-drop.C:
+			a.scanDropDir()
+		}
+		next.Reset(a.untilNextChange())
+	}
+}
+
+func (a *Agent) untilNextChange() time.Duration {
+	if a.desired.NextChange.IsZero() {
+		return time.Hour
+	}
+	return max(a.desired.NextChange.Sub(a.clock.Now()), 0)
+}
+
+func (a *Agent) checkDrift(check func(nft.Ruleset) error) {
+	err := check(a.ruleset)
+	if err == nil {
+		return
+	}
+	if !errors.Is(err, nft.ErrDrift) {
+		a.log.Warn("cannot read the table back", "err", err)
+		return
+	}
+	a.log.Warn("table changed from outside; restoring", "drift", err)
+	if err := a.enforcer.Reapply(a.ruleset); err != nil {
+		a.log.Error("restore failed", "err", err)
+		return
+	}
+	a.repairs++
+	a.lastApply = a.wall()
+	if a.store != nil {
+		a.store.Audit(a.clock.Now(), "drift-repaired", err.Error())
+	}
+}
+
+// install accepts a bundle offered through the socket or the drop
+// directory; a rejected one changes nothing.
+func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
+	if a.store == nil {
+		return nil, fmt.Errorf("policy cache unusable (%s); no bundle can be accepted safely", a.noPolicy)
+	}
+	b, err := a.store.Install(bytes.NewReader(raw), a.roots, a.clock.Now(), a.cfg.device())
+	if err != nil {
+		a.log.Warn("bundle rejected", "err", err)
+		return nil, err
+	}
+	a.clock.Observe(b.IssuedAt)
+	a.bundle, a.noPolicy = b, ""
+	a.log.Info("bundle accepted", "version", b.Version, "expires", b.ExpiresAt)
+	return b, a.reconcile(fmt.Sprintf("policy v%d accepted", b.Version))
+}
+
+// scanDropDir installs *.dsse files dropped into the directory. Each is
+// removed once handled; a rejected one is renamed *.rejected so it is not
+// retried (and audited) every second.
+func (a *Agent) scanDropDir() {
+	entries, err := os.ReadDir(a.cfg.DropDir)
+	if err != nil {
+		return
+	}
+	for _, e := range entries {
+		if e.IsDir() || !strings.HasSuffix(e.Name(), ".dsse") {
+			continue
+		}
+		path := filepath.Join(a.cfg.DropDir, e.Name())
+		raw, err := readCapped(path)
+		if err == nil {
+			_, err = a.install(raw)
+		}
+		if err != nil {
+			os.Rename(path, path+".rejected")
+			continue
+		}
+		os.Remove(path)
+	}
+}

@@ -1,0 +1,217 @@
+package agent
+
+import (
+	"context"
+	"crypto/ed25519"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/examples"
+	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+type env struct {
+	t      *testing.T
+	ns     *lab.NS
+	dir    string
+	cfg    string
+	key    ed25519.PrivateKey
+	doc    policy.Document
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func newEnv(t *testing.T) *env {
+	lab.RequirePrivileged(t, "nft")
+	dir := t.TempDir()
+	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
+		t.Fatal(err)
+	}
+	key, err := opskey.LoadPrivate(filepath.Join(dir, "ops", opskey.PrivateFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc, err := policy.Parse(examples.Site())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := filepath.Join(dir, "config.json")
+	writeFile(t, cfg, `{
+  "device": {"id": "scanner-17", "class": "scanner"},
+  "trust": {"keys": ["`+filepath.Join(dir, "ops", opskey.PublicFile)+`"]},
+  "safety_floor": [{"name": "plc", "cidr": "192.168.50.0/29", "protocol": "tcp", "ports": ["502"]}],
+  "control": [{"address": "10.99.0.1", "port": 8443}],
+  "state_dir": "`+filepath.Join(dir, "state")+`",
+  "admin_socket": "`+filepath.Join(dir, "run", "admin.sock")+`"
+}`)
+	return &env{t: t, ns: lab.NewNS(t, "agent"), dir: dir, cfg: cfg, key: key, doc: *doc}
+}
+
+func writeFile(t *testing.T, path, s string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (e *env) bundle(version uint64, issued time.Time) []byte {
+	raw, err := bundle.Sign(bundle.Payload{Version: version, IssuedAt: issued, ExpiresAt: issued.Add(24 * time.Hour),
+		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: e.doc}, e.key)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return raw
+}
+
+func (e *env) start() {
+	e.t.Helper()
+	cfg, err := LoadConfig(e.cfg)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	a := New(cfg, WithEnforcer(nft.NewEnforcer(nft.WithNetNS(e.ns.FD()))), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	if err := a.Boot(); err != nil {
+		e.t.Fatalf("Boot: %v", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	e.cancel, e.done = cancel, make(chan error, 1)
+	go func() { e.done <- a.Run(ctx) }()
+	e.t.Cleanup(e.stop)
+	waitFor(e.t, "admin socket", func() bool { _, err := os.Stat(filepath.Join(e.dir, "run", "admin.sock")); return err == nil })
+}
+
+func (e *env) stop() {
+	if e.cancel != nil {
+		e.cancel()
+		<-e.done
+		e.cancel = nil
+	}
+}
+
+func (e *env) call(req Request) *Response {
+	e.t.Helper()
+	resp, err := Call(filepath.Join(e.dir, "run", "admin.sock"), req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return resp
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (e *env) tableText() string {
+	out, _ := e.ns.Run("nft", "list", "table", "inet", nft.Table)
+	return out
+}
+
+func TestBootLockdownThenPolicyThenOfflineRestart(t *testing.T) {
+	e := newEnv(t)
+	e.start()
+	st := e.call(Request{Op: "status"}).Status
+	if st.Mode != "lockdown" || !strings.Contains(strings.Join(st.Why, " "), "no policy has been accepted yet") {
+		t.Fatalf("first boot status = %+v, want lockdown with the reason", st)
+	}
+	table := e.tableText()
+	if !strings.Contains(table, "192.168.50.0/29 . tcp . 502") || !strings.Contains(table, "10.99.0.1 . tcp . 8443") || strings.Contains(table, "seg_") {
+		t.Fatalf("lockdown table must hold the floor and control only:\n%s", table)
+	}
+
+	now := time.Now().UTC().Truncate(time.Second)
+	resp := e.call(Request{Op: "apply", Bundle: e.bundle(3, now)})
+	if resp.Error != "" || resp.Status.Mode != "normal" || resp.Status.PolicyVersion != 3 {
+		t.Fatalf("apply v3 = %+v / %q", resp.Status, resp.Error)
+	}
+	// A rejected bundle changes nothing and says why.
+	before := e.tableText()
+	resp = e.call(Request{Op: "apply", Bundle: e.bundle(2, now)})
+	if !strings.Contains(resp.Error, "rollback") || e.tableText() != before {
+		t.Fatalf("apply v2 after v3: error %q; table changed: %v", resp.Error, e.tableText() != before)
+	}
+	v := e.call(Request{Op: "explain", To: "10.30.0.10:443/tcp"}).Verdict
+	if v.Allowed || v.By != "segment finance" {
+		t.Errorf("explain finance for a scanner = %+v", v)
+	}
+
+	// Stop (the table stays), start again with no network: the cached
+	// bundle is enforced, and the old bundle is still refused.
+	e.stop()
+	if e.tableText() != before {
+		t.Fatal("the table changed when the agent stopped")
+	}
+	e.start()
+	st = e.call(Request{Op: "status"}).Status
+	if st.PolicyVersion != 3 || st.Mode == "lockdown" {
+		t.Fatalf("after restart status = %+v, want policy v3 from the cache", st)
+	}
+	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(2, now)}); !strings.Contains(resp.Error, "rollback") {
+		t.Errorf("rolled-back bundle after restart: %q", resp.Error)
+	}
+}
+
+func TestDriftRepairedWithinASecond(t *testing.T) {
+	e := newEnv(t)
+	e.start()
+	e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))})
+	want := e.tableText()
+	for _, tamper := range [][]string{{"nft", "flush", "ruleset"}, {"nft", "delete", "table", "inet", nft.Table}} {
+		e.ns.MustRun(t, tamper...)
+		start := time.Now()
+		waitFor(t, "table restored after "+strings.Join(tamper, " "), func() bool { return e.tableText() == want })
+		if took := time.Since(start); took > time.Second {
+			t.Errorf("restoring after %v took %v", tamper, took)
+		}
+	}
+	st := e.call(Request{Op: "status"}).Status
+	if st.DriftRepairs < 2 {
+		t.Errorf("drift repairs = %d, want 2", st.DriftRepairs)
+	}
+}
+
+func TestDropDirectory(t *testing.T) {
+	e := newEnv(t)
+	e.start()
+	inbox := filepath.Join(e.dir, "state", "inbox")
+	if err := os.MkdirAll(inbox, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(inbox, "v5.dsse"), string(e.bundle(5, time.Now().UTC().Truncate(time.Second))))
+	waitFor(t, "v5 from the drop directory", func() bool { return e.call(Request{Op: "status"}).Status.PolicyVersion == 5 })
+	writeFile(t, filepath.Join(inbox, "bad.dsse"), "not a bundle")
+	waitFor(t, "bad.dsse set aside", func() bool { _, err := os.Stat(filepath.Join(inbox, "bad.dsse.rejected")); return err == nil })
+	if v := e.call(Request{Op: "status"}).Status.PolicyVersion; v != 5 {
+		t.Errorf("policy version after a bad drop = %d, want 5", v)
+	}
+}
+
+func TestConfigErrorsNameLineAndField(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "c.json")
+	writeFile(t, path, "{\n  \"device\": {\"class\": \"scanner\"},\n  \"trust\": {\"keys\": [\"x\"]},\n  \"safty_floor\": []\n}")
+	_, err := LoadConfig(path)
+	if err == nil || !strings.Contains(err.Error(), "line 4") || !strings.Contains(err.Error(), "safty_floor") {
+		t.Errorf("LoadConfig = %v, want line 4 and the unknown field", err)
+	}
+	writeFile(t, path, `{"device": {"class": "scanner"}, "trust": {"keys": ["x"]}, "safety_floor": [{"name": "plc", "cidr": "10.0.0.1/24", "protocol": "tcp", "ports": ["502"]}]}`)
+	if _, err := LoadConfig(path); err == nil || !strings.Contains(err.Error(), "safety_floor[0]") || !strings.Contains(err.Error(), "host bits") {
+		t.Errorf("LoadConfig = %v, want safety_floor[0] host bits", err)
+	}
+}
+

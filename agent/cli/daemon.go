@@ -1,0 +1,192 @@
+package cli
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/agent"
+	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
+)
+
+// DefaultConfig is where the installer writes the configuration.
+const DefaultConfig = "/etc/bulkhead/config.json"
+
+func runCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "run",
+		Summary: "Run the agent in the foreground (the service runs this). It enforces the cached\n" +
+			"policy, or lockdown, before anything else, and leaves the table in place when it stops.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			config := fs.String("config", DefaultConfig, "configuration `FILE`")
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) > 0 {
+					return subcmd.Usagef("run takes no arguments")
+				}
+				cfg, err := agent.LoadConfig(*config)
+				if err != nil {
+					return err
+				}
+				a := agent.New(cfg)
+				if err := a.Boot(); err != nil {
+					return fmt.Errorf("boot: %w", err)
+				}
+				ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+				defer stop()
+				return a.Run(ctx)
+			}
+		},
+	}
+}
+
+func socketFlag(fs *flag.FlagSet) *string {
+	return fs.String("socket", agent.DefaultSocket, "the agent's admin `SOCKET`")
+}
+
+func call(socket string, req agent.Request) (*agent.Response, error) {
+	resp, err := agent.Call(socket, req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.Error != "" {
+		return nil, fmt.Errorf("%s", resp.Error)
+	}
+	return resp, nil
+}
+
+func statusCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name:    "status",
+		Summary: "Show the mode and why, the policy version and expiry, the last apply and drift repairs.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			socket := socketFlag(fs)
+			asJSON := fs.Bool("json", false, "print JSON")
+			return func(env *subcmd.Env, args []string) error {
+				resp, err := call(*socket, agent.Request{Op: "status"})
+				if err != nil {
+					return err
+				}
+				if *asJSON {
+					enc := json.NewEncoder(env.Stdout)
+					enc.SetIndent("", "  ")
+					return enc.Encode(resp.Status)
+				}
+				printStatus(env, resp.Status)
+				return nil
+			}
+		},
+	}
+}
+
+func printStatus(env *subcmd.Env, s *agent.Status) {
+	w := env.Stdout
+	fmt.Fprintf(w, "mode      %s\n", s.Mode)
+	for _, why := range s.Why {
+		fmt.Fprintf(w, "  because %s\n", why)
+	}
+	fmt.Fprintf(w, "device    %s %s\n", s.DeviceClass, s.DeviceID)
+	if s.PolicyVersion > 0 {
+		fmt.Fprintf(w, "policy    version %d, expires %s\n", s.PolicyVersion, s.PolicyExpires.UTC().Format(time.RFC3339))
+	} else {
+		fmt.Fprintf(w, "policy    none\n")
+	}
+	fmt.Fprintf(w, "open      %s\n", strings.Join(append([]string{"safety floor", "control"}, s.Open...), ", "))
+	if !s.LastApply.IsZero() {
+		fmt.Fprintf(w, "applied   %s\n", s.LastApply.UTC().Format(time.RFC3339))
+	}
+	if s.ApplyError != "" {
+		fmt.Fprintf(w, "APPLY FAILED %s (the previous ruleset stays in force)\n", s.ApplyError)
+	}
+	fmt.Fprintf(w, "repairs   %d drift repairs\n", s.DriftRepairs)
+	if !s.NextChange.IsZero() {
+		fmt.Fprintf(w, "next      %s\n", s.NextChange.UTC().Format(time.RFC3339))
+	}
+}
+
+func explainCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name:    "explain",
+		Summary: "Say whether this device may reach ADDR:PORT now, what decided, and why.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			socket := socketFlag(fs)
+			to := fs.String("to", "", "destination `ADDR:PORT[/tcp|udp]`")
+			return func(env *subcmd.Env, args []string) error {
+				if *to == "" || len(args) > 0 {
+					return subcmd.Usagef("explain needs --to ADDR:PORT[/tcp|udp]")
+				}
+				if _, _, _, err := agent.ParseTarget(*to); err != nil {
+					return subcmd.Usagef("%v", err)
+				}
+				resp, err := call(*socket, agent.Request{Op: "explain", To: *to})
+				if err != nil {
+					return err
+				}
+				v := resp.Verdict
+				word := "deny"
+				if v.Allowed {
+					word = "allow"
+				}
+				fmt.Fprintf(env.Stdout, "%s %s (mode %s)\n  decided by %s\n  %s\n", word, *to, resp.Status.Mode, v.By, v.Reason)
+				return nil
+			}
+		},
+	}
+}
+
+func applyCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "apply", Args: "BUNDLE",
+		Summary: "Hand a signed bundle to the running agent. A rejected bundle changes nothing.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			socket := socketFlag(fs)
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) != 1 {
+					return subcmd.Usagef("policy apply takes one bundle file")
+				}
+				f, err := os.Open(args[0])
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				raw, err := envelope.ReadAll(f)
+				if err != nil {
+					return fmt.Errorf("%s: %w", args[0], err)
+				}
+				resp, err := call(*socket, agent.Request{Op: "apply", Bundle: raw})
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "applied: policy version %d, mode %s\n", resp.Status.PolicyVersion, resp.Status.Mode)
+				return nil
+			}
+		},
+	}
+}
+
+func cleanupCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "cleanup",
+		Summary: "Remove the agent's nftables table. The device stops enforcing policy: use it\n" +
+			"only to decommission or recover a device (uninstall runs it too).",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) > 0 {
+					return subcmd.Usagef("cleanup takes no arguments")
+				}
+				if err := nft.NewEnforcer().Remove(); err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "removed table inet %s: this device no longer enforces any Bulkhead policy\n", nft.Table)
+				return nil
+			}
+		},
+	}
+}

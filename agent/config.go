@@ -1,0 +1,119 @@
+// Package agent owns the device daemon: its configuration, the boot
+// sequence that enforces the cached policy before any network activity, the
+// one event loop that owns all state, and the root-only admin socket that
+// the CLI talks to.
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
+)
+
+// Defaults for fields a configuration may leave out.
+const (
+	DefaultStateDir = "/var/lib/bulkhead"
+	DefaultSocket   = "/run/bulkhead/admin.sock"
+)
+
+// Config is the agent's local configuration (docs/config.md). It holds what
+// no signed policy may change: who the device is, which keys it trusts, and
+// its safety floor.
+type Config struct {
+	Device struct {
+		ID    string `json:"id"`
+		Class string `json:"class"`
+	} `json:"device"`
+	// Trust pins the ops keys (ops.pub files) and how many must sign. It is
+	// read on first start; later rotations live in the state store.
+	Trust struct {
+		Keys      []string `json:"keys"`
+		Threshold int      `json:"threshold,omitzero"`
+	} `json:"trust"`
+	SafetyFloor []localpolicy.FloorRule `json:"safety_floor,omitzero"`
+	Control     []policy.Endpoint       `json:"control,omitzero"`
+	StateDir    string                  `json:"state_dir,omitzero"`
+	DropDir     string                  `json:"drop_dir,omitzero"`
+	AdminSocket string                  `json:"admin_socket,omitzero"`
+	// DHCP keeps DHCP client traffic open in every mode (default true).
+	DHCP *bool `json:"dhcp,omitzero"`
+}
+
+// LoadConfig reads and checks a configuration file. Errors name the line and
+// the field.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	var c Config
+	if err := strictjson.Unmarshal(data, &c); err != nil {
+		return nil, fmt.Errorf("config %s: %s", path, strictjson.Line(data, err))
+	}
+	if err := c.check(); err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return &c, nil
+}
+
+func (c *Config) check() error {
+	var errs []error
+	if c.Device.Class == "" && c.Device.ID == "" {
+		errs = append(errs, errors.New("device: give at least class (and id once enrolled)"))
+	}
+	if len(c.Trust.Keys) == 0 {
+		errs = append(errs, errors.New("trust.keys: name at least one ops.pub file"))
+	}
+	for i, f := range c.SafetyFloor {
+		if f.Name == "" {
+			errs = append(errs, fmt.Errorf("safety_floor[%d].name: is missing", i))
+		}
+		if err := f.Destination.Check(); err != nil {
+			errs = append(errs, fmt.Errorf("safety_floor[%d]: %w", i, err))
+		}
+	}
+	for i, e := range c.Control {
+		if !e.Address.IsValid() || e.Port == 0 {
+			errs = append(errs, fmt.Errorf("control[%d]: needs address and port", i))
+		}
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.DropDir == "" {
+		c.DropDir = filepath.Join(c.StateDir, "inbox")
+	}
+	if c.AdminSocket == "" {
+		c.AdminSocket = DefaultSocket
+	}
+	if c.DHCP == nil {
+		yes := true
+		c.DHCP = &yes
+	}
+	return errors.Join(errs...)
+}
+
+// device is the identity bundles are targeted at.
+func (c *Config) device() bundle.Device {
+	return bundle.Device{ID: c.Device.ID, Class: c.Device.Class}
+}
+
+// pinnedRoots reads the trust keys named in the configuration.
+func (c *Config) pinnedRoots() (opskey.Roots, error) {
+	keys, err := opskey.LoadPublicKeys(c.Trust.Keys)
+	if err != nil {
+		return opskey.Roots{}, err
+	}
+	k := c.Trust.Threshold
+	if k == 0 {
+		k = len(keys)
+	}
+	return opskey.NewRoots(k, keys...)
+}
