@@ -214,4 +214,3 @@ func TestConfigErrorsNameLineAndField(t *testing.T) {
 		t.Errorf("LoadConfig = %v, want safety_floor[0] host bits", err)
 	}
 }
-
