@@ -133,4 +133,3 @@ func buildAgent(t *testing.T) string {
 	}
 	return bin
 }
-
