@@ -8,6 +8,8 @@ import (
 	"crypto/ed25519"
 	"fmt"
 	"net/netip"
+	"os"
+	"os/exec"
 	"testing"
 	"time"
 
@@ -19,10 +21,16 @@ import (
 
 // Case is one measured figure.
 type Case struct {
-	Name   string
-	Target time.Duration // per operation; zero means reported only
-	Run    func(b *testing.B)
-	Note   string
+	Name string
+	// Privileged cases need root, ip and nft; without them they are
+	// reported as not run.
+	Privileged bool
+	Target     time.Duration // per operation; zero means reported only
+	// NoSlowerThan names another case this one must not be slower than
+	// (measured in the same run).
+	NoSlowerThan string
+	Run          func(b *testing.B)
+	Note         string
 }
 
 // Cases are the benchmarks `make bench` runs, in table order.
@@ -49,6 +57,22 @@ func Cases() []Case {
 		},
 	}
 }
+
+// CanRunPrivileged reports whether the kernel cases can run here.
+func CanRunPrivileged() bool {
+	if os.Geteuid() != 0 {
+		return false
+	}
+	for _, tool := range []string{"ip", "nft"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return false
+		}
+	}
+	return true
+}
+
+// All is every case: the pure ones, then those that need the kernel.
+func All() []Case { return append(Cases(), kernelCases()...) }
 
 // LargePolicy builds a valid policy with n destinations spread over
 // segments of 1,000 destinations each (fewer for small n), every one open

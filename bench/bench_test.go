@@ -28,7 +28,7 @@ func TestCasesRun(t *testing.T) {
 	if err := flag.Set("test.benchtime", "1x"); err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range Cases() {
+	for _, c := range All() {
 		r := testing.Benchmark(c.Run)
 		if r.N == 0 {
 			t.Errorf("%s did not run", c.Name)

@@ -12,6 +12,7 @@ import (
 	"github.com/google/nftables/binaryutil"
 	"github.com/google/nftables/expr"
 	"github.com/google/nftables/userdata"
+	"github.com/mdlayher/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -40,12 +41,41 @@ func NewEnforcer(opts ...Option) *Enforcer {
 	return e
 }
 
-func (e *Enforcer) conn() (*nftables.Conn, error) {
+func (e *Enforcer) conn() (*nftables.Conn, error) { return e.connFor(0) }
+
+// connFor opens a connection whose send buffer fits a batch of that many
+// set elements. The whole table goes in one sendmsg (that is what makes it
+// one transaction), and the default socket buffer (~200 KB on most
+// devices) holds only a few thousand elements, so, as nft(8) does, the
+// buffer is forced to the batch's size (root may exceed wmem_max).
+func (e *Enforcer) connFor(elements int) (*nftables.Conn, error) {
+	opts := []nftables.ConnOption{nftables.WithSockOptions(func(c *netlink.Conn) error {
+		return forceSendBuffer(c, 1<<20+elements*256)
+	})}
 	if e.netns >= 0 {
-		return nftables.New(nftables.WithNetNSFd(e.netns))
+		opts = append(opts, nftables.WithNetNSFd(e.netns))
 	}
-	return nftables.New()
+	return nftables.New(opts...)
 }
+
+func forceSendBuffer(c *netlink.Conn, size int) error {
+	rc, err := c.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, size)
+		if serr != nil { // not root: the ordinary limit is all there is
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, size)
+		}
+	})
+	return errors.Join(err, serr)
+}
+
+// elementsPerMessage bounds the elements sent in one netlink message: an
+// IPv6 element encodes to about 100 bytes, and an attribute holds 64 KiB.
+const elementsPerMessage = 256
 
 var table = &nftables.Table{Family: nftables.TableFamilyINet, Name: Table}
 
@@ -80,7 +110,11 @@ func (e *Enforcer) Reapply(rs Ruleset) error {
 }
 
 func (e *Enforcer) applyLocked(rs Ruleset) error {
-	c, err := e.conn()
+	n := 0
+	for _, s := range rs.Sets {
+		n += len(s.Elements)
+	}
+	c, err := e.connFor(n)
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
@@ -92,8 +126,17 @@ func (e *Enforcer) applyLocked(rs Ruleset) error {
 	sets := map[string]*nftables.Set{}
 	for _, s := range rs.Sets {
 		ns, elems := nfSet(s)
-		if err := c.AddSet(ns, elems); err != nil {
+		if err := c.AddSet(ns, nil); err != nil {
 			return fmt.Errorf("nftables: set %s: %w", s.Name, err)
+		}
+		// google/nftables puts all elements of one call in a single
+		// netlink attribute, whose 16-bit length silently wraps past ~1,000
+		// elements and the kernel stores a truncated set. Chunks keep each
+		// message well under 64 KiB; they are still one transaction.
+		for chunk := range slices.Chunk(elems, elementsPerMessage) {
+			if err := c.SetAddElements(ns, chunk); err != nil {
+				return fmt.Errorf("nftables: set %s: %w", s.Name, err)
+			}
 		}
 		sets[s.Name] = ns
 	}

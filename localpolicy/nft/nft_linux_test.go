@@ -260,3 +260,25 @@ func TestRemove(t *testing.T) {
 		t.Errorf("table still listed after Remove: %s", out)
 	}
 }
+
+// A 10,000-destination table is one transaction too: the batch does not fit
+// a default socket buffer, so this fails if the buffer is not raised.
+func TestLargeTableAppliesAndReadsBack(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	ns := lab.NewNS(t, "large")
+	var rs Ruleset
+	set := Set{Name: "seg_big_v4"}
+	for i := range 10000 {
+		set.Elements = append(set.Elements, Element{Prefix: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(100 + i/10000), byte(i / 250 % 40), byte(i%250 + 1)}), 32),
+			ProtoFrom: 6, ProtoTo: 6, PortFrom: 443, PortTo: 443})
+	}
+	rs.Sets = []Set{set}
+	rs.Chains = []Chain{{Name: "output", Rules: []Rule{{Comment: "segment big", Lookup: &Lookup{Set: set.Name, Addr: Dst, Port: Dst}}, {Comment: "default drop", Drop: true}}}}
+	e := NewEnforcer(WithNetNS(ns.FD()))
+	if _, err := e.Apply(rs); err != nil {
+		t.Fatalf("Apply(10,000 elements): %v", err)
+	}
+	if err := e.Check(rs); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -1,0 +1,157 @@
+package bench
+
+import (
+	"bufio"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// kernelCases need root, ip and nft; they measure the real kernel.
+func kernelCases() []Case {
+	var cs []Case
+	for _, n := range []int{100, 1000, 10000} {
+		target := time.Duration(0)
+		if n == 10000 {
+			target = 100 * time.Millisecond
+		}
+		cs = append(cs,
+			Case{Name: fmt.Sprintf("apply via netlink, %d destinations", n), Target: target, Privileged: true,
+				NoSlowerThan: fmt.Sprintf("nft -f of the same ruleset, %d destinations", n),
+				Run:          func(b *testing.B) { benchApply(b, n) }, Note: "whole table replaced in one transaction"},
+			Case{Name: fmt.Sprintf("nft -f of the same ruleset, %d destinations", n), Privileged: true,
+				Run: func(b *testing.B) { benchNftF(b, n) }, Note: "reference: the nft binary loading Text()"},
+		)
+	}
+	cs = append(cs, Case{Name: "start to enforced, from the cache", Target: 50 * time.Millisecond, Privileged: true,
+		Run: benchStart, Note: "exec of bin/bulkhead run until its boot apply is logged"})
+	return cs
+}
+
+// rulesets returns two rulesets of n destinations that differ (in the
+// safety floor), so every timed apply is a real kernel transaction: the
+// whole table is replaced either way.
+func rulesets(n int) [2]nft.Ruleset {
+	var out [2]nft.Ruleset
+	doc := LargePolicy(n)
+	now := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
+	for i := range out {
+		floor := []localpolicy.FloorRule{{Name: "plc", Destination: policy.Destination{
+			CIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 168, 50, byte(i)}), 32), Protocol: policy.TCP,
+			Ports: []policy.PortRange{{First: 502, Last: 502}}}}}
+		d := localpolicy.Evaluate(localpolicy.Input{Bundle: &bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour), Policy: doc},
+			Device: scanner, Now: now, Floor: floor})
+		out[i] = nft.Build(d, nft.Options{DHCP: true})
+	}
+	return out
+}
+
+func benchApply(b *testing.B, n int) {
+	lab.RequirePrivileged(b, "nft")
+	ns := lab.NewNS(b, "bench")
+	e := nft.NewEnforcer(nft.WithNetNS(ns.FD()))
+	rs := rulesets(n)
+	i := 0
+	for b.Loop() {
+		if _, err := e.Apply(rs[i%2]); err != nil {
+			b.Fatal(err)
+		}
+		i++
+	}
+}
+
+func benchNftF(b *testing.B, n int) {
+	lab.RequirePrivileged(b, "nft")
+	ns := lab.NewNS(b, "bench")
+	rs := rulesets(n)
+	dir := b.TempDir()
+	var files [2]string
+	for i, r := range rs {
+		files[i] = filepath.Join(dir, fmt.Sprintf("r%d.nft", i))
+		if err := os.WriteFile(files[i], []byte(r.Text()), 0o600); err != nil {
+			b.Fatal(err)
+		}
+	}
+	i := 0
+	for b.Loop() {
+		if out, err := ns.Command("nft", "-f", files[i%2]).CombinedOutput(); err != nil {
+			b.Fatalf("nft -f: %v: %s", err, out)
+		}
+		i++
+	}
+}
+
+// benchStart measures a cold start of the real agent binary with a cached
+// 1,000-destination bundle: exec until the boot apply is logged.
+func benchStart(b *testing.B) {
+	lab.RequirePrivileged(b, "nft")
+	ns := lab.NewNS(b, "start")
+	dir := b.TempDir()
+	bin := filepath.Join(dir, "bulkhead")
+	if out, err := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "github.com/bulkhead-edge/bulkhead/cmd/bulkhead").CombinedOutput(); err != nil {
+		b.Fatalf("go build: %v: %s", err, out)
+	}
+	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
+		b.Fatal(err)
+	}
+	key, err := opskey.LoadPrivate(filepath.Join(dir, "ops", opskey.PrivateFile))
+	if err != nil {
+		b.Fatal(err)
+	}
+	now := time.Now().UTC()
+	raw, err := bundle.Sign(bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
+		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: LargePolicy(1000)}, key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cfg := filepath.Join(dir, "config.json")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": "scanner"}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q}`,
+		filepath.Join(dir, "ops", opskey.PublicFile), filepath.Join(dir, "state"), filepath.Join(dir, "admin.sock"))), 0o600)
+	os.MkdirAll(filepath.Join(dir, "state", "inbox"), 0o700)
+	os.WriteFile(filepath.Join(dir, "state", "inbox", "b.dsse"), raw, 0o600)
+	// A first run installs the bundle from the drop directory into the cache.
+	// start execs the agent and returns once it logged wait; stop kills it.
+	start := func(wait string) (stop func()) {
+		cmd := ns.Command(bin, "run", "--config", cfg)
+		stderr, _ := cmd.StderrPipe()
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		stop = func() { cmd.Process.Kill(); cmd.Wait() }
+		sc := bufio.NewScanner(stderr)
+		for sc.Scan() {
+			if strings.Contains(sc.Text(), wait) {
+				return stop
+			}
+		}
+		stop()
+		b.Fatalf("agent exited before logging %q", wait)
+		return nil
+	}
+	// A first run installs the bundle from the drop directory into the cache.
+	start("bundle accepted")()
+	b.ResetTimer()
+	for range b.N {
+		// Remove the table the previous run left, so every start really
+		// enforces; only the start itself is timed.
+		b.StopTimer()
+		ns.Run("nft", "delete", "table", "inet", nft.Table)
+		b.StartTimer()
+		stop := start("why=boot")
+		b.StopTimer()
+		stop()
+		b.StartTimer()
+	}
+}
