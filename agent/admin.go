@@ -22,7 +22,7 @@ import (
 
 // Request is one admin-socket call: a JSON object per line.
 type Request struct {
-	Op     string `json:"op"`               // status, explain, apply
+	Op     string `json:"op"`               // status, explain, apply, ruleset
 	To     string `json:"to,omitempty"`     // explain: ADDR:PORT[/tcp|udp]
 	Bundle []byte `json:"bundle,omitempty"` // apply: the envelope bytes
 }
@@ -32,6 +32,8 @@ type Response struct {
 	Error   string               `json:"error,omitempty"`
 	Status  *Status              `json:"status,omitempty"`
 	Verdict *localpolicy.Verdict `json:"verdict,omitempty"`
+	// Ruleset is the table the agent applied, in nft(8) syntax.
+	Ruleset string `json:"ruleset,omitempty"`
 }
 
 // Status is what `bulkhead status` shows.
@@ -71,6 +73,8 @@ func (a *Agent) handle(r request) Response {
 		}
 		v := localpolicy.Explain(a.desired, doc, addr, port, proto)
 		return Response{Verdict: &v, Status: a.status()}
+	case "ruleset":
+		return Response{Ruleset: a.ruleset.Text()}
 	case "apply":
 		if _, err := a.install(r.Bundle); err != nil {
 			return Response{Error: "bundle rejected, previous policy still enforced: " + err.Error()}

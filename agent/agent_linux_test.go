@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -125,6 +126,11 @@ func (e *env) tableText() string {
 func TestBootLockdownThenPolicyThenOfflineRestart(t *testing.T) {
 	e := newEnv(t)
 	e.start()
+	for path, want := range map[string]os.FileMode{filepath.Join(e.dir, "run"): 0o700, filepath.Join(e.dir, "run", "admin.sock"): 0o600} {
+		if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != want {
+			t.Errorf("%s: mode %v, %v; want %v (root-only admin socket)", path, fi.Mode().Perm(), err, want)
+		}
+	}
 	st := e.call(Request{Op: "status"}).Status
 	if st.Mode != "lockdown" || !strings.Contains(strings.Join(st.Why, " "), "no policy has been accepted yet") {
 		t.Fatalf("first boot status = %+v, want lockdown with the reason", st)
@@ -212,5 +218,26 @@ func TestConfigErrorsNameLineAndField(t *testing.T) {
 	writeFile(t, path, `{"device": {"class": "scanner"}, "trust": {"keys": ["x"]}, "safety_floor": [{"name": "plc", "cidr": "10.0.0.1/24", "protocol": "tcp", "ports": ["502"]}]}`)
 	if _, err := LoadConfig(path); err == nil || !strings.Contains(err.Error(), "safety_floor[0]") || !strings.Contains(err.Error(), "host bits") {
 		t.Errorf("LoadConfig = %v, want safety_floor[0] host bits", err)
+	}
+}
+
+// What the kernel lists is what the agent says it applied: its reported
+// ruleset, loaded by nft -f into a fresh namespace, lists identically.
+func TestKernelTableEqualsReportedRuleset(t *testing.T) {
+	e := newEnv(t)
+	e.start()
+	e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))})
+	reported := e.call(Request{Op: "ruleset"}).Ruleset
+	file := filepath.Join(e.dir, "reported.nft")
+	writeFile(t, file, reported)
+	fresh := lab.NewNS(t, "ref")
+	fresh.MustRun(t, "nft", "-f", file)
+	listing := func(ns *lab.NS) string {
+		return counters.ReplaceAllString(ns.MustRun(t, "nft", "-j", "list", "table", "inet", nft.Table), "")
+	}
+	handles := regexp.MustCompile(`"handle": \d+`)
+	kernel, want := handles.ReplaceAllString(listing(e.ns), ""), handles.ReplaceAllString(listing(fresh), "")
+	if kernel != want {
+		t.Errorf("the agent's table differs from the ruleset it reports:\n--- kernel\n%s\n--- reported\n%s", kernel, want)
 	}
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 type probe struct {
@@ -148,5 +149,28 @@ func TestRevocationStopsEstablishedFlows(t *testing.T) {
 	}
 	if !lab.RoundTrip(ctl, time.Second) {
 		t.Error("the established control connection stopped in quarantine")
+	}
+}
+
+// With no valid policy at all (first boot, tampered cache) the device is in
+// lockdown: its safety floor and control still answer, nothing else does.
+func TestLockdownKeepsTheSafetyFloor(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	plc, ctl, wms := probe{"tcp", "192.168.50.3:502"}, probe{"tcp", "10.99.0.1:8443"}, probe{"tcp", "10.20.1.10:443"}
+	agent, _ := site(t, []probe{plc, ctl, wms})
+	d := localpolicy.Evaluate(localpolicy.Input{
+		NoPolicy: "cached policy rejected", Now: now,
+		Floor:   desired(t, "scanner", localpolicy.Sticky{}).Floor,
+		Control: []policy.Endpoint{{Address: netip.MustParseAddr("10.99.0.1"), Port: 8443}},
+	})
+	if d.Mode != localpolicy.Lockdown {
+		t.Fatalf("mode %v, want lockdown", d.Mode)
+	}
+	if _, err := NewEnforcer(WithNetNS(agent.FD())).Apply(Build(d, Options{})); err != nil {
+		t.Fatal(err)
+	}
+	got := reach(t, agent, []probe{plc, ctl, wms})
+	if !got[plc] || !got[ctl] || got[wms] {
+		t.Errorf("lockdown reachability: floor %v, control %v, wms %v; want true, true, false", got[plc], got[ctl], got[wms])
 	}
 }
