@@ -18,6 +18,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
 )
 
 type env struct {
@@ -188,6 +189,25 @@ func TestDriftRepairedWithinASecond(t *testing.T) {
 	st := e.call(Request{Op: "status"}).Status
 	if st.DriftRepairs < 2 {
 		t.Errorf("drift repairs = %d, want 2", st.DriftRepairs)
+	}
+	e.stop()
+	s, err := store.Open(filepath.Join(e.dir, "state", "state.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	events, err := s.AuditLog()
+	if err != nil {
+		t.Fatal(err)
+	}
+	repaired := 0
+	for _, ev := range events {
+		if ev.Kind == "drift-repaired" {
+			repaired++
+		}
+	}
+	if repaired < 2 {
+		t.Errorf("audit log has %d drift repairs, want 2: %+v", repaired, events)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"testing"
 	"time"
 
@@ -132,4 +133,22 @@ func buildAgent(t *testing.T) string {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
 	return bin
+}
+
+// Only an explicit cleanup removes the table, and it says so.
+func TestCleanupRemovesTheTable(t *testing.T) {
+	e := newEnv(t)
+	bin := buildAgent(t)
+	e.start()
+	e.stop()
+	if !strings.Contains(e.tableText(), "chain output") {
+		t.Fatal("no table after the agent stopped")
+	}
+	out := e.ns.MustRun(t, bin, "cleanup")
+	if !strings.Contains(out, "no longer enforces") {
+		t.Errorf("cleanup output %q does not say the device stopped enforcing", out)
+	}
+	if strings.Contains(e.tableText(), "chain output") {
+		t.Error("table still present after cleanup")
+	}
 }
