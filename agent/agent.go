@@ -258,7 +258,9 @@ func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
 
 // scanDropDir installs *.dsse files dropped into the directory. Each is
 // removed once handled; a rejected one is renamed *.rejected so it is not
-// retried (and audited) every second.
+// retried (and audited) every second. A file modified within the last
+// scan period may still be being copied in (cp writes in place), so it
+// waits for the next scan instead of being judged half-written.
 func (a *Agent) scanDropDir() {
 	entries, err := os.ReadDir(a.cfg.DropDir)
 	if err != nil {
@@ -266,6 +268,9 @@ func (a *Agent) scanDropDir() {
 	}
 	for _, e := range entries {
 		if e.IsDir() || !strings.HasSuffix(e.Name(), ".dsse") {
+			continue
+		}
+		if info, err := e.Info(); err != nil || a.wall().Sub(info.ModTime()) < dropScanEvery {
 			continue
 		}
 		path := filepath.Join(a.cfg.DropDir, e.Name())

@@ -110,9 +110,6 @@ type Schedule struct {
 	loc   *time.Location
 }
 
-// Location is the schedule's time zone; valid after Validate.
-func (s Schedule) Location() *time.Location { return s.loc }
-
 // Parse decodes a policy document strictly and validates it.
 func Parse(data []byte) (*Document, error) {
 	var d Document

@@ -342,6 +342,3 @@ func getU64(b *bolt.Bucket, key []byte) (uint64, error) {
 }
 
 func u64(n uint64) []byte { return binary.BigEndian.AppendUint64(nil, n) }
-
-// Path is where the cache file lives; used in messages.
-func (s *Store) Path() string { return s.db.Path() }
