@@ -14,7 +14,7 @@ LDFLAGS := -s -w -X github.com/bulkhead-edge/bulkhead/agent/cli.Version=$(VERSIO
 GOBUILD := go build -trimpath -ldflags '$(LDFLAGS)'
 FUZZTIME ?= 10s
 # What the kernel-facing tests drive or read back with.
-TEST_DEBS := iproute2 nftables
+TEST_DEBS := iproute2 nftables wireguard-tools wireguard-go
 
 .PHONY: all build test lint fuzz bench demo deps go clean
 

@@ -1,13 +1,15 @@
 module github.com/bulkhead-edge/bulkhead
 
-go 1.26
+go 1.26.0
 
 require (
 	github.com/go-json-experiment/json v1.27.2
 	github.com/google/go-cmp v0.7.0
 	github.com/google/nftables v0.3.0
+	github.com/jsimonetti/rtnetlink/v2 v2.0.2
 	github.com/mdlayher/netlink v1.7.3-0.20250113171957-fbb4dce95f42
 	github.com/secure-systems-lab/go-securesystemslib v0.11.1
+	github.com/tailscale/wireguard-go v0.0.0-20260928213032-417aef361226
 	go.etcd.io/bbolt v1.5.0
 	golang.org/x/sys v0.47.0
 )
@@ -17,4 +19,5 @@ require (
 	golang.org/x/crypto v0.55.0 // indirect
 	golang.org/x/net v0.57.0 // indirect
 	golang.org/x/sync v0.20.0 // indirect
+	golang.zx2c4.com/wintun v0.0.0-20230126152724-0fa3db229ce2 // indirect
 )

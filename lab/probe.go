@@ -2,12 +2,15 @@ package lab
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os"
 	"runtime"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -42,11 +45,17 @@ func (ns *NS) Do(fn func() error) error {
 	return <-errc
 }
 
+var links atomic.Int32
+
 // Link joins two namespaces with a veth pair and gives each end an address
-// (a prefix such as 10.10.0.2/24 or fd00:10::2/64).
-func Link(t testing.TB, a *NS, aAddr string, b *NS, bAddr string) {
+// (a prefix such as 10.10.0.2/24 or fd00:10::2/64, several separated by
+// commas). It returns the interface names in a and in b: "to-" and the
+// other side's namespace suffix, numbered so that two namespaces can be
+// joined more than once.
+func Link(t testing.TB, a *NS, aAddr string, b *NS, bAddr string) (ifA, ifB string) {
 	t.Helper()
-	ifA, ifB := "veth-"+a.Name[len(a.Name)-6:], "veth-"+b.Name[len(b.Name)-6:]
+	n := links.Add(1)
+	ifA, ifB = fmt.Sprintf("to-%s-%d", b.Name[len(b.Name)-6:], n), fmt.Sprintf("to-%s-%d", a.Name[len(a.Name)-6:], n)
 	a.MustRun(t, "ip", "link", "add", ifA, "type", "veth", "peer", "name", ifB, "netns", b.Name)
 	for _, side := range []struct {
 		ns        *NS
@@ -62,6 +71,7 @@ func Link(t testing.TB, a *NS, aAddr string, b *NS, bAddr string) {
 		}
 		side.ns.MustRun(t, "ip", "link", "set", side.ifname, "up")
 	}
+	return ifA, ifB
 }
 
 func splitComma(s string) []string {
@@ -165,4 +175,88 @@ func roundTrip(c net.Conn, timeout time.Duration) bool {
 	buf := make([]byte, len(msg))
 	_, err := io.ReadFull(c, buf)
 	return err == nil && string(buf) == string(msg)
+}
+
+// Stream sends numbered UDP datagrams from ns to the echo service at ap
+// every interval until the returned stop is called; stop reports how many
+// were sent and how many never came back. A reconfiguration that drops
+// even one packet of a running flow shows up as lost > 0.
+func Stream(t testing.TB, ns *NS, ap netip.AddrPort, interval time.Duration) (stop func() (sent, lost int)) {
+	t.Helper()
+	var c net.Conn
+	if err := ns.Do(func() error {
+		var err error
+		c, err = net.Dial("udp", ap.String())
+		return err
+	}); err != nil {
+		t.Fatalf("stream to %s: %v", ap, err)
+	}
+	var mu sync.Mutex
+	got := map[uint64]bool{}
+	quit, sentc, recvDone := make(chan struct{}), make(chan int, 1), make(chan struct{})
+	go func() {
+		defer close(recvDone)
+		buf := make([]byte, 64)
+		for {
+			n, err := c.Read(buf)
+			if err != nil {
+				return
+			}
+			if n == 8 {
+				mu.Lock()
+				got[binary.BigEndian.Uint64(buf)] = true
+				mu.Unlock()
+			}
+		}
+	}()
+	go func() {
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		var seq uint64
+		for {
+			select {
+			case <-quit:
+				sentc <- int(seq)
+				return
+			case <-tick.C:
+				c.Write(binary.BigEndian.AppendUint64(nil, seq))
+				seq++
+			}
+		}
+	}()
+	return func() (int, int) {
+		close(quit)
+		sent := <-sentc
+		time.Sleep(300 * time.Millisecond) // echoes still in flight
+		c.Close()
+		<-recvDone
+		mu.Lock()
+		defer mu.Unlock()
+		return sent, sent - len(got)
+	}
+}
+
+// Reaches is Reachable for a test: a round trip with a 2 s timeout, the
+// test failing only if the probe itself cannot run.
+func Reaches(t testing.TB, ns *NS, proto string, ap netip.AddrPort) bool {
+	t.Helper()
+	ok, err := Reachable(ns, proto, ap, 2*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ok
+}
+
+// ReachesWithin retries Reaches until it succeeds or d has passed; for
+// paths that come up on a protocol timer (a WireGuard handshake that
+// failed is retried only after 5 s).
+func ReachesWithin(t testing.TB, ns *NS, proto string, ap netip.AddrPort, d time.Duration) bool {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !Reaches(t, ns, proto, ap) {
+		if time.Now().After(deadline) {
+			return false
+		}
+	}
+	return true
 }

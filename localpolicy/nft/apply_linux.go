@@ -380,8 +380,7 @@ func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, er
 				Xor:  binaryutil.NativeEndian.PutUint32(0)},
 			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)})
 	}
-	switch {
-	case r.Iface != "":
+	if r.Iface != "" {
 		key := expr.MetaKeyOIFNAME
 		if chain == "input" {
 			key = expr.MetaKeyIIFNAME
@@ -389,6 +388,8 @@ func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, er
 		name := make([]byte, unix.IFNAMSIZ)
 		copy(name, r.Iface)
 		ex = append(ex, &expr.Meta{Key: key, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name})
+	}
+	switch {
 	case r.ND:
 		ex = append(ex, nfproto(true)...)
 		ex = append(ex,

@@ -45,15 +45,17 @@ const (
 	Dst
 )
 
-// Rule is one rule of a base chain. Exactly one of Lookup, Iface, ND and
-// DHCP is set, or none for the final drop.
+// Rule is one rule of a base chain. At most one of Lookup, ND and DHCP is
+// set; Iface may narrow any of them, or stand alone (loopback); none is set
+// for the final drop.
 type Rule struct {
 	Comment string
 	// Established limits the rule to packets of established or related
 	// connections (the replies of what an outbound rule allowed).
 	Established bool
 	Lookup      *Lookup
-	// Iface matches the loopback interface name (iifname/oifname by chain).
+	// Iface matches the interface a packet arrives on (input) or leaves by
+	// (output): loopback, or the tunnel for segment traffic.
 	Iface string
 	// ND accepts ICMPv6 router and neighbour discovery (types 133-136),
 	// without which IPv6 stops working altogether.
@@ -94,10 +96,16 @@ type Ruleset struct {
 type Options struct {
 	// DHCP keeps DHCP client traffic open in every mode.
 	DHCP bool
+	// Tunnel is the WireGuard interface. Segment traffic passes only
+	// through it; a segment destination reached over any other interface
+	// (the plain uplink) is dropped. Empty means there is no tunnel, and
+	// then no segment is open at all.
+	Tunnel string
 }
 
 // Build renders d as the agent's table. Order inside every chain: loopback,
-// the safety floor, the control endpoints, the segments, then drop.
+// the safety floor, the control endpoints, WireGuard to the authorized
+// gateways, the segments (only through the tunnel), then drop.
 // Packets of live connections are matched against the same sets as new
 // ones (there is no blanket "established accept"), so when a destination
 // leaves a set its established flows stop with the same transaction.
@@ -110,17 +118,28 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 	for _, c := range d.Control {
 		control = append(control, Element{Prefix: netip.PrefixFrom(c.Address, c.Address.BitLen()), ProtoFrom: 6, ProtoTo: 6, PortFrom: c.Port, PortTo: c.Port})
 	}
+	var gateways []Element
+	for _, p := range d.Peers {
+		if ap, err := netip.ParseAddrPort(p.Endpoint); err == nil {
+			a := ap.Addr().Unmap()
+			gateways = append(gateways, Element{Prefix: netip.PrefixFrom(a, a.BitLen()), ProtoFrom: 17, ProtoTo: 17, PortFrom: ap.Port(), PortTo: ap.Port()})
+		}
+	}
 	type group struct {
 		name, comment string
 		elems         []Element
+		via           string // the interface the group's traffic must use
 	}
-	groups := []group{{"floor", "safety floor", floor}, {"control", "control", control}}
-	for _, a := range d.Segments {
-		var elems []Element
-		for _, dst := range a.Destinations {
-			elems = append(elems, elements(dst)...)
+	groups := []group{{"floor", "safety floor", floor, ""}, {"control", "control", control, ""}}
+	if opt.Tunnel != "" {
+		groups = append(groups, group{"gateways", "wireguard gateways", gateways, ""})
+		for _, a := range d.Segments {
+			var elems []Element
+			for _, dst := range a.Destinations {
+				elems = append(elems, elements(dst)...)
+			}
+			groups = append(groups, group{"seg_" + a.Segment, "segment " + a.Segment, elems, opt.Tunnel})
 		}
-		groups = append(groups, group{"seg_" + a.Segment, "segment " + a.Segment, elems})
 	}
 
 	in := Chain{Name: "input", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
@@ -146,8 +165,15 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 			name := g.name + map[bool]string{false: "_v4", true: "_v6"}[v6]
 			rs.Sets = append(rs.Sets, Set{Name: name, V6: v6, Elements: elems})
 			look := func(addr, port Field) *Lookup { return &Lookup{Set: name, V6: v6, Addr: addr, Port: port} }
-			out.Rules = append(out.Rules, Rule{Comment: g.comment, Lookup: look(Dst, Dst)})
-			in.Rules = append(in.Rules, Rule{Comment: g.comment + " replies", Established: true, Lookup: look(Src, Src)})
+			out.Rules = append(out.Rules, Rule{Comment: g.comment, Iface: g.via, Lookup: look(Dst, Dst)})
+			switch g.name {
+			case "gateways":
+				// A gateway may start a handshake (rekey, roaming) with no
+				// conntrack entry of ours; WireGuard authenticates it.
+				in.Rules = append(in.Rules, Rule{Comment: g.comment + " inbound", Lookup: look(Src, Src)})
+			default:
+				in.Rules = append(in.Rules, Rule{Comment: g.comment + " replies", Established: true, Iface: g.via, Lookup: look(Src, Src)})
+			}
 			if gi == 0 {
 				// The floor is symmetric: local services on the floor's
 				// ports (a PLC port) are reachable from its addresses.
@@ -327,13 +353,14 @@ func (r Rule) text(chain string) string {
 	if r.Established {
 		parts = append(parts, "ct state established,related")
 	}
-	switch {
-	case r.Iface != "":
+	if r.Iface != "" {
 		dir := "oifname"
 		if chain == "input" {
 			dir = "iifname"
 		}
 		parts = append(parts, fmt.Sprintf("%s %q", dir, r.Iface))
+	}
+	switch {
 	case r.ND:
 		parts = append(parts, "icmpv6 type 133-136")
 	case r.DHCP != nil:

@@ -3,6 +3,7 @@ package nft
 import (
 	"net/netip"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -88,10 +89,10 @@ func covered(elems []Element, p point) bool {
 	return false
 }
 
-// Inside every chain: loopback first, then the floor, control, segments,
-// and the drop last.
+// Inside every chain: loopback first, then the floor, control, WireGuard to
+// the gateways, segments, and the drop last. Segment rules name the tunnel.
 func TestBuildOrder(t *testing.T) {
-	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true})
+	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
 	for _, c := range rs.Chains {
 		var order []string
 		for _, r := range c.Rules {
@@ -104,16 +105,21 @@ func TestBuildOrder(t *testing.T) {
 				order = append(order, "floor")
 			case r.Lookup.Set[:7] == "control":
 				order = append(order, "control")
+			case strings.HasPrefix(r.Lookup.Set, "gateways"):
+				order = append(order, "gateways")
 			default:
 				order = append(order, "segment")
+				if r.Iface != "bh0" {
+					t.Errorf("chain %s: rule %q does not require the tunnel", c.Name, r.Comment)
+				}
 			}
 		}
-		rank := map[string]int{"base": 0, "floor": 1, "control": 2, "segment": 3, "drop": 4}
+		rank := map[string]int{"base": 0, "floor": 1, "control": 2, "gateways": 3, "segment": 4, "drop": 5}
 		if !slices.IsSortedFunc(order, func(a, b string) int { return rank[a] - rank[b] }) || order[len(order)-1] != "drop" {
 			t.Errorf("chain %s order %v", c.Name, order)
 		}
 	}
-	quarantined := Build(desired(t, "dock-gateway", localpolicy.Sticky{Mode: localpolicy.Quarantine}), Options{})
+	quarantined := Build(desired(t, "dock-gateway", localpolicy.Sticky{Mode: localpolicy.Quarantine}), Options{Tunnel: "bh0"})
 	for _, s := range quarantined.Sets {
 		if s.Name[:4] == "seg_" {
 			t.Errorf("quarantine keeps set %s", s.Name)

@@ -146,7 +146,7 @@ func TestApplyMatchesNftListing(t *testing.T) {
 	ns := lab.NewNS(t, "nft")
 	e := NewEnforcer(WithNetNS(ns.FD()))
 	for _, class := range []string{"dock-gateway", "scanner", "telematics"} {
-		rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true})
+		rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
 		if _, err := e.Apply(rs); err != nil {
 			t.Fatalf("%s: Apply: %v", class, err)
 		}
@@ -165,7 +165,7 @@ func TestApplyMatchesNftListing(t *testing.T) {
 func TestNetlinkMatchesNftText(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	viaNetlink, viaText := lab.NewNS(t, "nl"), lab.NewNS(t, "txt")
-	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true})
+	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
 	if _, err := NewEnforcer(WithNetNS(viaNetlink.FD())).Apply(rs); err != nil {
 		t.Fatal(err)
 	}
@@ -186,17 +186,17 @@ func TestApplyIsIdempotentAndAtomic(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	ns := lab.NewNS(t, "atomic")
 	e := NewEnforcer(WithNetNS(ns.FD()))
-	rs := Build(desired(t, "scanner", localpolicy.Sticky{}), Options{})
+	rs := Build(desired(t, "scanner", localpolicy.Sticky{}), Options{Tunnel: "bh0"})
 	if changed, err := e.Apply(rs); err != nil || !changed {
 		t.Fatalf("first Apply = %v, %v", changed, err)
 	}
-	if changed, err := e.Apply(Build(desired(t, "scanner", localpolicy.Sticky{}), Options{})); err != nil || changed {
+	if changed, err := e.Apply(Build(desired(t, "scanner", localpolicy.Sticky{}), Options{Tunnel: "bh0"})); err != nil || changed {
 		t.Fatalf("second Apply of the same state = %v, %v; want a no-op", changed, err)
 	}
 	// A ruleset the kernel refuses (a set name longer than nftables
 	// allows; the model never makes one) must leave the previous table in
 	// force, since its deletion is part of the refused transaction.
-	bad := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{})
+	bad := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{Tunnel: "bh0"})
 	long := strings.Repeat("x", 300)
 	for _, c := range bad.Chains {
 		for _, r := range c.Rules {
@@ -219,7 +219,7 @@ func TestDriftIsDetectedAndRepaired(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	ns := lab.NewNS(t, "drift")
 	e := NewEnforcer(WithNetNS(ns.FD()))
-	rs := Build(desired(t, "telematics", localpolicy.Sticky{}), Options{})
+	rs := Build(desired(t, "telematics", localpolicy.Sticky{}), Options{Tunnel: "bh0"})
 	if _, err := e.Apply(rs); err != nil {
 		t.Fatal(err)
 	}
@@ -250,7 +250,7 @@ func TestRemove(t *testing.T) {
 	if err := e.Remove(); err != nil {
 		t.Fatalf("Remove with no table: %v", err)
 	}
-	if _, err := e.Apply(Build(desired(t, "scanner", localpolicy.Sticky{}), Options{})); err != nil {
+	if _, err := e.Apply(Build(desired(t, "scanner", localpolicy.Sticky{}), Options{Tunnel: "bh0"})); err != nil {
 		t.Fatal(err)
 	}
 	if err := e.Remove(); err != nil {

@@ -17,11 +17,13 @@ type probe struct {
 }
 
 // site builds an agent namespace and a namespace standing for every
-// segment of the example policy, with echo servers on each probed port.
-func site(t *testing.T, probes []probe) (agent, remote *lab.NS) {
+// segment of the example policy, with echo servers on each probed port. The
+// one link between them stands in for the tunnel (its name is returned, for
+// Options.Tunnel); package tunnel tests the real one.
+func site(t *testing.T, probes []probe) (agent *lab.NS, link string) {
 	t.Helper()
-	agent, remote = lab.NewNS(t, "agent"), lab.NewNS(t, "site")
-	lab.Link(t, agent, "10.10.0.2/24,fd00:10::2/64", remote, "10.10.0.1/24,fd00:10::1/64")
+	agent, remote := lab.NewNS(t, "agent"), lab.NewNS(t, "site")
+	link, _ = lab.Link(t, agent, "10.10.0.2/24,fd00:10::2/64", remote, "10.10.0.1/24,fd00:10::1/64")
 	agent.MustRun(t, "ip", "route", "add", "default", "via", "10.10.0.1")
 	agent.MustRun(t, "ip", "-6", "route", "add", "default", "via", "fd00:10::1")
 	seen := map[netip.AddrPort]bool{}
@@ -59,7 +61,7 @@ func site(t *testing.T, probes []probe) (agent, remote *lab.NS) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	return agent, remote
+	return agent, link
 }
 
 func reach(t *testing.T, ns *lab.NS, probes []probe) map[probe]bool {
@@ -108,14 +110,14 @@ func TestReachabilityMatchesPolicy(t *testing.T) {
 		"telematics": {{"tcp", "10.99.0.1:8443"}, {"tcp", "[fd00:99::1]:8443"}, {"udp", "10.40.0.10:4789"}, {"tcp", "10.40.0.10:8883"},
 			{"tcp", "10.50.0.5:22"}, {"tcp", "10.60.0.10:443"}},
 	}
-	agent, _ := site(t, all)
+	agent, link := site(t, all)
 	e := NewEnforcer(WithNetNS(agent.FD()))
 	for class, allowed := range expect {
 		w := want{}
 		for _, p := range allowed {
 			w[p] = true
 		}
-		if _, err := e.Apply(Build(desired(t, class, localpolicy.Sticky{}), Options{})); err != nil {
+		if _, err := e.Apply(Build(desired(t, class, localpolicy.Sticky{}), Options{Tunnel: link})); err != nil {
 			t.Fatal(err)
 		}
 		for p, ok := range reach(t, agent, all) {
@@ -131,9 +133,9 @@ func TestReachabilityMatchesPolicy(t *testing.T) {
 func TestRevocationStopsEstablishedFlows(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	finance, control := probe{"tcp", "10.30.0.10:443"}, probe{"tcp", "10.99.0.1:8443"}
-	agent, _ := site(t, []probe{finance, control})
+	agent, link := site(t, []probe{finance, control})
 	e := NewEnforcer(WithNetNS(agent.FD()))
-	if _, err := e.Apply(Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{})); err != nil {
+	if _, err := e.Apply(Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{Tunnel: link})); err != nil {
 		t.Fatal(err)
 	}
 	conn := lab.Conn(t, agent, netip.MustParseAddrPort(finance.to))
@@ -141,7 +143,7 @@ func TestRevocationStopsEstablishedFlows(t *testing.T) {
 		t.Fatal("no data over the open finance connection before quarantine")
 	}
 	ctl := lab.Conn(t, agent, netip.MustParseAddrPort(control.to))
-	if _, err := e.Apply(Build(desired(t, "dock-gateway", localpolicy.Sticky{Mode: localpolicy.Quarantine}), Options{})); err != nil {
+	if _, err := e.Apply(Build(desired(t, "dock-gateway", localpolicy.Sticky{Mode: localpolicy.Quarantine}), Options{Tunnel: link})); err != nil {
 		t.Fatal(err)
 	}
 	if lab.RoundTrip(conn, 500*time.Millisecond) {
@@ -157,7 +159,7 @@ func TestRevocationStopsEstablishedFlows(t *testing.T) {
 func TestLockdownKeepsTheSafetyFloor(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	plc, ctl, wms := probe{"tcp", "192.168.50.3:502"}, probe{"tcp", "10.99.0.1:8443"}, probe{"tcp", "10.20.1.10:443"}
-	agent, _ := site(t, []probe{plc, ctl, wms})
+	agent, link := site(t, []probe{plc, ctl, wms})
 	d := localpolicy.Evaluate(localpolicy.Input{
 		NoPolicy: "cached policy rejected", Now: now,
 		Floor:   desired(t, "scanner", localpolicy.Sticky{}).Floor,
@@ -166,11 +168,52 @@ func TestLockdownKeepsTheSafetyFloor(t *testing.T) {
 	if d.Mode != localpolicy.Lockdown {
 		t.Fatalf("mode %v, want lockdown", d.Mode)
 	}
-	if _, err := NewEnforcer(WithNetNS(agent.FD())).Apply(Build(d, Options{})); err != nil {
+	if _, err := NewEnforcer(WithNetNS(agent.FD())).Apply(Build(d, Options{Tunnel: link})); err != nil {
 		t.Fatal(err)
 	}
 	got := reach(t, agent, []probe{plc, ctl, wms})
 	if !got[plc] || !got[ctl] || got[wms] {
 		t.Errorf("lockdown reachability: floor %v, control %v, wms %v; want true, true, false", got[plc], got[ctl], got[wms])
+	}
+}
+
+// A segment is open only through the tunnel. The same destination reached
+// over another interface (the plain uplink) is a policy violation and is
+// dropped, while the floor and control, which need no tunnel, still pass
+// over that interface.
+func TestSegmentsOnlyThroughTheTunnel(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	wms, ctl := probe{"tcp", "10.20.1.10:443"}, probe{"tcp", "10.99.0.1:8443"}
+	agent, remote := lab.NewNS(t, "agent"), lab.NewNS(t, "site")
+	tun, _ := lab.Link(t, agent, "10.10.0.2/24", remote, "10.10.0.1/24")
+	uplink, _ := lab.Link(t, agent, "10.11.0.2/24", remote, "10.11.0.1/24")
+	for _, p := range []probe{wms, ctl} {
+		ap := netip.MustParseAddrPort(p.to)
+		remote.MustRun(t, "ip", "addr", "add", ap.Addr().String()+"/32", "dev", "lo")
+		lab.Echo(t, remote, ap)
+	}
+	via := func(link string) {
+		agent.MustRun(t, "ip", "route", "replace", "10.20.1.10/32", "dev", link)
+		agent.MustRun(t, "ip", "route", "replace", "10.99.0.1/32", "dev", link)
+	}
+	e := NewEnforcer(WithNetNS(agent.FD()))
+	if _, err := e.Apply(Build(desired(t, "scanner", localpolicy.Sticky{}), Options{Tunnel: tun})); err != nil {
+		t.Fatal(err)
+	}
+	via(tun)
+	if got := reach(t, agent, []probe{wms, ctl}); !got[wms] || !got[ctl] {
+		t.Fatalf("through the tunnel: wms %v, control %v; want both reachable", got[wms], got[ctl])
+	}
+	via(uplink)
+	if got := reach(t, agent, []probe{wms, ctl}); got[wms] || !got[ctl] {
+		t.Errorf("over the uplink: wms %v, control %v; want wms dropped, control reachable", got[wms], got[ctl])
+	}
+	// Without a tunnel interface no segment is open anywhere.
+	if _, err := e.Apply(Build(desired(t, "scanner", localpolicy.Sticky{}), Options{})); err != nil {
+		t.Fatal(err)
+	}
+	via(tun)
+	if got := reach(t, agent, []probe{wms}); got[wms] {
+		t.Error("with no tunnel configured a segment is still reachable")
 	}
 }

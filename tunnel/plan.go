@@ -1,0 +1,204 @@
+package tunnel
+
+import (
+	"bufio"
+	"encoding/hex"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// Peer is one peer as the device holds it: what Apply sets and what the
+// device reports back.
+type Peer struct {
+	PublicKey  policy.Key
+	Endpoint   netip.AddrPort
+	AllowedIPs []netip.Prefix
+}
+
+// PeerState is a peer and its live counters, for status and for the
+// evaluator's behaviour context.
+type PeerState struct {
+	Peer
+	// LastHandshake is zero when no handshake has completed.
+	LastHandshake time.Time
+	RxBytes       uint64
+	TxBytes       uint64
+}
+
+// Wanted converts the Desired state's peers. A peer whose endpoint is not
+// an IP:port (the policy validator refuses those) is left out rather than
+// guessed at.
+func Wanted(peers []localpolicy.Peer) []Peer {
+	out := make([]Peer, 0, len(peers))
+	for _, p := range peers {
+		ep, err := netip.ParseAddrPort(p.Endpoint)
+		if err != nil {
+			continue
+		}
+		ips := make([]netip.Prefix, len(p.AllowedIPs))
+		for i, ip := range p.AllowedIPs {
+			ips[i] = ip.Masked() // as the device reports them
+		}
+		sortPrefixes(ips)
+		ips = slices.Compact(ips)
+		out = append(out, Peer{PublicKey: p.PublicKey, Endpoint: netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port()), AllowedIPs: ips})
+	}
+	return out
+}
+
+// Diff is the WireGuard UAPI "set" text that turns the device's peers have
+// into want: new peers added, changed ones updated in place, unwanted ones
+// removed. Peers equal in both are not mentioned at all, so their sessions
+// and queued packets are untouched. Empty means nothing to do.
+func Diff(have, want []Peer) string {
+	old := make(map[policy.Key]Peer, len(have))
+	for _, p := range have {
+		old[p.PublicKey] = p
+	}
+	var b strings.Builder
+	keep := make(map[policy.Key]bool, len(want))
+	for _, w := range want {
+		keep[w.PublicKey] = true
+		h, exists := old[w.PublicKey]
+		if exists && h.Endpoint == w.Endpoint && slices.Equal(h.AllowedIPs, w.AllowedIPs) {
+			continue
+		}
+		fmt.Fprintf(&b, "public_key=%s\n", hex.EncodeToString(w.PublicKey[:]))
+		if exists {
+			b.WriteString("update_only=true\n")
+		}
+		if !exists || h.Endpoint != w.Endpoint {
+			fmt.Fprintf(&b, "endpoint=%s\n", w.Endpoint)
+		}
+		if !exists || !slices.Equal(h.AllowedIPs, w.AllowedIPs) {
+			b.WriteString("replace_allowed_ips=true\n")
+			for _, ip := range w.AllowedIPs {
+				fmt.Fprintf(&b, "allowed_ip=%s\n", ip)
+			}
+		}
+	}
+	for _, h := range have {
+		if !keep[h.PublicKey] {
+			fmt.Fprintf(&b, "public_key=%s\nremove=true\n", hex.EncodeToString(h.PublicKey[:]))
+		}
+	}
+	return b.String()
+}
+
+// Routes are the prefixes that must go through the tunnel: every allowed IP
+// of every peer, sorted and without duplicates.
+func Routes(peers []Peer) []netip.Prefix {
+	var out []netip.Prefix
+	for _, p := range peers {
+		out = append(out, p.AllowedIPs...)
+	}
+	sortPrefixes(out)
+	return slices.Compact(out)
+}
+
+// RouteDiff says which routes to add and which to delete to go from have
+// to want.
+func RouteDiff(have, want []netip.Prefix) (add, del []netip.Prefix) {
+	for _, w := range want {
+		if !slices.Contains(have, w) {
+			add = append(add, w)
+		}
+	}
+	for _, h := range have {
+		if !slices.Contains(want, h) {
+			del = append(del, h)
+		}
+	}
+	return add, del
+}
+
+func sortPrefixes(p []netip.Prefix) {
+	slices.SortFunc(p, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+}
+
+// ParseState reads the UAPI "get" text into peer states. The device's own
+// private key, which that text carries, is skipped and never stored.
+func ParseState(text string) ([]PeerState, error) {
+	var out []PeerState
+	var cur *PeerState
+	var sec, nsec int64
+	flush := func() {
+		if cur != nil {
+			if sec != 0 || nsec != 0 {
+				cur.LastHandshake = time.Unix(sec, nsec)
+			}
+			sortPrefixes(cur.AllowedIPs)
+			out = append(out, *cur)
+		}
+		sec, nsec = 0, 0
+	}
+	sc := bufio.NewScanner(strings.NewReader(text))
+	for n := 1; sc.Scan(); n++ {
+		line := sc.Text()
+		if line == "" {
+			continue
+		}
+		key, value, ok := strings.Cut(line, "=")
+		if !ok {
+			return nil, fmt.Errorf("wireguard state line %d: %q is not key=value", n, line)
+		}
+		if key == "public_key" {
+			flush()
+			raw, err := hex.DecodeString(value)
+			if err != nil || len(raw) != 32 {
+				return nil, fmt.Errorf("wireguard state line %d: bad public key", n)
+			}
+			cur = &PeerState{}
+			copy(cur.PublicKey[:], raw)
+			continue
+		}
+		if cur == nil {
+			continue // device lines: private_key, listen_port, fwmark
+		}
+		var err error
+		switch key {
+		case "endpoint":
+			cur.Endpoint, err = netip.ParseAddrPort(value)
+		case "allowed_ip":
+			var p netip.Prefix
+			if p, err = netip.ParsePrefix(value); err == nil {
+				cur.AllowedIPs = append(cur.AllowedIPs, p)
+			}
+		case "last_handshake_time_sec":
+			sec, err = strconv.ParseInt(value, 10, 64)
+		case "last_handshake_time_nsec":
+			nsec, err = strconv.ParseInt(value, 10, 64)
+		case "rx_bytes":
+			cur.RxBytes, err = strconv.ParseUint(value, 10, 64)
+		case "tx_bytes":
+			cur.TxBytes, err = strconv.ParseUint(value, 10, 64)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("wireguard state line %d: %s: %w", n, key, err)
+		}
+	}
+	flush()
+	slices.SortFunc(out, func(a, b PeerState) int { return strings.Compare(a.PublicKey.String(), b.PublicKey.String()) })
+	return out, sc.Err()
+}
+
+// Peers drops the counters.
+func Peers(states []PeerState) []Peer {
+	out := make([]Peer, len(states))
+	for i, s := range states {
+		out[i] = s.Peer
+	}
+	return out
+}
