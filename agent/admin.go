@@ -22,7 +22,7 @@ import (
 
 // Request is one admin-socket call: a JSON object per line.
 type Request struct {
-	Op     string `json:"op"`               // status, explain, apply, ruleset
+	Op     string `json:"op"`               // status, explain, apply, ruleset, rotate-key
 	To     string `json:"to,omitempty"`     // explain: ADDR:PORT[/tcp|udp]
 	Bundle []byte `json:"bundle,omitempty"` // apply: the envelope bytes
 }
@@ -34,6 +34,8 @@ type Response struct {
 	Verdict *localpolicy.Verdict `json:"verdict,omitempty"`
 	// Ruleset is the table the agent applied, in nft(8) syntax.
 	Ruleset string `json:"ruleset,omitempty"`
+	// PublicKey is the device's new WireGuard key after rotate-key.
+	PublicKey string `json:"public_key,omitempty"`
 }
 
 // Status is what `bulkhead status` shows.
@@ -51,6 +53,28 @@ type Status struct {
 	NextChange    time.Time              `json:"next_change,omitzero"`
 	Open          []string               `json:"open_segments"`
 	Decisions     []localpolicy.Decision `json:"decisions,omitempty"`
+	Tunnel        TunnelStatus           `json:"tunnel"`
+}
+
+// TunnelStatus is the WireGuard device and its peers. The private key is
+// never part of it.
+type TunnelStatus struct {
+	Interface string       `json:"interface"`
+	PublicKey string       `json:"public_key,omitempty"`
+	Error     string       `json:"error,omitempty"`
+	Peers     []PeerStatus `json:"peers"`
+}
+
+// PeerStatus is one gateway the device holds a tunnel to.
+type PeerStatus struct {
+	PublicKey     string    `json:"public_key"`
+	Segments      []string  `json:"segments"`
+	Endpoint      string    `json:"endpoint"`
+	LastHandshake time.Time `json:"last_handshake,omitzero"`
+	// HandshakeAge is seconds since the last handshake; -1 if none yet.
+	HandshakeAge int64  `json:"handshake_age_seconds"`
+	RxBytes      uint64 `json:"rx_bytes"`
+	TxBytes      uint64 `json:"tx_bytes"`
 }
 
 type request struct {
@@ -75,6 +99,8 @@ func (a *Agent) handle(r request) Response {
 		return Response{Verdict: &v, Status: a.status()}
 	case "ruleset":
 		return Response{Ruleset: a.ruleset.Text()}
+	case "rotate-key":
+		return a.rotateKey()
 	case "apply":
 		if _, err := a.install(r.Bundle); err != nil {
 			return Response{Error: "bundle rejected, previous policy still enforced: " + err.Error()}
@@ -98,7 +124,51 @@ func (a *Agent) status() *Status {
 	for _, seg := range a.desired.Segments {
 		s.Open = append(s.Open, seg.Segment)
 	}
+	s.Tunnel = a.tunnelStatus()
 	return s
+}
+
+func (a *Agent) tunnelStatus() TunnelStatus {
+	ts := TunnelStatus{Interface: a.cfg.Tunnel.Interface, Error: a.tunErr, Peers: []PeerStatus{}}
+	if a.tun == nil {
+		return ts
+	}
+	ts.PublicKey = a.tun.PublicKey().String()
+	if st, err := a.tun.State(); err == nil {
+		a.traffic = st
+	}
+	segs := map[policy.Key][]string{}
+	for _, p := range a.desired.Peers {
+		segs[p.PublicKey] = p.Segments
+	}
+	now := a.wall()
+	for _, p := range a.traffic {
+		ps := PeerStatus{PublicKey: p.PublicKey.String(), Segments: segs[p.PublicKey], Endpoint: p.Endpoint.String(),
+			LastHandshake: p.LastHandshake, HandshakeAge: -1, RxBytes: p.RxBytes, TxBytes: p.TxBytes}
+		if !p.LastHandshake.IsZero() {
+			ps.HandshakeAge = int64(now.Sub(p.LastHandshake) / time.Second)
+		}
+		ts.Peers = append(ts.Peers, ps)
+	}
+	return ts
+}
+
+// rotateKey replaces the device's WireGuard key; the old one stops working
+// at once and gateways must learn the new public key.
+func (a *Agent) rotateKey() Response {
+	if a.tun == nil {
+		return Response{Error: "the tunnel is not up, so there is no key to rotate: " + a.tunErr}
+	}
+	old := a.tun.PublicKey()
+	pub, err := a.tun.RotateKey()
+	if err != nil {
+		return Response{Error: "key rotation failed: " + err.Error()}
+	}
+	a.log.Info("wireguard key rotated", "old_public_key", old.String(), "public_key", pub.String())
+	if a.store != nil {
+		a.store.Audit(a.clock.Now(), "wireguard-key-rotated", fmt.Sprintf("public key %s replaces %s", pub, old))
+	}
+	return Response{PublicKey: pub.String(), Status: a.status()}
 }
 
 // ParseTarget reads ADDR:PORT[/tcp|udp] (tcp by default).

@@ -17,6 +17,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/trustedtime"
+	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
 // How often the kernel table is compared with what was applied: the rule
@@ -34,8 +35,11 @@ type Agent struct {
 	cfg      *Config
 	log      *slog.Logger
 	enforcer *nft.Enforcer
-	wall     func() time.Time
-	reqs     chan request
+	// openTunnel makes the WireGuard device (tunnel.Open; tests open it
+	// inside their namespace).
+	openTunnel func(tunnel.Config) (*tunnel.Tunnel, error)
+	wall       func() time.Time
+	reqs       chan request
 
 	// Owned by the event loop.
 	store     *store.Store // nil when the cache cannot be opened
@@ -49,6 +53,9 @@ type Agent struct {
 	lastApply time.Time
 	repairs   int
 	applyErr  string
+	tun       *tunnel.Tunnel // nil until the tunnel is up
+	tunErr    string         // why the tunnel is not up, or its last failed apply
+	traffic   []tunnel.PeerState
 }
 
 // Option adjusts an Agent; tests use them.
@@ -57,13 +64,19 @@ type Option func(*Agent)
 // WithEnforcer replaces the enforcer (a test enforces in its own namespace).
 func WithEnforcer(e *nft.Enforcer) Option { return func(a *Agent) { a.enforcer = e } }
 
+// WithTunnel replaces how the tunnel is opened (a test opens it in its own
+// namespace).
+func WithTunnel(open func(tunnel.Config) (*tunnel.Tunnel, error)) Option {
+	return func(a *Agent) { a.openTunnel = open }
+}
+
 // WithLogger replaces the logger.
 func WithLogger(l *slog.Logger) Option { return func(a *Agent) { a.log = l } }
 
 // New makes an agent; it touches nothing until Boot.
 func New(cfg *Config, opts ...Option) *Agent {
 	a := &Agent{
-		cfg: cfg, enforcer: nft.NewEnforcer(), wall: time.Now,
+		cfg: cfg, enforcer: nft.NewEnforcer(), openTunnel: tunnel.Open, wall: time.Now,
 		log:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
 		reqs: make(chan request),
 	}
@@ -75,8 +88,9 @@ func New(cfg *Config, opts ...Option) *Agent {
 
 // Boot enforces before anything else happens: open the cache, verify the
 // cached bundle from its signed bytes, and apply its ruleset, or lockdown
-// when there is none or it cannot be trusted. The agent does no network
-// I/O before Boot returns.
+// when there is none or it cannot be trusted. Only then does the tunnel
+// come up (its first network activity) and get its peers. A tunnel that
+// cannot come up is reported and retried; it never stops enforcement.
 func (a *Agent) Boot() error {
 	a.clock = trustedtime.New(time.Time{}, a.wall)
 	if err := a.openStore(); err != nil {
@@ -85,7 +99,51 @@ func (a *Agent) Boot() error {
 	} else {
 		a.loadBundle()
 	}
-	return a.reconcile("boot")
+	if err := a.reconcile("boot"); err != nil {
+		return err
+	}
+	if a.startTunnel() {
+		a.applyTunnel()
+	}
+	return nil
+}
+
+// startTunnel brings the WireGuard device up; it reports whether it is up.
+func (a *Agent) startTunnel() bool {
+	cfg := a.cfg.tunnel()
+	cfg.Logger = a.log
+	t, err := a.openTunnel(cfg)
+	if err != nil {
+		if err.Error() != a.tunErr { // retried every full check; say it once
+			a.log.Error("tunnel not up; segments stay closed until it is", "err", err)
+		}
+		a.tunErr = err.Error()
+		return false
+	}
+	a.tun, a.tunErr = t, ""
+	a.log.Info("tunnel up", "interface", t.Name(), "public_key", t.PublicKey().String())
+	return true
+}
+
+// applyTunnel makes the tunnel's peers and routes those of the Desired
+// state and reads back their counters.
+func (a *Agent) applyTunnel() {
+	if a.tun == nil {
+		return
+	}
+	changed, err := a.tun.Apply(tunnel.Wanted(a.desired.Peers))
+	if err != nil {
+		a.tunErr = err.Error()
+		a.log.Error("tunnel apply failed", "err", err)
+	} else {
+		a.tunErr = ""
+		if changed {
+			a.log.Info("tunnel peers", "peers", len(a.desired.Peers))
+		}
+	}
+	if st, err := a.tun.State(); err == nil {
+		a.traffic = st
+	}
 }
 
 func (a *Agent) openStore() error {
@@ -147,9 +205,16 @@ func (a *Agent) reconcile(why string) error {
 	if a.bundle != nil {
 		in.Bundle = &a.bundle.Payload
 	}
+	for _, p := range a.traffic {
+		in.Traffic = append(in.Traffic, localpolicy.PeerTraffic{PublicKey: p.PublicKey, LastHandshake: p.LastHandshake, RxBytes: p.RxBytes, TxBytes: p.TxBytes})
+	}
 	prev := a.desired.Mode
 	a.desired = localpolicy.Evaluate(in)
-	a.ruleset = nft.Build(a.desired, nft.Options{DHCP: *a.cfg.DHCP})
+	// Peers change with the table. Either order is safe: segment rules
+	// accept only packets on the tunnel interface, so a destination whose
+	// peer is gone (its route falls back to the uplink) is already dropped.
+	a.applyTunnel()
+	a.ruleset = nft.Build(a.desired, nft.Options{DHCP: *a.cfg.DHCP, Tunnel: a.cfg.Tunnel.Interface})
 	changed, err := a.enforcer.Apply(a.ruleset)
 	if err != nil {
 		a.applyErr = err.Error()
@@ -195,6 +260,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			if a.store != nil {
 				a.store.Close()
 			}
+			if a.tun != nil {
+				a.tun.Close()
+			}
 			return nil
 		case r := <-a.reqs:
 			r.reply <- a.handle(r)
@@ -204,6 +272,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.checkDrift(a.enforcer.CheckQuick)
 		case <-full.C:
 			a.checkDrift(a.enforcer.Check)
+			if a.tun == nil {
+				a.startTunnel()
+			}
+			a.applyTunnel() // also restores peers edited by hand
 		case <-drop.C:
 			a.scanDropDir()
 		}

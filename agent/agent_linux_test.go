@@ -19,11 +19,13 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
+	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
 type env struct {
 	t      *testing.T
 	ns     *lab.NS
+	iface  string // the tunnel interface, unique per test
 	dir    string
 	cfg    string
 	key    ed25519.PrivateKey
@@ -46,6 +48,9 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
+	ns := lab.NewNS(t, "agent")
+	iface := "bh-" + ns.Name[len(ns.Name)-6:]
+	t.Cleanup(func() { os.Remove("/var/run/wireguard/" + iface + ".sock") }) // left by a killed agent
 	cfg := filepath.Join(dir, "config.json")
 	writeFile(t, cfg, `{
   "device": {"id": "scanner-17", "class": "scanner"},
@@ -53,9 +58,10 @@ func newEnv(t *testing.T) *env {
   "safety_floor": [{"name": "plc", "cidr": "192.168.50.0/29", "protocol": "tcp", "ports": ["502"]}],
   "control": [{"address": "10.99.0.1", "port": 8443}],
   "state_dir": "`+filepath.Join(dir, "state")+`",
-  "admin_socket": "`+filepath.Join(dir, "run", "admin.sock")+`"
+  "admin_socket": "`+filepath.Join(dir, "run", "admin.sock")+`",
+  "tunnel": {"interface": "`+iface+`", "addresses": ["100.64.0.2/32"]}
 }`)
-	return &env{t: t, ns: lab.NewNS(t, "agent"), dir: dir, cfg: cfg, key: key, doc: *doc}
+	return &env{t: t, ns: ns, iface: iface, dir: dir, cfg: cfg, key: key, doc: *doc}
 }
 
 func writeFile(t *testing.T, path, s string) {
@@ -80,7 +86,11 @@ func (e *env) start() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	a := New(cfg, WithEnforcer(nft.NewEnforcer(nft.WithNetNS(e.ns.FD()))), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	open := func(c tunnel.Config) (t *tunnel.Tunnel, err error) {
+		err = e.ns.Do(func() error { t, err = tunnel.Open(c); return err })
+		return t, err
+	}
+	a := New(cfg, WithEnforcer(nft.NewEnforcer(nft.WithNetNS(e.ns.FD()))), WithTunnel(open), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
 	if err := a.Boot(); err != nil {
 		e.t.Fatalf("Boot: %v", err)
 	}
@@ -117,6 +127,21 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// auditLog reads the stopped agent's audit log.
+func (e *env) auditLog() []store.Event {
+	e.t.Helper()
+	s, err := store.Open(filepath.Join(e.dir, "state", "state.db"))
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer s.Close()
+	events, err := s.AuditLog()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return events
 }
 
 func (e *env) tableText() string {
@@ -191,15 +216,7 @@ func TestDriftRepairedWithinASecond(t *testing.T) {
 		t.Errorf("drift repairs = %d, want 2", st.DriftRepairs)
 	}
 	e.stop()
-	s, err := store.Open(filepath.Join(e.dir, "state", "state.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
-	events, err := s.AuditLog()
-	if err != nil {
-		t.Fatal(err)
-	}
+	events := e.auditLog()
 	repaired := 0
 	for _, ev := range events {
 		if ev.Kind == "drift-repaired" {

@@ -7,6 +7,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"path/filepath"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
+	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
 // Defaults for fields a configuration may leave out.
@@ -44,6 +46,15 @@ type Config struct {
 	AdminSocket string                  `json:"admin_socket,omitzero"`
 	// DHCP keeps DHCP client traffic open in every mode (default true).
 	DHCP *bool `json:"dhcp,omitzero"`
+	// Tunnel is the WireGuard interface segment traffic must use. Its key
+	// lives in the state directory (wg.key, 0600).
+	Tunnel struct {
+		Interface  string         `json:"interface,omitzero"`
+		Addresses  []netip.Prefix `json:"addresses,omitzero"`
+		ListenPort uint16         `json:"listen_port,omitzero"`
+		MTU        int            `json:"mtu,omitzero"`
+		Buffers    uint32         `json:"buffers,omitzero"`
+	} `json:"tunnel,omitzero"`
 }
 
 // LoadConfig reads and checks a configuration file. Errors name the line and
@@ -97,7 +108,22 @@ func (c *Config) check() error {
 		yes := true
 		c.DHCP = &yes
 	}
+	if c.Tunnel.Interface == "" {
+		c.Tunnel.Interface = tunnel.DefaultInterface
+	}
+	if err := c.tunnel().Check(); err != nil {
+		errs = append(errs, err)
+	}
 	return errors.Join(errs...)
+}
+
+// tunnel is the tunnel's setup; the key file is fixed inside the state
+// directory so that backups and purges find it with the rest.
+func (c *Config) tunnel() tunnel.Config {
+	return tunnel.Config{
+		Interface: c.Tunnel.Interface, Addresses: c.Tunnel.Addresses, ListenPort: c.Tunnel.ListenPort,
+		MTU: c.Tunnel.MTU, Buffers: c.Tunnel.Buffers, KeyFile: filepath.Join(c.StateDir, "wg.key"),
+	}
 }
 
 // device is the identity bundles are targeted at.

@@ -29,6 +29,7 @@ func Root() *subcmd.Command {
 			statusCmd(),
 			explainCmd(),
 			{Name: "policy", Summary: "verify signed policy bundles, or hand one to the agent", Sub: []*subcmd.Command{verifyCmd(), applyCmd()}},
+			rotateKeyCmd(),
 			cleanupCmd(),
 			versionCmd(),
 		},

@@ -109,6 +109,48 @@ func printStatus(env *subcmd.Env, s *agent.Status) {
 	if !s.NextChange.IsZero() {
 		fmt.Fprintf(w, "next      %s\n", s.NextChange.UTC().Format(time.RFC3339))
 	}
+	printTunnel(env, s.Tunnel)
+}
+
+func printTunnel(env *subcmd.Env, t agent.TunnelStatus) {
+	w := env.Stdout
+	if t.PublicKey == "" {
+		fmt.Fprintf(w, "tunnel    %s DOWN: %s (segments stay closed)\n", t.Interface, t.Error)
+		return
+	}
+	fmt.Fprintf(w, "tunnel    %s, public key %s, %d peers\n", t.Interface, t.PublicKey, len(t.Peers))
+	if t.Error != "" {
+		fmt.Fprintf(w, "  TUNNEL APPLY FAILED %s\n", t.Error)
+	}
+	for _, p := range t.Peers {
+		hs := "no handshake yet"
+		if p.HandshakeAge >= 0 {
+			hs = fmt.Sprintf("handshake %s ago", time.Duration(p.HandshakeAge)*time.Second)
+		}
+		fmt.Fprintf(w, "  peer %s (%s) at %s: %s, rx %d B, tx %d B\n", p.PublicKey, strings.Join(p.Segments, ", "), p.Endpoint, hs, p.RxBytes, p.TxBytes)
+	}
+}
+
+func rotateKeyCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "rotate-key",
+		Summary: "Replace the device's WireGuard key. The old key stops working at once: every\n" +
+			"gateway must be given the new public key (printed) before tunnels carry traffic again.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			socket := socketFlag(fs)
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) > 0 {
+					return subcmd.Usagef("rotate-key takes no arguments")
+				}
+				resp, err := call(*socket, agent.Request{Op: "rotate-key"})
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "new public key %s\n", resp.PublicKey)
+				return nil
+			}
+		},
+	}
 }
 
 func explainCmd() *subcmd.Command {
