@@ -119,8 +119,8 @@ func TestSegmentsFollowBundlesThroughTunnels(t *testing.T) {
 		t.Fatalf("tunnel status at boot (lockdown) = %+v, want up with no peers", st.Tunnel)
 	}
 	pub := st.Tunnel.PublicKey
-	s.gw1.AllowPeer(t, pub, "100.64.0.2/32")
-	s.gw2.AllowPeer(t, pub, "100.64.0.2/32")
+	s.gw1.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
+	s.gw2.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
 
 	// v1: wms only.
 	s.apply(t, s.policy(t, 1, "wms"))
@@ -189,7 +189,7 @@ func TestRotateKeyReHandshakes(t *testing.T) {
 	bin := buildAgent(t)
 	s.start()
 	old := s.call(Request{Op: "status"}).Status.Tunnel.PublicKey
-	s.gw1.AllowPeer(t, old, "100.64.0.2/32")
+	s.gw1.AllowPeer(t, old, netip.AddrPort{}, "100.64.0.2/32")
 	s.apply(t, s.policy(t, 1, "wms"))
 	if !lab.Reaches(t, s.ns, "tcp", wmsHost) {
 		t.Fatal("wms unreachable before rotation")
@@ -206,7 +206,7 @@ func TestRotateKeyReHandshakes(t *testing.T) {
 		t.Error("traffic still flows with the old key")
 	}
 	s.gw1.RemovePeer(t, old)
-	s.gw1.AllowPeer(t, pub, "100.64.0.2/32")
+	s.gw1.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
 	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, 15*time.Second) {
 		t.Fatal("no traffic after the gateway learned the new key")
 	}

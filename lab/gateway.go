@@ -61,6 +61,9 @@ func StartGateway(t testing.TB, ns *NS, impl WireGuardImpl, uplink netip.Addr, p
 	t.Cleanup(func() {
 		g.cmd.Process.Kill()
 		g.cmd.Wait()
+		if l, _ := os.ReadFile(logf.Name()); len(l) > 0 { // shown when the test fails
+			t.Logf("%s log:\n%s", g.Iface, l)
+		}
 		logf.Close()
 		os.Remove("/var/run/wireguard/" + g.Iface + ".sock")
 	})
@@ -105,11 +108,17 @@ func (g *Gateway) Serve(t testing.TB, addr netip.Addr, ports ...uint16) {
 }
 
 // AllowPeer lets a device key in, routing allowedIPs (its tunnel address)
-// back to it. With no endpoint the gateway learns it from the device's
-// first handshake, as gateways for devices behind NAT do.
-func (g *Gateway) AllowPeer(t testing.TB, publicKey string, allowedIPs ...string) {
+// back to it. With a zero endpoint the gateway learns it from the device's
+// first handshake, as kernel WireGuard and Debian's wireguard-go do for
+// devices behind NAT; tailscale/wireguard-go does not roam, so a gateway
+// built on it must be given the device's endpoint.
+func (g *Gateway) AllowPeer(t testing.TB, publicKey string, endpoint netip.AddrPort, allowedIPs ...string) {
 	t.Helper()
-	g.NS.MustRun(t, "wg", "set", g.Iface, "peer", publicKey, "allowed-ips", strings.Join(allowedIPs, ","))
+	argv := []string{"wg", "set", g.Iface, "peer", publicKey, "allowed-ips", strings.Join(allowedIPs, ",")}
+	if endpoint.IsValid() {
+		argv = append(argv, "endpoint", endpoint.String())
+	}
+	g.NS.MustRun(t, argv...)
 }
 
 // RemovePeer forgets a device key.
@@ -134,4 +143,23 @@ func (g *Gateway) LatestHandshake(t testing.TB, publicKey string) time.Time {
 		}
 	}
 	return time.Time{}
+}
+
+// BareWireGuard is the bare tailscale/wireguard-go library as a daemon
+// (`bulkhead-lab wireguard`, built at bin): the same library the agent
+// uses, without the agent.
+func BareWireGuard(bin string) WireGuardImpl {
+	return WireGuardImpl{Name: "bare tailscale/wireguard-go", Argv: func(iface string) []string {
+		return []string{bin, "wireguard", iface}
+	}}
+}
+
+// RouteVia makes g a client of another node: the peer publicKey at
+// endpoint carries prefixes, and routes for them go through g's interface.
+func (g *Gateway) RouteVia(t testing.TB, publicKey string, endpoint netip.AddrPort, prefixes ...string) {
+	t.Helper()
+	g.NS.MustRun(t, "wg", "set", g.Iface, "peer", publicKey, "endpoint", endpoint.String(), "allowed-ips", strings.Join(prefixes, ","))
+	for _, p := range prefixes {
+		g.NS.MustRun(t, "ip", "route", "replace", p, "dev", g.Iface)
+	}
 }

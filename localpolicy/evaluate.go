@@ -37,6 +37,17 @@ type Input struct {
 	// Control is the device-local control endpoint list (from enrolment),
 	// open in every mode, lockdown included.
 	Control []policy.Endpoint
+	// Traffic is the tunnel's live per-peer counters. No decision reads it
+	// yet; it is the context behaviour checks (thresholds over sliding
+	// windows) will be judged on.
+	Traffic []PeerTraffic
+}
+
+// PeerTraffic is one tunnel peer's handshake and byte counters.
+type PeerTraffic struct {
+	PublicKey        policy.Key
+	LastHandshake    time.Time
+	RxBytes, TxBytes uint64
 }
 
 // Check is the latest result of one context check (posture, location,

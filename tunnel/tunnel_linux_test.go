@@ -52,7 +52,7 @@ func newSite(t *testing.T) *site {
 	}
 	t.Cleanup(func() { s.tun.Close() })
 	for _, g := range []*lab.Gateway{s.gw1, s.gw2} {
-		g.AllowPeer(t, s.tun.PublicKey().String(), deviceAddr)
+		g.AllowPeer(t, s.tun.PublicKey().String(), netip.AddrPort{}, deviceAddr)
 	}
 	return s
 }
@@ -200,7 +200,7 @@ func TestRotateKey(t *testing.T) {
 		t.Error("traffic still flows to a gateway that knows only the old key")
 	}
 	s.gw1.RemovePeer(t, old.String())
-	s.gw1.AllowPeer(t, pub.String(), deviceAddr)
+	s.gw1.AllowPeer(t, pub.String(), netip.AddrPort{}, deviceAddr)
 	if !lab.ReachesWithin(t, s.dev, "tcp", s.host1, 15*time.Second) {
 		t.Fatal("no traffic after the gateway learned the new key")
 	}

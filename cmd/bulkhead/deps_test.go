@@ -15,6 +15,8 @@ var forbidden = map[string]string{
 	"github.com/google/go-cmp":                  "test-only diffing",
 	"testing":                                   "the testing package drags in flags and test machinery",
 	"net/http/pprof":                            "profiling endpoints do not ship",
+	"gvisor.dev/gvisor":                         "a userspace network stack; the agent uses the kernel's through TUN",
+	"golang.zx2c4.com/wintun":                   "Windows TUN driver",
 }
 
 func TestAgentDependencies(t *testing.T) {
