@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"slices"
 	"testing"
 	"time"
 
@@ -29,8 +30,17 @@ type Case struct {
 	// NoSlowerThan names another case this one must not be slower than
 	// (measured in the same run).
 	NoSlowerThan string
-	Run          func(b *testing.B)
-	Note         string
+	// Unit, when set, makes the figure the metric Run reports under that
+	// name (b.ReportMetric) instead of the time per operation.
+	Unit string
+	// Reference says what Run measured next to the figure, reported as
+	// "ref-"+Unit; MinRatio is how large the figure must be relative to it.
+	Reference string
+	MinRatio  float64
+	// Max is the bound the figure must stay under (in Unit).
+	Max  float64
+	Run  func(b *testing.B)
+	Note string
 }
 
 // Cases are the benchmarks `make bench` runs, in table order.
@@ -63,7 +73,7 @@ func CanRunPrivileged() bool {
 	if os.Geteuid() != 0 {
 		return false
 	}
-	for _, tool := range []string{"ip", "nft"} {
+	for _, tool := range []string{"ip", "nft", "wg", "wireguard-go", "iperf3"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			return false
 		}
@@ -72,7 +82,7 @@ func CanRunPrivileged() bool {
 }
 
 // All is every case: the pure ones, then those that need the kernel.
-func All() []Case { return append(Cases(), kernelCases()...) }
+func All() []Case { return slices.Concat(Cases(), kernelCases(), tunnelCases()) }
 
 // LargePolicy builds a valid policy with n destinations spread over
 // segments of 1,000 destinations each (fewer for small n), every one open

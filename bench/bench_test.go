@@ -28,6 +28,7 @@ func TestCasesRun(t *testing.T) {
 	if err := flag.Set("test.benchtime", "1x"); err != nil {
 		t.Fatal(err)
 	}
+	Quick = true
 	for _, c := range All() {
 		r := testing.Benchmark(c.Run)
 		if r.N == 0 {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -15,7 +14,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
@@ -53,7 +51,7 @@ func rulesets(n int) [2]nft.Ruleset {
 			Ports: []policy.PortRange{{First: 502, Last: 502}}}}}
 		d := localpolicy.Evaluate(localpolicy.Input{Bundle: &bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour), Policy: doc},
 			Device: scanner, Now: now, Floor: floor})
-		out[i] = nft.Build(d, nft.Options{DHCP: true})
+		out[i] = nft.Build(d, nft.Options{DHCP: true, Tunnel: "bh0"})
 	}
 	return out
 }
@@ -99,17 +97,8 @@ func benchStart(b *testing.B) {
 	lab.RequirePrivileged(b, "nft")
 	ns := lab.NewNS(b, "start")
 	dir := b.TempDir()
-	bin := filepath.Join(dir, "bulkhead")
-	if out, err := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "github.com/bulkhead-edge/bulkhead/cmd/bulkhead").CombinedOutput(); err != nil {
-		b.Fatalf("go build: %v: %s", err, out)
-	}
-	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
-		b.Fatal(err)
-	}
-	key, err := opskey.LoadPrivate(filepath.Join(dir, "ops", opskey.PrivateFile))
-	if err != nil {
-		b.Fatal(err)
-	}
+	bin := binary(b, "cmd/bulkhead")
+	key, pubFile := opsKey(b, dir)
 	now := time.Now().UTC()
 	raw, err := bundle.Sign(bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
 		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: LargePolicy(1000)}, key)
@@ -117,8 +106,8 @@ func benchStart(b *testing.B) {
 		b.Fatal(err)
 	}
 	cfg := filepath.Join(dir, "config.json")
-	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": "scanner"}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q}`,
-		filepath.Join(dir, "ops", opskey.PublicFile), filepath.Join(dir, "state"), filepath.Join(dir, "admin.sock"))), 0o600)
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": "scanner"}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q,
+  "tunnel": {"interface": %q}}`, pubFile, filepath.Join(dir, "state"), filepath.Join(dir, "admin.sock"), "bh-"+ns.Name[len(ns.Name)-6:])), 0o600)
 	os.MkdirAll(filepath.Join(dir, "state", "inbox"), 0o700)
 	os.WriteFile(filepath.Join(dir, "state", "inbox", "b.dsse"), raw, 0o600)
 	// A first run installs the bundle from the drop directory into the cache.

@@ -1,0 +1,331 @@
+package bench
+
+import (
+	"crypto/ed25519"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// Quick shortens the data-path cases to one one-second round each, so
+// that `make test` proves they run without spending minutes on figures.
+var Quick bool
+
+// The segment host behind every gateway, the iperf3 port on it, and an
+// echo port that proves the path before measuring.
+var iperfHost = netip.MustParseAddr("10.20.1.10")
+
+const iperfPort, echoPort = 5201, 7
+
+// tunnelCases measure the data path with iperf3 and the idle footprint.
+// Each throughput case runs ours and its reference alternately against
+// the same gateway in the same run, so both see the same machine.
+func tunnelCases() []Case {
+	return []Case{
+		{Name: "TCP through the tunnel to a Debian wireguard-go gateway", Privileged: true, Unit: "Gbit/s", MinRatio: 1.0,
+			Reference: "Debian wireguard-go to the same gateway",
+			Run:       func(b *testing.B) { benchThroughput(b, "debian", "debian") },
+			Note:      "iperf3 -t 4, median of 3 interleaved rounds; the agent enforces its table meanwhile"},
+		{Name: "TCP through the tunnel to a bare-library gateway", Privileged: true, Unit: "Gbit/s", MinRatio: 0.95,
+			Reference: "bare tailscale/wireguard-go to the same gateway",
+			Run:       func(b *testing.B) { benchThroughput(b, "bare", "bare") },
+			Note:      "the agent must cost nothing on the data path"},
+		{Name: "TCP through the tunnel with 10,000 destinations enforced", Privileged: true, Unit: "Gbit/s", MinRatio: 0.95,
+			Reference: "the agent with a one-segment policy, same gateway",
+			Run:       func(b *testing.B) { benchThroughput(b, "bare", "ours-small") },
+			Note:      "bare-library gateway; 10 segment sets of 1,000 looked up before the open one"},
+		{Name: "idle agent resident memory, 16 peers", Privileged: true, Unit: "MiB", Max: 15,
+			Run:  benchIdleRSS,
+			Note: "VmRSS of bulkhead run 3 s after applying 16 segments with 16 gateways (no traffic)"},
+	}
+}
+
+var builds struct {
+	sync.Mutex
+	dir  string
+	bins map[string]string
+}
+
+// binary builds a command of this module once per process, stripped as
+// releases are.
+func binary(b testing.TB, pkg string) string {
+	b.Helper()
+	builds.Lock()
+	defer builds.Unlock()
+	if bin, ok := builds.bins[pkg]; ok {
+		return bin
+	}
+	if builds.dir == "" {
+		dir, err := os.MkdirTemp("", "bulkhead-bench-bin-")
+		if err != nil {
+			b.Fatal(err)
+		}
+		builds.dir, builds.bins = dir, map[string]string{}
+	}
+	bin := filepath.Join(builds.dir, filepath.Base(pkg))
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "github.com/bulkhead-edge/bulkhead/"+pkg)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // static, as releases are
+	if out, err := cmd.CombinedOutput(); err != nil {
+		b.Fatalf("go build %s: %v: %s", pkg, err, out)
+	}
+	builds.bins[pkg] = bin
+	return bin
+}
+
+func impl(b testing.TB, name string) lab.WireGuardImpl {
+	if name == "debian" {
+		return lab.DebianWireGuard
+	}
+	return lab.BareWireGuard(binary(b, "cmd/bulkhead-lab"))
+}
+
+// client is one device sending through the tunnel.
+type client struct {
+	ns   *lab.NS
+	name string
+	pid  int // the process whose memory is read, for agents
+}
+
+// benchThroughput runs iperf3 from our agent and from a reference client
+// (the gateway's implementation, or "ours-small": the agent with a small
+// policy) to a segment host behind one gateway.
+func benchThroughput(b *testing.B, gwImpl, ref string) {
+	lab.RequirePrivileged(b, "nft", "wg", "wireguard-go", "iperf3")
+	gwNS := lab.NewNS(b, "gw")
+	gw := lab.StartGateway(b, gwNS, impl(b, gwImpl), netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
+	gwNS.MustRun(b, "ip", "addr", "add", iperfHost.String()+"/32", "dev", "lo")
+	srv := gwNS.Command("iperf3", "-s", "-B", iperfHost.String())
+	if err := srv.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+	lab.Echo(b, gwNS, netip.AddrPortFrom(iperfHost, echoPort))
+	// Two uplinks into the gateway, one per client.
+	oursNS, refNS := lab.NewNS(b, "ours"), lab.NewNS(b, "ref")
+	lab.Link(b, oursNS, "192.0.2.2/30", gwNS, "192.0.2.1/30")
+	lab.Link(b, refNS, "192.0.2.6/30", gwNS, "192.0.2.5/30")
+
+	ours := client{ns: oursNS, name: "ours"}
+	if ref == "ours-small" {
+		ours.pid = startAgent(b, oursNS, gw, "192.0.2.1", "192.0.2.2", "100.64.0.2", withLarge)
+		startAgent(b, refNS, gw, "192.0.2.5", "192.0.2.6", "100.64.0.3", nil)
+	} else {
+		ours.pid = startAgent(b, oursNS, gw, "192.0.2.1", "192.0.2.2", "100.64.0.2", nil)
+		c := lab.StartGateway(b, refNS, impl(b, ref), netip.MustParseAddr("192.0.2.6"), 51820, "100.64.0.3/32")
+		c.RouteVia(b, gw.PublicKey, netip.MustParseAddrPort("192.0.2.5:51820"), "10.20.1.0/24")
+		gw.AllowPeer(b, c.PublicKey, netip.MustParseAddrPort("192.0.2.6:51820"), "100.64.0.3/32")
+	}
+	refC := client{ns: refNS, name: ref}
+	for _, c := range []client{ours, refC} {
+		if !lab.ReachesWithin(b, c.ns, "tcp", netip.AddrPortFrom(iperfHost, echoPort), 10*time.Second) {
+			b.Fatalf("%s: no TCP to the iperf3 server through the tunnel", c.name)
+		}
+	}
+	rounds, secs := 3, 4
+	if Quick {
+		rounds, secs = 1, 1
+	}
+	var got, want []float64
+	b.ResetTimer()
+	for range b.N {
+		for range rounds {
+			got = append(got, iperf(b, ours.ns, secs))
+			want = append(want, iperf(b, refC.ns, secs))
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(median(got), "Gbit/s")
+	b.ReportMetric(median(want), "ref-Gbit/s")
+}
+
+// iperf runs one iperf3 TCP test from ns and returns the received rate.
+func iperf(b testing.TB, ns *lab.NS, secs int) float64 {
+	b.Helper()
+	out, err := ns.Command("iperf3", "-c", iperfHost.String(), "-t", strconv.Itoa(secs), "-J").Output()
+	if err != nil {
+		b.Fatalf("iperf3 in %s: %v: %s", ns.Name, err, out)
+	}
+	var r struct {
+		End struct {
+			SumReceived struct {
+				BitsPerSecond float64 `json:"bits_per_second"`
+			} `json:"sum_received"`
+		} `json:"end"`
+		Error string `json:"error"`
+	}
+	if err := json.Unmarshal(out, &r); err != nil || r.Error != "" {
+		b.Fatalf("iperf3 output: %v %s", err, r.Error)
+	}
+	return r.End.SumReceived.BitsPerSecond / 1e9
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+// withLarge adds LargePolicy(10000)'s segments, all open, ahead of the
+// measured one.
+func withLarge(doc *policy.Document) {
+	large := LargePolicy(10000)
+	doc.Segments = append(large.Segments, doc.Segments...)
+	doc.Schedules = large.Schedules
+	class := doc.Classes["scanner"]
+	for _, s := range large.Segments {
+		class.Rules = append(class.Rules, policy.Rule{Segment: s.Name})
+	}
+	doc.Classes["scanner"] = class
+}
+
+// startAgent runs the real agent binary in ns with tunnel address addr,
+// listening on uplink:51820, lets gw accept its key, and applies a bundle
+// opening the iperf3 port on gw's segment, reached at gwAddr (plus
+// whatever extra adds). It returns the agent's pid.
+func startAgent(b testing.TB, ns *lab.NS, gw *lab.Gateway, gwAddr, uplink, addr string, extra func(*policy.Document)) int {
+	b.Helper()
+	bin := binary(b, "cmd/bulkhead")
+	dir := b.TempDir()
+	priv, pubFile := opsKey(b, dir)
+	iface := "bh-" + ns.Name[len(ns.Name)-6:]
+	sock := filepath.Join(dir, "admin.sock")
+	cfg := filepath.Join(dir, "config.json")
+	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": "scanner"}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q,
+  "tunnel": {"interface": %q, "addresses": [%q], "listen_port": 51820}}`, pubFile, filepath.Join(dir, "state"), sock, iface, addr+"/32")), 0o600)
+	cmd := ns.Command(bin, "run", "--config", cfg)
+	logf, _ := os.Create(filepath.Join(dir, "agent.log"))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+		ns.Run("nft", "delete", "table", "inet", "bulkhead")
+		os.Remove("/var/run/wireguard/" + iface + ".sock")
+	})
+	var st struct {
+		Tunnel struct {
+			PublicKey string `json:"public_key"`
+		} `json:"tunnel"`
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for st.Tunnel.PublicKey == "" {
+		out, err := exec.Command(bin, "status", "--json", "--socket", sock).Output()
+		if err == nil {
+			json.Unmarshal(out, &st)
+		}
+		if time.Now().After(deadline) {
+			log, _ := os.ReadFile(logf.Name())
+			b.Fatalf("agent in %s did not come up: %s", ns.Name, log)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	gw.AllowPeer(b, st.Tunnel.PublicKey, netip.MustParseAddrPort(uplink+":51820"), addr+"/32")
+	doc := policy.Document{
+		Schema:   policy.Schema,
+		Control:  []policy.Endpoint{{Address: netip.MustParseAddr("10.99.0.1"), Port: 8443}},
+		Validity: policy.Validity{MaxOffline: policy.Duration(72 * time.Hour)},
+		Segments: []policy.Segment{{Name: "wms", DataClass: "operational",
+			Destinations: []policy.Destination{{CIDR: netip.MustParsePrefix("10.20.1.0/24"), Protocol: policy.TCP, Ports: []policy.PortRange{{First: echoPort, Last: echoPort}, {First: iperfPort, Last: iperfPort}}}},
+			Gateway:      policy.Gateway{PublicKey: key(b, gw.PublicKey), Endpoint: netip.AddrPortFrom(netip.MustParseAddr(gwAddr), gw.Endpoint.Port()).String()}}},
+		Classes: map[string]policy.Class{"scanner": {Rules: []policy.Rule{{Segment: "wms"}}}},
+	}
+	if extra != nil {
+		extra(&doc)
+	}
+	now := time.Now().UTC()
+	raw, err := bundle.Sign(bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
+		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: doc}, priv)
+	if err != nil {
+		b.Fatal(err)
+	}
+	file := filepath.Join(dir, "policy.dsse")
+	os.WriteFile(file, raw, 0o600)
+	if out, err := exec.Command(bin, "policy", "apply", "--socket", sock, file).CombinedOutput(); err != nil {
+		b.Fatalf("policy apply: %v: %s", err, out)
+	}
+	return cmd.Process.Pid
+}
+
+// opsKey makes an ops signing key in dir/ops.
+func opsKey(b testing.TB, dir string) (ed25519.PrivateKey, string) {
+	b.Helper()
+	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
+		b.Fatal(err)
+	}
+	priv, err := opskey.LoadPrivate(filepath.Join(dir, "ops", opskey.PrivateFile))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return priv, filepath.Join(dir, "ops", opskey.PublicFile)
+}
+
+func key(b testing.TB, s string) policy.Key {
+	var k policy.Key
+	if err := k.UnmarshalText([]byte(s)); err != nil {
+		b.Fatal(err)
+	}
+	return k
+}
+
+// benchIdleRSS reads the resident memory of an idle agent holding 16
+// peers.
+func benchIdleRSS(b *testing.B) {
+	lab.RequirePrivileged(b, "nft", "wg", "wireguard-go")
+	gwNS, ns := lab.NewNS(b, "gw"), lab.NewNS(b, "rss")
+	lab.Link(b, ns, "192.0.2.2/24", gwNS, "192.0.2.1/24")
+	gw := lab.StartGateway(b, gwNS, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
+	pid := startAgent(b, ns, gw, "192.0.2.1", "192.0.2.2", "100.64.0.2", func(doc *policy.Document) {
+		class := doc.Classes["scanner"]
+		for i := 1; i < 16; i++ {
+			name := fmt.Sprintf("seg-%02d", i)
+			doc.Segments = append(doc.Segments, policy.Segment{Name: name, DataClass: "operational",
+				Destinations: []policy.Destination{{CIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 21, byte(i), 0}), 24), Protocol: policy.TCP, Ports: []policy.PortRange{{First: 443, Last: 443}}}},
+				Gateway:      policy.Gateway{PublicKey: policy.Key{byte(i), 7}, Endpoint: fmt.Sprintf("192.0.2.%d:51820", 10+i)}})
+			class.Rules = append(class.Rules, policy.Rule{Segment: name})
+		}
+		doc.Classes["scanner"] = class
+	})
+	idle := 3 * time.Second
+	if Quick {
+		idle = 0
+	}
+	b.ResetTimer()
+	var rss float64
+	for range b.N {
+		time.Sleep(idle) // also makes one iteration the whole benchmark
+		rss = vmRSS(b, pid)
+	}
+	b.StopTimer()
+	b.ReportMetric(rss, "MiB")
+}
+
+func vmRSS(b testing.TB, pid int) float64 {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(line); len(f) == 3 && f[0] == "VmRSS:" {
+			kb, _ := strconv.ParseFloat(f[1], 64)
+			return kb / 1024
+		}
+	}
+	b.Fatalf("no VmRSS for pid %d", pid)
+	return 0
+}
