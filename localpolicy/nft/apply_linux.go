@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/google/nftables"
@@ -79,9 +80,10 @@ const elementsPerMessage = 256
 
 var table = &nftables.Table{Family: nftables.TableFamilyINet, Name: Table}
 
-// Apply replaces the whole table with rs in one netlink transaction: the
-// kernel applies all of it or none of it, so a reader never sees half a
-// policy and a failure leaves the previous ruleset in force. An rs equal to
+// Apply replaces the table's contents with rs in one netlink transaction:
+// the kernel applies all of it or none of it, so a reader never sees half a
+// policy, a packet allowed before and after is never dropped, and a
+// failure leaves the previous ruleset in force. An rs equal to
 // the last one applied is a no-op (changed is false).
 func (e *Enforcer) Apply(rs Ruleset) (changed bool, err error) {
 	text := rs.Text()
@@ -118,15 +120,46 @@ func (e *Enforcer) applyLocked(rs Ruleset) error {
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	// add + delete + add: the delete cannot fail on a missing table, and the
-	// old table's removal commits with the new one.
+	// The table, its base chains and its sets stay; their contents are
+	// replaced. Deleting and re-adding them in one transaction is just as
+	// atomic for readers, but measurably drops packets of flows both the
+	// old and the new ruleset allow while it commits (2-5 per 100 applies
+	// in TestReplacingTheTableDropsNothing); flushing and refilling in
+	// place drops none.
+	old, err := e.current(c)
+	if err != nil {
+		return err
+	}
 	c.AddTable(table)
-	c.DelTable(table)
-	c.AddTable(table)
+	wantChain, wantSet := map[string]bool{}, map[string]bool{}
+	for _, ch := range rs.Chains {
+		wantChain[ch.Name] = true
+	}
+	for _, s := range rs.Sets {
+		wantSet[s.Name] = true
+	}
+	for _, ch := range old.chains {
+		c.FlushChain(ch)
+		if !wantChain[ch.Name] {
+			c.DelChain(ch) // not ours: added by someone else
+		}
+	}
+	reuse := map[string]bool{}
+	for _, s := range old.sets {
+		// A set of ours keeps its name, type and flags for life (the name
+		// says the family); anything else under the name is replaced.
+		if wantSet[s.Name] && s.Interval && s.Concatenation && s.KeyType.Bytes == keyBytes(strings.HasSuffix(s.Name, "_v6")) {
+			reuse[s.Name] = true
+			continue
+		}
+		c.DelSet(s)
+	}
 	sets := map[string]*nftables.Set{}
 	for _, s := range rs.Sets {
 		ns, elems := nfSet(s)
-		if err := c.AddSet(ns, nil); err != nil {
+		if reuse[s.Name] {
+			c.FlushSet(ns)
+		} else if err := c.AddSet(ns, nil); err != nil {
 			return fmt.Errorf("nftables: set %s: %w", s.Name, err)
 		}
 		// google/nftables puts all elements of one call in a single
@@ -141,6 +174,8 @@ func (e *Enforcer) applyLocked(rs Ruleset) error {
 		sets[s.Name] = ns
 	}
 	for _, ch := range rs.Chains {
+		// On an existing chain this restores hook, priority and policy
+		// should someone have changed them.
 		chain := c.AddChain(&nftables.Chain{
 			Name: ch.Name, Table: table, Type: nftables.ChainTypeFilter,
 			Hooknum: hook(ch.Name), Priority: nftables.ChainPriorityFilter, Policy: ptr(nftables.ChainPolicyDrop),
@@ -158,6 +193,32 @@ func (e *Enforcer) applyLocked(rs Ruleset) error {
 		return fmt.Errorf("nftables: apply table inet %s: %w", Table, err)
 	}
 	return nil
+}
+
+// contents is what the kernel holds in the agent's table now.
+type contents struct {
+	chains []*nftables.Chain
+	sets   []*nftables.Set
+}
+
+func (e *Enforcer) current(c *nftables.Conn) (contents, error) {
+	var out contents
+	if t, err := c.ListTableOfFamily(Table, nftables.TableFamilyINet); err != nil || t == nil {
+		return out, nil // no table yet (first boot, or deleted by someone)
+	}
+	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return out, fmt.Errorf("nftables: list chains: %w", err)
+	}
+	for _, ch := range chains {
+		if ch.Table.Name == Table {
+			out.chains = append(out.chains, ch)
+		}
+	}
+	if out.sets, err = c.GetSets(table); err != nil {
+		return out, fmt.Errorf("nftables: list sets: %w", err)
+	}
+	return out, nil
 }
 
 // Remove deletes the table; a missing table is not an error. Only an
@@ -289,6 +350,15 @@ func hook(chain string) *nftables.ChainHook {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// keyBytes is the key length of an address . inet_proto . inet_service
+// set as the kernel stores it (each field padded to 32 bits).
+func keyBytes(v6 bool) uint32 {
+	if v6 {
+		return 16 + 4 + 4
+	}
+	return 4 + 4 + 4
+}
 
 func nfSet(s Set) (*nftables.Set, []nftables.SetElement) {
 	addrType := nftables.TypeIPAddr
