@@ -38,14 +38,19 @@ func kernelCases() []Case {
 	return cs
 }
 
-// rulesets returns two rulesets of n destinations that differ (in the
-// safety floor), so every timed apply is a real kernel transaction: the
-// whole table is replaced either way.
+// rulesets returns two rulesets of n destinations that differ in every
+// set element (the floor's address, every destination's first port), so
+// each timed apply changes the whole table: the worst case.
 func rulesets(n int) [2]nft.Ruleset {
 	var out [2]nft.Ruleset
-	doc := LargePolicy(n)
 	now := time.Date(2026, 11, 24, 10, 0, 0, 0, time.UTC)
 	for i := range out {
+		doc := LargePolicy(n)
+		for _, seg := range doc.Segments {
+			for d := range seg.Destinations {
+				seg.Destinations[d].Ports = []policy.PortRange{{First: uint16(443 + i), Last: uint16(443 + i)}, {First: 8000, Last: 8099}}
+			}
+		}
 		floor := []localpolicy.FloorRule{{Name: "plc", Destination: policy.Destination{
 			CIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 168, 50, byte(i)}), 32), Protocol: policy.TCP,
 			Ports: []policy.PortRange{{First: 502, Last: 502}}}}}
