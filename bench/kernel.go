@@ -111,8 +111,10 @@ func benchStart(b *testing.B) {
 		b.Fatal(err)
 	}
 	cfg := filepath.Join(dir, "config.json")
+	iface := "bh-" + ns.Name[len(ns.Name)-6:]
+	b.Cleanup(func() { os.Remove("/var/run/wireguard/" + iface + ".sock") }) // the agent is killed
 	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": "scanner"}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q,
-  "tunnel": {"interface": %q}}`, pubFile, filepath.Join(dir, "state"), filepath.Join(dir, "admin.sock"), "bh-"+ns.Name[len(ns.Name)-6:])), 0o600)
+  "tunnel": {"interface": %q}}`, pubFile, filepath.Join(dir, "state"), filepath.Join(dir, "admin.sock"), iface)), 0o600)
 	os.MkdirAll(filepath.Join(dir, "state", "inbox"), 0o700)
 	os.WriteFile(filepath.Join(dir, "state", "inbox", "b.dsse"), raw, 0o600)
 	// A first run installs the bundle from the drop directory into the cache.
