@@ -158,6 +158,9 @@ func TestSegmentsFollowBundlesThroughTunnels(t *testing.T) {
 		t.Error("a finance host answered over the plain uplink, outside the tunnel")
 	}
 	st = s.call(Request{Op: "status"}).Status
+	if len(st.Tunnel.Peers) != 2 {
+		t.Errorf("status lists %d tunnel peers, want 2", len(st.Tunnel.Peers))
+	}
 	for _, p := range st.Tunnel.Peers {
 		if p.HandshakeAge < 0 || p.RxBytes == 0 || len(p.Segments) != 1 {
 			t.Errorf("status peer %+v: want a handshake, traffic and its segment", p)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
@@ -97,7 +98,6 @@ func impl(b testing.TB, name string) lab.WireGuardImpl {
 type client struct {
 	ns   *lab.NS
 	name string
-	pid  int // the process whose memory is read, for agents
 }
 
 // benchThroughput runs iperf3 from our agent and from a reference client
@@ -121,10 +121,10 @@ func benchThroughput(b *testing.B, gwImpl, ref string) {
 
 	ours := client{ns: oursNS, name: "ours"}
 	if ref == "ours-small" {
-		ours.pid = startAgent(b, oursNS, gw, "192.0.2.1", "192.0.2.2", "100.64.0.2", withLarge)
+		startAgent(b, oursNS, gw, "192.0.2.1", "192.0.2.2", "100.64.0.2", withLarge)
 		startAgent(b, refNS, gw, "192.0.2.5", "192.0.2.6", "100.64.0.3", nil)
 	} else {
-		ours.pid = startAgent(b, oursNS, gw, "192.0.2.1", "192.0.2.2", "100.64.0.2", nil)
+		startAgent(b, oursNS, gw, "192.0.2.1", "192.0.2.2", "100.64.0.2", nil)
 		c := lab.StartGateway(b, refNS, impl(b, ref), netip.MustParseAddr("192.0.2.6"), 51820, "100.64.0.3/32")
 		c.RouteVia(b, gw.PublicKey, netip.MustParseAddrPort("192.0.2.5:51820"), "10.20.1.0/24")
 		gw.AllowPeer(b, c.PublicKey, netip.MustParseAddrPort("192.0.2.6:51820"), "100.64.0.3/32")
@@ -222,7 +222,7 @@ func startAgent(b testing.TB, ns *lab.NS, gw *lab.Gateway, gwAddr, uplink, addr 
 	b.Cleanup(func() {
 		cmd.Process.Kill()
 		cmd.Wait()
-		ns.Run("nft", "delete", "table", "inet", "bulkhead")
+		ns.Run("nft", "delete", "table", "inet", nft.Table)
 		os.Remove("/var/run/wireguard/" + iface + ".sock")
 	})
 	var st struct {

@@ -104,15 +104,20 @@ func Routes(peers []Peer) []netip.Prefix {
 }
 
 // RouteDiff says which routes to add and which to delete to go from have
-// to want.
+// to want. A large policy routes thousands of prefixes, so it is linear.
 func RouteDiff(have, want []netip.Prefix) (add, del []netip.Prefix) {
+	in := make(map[netip.Prefix]bool, len(have))
+	for _, h := range have {
+		in[h] = true
+	}
 	for _, w := range want {
-		if !slices.Contains(have, w) {
+		if !in[w] {
 			add = append(add, w)
 		}
+		delete(in, w)
 	}
 	for _, h := range have {
-		if !slices.Contains(want, h) {
+		if in[h] {
 			del = append(del, h)
 		}
 	}

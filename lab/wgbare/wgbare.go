@@ -44,7 +44,9 @@ func Run(ctx context.Context, iface string) error {
 			go dev.IpcHandle(c)
 		}
 	}()
-	go func() { <-ctx.Done(); l.Close(); dev.Close() }()
-	<-dev.Wait()
+	select {
+	case <-ctx.Done():
+	case <-dev.Wait():
+	}
 	return nil
 }

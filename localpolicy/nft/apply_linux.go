@@ -85,8 +85,8 @@ var table = &nftables.Table{Family: nftables.TableFamilyINet, Name: Table}
 
 // Apply replaces the table's contents with rs in one netlink transaction:
 // the kernel applies all of it or none of it, so a reader never sees half a
-// policy, a packet allowed before and after is never dropped, and a
-// failure leaves the previous ruleset in force. An rs equal to
+// policy and a failure leaves the previous ruleset in force. Flows whose
+// set changes little or not at all lose no packet (see applyLocked). An rs equal to
 // the last one applied is a no-op (changed is false).
 func (e *Enforcer) Apply(rs Ruleset) (changed bool, err error) {
 	text := rs.Text()
@@ -161,12 +161,9 @@ func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 		}
 	}
 	c.AddTable(table)
-	wantChain, wantSet := map[string]bool{}, map[string]bool{}
+	wantChain := map[string]bool{}
 	for _, ch := range rs.Chains {
 		wantChain[ch.Name] = true
-	}
-	for _, s := range rs.Sets {
-		wantSet[s.Name] = true
 	}
 	for _, ch := range old.chains {
 		c.FlushChain(ch)
@@ -174,40 +171,40 @@ func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 			c.DelChain(ch) // not ours: added by someone else
 		}
 	}
-	keep := map[string]bool{}
+	type diff struct{ add, del []Element }
+	keep := map[string]diff{} // sets changed in place, and how
 	for _, s := range rs.Sets {
 		if have, ok := known[s.Name]; ok {
-			add, del := diffElements(have, s.Elements)
-			keep[s.Name] = len(add)+len(del) <= diffLimit
+			if add, del := diffElements(have, s.Elements); len(add)+len(del) <= diffLimit {
+				keep[s.Name] = diff{add, del}
+			}
 		}
 	}
 	for _, s := range old.sets {
-		if !keep[s.Name] {
+		if _, ok := keep[s.Name]; !ok {
 			c.DelSet(s)
 		}
 	}
 	sets := map[string]*nftables.Set{}
 	for _, s := range rs.Sets {
 		ns := nfSet(s)
-		var add, del []Element
-		if keep[s.Name] {
-			add, del = diffElements(known[s.Name], s.Elements)
-		} else {
+		d, inPlace := keep[s.Name]
+		if !inPlace {
 			if err := c.AddSet(ns, nil); err != nil {
 				return fmt.Errorf("nftables: set %s: %w", s.Name, err)
 			}
-			add = s.Elements
+			d.add = s.Elements
 		}
 		// google/nftables puts all elements of one call in a single
 		// netlink attribute, whose 16-bit length silently wraps past ~1,000
 		// elements and the kernel stores a truncated set. Chunks keep each
 		// message well under 64 KiB; they are still one transaction.
-		for chunk := range slices.Chunk(nfElements(del), elementsPerMessage) {
+		for chunk := range slices.Chunk(nfElements(d.del), elementsPerMessage) {
 			if err := c.SetDeleteElements(ns, chunk); err != nil {
 				return fmt.Errorf("nftables: set %s: %w", s.Name, err)
 			}
 		}
-		for chunk := range slices.Chunk(nfElements(add), elementsPerMessage) {
+		for chunk := range slices.Chunk(nfElements(d.add), elementsPerMessage) {
 			if err := c.SetAddElements(ns, chunk); err != nil {
 				return fmt.Errorf("nftables: set %s: %w", s.Name, err)
 			}
@@ -236,17 +233,20 @@ func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 	return nil
 }
 
-// contents is what the kernel holds in the agent's table now.
+// contents is what the kernel holds in the agent's table now; present is
+// false when there is no table (first boot, or deleted by someone).
 type contents struct {
-	chains []*nftables.Chain
-	sets   []*nftables.Set
+	present bool
+	chains  []*nftables.Chain
+	sets    []*nftables.Set
 }
 
 func (e *Enforcer) current(c *nftables.Conn) (contents, error) {
 	var out contents
 	if t, err := c.ListTableOfFamily(Table, nftables.TableFamilyINet); err != nil || t == nil {
-		return out, nil // no table yet (first boot, or deleted by someone)
+		return out, nil
 	}
+	out.present = true
 	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
 	if err != nil {
 		return out, fmt.Errorf("nftables: list chains: %w", err)
@@ -298,19 +298,16 @@ func (e *Enforcer) check(rs Ruleset, elements bool) error {
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	got, err := c.ListTableOfFamily(Table, nftables.TableFamilyINet)
-	if err != nil || got == nil {
+	have, err := e.current(c)
+	if err != nil {
+		return err
+	}
+	if !have.present {
 		return fmt.Errorf("%w: table inet %s is missing", ErrDrift, Table)
 	}
-	chains, err := c.ListChainsOfTableFamily(nftables.TableFamilyINet)
-	if err != nil {
-		return fmt.Errorf("nftables: list chains: %w", err)
-	}
 	byName := map[string]*nftables.Chain{}
-	for _, ch := range chains {
-		if ch.Table.Name == Table {
-			byName[ch.Name] = ch
-		}
+	for _, ch := range have.chains {
+		byName[ch.Name] = ch
 	}
 	if len(byName) != len(rs.Chains) {
 		return fmt.Errorf("%w: %d chains, want %d", ErrDrift, len(byName), len(rs.Chains))
@@ -340,19 +337,15 @@ func (e *Enforcer) check(rs Ruleset, elements bool) error {
 			return fmt.Errorf("%w: chain %s has rules %q, want %q", ErrDrift, want.Name, comments, wantComments)
 		}
 	}
-	sets, err := c.GetSets(table)
-	if err != nil {
-		return fmt.Errorf("nftables: list sets: %w", err)
+	if len(have.sets) != len(rs.Sets) {
+		return fmt.Errorf("%w: %d sets, want %d", ErrDrift, len(have.sets), len(rs.Sets))
 	}
-	if len(sets) != len(rs.Sets) {
-		return fmt.Errorf("%w: %d sets, want %d", ErrDrift, len(sets), len(rs.Sets))
-	}
-	have := map[string]bool{}
-	for _, s := range sets {
-		have[s.Name] = true
+	setNames := map[string]bool{}
+	for _, s := range have.sets {
+		setNames[s.Name] = true
 	}
 	for _, want := range rs.Sets {
-		if !have[want.Name] {
+		if !setNames[want.Name] {
 			return fmt.Errorf("%w: set %s is missing", ErrDrift, want.Name)
 		}
 		if !elements {
