@@ -495,14 +495,6 @@ func nfproto(v6 bool) []expr.Any {
 // `nft list` shows our rules exactly as Text writes them.
 func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, error) {
 	var ex []expr.Any
-	if r.Established {
-		ex = append(ex,
-			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-				Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
-				Xor:  binaryutil.NativeEndian.PutUint32(0)},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)})
-	}
 	if r.Iface != "" {
 		key := expr.MetaKeyOIFNAME
 		if chain == "input" {
@@ -511,6 +503,14 @@ func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, er
 		name := make([]byte, unix.IFNAMSIZ)
 		copy(name, r.Iface)
 		ex = append(ex, &expr.Meta{Key: key, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name})
+	}
+	if r.Established {
+		ex = append(ex,
+			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+				Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
+				Xor:  binaryutil.NativeEndian.PutUint32(0)},
+			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)})
 	}
 	switch {
 	case r.ND:

@@ -103,9 +103,12 @@ type Options struct {
 	Tunnel string
 }
 
-// Build renders d as the agent's table. Order inside every chain: loopback,
-// the safety floor, the control endpoints, WireGuard to the authorized
-// gateways, the segments (only through the tunnel), then drop.
+// Build renders d as the agent's table. Every rule but the last accepts, so
+// their order decides only what a packet costs, and the busiest come
+// first: loopback, the segments (only through the tunnel; an interface
+// compare rejects other packets before any lookup), WireGuard to the
+// authorized gateways, then neighbour discovery, DHCP, the safety floor,
+// the control endpoints, and drop.
 // Packets of live connections are matched against the same sets as new
 // ones (there is no blanket "established accept"), so when a destination
 // leaves a set its established flows stop with the same transaction.
@@ -130,33 +133,9 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 		elems         []Element
 		via           string // the interface the group's traffic must use
 	}
-	groups := []group{{"floor", "safety floor", floor, ""}, {"control", "control", control, ""}}
-	if opt.Tunnel != "" {
-		groups = append(groups, group{"gateways", "wireguard gateways", gateways, ""})
-		for _, a := range d.Segments {
-			var elems []Element
-			for _, dst := range a.Destinations {
-				elems = append(elems, elements(dst)...)
-			}
-			groups = append(groups, group{"seg_" + a.Segment, "segment " + a.Segment, elems, opt.Tunnel})
-		}
-	}
-
-	in := Chain{Name: "input", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
-	out := Chain{Name: "output", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
-	fwd := Chain{Name: "forward"}
-	for _, r := range []Rule{{Comment: "ipv6 neighbour discovery", ND: true}} {
-		in.Rules, out.Rules = append(in.Rules, r), append(out.Rules, r)
-	}
-	if opt.DHCP {
-		in.Rules = append(in.Rules,
-			Rule{Comment: "dhcp", DHCP: &DHCP{Src: 67, Dst: 68}},
-			Rule{Comment: "dhcpv6", DHCP: &DHCP{V6: true, Src: 547, Dst: 546}})
-		out.Rules = append(out.Rules,
-			Rule{Comment: "dhcp", DHCP: &DHCP{Src: 68, Dst: 67}},
-			Rule{Comment: "dhcpv6", DHCP: &DHCP{V6: true, Src: 546, Dst: 547}})
-	}
-	for gi, g := range groups {
+	// rules holds one group's rules per chain, to be laid out below.
+	type rules struct{ in, out, fwd []Rule }
+	add := func(g group) (r rules) {
 		for _, v6 := range []bool{false, true} {
 			elems := normalize(family(g.elems, v6))
 			if len(elems) == 0 {
@@ -165,31 +144,74 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 			name := g.name + map[bool]string{false: "_v4", true: "_v6"}[v6]
 			rs.Sets = append(rs.Sets, Set{Name: name, V6: v6, Elements: elems})
 			look := func(addr, port Field) *Lookup { return &Lookup{Set: name, V6: v6, Addr: addr, Port: port} }
-			out.Rules = append(out.Rules, Rule{Comment: g.comment, Iface: g.via, Lookup: look(Dst, Dst)})
+			r.out = append(r.out, Rule{Comment: g.comment, Iface: g.via, Lookup: look(Dst, Dst)})
 			switch g.name {
 			case "gateways":
 				// A gateway may start a handshake (rekey, roaming) with no
 				// conntrack entry of ours; WireGuard authenticates it.
-				in.Rules = append(in.Rules, Rule{Comment: g.comment + " inbound", Lookup: look(Src, Src)})
+				r.in = append(r.in, Rule{Comment: g.comment + " inbound", Lookup: look(Src, Src)})
 			default:
-				in.Rules = append(in.Rules, Rule{Comment: g.comment + " replies", Established: true, Iface: g.via, Lookup: look(Src, Src)})
+				r.in = append(r.in, Rule{Comment: g.comment + " replies", Established: true, Iface: g.via, Lookup: look(Src, Src)})
 			}
-			if gi == 0 {
+			if g.name == "floor" {
 				// The floor is symmetric: local services on the floor's
 				// ports (a PLC port) are reachable from its addresses.
-				out.Rules = append(out.Rules, Rule{Comment: g.comment + " served", Lookup: look(Dst, Src)})
-				in.Rules = append(in.Rules, Rule{Comment: g.comment + " inbound", Lookup: look(Src, Dst)})
-				fwd.Rules = append(fwd.Rules,
+				r.out = append(r.out, Rule{Comment: g.comment + " served", Lookup: look(Dst, Src)})
+				r.in = append(r.in, Rule{Comment: g.comment + " inbound", Lookup: look(Src, Dst)})
+				r.fwd = append(r.fwd,
 					Rule{Comment: g.comment + " to", Lookup: look(Dst, Dst)},
 					Rule{Comment: g.comment + " from", Lookup: look(Src, Src)})
 			}
 		}
+		return r
 	}
+	// Sets in a fixed order (floor, control, gateways, segments); rules
+	// busiest first, as above.
+	fixed := []rules{add(group{"floor", "safety floor", floor, ""}), add(group{"control", "control", control, ""})}
+	var tunnel []rules
+	if opt.Tunnel != "" {
+		gw := add(group{"gateways", "wireguard gateways", gateways, ""})
+		for _, a := range d.Segments {
+			var elems []Element
+			for _, dst := range a.Destinations {
+				elems = append(elems, elements(dst)...)
+			}
+			tunnel = append(tunnel, add(group{"seg_" + a.Segment, "segment " + a.Segment, elems, opt.Tunnel}))
+		}
+		tunnel = append(tunnel, gw)
+	}
+	in := Chain{Name: "input", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
+	out := Chain{Name: "output", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
+	fwd := Chain{Name: "forward"}
+	lay := func(groups []rules) {
+		for _, r := range groups {
+			in.Rules, out.Rules, fwd.Rules = append(in.Rules, r.in...), append(out.Rules, r.out...), append(fwd.Rules, r.fwd...)
+		}
+	}
+	lay(tunnel)
+	in.Rules, out.Rules = linkLocal(in.Rules, out.Rules, opt.DHCP)
+	lay(fixed)
 	for _, c := range []*Chain{&in, &out, &fwd} {
 		c.Rules = append(c.Rules, Rule{Comment: "default drop", Drop: true})
 	}
 	rs.Chains = []Chain{in, out, fwd}
 	return rs
+}
+
+// linkLocal adds what keeps the link itself working in every mode: IPv6
+// neighbour discovery and, when asked, the DHCP client.
+func linkLocal(in, out []Rule, dhcp bool) ([]Rule, []Rule) {
+	nd := Rule{Comment: "ipv6 neighbour discovery", ND: true}
+	in, out = append(in, nd), append(out, nd)
+	if dhcp {
+		in = append(in,
+			Rule{Comment: "dhcp", DHCP: &DHCP{Src: 67, Dst: 68}},
+			Rule{Comment: "dhcpv6", DHCP: &DHCP{V6: true, Src: 547, Dst: 546}})
+		out = append(out,
+			Rule{Comment: "dhcp", DHCP: &DHCP{Src: 68, Dst: 67}},
+			Rule{Comment: "dhcpv6", DHCP: &DHCP{V6: true, Src: 546, Dst: 547}})
+	}
+	return in, out
 }
 
 func elements(d policy.Destination) []Element {
@@ -350,15 +372,15 @@ func rangeText(lo, hi int) string {
 
 func (r Rule) text(chain string) string {
 	var parts []string
-	if r.Established {
-		parts = append(parts, "ct state established,related")
-	}
 	if r.Iface != "" {
 		dir := "oifname"
 		if chain == "input" {
 			dir = "iifname"
 		}
 		parts = append(parts, fmt.Sprintf("%s %q", dir, r.Iface))
+	}
+	if r.Established {
+		parts = append(parts, "ct state established,related")
 	}
 	switch {
 	case r.ND:

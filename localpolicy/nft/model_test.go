@@ -89,16 +89,19 @@ func covered(elems []Element, p point) bool {
 	return false
 }
 
-// Inside every chain: loopback first, then the floor, control, WireGuard to
-// the gateways, segments, and the drop last. Segment rules name the tunnel.
+// Inside every chain: loopback first, then the busy tunnel rules (segments,
+// then WireGuard to the gateways), the link-local rules, the floor,
+// control, and the drop last. Segment rules name the tunnel.
 func TestBuildOrder(t *testing.T) {
 	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
 	for _, c := range rs.Chains {
 		var order []string
 		for _, r := range c.Rules {
 			switch {
+			case r.Iface == "lo":
+				order = append(order, "loopback")
 			case r.Lookup == nil && !r.Drop:
-				order = append(order, "base")
+				order = append(order, "link")
 			case r.Drop:
 				order = append(order, "drop")
 			case r.Lookup.Set[:5] == "floor":
@@ -114,7 +117,7 @@ func TestBuildOrder(t *testing.T) {
 				}
 			}
 		}
-		rank := map[string]int{"base": 0, "floor": 1, "control": 2, "gateways": 3, "segment": 4, "drop": 5}
+		rank := map[string]int{"loopback": 0, "segment": 1, "gateways": 2, "link": 3, "floor": 4, "control": 5, "drop": 6}
 		if !slices.IsSortedFunc(order, func(a, b string) int { return rank[a] - rank[b] }) || order[len(order)-1] != "drop" {
 			t.Errorf("chain %s order %v", c.Name, order)
 		}
