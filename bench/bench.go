@@ -34,7 +34,8 @@ type Case struct {
 	// name (b.ReportMetric) instead of the time per operation.
 	Unit string
 	// Reference says what Run measured next to the figure, reported as
-	// "ref-"+Unit; MinRatio is how large the figure must be relative to it.
+	// "ref-"+Unit; MinRatio is how large the figure must be relative to it
+	// (or the "ratio" metric, when Run measures the ratio in pairs).
 	Reference string
 	MinRatio  float64
 	// Max is the bound the figure must stay under (in Unit).

@@ -93,10 +93,14 @@ func metricRow(c bench.Case, r testing.BenchmarkResult) (string, bool) {
 	var targets, misses []string
 	if c.MinRatio > 0 {
 		ref := r.Extra["ref-"+c.Unit]
-		figure += fmt.Sprintf(" vs %.2f (%.2fx)", ref, v/ref)
+		ratio, paired := r.Extra["ratio"]
+		if !paired {
+			ratio = v / ref
+		}
+		figure += fmt.Sprintf(" vs %.2f (%.3fx)", ref, ratio)
 		targets = append(targets, fmt.Sprintf("≥ %.2fx %s", c.MinRatio, c.Reference))
-		if v < c.MinRatio*ref {
-			misses = append(misses, fmt.Sprintf("%.2fx of the reference", v/ref))
+		if ratio < c.MinRatio {
+			misses = append(misses, fmt.Sprintf("%.3fx of the reference", ratio))
 		}
 	}
 	if c.Max > 0 {
