@@ -1,0 +1,253 @@
+// Package command owns the orders security operations send a device:
+// quarantine, diagnostic, release, revoke-partner and reinstate-partner.
+// A command is a DSSE envelope with an id, a target, an issue time and a
+// short expiry. Verify checks who signed it; Decide says whether this
+// device, in its current state, obeys it and what its sticky state becomes.
+// The ratchet lives here: the control server's own key may only tighten;
+// loosening needs the ops keys. Remembering ids against replay is the
+// store's job. Pure: no I/O.
+package command
+
+import (
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"maps"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/go-json-experiment/json"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
+)
+
+// PayloadType marks a DSSE envelope as a Bulkhead command.
+const PayloadType = "application/vnd.bulkhead.command+json"
+
+// MaxLifetime bounds expires_at - issued_at. A command is an order for
+// now; lasting state belongs in a policy bundle.
+const MaxLifetime = time.Hour
+
+// Kind is what a command orders.
+type Kind string
+
+// The kinds.
+const (
+	Quarantine       Kind = "quarantine"
+	Diagnostic       Kind = "diagnostic"
+	Release          Kind = "release"
+	RevokePartner    Kind = "revoke-partner"
+	ReinstatePartner Kind = "reinstate-partner"
+)
+
+// Kinds lists every kind.
+var Kinds = []Kind{Quarantine, Diagnostic, Release, RevokePartner, ReinstatePartner}
+
+// Loosens reports whether the kind can only open access, and so needs the
+// ops keys.
+func (k Kind) Loosens() bool { return k == Release || k == ReinstatePartner }
+
+func (k Kind) partner() bool { return k == RevokePartner || k == ReinstatePartner }
+
+// Errors a caller may test for with errors.Is.
+var (
+	ErrInvalid     = errors.New("invalid command")
+	ErrRatchet     = errors.New("the control server's key may only tighten")
+	ErrWrongTarget = errors.New("command is for other devices")
+	ErrExpired     = errors.New("command expired")
+	ErrNotYetValid = errors.New("command not yet valid")
+)
+
+// Target names the devices a command is for: every device, or those of
+// the classes or with the ids.
+type Target struct {
+	All     bool     `json:"all,omitzero"`
+	Classes []string `json:"classes,omitzero"`
+	Devices []string `json:"devices,omitzero"`
+}
+
+// Matches reports whether dev is targeted.
+func (t Target) Matches(dev bundle.Device) bool {
+	return t.All || bundle.Target{Classes: t.Classes, Devices: t.Devices}.Matches(dev)
+}
+
+func (t Target) String() string {
+	if t.All {
+		return "every device"
+	}
+	return bundle.Target{Classes: t.Classes, Devices: t.Devices}.String()
+}
+
+// Command is what gets signed.
+type Command struct {
+	ID        string    `json:"id"`
+	Kind      Kind      `json:"kind"`
+	Target    Target    `json:"target"`
+	Partner   string    `json:"partner,omitzero"`
+	Reason    string    `json:"reason"`
+	IssuedAt  time.Time `json:"issued_at"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{7,63}$`)
+
+// Validate checks the command on its own, before any signature matters.
+func (c *Command) Validate() error {
+	var errs []string
+	if !slices.Contains(Kinds, c.Kind) {
+		errs = append(errs, fmt.Sprintf("kind %q is not one of %v", c.Kind, Kinds))
+	}
+	if !idPattern.MatchString(c.ID) {
+		errs = append(errs, fmt.Sprintf("id %q must be 8-64 letters, digits, '.', '_' or '-'", c.ID))
+	}
+	if !c.Target.All && len(c.Target.Classes) == 0 && len(c.Target.Devices) == 0 {
+		errs = append(errs, "the target names no device, no class, and not all devices")
+	}
+	if c.Kind.partner() != (c.Partner != "") {
+		if c.Partner == "" {
+			errs = append(errs, fmt.Sprintf("%s needs a partner", c.Kind))
+		} else {
+			errs = append(errs, fmt.Sprintf("%s takes no partner", c.Kind))
+		}
+	}
+	if strings.TrimSpace(c.Reason) == "" || len(c.Reason) > 500 {
+		errs = append(errs, "reason must be given, at most 500 bytes")
+	}
+	switch life := c.ExpiresAt.Sub(c.IssuedAt); {
+	case c.IssuedAt.IsZero() || life <= 0:
+		errs = append(errs, "expires_at must be after issued_at")
+	case life > MaxLifetime:
+		errs = append(errs, fmt.Sprintf("lifetime %v exceeds the maximum %v", life, MaxLifetime))
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%w: %s", ErrInvalid, strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+// Verified is a command whose signatures checked out.
+type Verified struct {
+	Command
+	// ByOps is true when the ops keys signed it (met their threshold);
+	// false when the control server's key did.
+	ByOps bool
+}
+
+// Signer names who signed, for audit lines.
+func (v *Verified) Signer() string {
+	if v.ByOps {
+		return "ops keys"
+	}
+	return "control server key"
+}
+
+// Verify checks raw against the ops roots, or else the control server's
+// key (nil: none known). A loosening command signed only by the control
+// key is refused here, whatever the device's state.
+func Verify(raw []byte, ops opskey.Roots, control ed25519.PublicKey) (*Verified, error) {
+	signed, err := envelope.Open(raw, PayloadType, ops)
+	byOps := err == nil
+	if err != nil && control != nil && (errors.Is(err, envelope.ErrUnknownSigner) || errors.Is(err, envelope.ErrThreshold)) {
+		roots, rerr := opskey.NewRoots(1, control)
+		if rerr != nil {
+			return nil, rerr
+		}
+		if s, cerr := envelope.Open(raw, PayloadType, roots); cerr == nil {
+			signed, err = s, nil
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	var c Command
+	if err := strictjson.Unmarshal(signed.Payload, &c); err != nil {
+		return nil, fmt.Errorf("%w: payload: %v", ErrInvalid, err)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	if !byOps && c.Kind.Loosens() {
+		return nil, fmt.Errorf("%w: %s %s is signed by the control server only; it needs the ops keys", ErrRatchet, c.Kind, c.ID)
+	}
+	return &Verified{Command: c, ByOps: byOps}, nil
+}
+
+// Decide says what st becomes when dev obeys v at now, or why it must not.
+// A command signed by the control key must leave the device at least as
+// closed as before: diagnostic may not lift a quarantine.
+func Decide(v *Verified, st localpolicy.Sticky, now time.Time, dev bundle.Device) (localpolicy.Sticky, error) {
+	if !v.Target.Matches(dev) {
+		return st, fmt.Errorf("%w: %s targets %s", ErrWrongTarget, v.ID, v.Target)
+	}
+	if now.Before(v.IssuedAt.Add(-bundle.ClockSkew)) {
+		return st, fmt.Errorf("%w: %s was issued at %s, after this device's time %s", ErrNotYetValid, v.ID, stamp(v.IssuedAt), stamp(now))
+	}
+	if !now.Before(v.ExpiresAt) {
+		return st, fmt.Errorf("%w: %s expired at %s (device time %s)", ErrExpired, v.ID, stamp(v.ExpiresAt), stamp(now))
+	}
+	next := Apply(st, v.Command)
+	if !v.ByOps && next.Mode < st.Mode {
+		return st, fmt.Errorf("%w: %s would move this device from %s to %s", ErrRatchet, v.ID, st.Mode, next.Mode)
+	}
+	return next, nil
+}
+
+// Apply is the effect of c on st, judged on nothing.
+func Apply(st localpolicy.Sticky, c Command) localpolicy.Sticky {
+	next := st
+	next.RevokedPartners = maps.Clone(st.RevokedPartners)
+	switch c.Kind {
+	case Quarantine:
+		next.Mode, next.Reason = localpolicy.Quarantine, c.Reason
+	case Diagnostic:
+		next.Mode, next.Reason = localpolicy.Diagnostic, c.Reason
+	case Release:
+		next.Mode, next.Reason = localpolicy.Normal, ""
+	case RevokePartner:
+		if next.RevokedPartners == nil {
+			next.RevokedPartners = map[string]string{}
+		}
+		next.RevokedPartners[c.Partner] = c.Reason
+	case ReinstatePartner:
+		delete(next.RevokedPartners, c.Partner)
+		if len(next.RevokedPartners) == 0 {
+			next.RevokedPartners = nil
+		}
+	}
+	return next
+}
+
+// Sign validates c and signs it with every key. The ops CLI signs with
+// ops keys; the control server signs tightening commands with its own.
+func Sign(c Command, keys ...ed25519.PrivateKey) ([]byte, error) {
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	body, err := json.Marshal(c, json.Deterministic(true))
+	if err != nil {
+		return nil, fmt.Errorf("encode command: %w", err)
+	}
+	return envelope.Sign(PayloadType, body, keys...)
+}
+
+// Peek reads the command inside raw without checking any signature: for
+// the control server, which routes commands and never obeys them.
+func Peek(raw []byte) (Command, error) {
+	var c Command
+	payload, err := envelope.PeekUnverified(raw, PayloadType)
+	if err == nil {
+		err = strictjson.Unmarshal(payload, &c)
+	}
+	if err == nil {
+		err = c.Validate()
+	}
+	return c, err
+}
+
+func stamp(t time.Time) string { return t.UTC().Format(time.RFC3339) }
