@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
@@ -96,31 +97,8 @@ func WriteKey(path string, k PrivateKey) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("wireguard key: %w", err)
 	}
-	f, err := os.CreateTemp(dir, ".wg-key-*")
-	if err != nil {
+	if err := atomicfile.Write(path, []byte(base64.StdEncoding.EncodeToString(k.b[:])+"\n"), 0o600); err != nil {
 		return fmt.Errorf("wireguard key: %w", err)
-	}
-	defer os.Remove(f.Name())
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return fmt.Errorf("wireguard key: %w", err)
-	}
-	_, werr := f.WriteString(base64.StdEncoding.EncodeToString(k.b[:]) + "\n")
-	if werr == nil {
-		werr = f.Sync()
-	}
-	if cerr := f.Close(); werr == nil {
-		werr = cerr
-	}
-	if werr != nil {
-		return fmt.Errorf("wireguard key: %w", werr)
-	}
-	if err := os.Rename(f.Name(), path); err != nil {
-		return fmt.Errorf("wireguard key: %w", err)
-	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
 	}
 	return nil
 }
