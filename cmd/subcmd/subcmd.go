@@ -84,14 +84,25 @@ func run(c *Command, path string, args []string, env *Env) error {
 	fs.SetOutput(io.Discard)
 	do := c.Flags(fs)
 	fs.Usage = func() {}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			printCommand(c, path, fs, env.Stdout)
-			return err
+	// Flags may follow arguments (`quarantine dev-1 --reason x`): parse,
+	// set the next argument aside, and parse again.
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				printCommand(c, path, fs, env.Stdout)
+				return err
+			}
+			return Usagef("%s (try '%s --help')", err, path)
 		}
-		return Usagef("%s (try '%s --help')", err, path)
+		args = fs.Args()
+		if len(args) == 0 {
+			break
+		}
+		positional = append(positional, args[0])
+		args = args[1:]
 	}
-	return do(env, fs.Args())
+	return do(env, positional)
 }
 
 func printGroup(c *Command, path string, w io.Writer) {
@@ -99,8 +110,13 @@ func printGroup(c *Command, path string, w io.Writer) {
 		fmt.Fprintf(w, "%s\n\n", c.Summary)
 	}
 	fmt.Fprintf(w, "Usage: %s COMMAND [flags]\n\nCommands:\n", path)
+	width := 12
 	for _, s := range c.Sub {
-		fmt.Fprintf(w, "  %-12s %s\n", s.Name, s.Summary)
+		width = max(width, len(s.Name))
+	}
+	for _, s := range c.Sub {
+		first, _, _ := strings.Cut(s.Summary, "\n")
+		fmt.Fprintf(w, "  %-*s %s\n", width, s.Name, first)
 	}
 	fmt.Fprintf(w, "\nRun '%s COMMAND --help' for a command's flags.\n", path)
 }

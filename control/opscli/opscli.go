@@ -13,7 +13,9 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
@@ -27,8 +29,18 @@ func Root() *subcmd.Command {
 		Name:    "bulkhead-control",
 		Summary: "bulkhead-control: security-operations tools for a Bulkhead fleet.",
 		Sub: []*subcmd.Command{
+			serveCmd(),
 			keygenCmd(),
-			{Name: "policy", Summary: "validate and sign policy bundles", Sub: []*subcmd.Command{validateCmd(), signCmd()}},
+			tokenCmd(),
+			{Name: "policy", Summary: "validate, sign and push policy bundles", Sub: []*subcmd.Command{validateCmd(), signCmd(), pushCmd()}},
+			devicesCmd(),
+			deviceCmd(),
+			commandCmd(command.Quarantine, "Quarantine devices: safety floor and control channel only, tunnels down, live flows cut.\nThe control key may sign it; it lasts until an ops-signed release."),
+			commandCmd(command.Diagnostic, "Drop devices to diagnostic-only: the quarantine floor plus the diagnostics segment."),
+			commandCmd(command.Release, "Return devices to normal. Needs the ops keys (--key)."),
+			commandCmd(command.RevokePartner, "Cut a partner off every device: its peers and destinations are removed until reinstated."),
+			commandCmd(command.ReinstatePartner, "Undo revoke-partner. Needs the ops keys (--key)."),
+			auditCmd(),
 			{Name: "roots", Summary: "sign trust-root rotations", Sub: []*subcmd.Command{rootsSignCmd()}},
 			{Name: "version", Summary: "print the version", Flags: func(*flag.FlagSet) func(*subcmd.Env, []string) error {
 				return func(env *subcmd.Env, _ []string) error {
@@ -151,7 +163,7 @@ func signCmd() *subcmd.Command {
 				if err != nil {
 					return err
 				}
-				if err := writeFile(*out, raw); err != nil {
+				if err := atomicfile.Write(*out, raw, 0o644); err != nil {
 					return err
 				}
 				fmt.Fprintf(env.Stdout, "wrote %s: policy version %d for %s, expires %s, %d signatures\n",
@@ -197,7 +209,7 @@ func rootsSignCmd() *subcmd.Command {
 				if err != nil {
 					return err
 				}
-				if err := writeFile(*out, raw); err != nil {
+				if err := atomicfile.Write(*out, raw, 0o644); err != nil {
 					return err
 				}
 				fmt.Fprintf(env.Stdout, "wrote %s: root set version %d, %d keys, threshold %d\n", *out, *version, next.Len(), next.Threshold)
@@ -205,26 +217,4 @@ func rootsSignCmd() *subcmd.Command {
 			}
 		},
 	}
-}
-
-// writeFile replaces path atomically, so a reader (or a drop-directory
-// watcher) never sees half a bundle.
-func writeFile(path string, data []byte) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
 }

@@ -1,0 +1,199 @@
+// Package controlapi is the wire contract of the control channel: the
+// paths and JSON messages the agent's client and the reference control
+// server (control/server) exchange, and how a control CA is pinned. It
+// holds no behaviour beyond encoding, so both sides can share it without
+// the agent linking any server code.
+package controlapi
+
+import (
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+)
+
+// Paths. Device paths need a device certificate, admin paths an ops one;
+// only enrolment is open (it is authorized by its one-time token).
+const (
+	PathEnroll = "/v1/enroll"
+	PathSync   = "/v1/sync"
+	PathReport = "/v1/report"
+
+	PathAdminDevices  = "/v1/admin/devices" // GET; GET .../ID
+	PathAdminTokens   = "/v1/admin/tokens"  // POST TokenRequest
+	PathAdminBundles  = "/v1/admin/bundles" // POST a signed bundle
+	PathAdminCommands = "/v1/admin/commands"
+	PathAdminAudit    = "/v1/admin/audit"
+)
+
+// URI SANs that say what a client certificate is for.
+const (
+	DeviceURIPrefix = "bulkhead://device/"
+	OpsURIPrefix    = "bulkhead://ops/"
+)
+
+// MaxWait caps how long the server holds a sync open.
+const MaxWait = 10 * time.Minute
+
+// Fingerprint is how a CA certificate is pinned: "SHA256:" and the hex
+// SHA-256 of its DER encoding.
+func Fingerprint(cert *x509.Certificate) string {
+	sum := sha256.Sum256(cert.Raw)
+	return "SHA256:" + hex.EncodeToString(sum[:])
+}
+
+// ParseFingerprint normalizes a pinned fingerprint as typed by a person
+// (case, colons) or names what is wrong with it.
+func ParseFingerprint(s string) (string, error) {
+	hexPart, ok := strings.CutPrefix(strings.TrimSpace(s), "SHA256:")
+	if !ok {
+		return "", fmt.Errorf("CA fingerprint %q must start with SHA256: (as `bulkhead-control serve` prints it)", s)
+	}
+	hexPart = strings.ToLower(strings.ReplaceAll(hexPart, ":", ""))
+	if b, err := hex.DecodeString(hexPart); err != nil || len(b) != sha256.Size {
+		return "", fmt.Errorf("CA fingerprint %q: want 64 hex digits after SHA256:", s)
+	}
+	return "SHA256:" + hexPart, nil
+}
+
+// Error is every non-2xx answer's body.
+type Error struct {
+	Error string `json:"error"`
+}
+
+// EnrollRequest is what a device sends with its token.
+type EnrollRequest struct {
+	Token string `json:"token"`
+	Class string `json:"class"`
+	// Hostname is informational, for the ops desk.
+	Hostname string `json:"hostname,omitzero"`
+	// CSR is a PKCS#10 request (DER) signed by the device's identity key;
+	// the certificate issued is bound to that key.
+	CSR []byte `json:"csr"`
+	// WireGuardKey is the tunnel's public key (base64), for gateways.
+	WireGuardKey string `json:"wireguard_key,omitzero"`
+}
+
+// EnrollResponse is what an accepted enrolment returns.
+type EnrollResponse struct {
+	DeviceID string `json:"device_id"`
+	// Certificate is the device's client certificate (DER).
+	Certificate []byte `json:"certificate"`
+	// CA is the control CA (DER) the fingerprint was checked against.
+	CA []byte `json:"ca"`
+	// CommandKey is the control server's Ed25519 command-signing key:
+	// it may sign commands that tighten, never ones that loosen.
+	CommandKey []byte `json:"command_key"`
+	// Cursor is where this device's command stream starts.
+	Cursor uint64 `json:"cursor"`
+}
+
+// DeviceState is what the agent enforces, sent with every sync so the ops
+// desk sees it as soon as it changes.
+type DeviceState struct {
+	Mode          localpolicy.Mode  `json:"mode"`
+	Why           string            `json:"why,omitzero"`
+	PolicyVersion uint64            `json:"policy_version"`
+	Revoked       map[string]string `json:"revoked_partners,omitzero"`
+	AgentVersion  string            `json:"agent_version,omitzero"`
+}
+
+// SyncRequest asks for anything newer than what the device has; the
+// server answers at once if there is something, else after WaitSeconds.
+type SyncRequest struct {
+	PolicyVersion uint64      `json:"policy_version"`
+	Cursor        uint64      `json:"cursor"`
+	WaitSeconds   int         `json:"wait_seconds"`
+	State         DeviceState `json:"state"`
+}
+
+// SyncResponse carries a newer bundle for this device (if any) and the
+// commands for it after Cursor, as signed envelopes the agent verifies.
+type SyncResponse struct {
+	Bundle     []byte    `json:"bundle,omitzero"`
+	Commands   [][]byte  `json:"commands,omitzero"`
+	Cursor     uint64    `json:"cursor"`
+	ServerTime time.Time `json:"server_time"`
+}
+
+// Event is one report from the agent's outbox.
+type Event struct {
+	Seq    uint64    `json:"seq"`
+	Time   time.Time `json:"time"`
+	Kind   string    `json:"kind"`
+	Detail string    `json:"detail,omitzero"`
+}
+
+// ReportRequest posts events in order. Dropped counts events the outbox
+// had to discard, oldest first, since the last accepted report.
+type ReportRequest struct {
+	Events  []Event `json:"events"`
+	Dropped uint64  `json:"dropped,omitzero"`
+}
+
+// ReportResponse acknowledges every event up to Acked.
+type ReportResponse struct {
+	Acked uint64 `json:"acked"`
+}
+
+// TokenRequest makes an enrolment token.
+type TokenRequest struct {
+	Class      string `json:"class"`
+	TTLSeconds int64  `json:"ttl_seconds"`
+}
+
+// TokenResponse is the token, shown once.
+type TokenResponse struct {
+	Token     string    `json:"token"`
+	Class     string    `json:"class"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// CommandRequest asks the server to route a command. Signed, when set, is
+// an envelope the ops keys signed; otherwise the server builds the command
+// from the other fields and signs it with its own key, which it does only
+// for commands that tighten.
+type CommandRequest struct {
+	Signed  []byte   `json:"signed,omitzero"`
+	Kind    string   `json:"kind,omitzero"`
+	Devices []string `json:"devices,omitzero"`
+	Classes []string `json:"classes,omitzero"`
+	All     bool     `json:"all,omitzero"`
+	Partner string   `json:"partner,omitzero"`
+	Reason  string   `json:"reason,omitzero"`
+}
+
+// CommandResponse says what was queued and for how many devices.
+type CommandResponse struct {
+	ID      string   `json:"id"`
+	Seq     uint64   `json:"seq"`
+	Devices []string `json:"devices"`
+}
+
+// Device is the ops desk's view of one device.
+type Device struct {
+	ID           string      `json:"id"`
+	Class        string      `json:"class"`
+	Hostname     string      `json:"hostname,omitzero"`
+	WireGuardKey string      `json:"wireguard_key,omitzero"`
+	EnrolledAt   time.Time   `json:"enrolled_at"`
+	LastSeen     time.Time   `json:"last_seen,omitzero"`
+	State        DeviceState `json:"state"`
+	// Reports are the latest events, newest last (device show only).
+	Reports []Event `json:"reports,omitzero"`
+	// ReportsDropped sums what the device's outbox discarded.
+	ReportsDropped uint64 `json:"reports_dropped,omitzero"`
+}
+
+// AuditEntry is one line of the server's audit log.
+type AuditEntry struct {
+	Seq    uint64    `json:"seq"`
+	Time   time.Time `json:"time"`
+	Actor  string    `json:"actor"`
+	Action string    `json:"action"`
+	Detail string    `json:"detail"`
+}

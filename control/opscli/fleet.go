@@ -1,0 +1,302 @@
+package opscli
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/go-json-experiment/json"
+	"github.com/go-json-experiment/json/jsontext"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
+	"github.com/bulkhead-edge/bulkhead/control/server"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
+)
+
+func serveCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "serve",
+		Summary: "Run the control server. On first start it creates its CA, its command key and the first\n" +
+			"operator's credentials in DATA; it prints the CA fingerprint devices pin at enrolment.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			data := fs.String("data", DefaultData, "data `DIR` (CA, keys, control.db); created 0700")
+			listen := fs.String("listen", ":8443", "`ADDR` to listen on")
+			var names subcmd.Strings
+			fs.Var(&names, "name", "DNS `NAME` or address devices use to reach the server (in its certificate); repeatable; default: localhost and 127.0.0.1")
+			keepAlive := fs.Duration("keepalive", server.DefaultKeepAlive, "how long an idle device sync is held before it is answered empty")
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) > 0 {
+					return subcmd.Usagef("serve takes no arguments, got %q", args)
+				}
+				if *keepAlive <= 0 || *keepAlive > controlapi.MaxWait {
+					return subcmd.Usagef("--keepalive must be between 1s and %v", controlapi.MaxWait)
+				}
+				if len(names) == 0 {
+					names = subcmd.Strings{"localhost", "127.0.0.1"}
+				}
+				log := slog.New(slog.NewTextHandler(env.Stderr, nil))
+				srv, created, err := server.Open(server.Config{DataDir: *data, Listen: *listen, Names: names, KeepAlive: *keepAlive, Logger: log})
+				if err != nil {
+					return err
+				}
+				defer srv.Close()
+				ln, err := net.Listen("tcp", *listen)
+				if err != nil {
+					return err
+				}
+				if created {
+					fmt.Fprintf(env.Stdout, "created a new CA in %s\n", *data)
+				}
+				fmt.Fprintf(env.Stdout, "listening on %s for %s\nCA fingerprint %s\noperator credentials in %s\n",
+					ln.Addr(), strings.Join(names, ", "), srv.Fingerprint(), filepath.Join(*data, server.AdminDir))
+				ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+				defer stop()
+				return srv.Serve(ctx, ln)
+			}
+		},
+	}
+}
+
+func tokenCmd() *subcmd.Command {
+	return &subcmd.Command{Name: "token", Summary: "one-time enrolment tokens", Sub: []*subcmd.Command{{
+		Name:    "create",
+		Summary: "Make a one-time enrolment token for a device of CLASS. It is shown once; only its hash is stored.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			connect := adminFlags(fs)
+			class := fs.String("class", "", "device `CLASS` the token enrols (required)")
+			ttl := fs.Duration("ttl", 24*time.Hour, "how long the token is valid")
+			return func(env *subcmd.Env, args []string) error {
+				if *class == "" || len(args) > 0 {
+					return subcmd.Usagef("token create needs --class CLASS and no arguments")
+				}
+				a, err := connect()
+				if err != nil {
+					return err
+				}
+				var t controlapi.TokenResponse
+				if err := a.call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: *class, TTLSeconds: int64(ttl.Seconds())}, &t); err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "%s\n", t.Token)
+				fmt.Fprintf(env.Stderr, "token for class %s, valid until %s, usable once\n", t.Class, t.ExpiresAt.Format(time.RFC3339))
+				return nil
+			}
+		},
+	}}}
+}
+
+func pushCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "push", Args: "BUNDLE",
+		Summary: "Hand a signed bundle to the control server, which forwards it unchanged to its target devices.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			connect := adminFlags(fs)
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) != 1 {
+					return subcmd.Usagef("policy push takes one bundle file")
+				}
+				f, err := os.Open(args[0])
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				raw, err := envelope.ReadAll(f)
+				if err != nil {
+					return fmt.Errorf("%s: %w", args[0], err)
+				}
+				a, err := connect()
+				if err != nil {
+					return err
+				}
+				var out struct {
+					Version uint64 `json:"version"`
+				}
+				if err := a.call("POST", controlapi.PathAdminBundles, raw, &out); err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "pushed policy version %d\n", out.Version)
+				return nil
+			}
+		},
+	}
+}
+
+func devicesCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name:    "devices",
+		Summary: "List enrolled devices: id, class, mode and why, policy version, last seen.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			connect := adminFlags(fs)
+			asJSON := fs.Bool("json", false, "print JSON")
+			return func(env *subcmd.Env, args []string) error {
+				a, err := connect()
+				if err != nil {
+					return err
+				}
+				var devs []controlapi.Device
+				if err := a.call("GET", controlapi.PathAdminDevices, nil, &devs); err != nil {
+					return err
+				}
+				if *asJSON {
+					return printJSON(env, devs)
+				}
+				w := tabwriter.NewWriter(env.Stdout, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(w, "ID\tCLASS\tMODE\tPOLICY\tLAST SEEN\tWHY")
+				for _, d := range devs {
+					fmt.Fprintf(w, "%s\t%s\t%s\tv%d\t%s\t%s\n", d.ID, d.Class, d.State.Mode, d.State.PolicyVersion, ago(d.LastSeen), d.State.Why)
+				}
+				return w.Flush()
+			}
+		},
+	}
+}
+
+func ago(t time.Time) string {
+	if t.IsZero() {
+		return "never"
+	}
+	return time.Since(t).Round(time.Second).String() + " ago"
+}
+
+func deviceCmd() *subcmd.Command {
+	return &subcmd.Command{Name: "device", Summary: "one device", Sub: []*subcmd.Command{{
+		Name: "show", Args: "ID",
+		Summary: "Show one device: its state, keys and latest reports (JSON).",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			connect := adminFlags(fs)
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) != 1 {
+					return subcmd.Usagef("device show takes one device id")
+				}
+				a, err := connect()
+				if err != nil {
+					return err
+				}
+				var d controlapi.Device
+				if err := a.call("GET", controlapi.PathAdminDevices+"/"+args[0], nil, &d); err != nil {
+					return err
+				}
+				return printJSON(env, d)
+			}
+		},
+	}}}
+}
+
+func auditCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name:    "audit",
+		Summary: "Print the server's audit log: who did what, when, and why.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			connect := adminFlags(fs)
+			return func(env *subcmd.Env, args []string) error {
+				a, err := connect()
+				if err != nil {
+					return err
+				}
+				var log []controlapi.AuditEntry
+				if err := a.call("GET", controlapi.PathAdminAudit, nil, &log); err != nil {
+					return err
+				}
+				for _, e := range log {
+					fmt.Fprintf(env.Stdout, "%s  %-20s %-18s %s\n", e.Time.Format(time.RFC3339), e.Actor, e.Action, e.Detail)
+				}
+				return nil
+			}
+		},
+	}
+}
+
+// commandCmd builds quarantine, diagnostic, release, revoke-partner and
+// reinstate-partner. With --key the command is signed here by the ops
+// keys; without, the server signs it with its own key, which it does only
+// for commands that tighten.
+func commandCmd(kind command.Kind, summary string) *subcmd.Command {
+	args := "ID..."
+	if kind == command.RevokePartner || kind == command.ReinstatePartner {
+		args = "PARTNER"
+	}
+	return &subcmd.Command{
+		Name: string(kind), Args: args, Summary: summary,
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			connect := adminFlags(fs)
+			var classes, keys subcmd.Strings
+			reason := fs.String("reason", "", "why, for the audit logs and the device's status (required)")
+			fs.Var(&keys, "key", "ops signing key `FILE`; repeat up to the devices' threshold. Required for release and reinstate-partner")
+			if args == "ID..." {
+				fs.Var(&classes, "class", "every device of `CLASS`; repeatable")
+			}
+			validFor := fs.Duration("valid-for", 15*time.Minute, "how long devices accept the command (at most 1h)")
+			return func(env *subcmd.Env, rest []string) error {
+				req := controlapi.CommandRequest{Kind: string(kind), Reason: *reason}
+				if args == "PARTNER" {
+					if len(rest) != 1 {
+						return subcmd.Usagef("%s takes one partner id", kind)
+					}
+					req.Partner, req.All = rest[0], true
+				} else {
+					if len(rest) == 0 && len(classes) == 0 {
+						return subcmd.Usagef("%s needs device ids or --class CLASS", kind)
+					}
+					req.Devices, req.Classes = rest, classes
+				}
+				if strings.TrimSpace(*reason) == "" {
+					return subcmd.Usagef("%s needs --reason", kind)
+				}
+				if kind.Loosens() && len(keys) == 0 {
+					return subcmd.Usagef("%s loosens access and must be signed by the ops keys: give --key ops.key", kind)
+				}
+				if len(keys) > 0 {
+					privs, err := loadKeys(keys)
+					if err != nil {
+						return err
+					}
+					now := time.Now().UTC().Truncate(time.Second)
+					c := command.Command{ID: newCommandID(), Kind: kind, Partner: req.Partner, Reason: req.Reason,
+						Target:   command.Target{All: req.All, Classes: req.Classes, Devices: req.Devices},
+						IssuedAt: now, ExpiresAt: now.Add(*validFor)}
+					if req.Signed, err = command.Sign(c, privs...); err != nil {
+						return err
+					}
+				}
+				a, err := connect()
+				if err != nil {
+					return err
+				}
+				var out controlapi.CommandResponse
+				if err := a.call("POST", controlapi.PathAdminCommands, req, &out); err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "%s %s queued for %d device(s): %s\n", kind, out.ID, len(out.Devices), strings.Join(out.Devices, " "))
+				return nil
+			}
+		},
+	}
+}
+
+func newCommandID() string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return "cmd-" + hex.EncodeToString(b)
+}
+
+func printJSON(env *subcmd.Env, v any) error {
+	raw, err := json.Marshal(v, jsontext.WithIndent("  "))
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(env.Stdout, "%s\n", raw)
+	return err
+}

@@ -1,0 +1,573 @@
+// Package server is the reference control server: it enrols devices
+// against one-time tokens and issues their client certificates, stores
+// ops-signed policy bundles and forwards them untouched, routes signed
+// commands, answers devices' long-poll syncs the moment something is
+// waiting for them, ingests their reports, and serves the ops API. All
+// state is one bbolt file; transport is TLS 1.3 with its own CA.
+package server
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/go-json-experiment/json"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/control/pki"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
+)
+
+// Files in the data directory.
+const (
+	DBFile         = "control.db"
+	CommandKeyFile = "command.key"
+	AdminDir       = "admin" // the first operator's credentials
+	AdminCert      = "admin.crt"
+	AdminKey       = "admin.key"
+)
+
+// DefaultKeepAlive is how long an idle sync is held open. A device costs
+// one small request and answer per period when nothing happens: 4 minutes
+// keeps a cellular NAT mapping alive and stays far under 1 MB a day.
+const DefaultKeepAlive = 4 * time.Minute
+
+// commandLifetime is how long a command the server builds stays valid.
+const commandLifetime = 15 * time.Minute
+
+// maxBody bounds every request body but bundle pushes.
+const maxBody = 1 << 20
+
+// Config is how a server runs.
+type Config struct {
+	DataDir string
+	Listen  string
+	// Names are the DNS names and addresses devices use to reach the
+	// server; its certificate carries them.
+	Names     []string
+	KeepAlive time.Duration
+	Logger    *slog.Logger
+}
+
+// Server is a running control server.
+type Server struct {
+	cfg    Config
+	db     *db
+	ca     *pki.CA
+	cmdKey ed25519.PrivateKey
+	log    *slog.Logger
+	// changed is closed and replaced whenever a bundle or command arrives:
+	// every waiting sync wakes and looks for what is new for it.
+	mu      sync.Mutex
+	changed chan struct{}
+	// lastSeen is kept in memory; a write per poll would wear the disk.
+	seen map[string]time.Time
+}
+
+// Open loads (or on first start creates) the CA, the command key, the
+// first operator's credentials and the database. It reports whether the
+// CA was created.
+func Open(cfg Config) (*Server, bool, error) {
+	if cfg.KeepAlive == 0 {
+		cfg.KeepAlive = DefaultKeepAlive
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, false, err
+	}
+	ca, created, err := pki.LoadOrCreate(cfg.DataDir)
+	if err != nil {
+		return nil, false, err
+	}
+	key, err := loadOrCreateCommandKey(filepath.Join(cfg.DataDir, CommandKeyFile))
+	if err != nil {
+		return nil, false, err
+	}
+	if err := ensureAdmin(ca, filepath.Join(cfg.DataDir, AdminDir)); err != nil {
+		return nil, false, err
+	}
+	d, err := openDB(filepath.Join(cfg.DataDir, DBFile))
+	if err != nil {
+		return nil, false, err
+	}
+	return &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, changed: make(chan struct{}), seen: map[string]time.Time{}}, created, nil
+}
+
+// Fingerprint is the CA fingerprint devices pin.
+func (s *Server) Fingerprint() string { return controlapi.Fingerprint(s.ca.Cert) }
+
+// Close releases the database.
+func (s *Server) Close() error { return s.db.bolt.Close() }
+
+func loadOrCreateCommandKey(path string) (ed25519.PrivateKey, error) {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		_, priv, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		if err := pki.WriteKey(path, priv); err != nil {
+			return nil, err
+		}
+	}
+	k, err := pki.ReadKey(path)
+	if err != nil {
+		return nil, err
+	}
+	priv, ok := k.(ed25519.PrivateKey)
+	if !ok {
+		return nil, fmt.Errorf("%s is not an Ed25519 key", path)
+	}
+	return priv, nil
+}
+
+// ensureAdmin issues the first operator's client certificate into dir.
+func ensureAdmin(ca *pki.CA, dir string) error {
+	if _, err := os.Stat(filepath.Join(dir, AdminCert)); err == nil {
+		return nil
+	}
+	return IssueOps(ca, dir, "admin")
+}
+
+// IssueOps writes an operator's key, certificate and the CA certificate
+// into dir: what the ops CLI needs to reach the admin API.
+func IssueOps(ca *pki.CA, dir, name string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return err
+	}
+	der, err := ca.ClientCert(priv.Public(), controlapi.OpsURIPrefix+name, "operator "+name)
+	if err != nil {
+		return err
+	}
+	if err := pki.WriteKey(filepath.Join(dir, AdminKey), priv); err != nil {
+		return err
+	}
+	if err := pki.WriteCert(filepath.Join(dir, pki.CertFile), ca.Cert.Raw); err != nil {
+		return err
+	}
+	return pki.WriteCert(filepath.Join(dir, AdminCert), der)
+}
+
+// Serve listens and serves until ctx ends.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	cert, err := s.ca.ServerCert(s.cfg.Names)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{
+		Handler: s.Handler(),
+		TLSConfig: &tls.Config{
+			MinVersion:   tls.VersionTLS13,
+			Certificates: []tls.Certificate{cert},
+			ClientAuth:   tls.VerifyClientCertIfGiven,
+			ClientCAs:    s.ca.Pool(),
+		},
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       controlapi.MaxWait + time.Minute,
+		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+		srv.Close()
+	}()
+	err = srv.ServeTLS(ln, "", "")
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+// Handler routes every path.
+func (s *Server) Handler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+controlapi.PathEnroll, s.enroll)
+	mux.HandleFunc("POST "+controlapi.PathSync, s.device(s.sync))
+	mux.HandleFunc("POST "+controlapi.PathReport, s.device(s.report))
+	mux.HandleFunc("GET "+controlapi.PathAdminDevices, s.ops(s.listDevices))
+	mux.HandleFunc("GET "+controlapi.PathAdminDevices+"/{id}", s.ops(s.showDevice))
+	mux.HandleFunc("POST "+controlapi.PathAdminTokens, s.ops(s.createToken))
+	mux.HandleFunc("POST "+controlapi.PathAdminBundles, s.ops(s.pushBundle))
+	mux.HandleFunc("POST "+controlapi.PathAdminCommands, s.ops(s.command))
+	mux.HandleFunc("GET "+controlapi.PathAdminAudit, s.ops(s.audit))
+	return mux
+}
+
+// peer returns the verified client certificate's URI with prefix, minus
+// the prefix.
+func peer(r *http.Request, prefix string) (string, bool) {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+		return "", false
+	}
+	for _, u := range r.TLS.VerifiedChains[0][0].URIs {
+		if rest, ok := strings.CutPrefix(u.String(), prefix); ok && rest != "" {
+			return rest, true
+		}
+	}
+	return "", false
+}
+
+// device admits only enrolled devices with their certificate.
+func (s *Server) device(h func(w http.ResponseWriter, r *http.Request, id string)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id, ok := peer(r, controlapi.DeviceURIPrefix)
+		if !ok {
+			fail(w, http.StatusUnauthorized, "a device certificate is required (enrol first)")
+			return
+		}
+		if _, err := s.db.device(id); err != nil {
+			fail(w, http.StatusForbidden, "device "+id+" is not enrolled here")
+			return
+		}
+		h(w, r, id)
+	}
+}
+
+// ops admits only operators with their certificate. An unauthenticated
+// caller learns nothing but that.
+func (s *Server) ops(h func(w http.ResponseWriter, r *http.Request, actor string)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		name, ok := peer(r, controlapi.OpsURIPrefix)
+		if !ok {
+			fail(w, http.StatusUnauthorized, "an operator certificate is required")
+			return
+		}
+		h(w, r, "ops "+name)
+	}
+}
+
+func fail(w http.ResponseWriter, code int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	json.MarshalWrite(w, controlapi.Error{Error: msg})
+}
+
+func reply(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	json.MarshalWrite(w, v)
+}
+
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	if err := json.UnmarshalRead(http.MaxBytesReader(w, r.Body, maxBody), v); err != nil {
+		fail(w, http.StatusBadRequest, "request body: "+err.Error())
+		return false
+	}
+	return true
+}
+
+func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
+	var req controlapi.EnrollRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	csr, err := x509.ParseCertificateRequest(req.CSR)
+	if err == nil {
+		err = csr.CheckSignature()
+	}
+	if err != nil {
+		fail(w, http.StatusBadRequest, "certificate request: "+err.Error())
+		return
+	}
+	now := time.Now()
+	var der []byte
+	dev, cursor, err := s.db.enroll(req.Token, req.Class, now, func(id string) (controlapi.Device, error) {
+		var err error
+		der, err = s.ca.ClientCert(csr.PublicKey, controlapi.DeviceURIPrefix+id, "device "+id)
+		return controlapi.Device{ID: id, Class: req.Class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, EnrolledAt: now.UTC()}, err
+	})
+	switch {
+	case errors.Is(err, errTokenUnknown), errors.Is(err, errTokenUsed), errors.Is(err, errTokenExpired), errors.Is(err, errTokenClass):
+		s.db.recordAudit(now, "enrolment", "enrolment-refused", fmt.Sprintf("%v (hostname %q)", err, req.Hostname))
+		fail(w, http.StatusForbidden, err.Error())
+		return
+	case err != nil:
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	s.log.Info("device enrolled", "id", dev.ID, "class", dev.Class, "hostname", dev.Hostname)
+	reply(w, controlapi.EnrollResponse{DeviceID: dev.ID, Certificate: der, CA: s.ca.Cert.Raw,
+		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), Cursor: cursor})
+}
+
+// wakeup returns the channel closed at the next change.
+func (s *Server) wakeup() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.changed
+}
+
+func (s *Server) notify() {
+	s.mu.Lock()
+	close(s.changed)
+	s.changed = make(chan struct{})
+	s.mu.Unlock()
+}
+
+func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
+	var req controlapi.SyncRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	now := time.Now()
+	s.mu.Lock()
+	s.seen[id] = now
+	s.mu.Unlock()
+	dev, err := s.db.device(id)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	if !stateEqual(dev.State, req.State) {
+		err := s.db.updateDevice(id, func(d *controlapi.Device) { d.State, d.LastSeen = req.State, now.UTC() })
+		if err != nil {
+			fail(w, http.StatusInternalServerError, err.Error())
+			return
+		}
+	}
+	wait := min(time.Duration(req.WaitSeconds)*time.Second, s.cfg.KeepAlive, controlapi.MaxWait)
+	timer := time.NewTimer(wait)
+	defer timer.Stop()
+	target := bundle.Device{ID: id, Class: dev.Class}
+	for {
+		woken := s.wakeup() // before looking, so nothing slips between
+		resp, err := s.pending(req, target)
+		if err != nil {
+			fail(w, http.StatusInternalServerError, err.Error())
+			return
+		}
+		if resp.Bundle != nil || len(resp.Commands) > 0 {
+			reply(w, resp)
+			return
+		}
+		select {
+		case <-woken:
+		case <-timer.C:
+			reply(w, resp)
+			return
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+func stateEqual(a, b controlapi.DeviceState) bool {
+	x, _ := json.Marshal(a, json.Deterministic(true))
+	y, _ := json.Marshal(b, json.Deterministic(true))
+	return string(x) == string(y)
+}
+
+// pending is what a device is missing: the newest bundle meant for it and
+// its unexpired commands after its cursor.
+func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (controlapi.SyncResponse, error) {
+	now := time.Now()
+	resp := controlapi.SyncResponse{ServerTime: now.UTC()}
+	raw, err := s.db.newestBundle(req.PolicyVersion, func(raw []byte) bool {
+		p, err := peekBundle(raw)
+		return err == nil && p.Target.Matches(dev)
+	})
+	if err != nil {
+		return resp, err
+	}
+	resp.Bundle = raw
+	resp.Commands, resp.Cursor, err = s.db.commandsAfter(req.Cursor, dev.ID, now)
+	return resp, err
+}
+
+func peekBundle(raw []byte) (bundle.Payload, error) {
+	var p bundle.Payload
+	payload, err := envelope.PeekUnverified(raw, bundle.PayloadType)
+	if err == nil {
+		err = json.Unmarshal(payload, &p)
+	}
+	return p, err
+}
+
+func (s *Server) report(w http.ResponseWriter, r *http.Request, id string) {
+	var req controlapi.ReportRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	acked, err := s.db.addReports(id, req)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	reply(w, controlapi.ReportResponse{Acked: acked})
+}
+
+func (s *Server) withSeen(dev controlapi.Device) controlapi.Device {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if t, ok := s.seen[dev.ID]; ok && t.After(dev.LastSeen) {
+		dev.LastSeen = t.UTC()
+	}
+	return dev
+}
+
+func (s *Server) listDevices(w http.ResponseWriter, _ *http.Request, _ string) {
+	devs, err := s.db.devices()
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	for i := range devs {
+		devs[i] = s.withSeen(devs[i])
+	}
+	reply(w, devs)
+}
+
+func (s *Server) showDevice(w http.ResponseWriter, r *http.Request, _ string) {
+	dev, err := s.db.device(r.PathValue("id"))
+	if errors.Is(err, errNoDevice) {
+		fail(w, http.StatusNotFound, err.Error())
+		return
+	}
+	if err == nil {
+		dev.Reports, err = s.db.reports(dev.ID, 50)
+	}
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	reply(w, s.withSeen(dev))
+}
+
+func (s *Server) createToken(w http.ResponseWriter, r *http.Request, actor string) {
+	var req controlapi.TokenRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	ttl := time.Duration(req.TTLSeconds) * time.Second
+	if req.Class == "" || ttl <= 0 || ttl > 30*24*time.Hour {
+		fail(w, http.StatusBadRequest, "a token needs a class and a ttl between 1s and 30 days")
+		return
+	}
+	resp, err := s.db.newToken(req.Class, ttl, time.Now(), actor)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	reply(w, resp)
+}
+
+// pushBundle stores a bundle as signed. The server cannot and does not
+// judge its signatures against the fleet's roots (devices do); it checks
+// only that it is a well-formed bundle it can route.
+func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string) {
+	raw, err := envelope.ReadAll(r.Body)
+	if err != nil {
+		fail(w, http.StatusRequestEntityTooLarge, err.Error())
+		return
+	}
+	p, err := peekBundle(raw)
+	if err != nil {
+		fail(w, http.StatusBadRequest, "not a policy bundle: "+err.Error())
+		return
+	}
+	if p.Version == 0 || (len(p.Target.Classes) == 0 && len(p.Target.Devices) == 0) {
+		fail(w, http.StatusBadRequest, "bundle has no version or no target")
+		return
+	}
+	if err := s.db.pushBundle(p.Version, raw, time.Now(), actor, p.Target.String()); err != nil {
+		fail(w, http.StatusConflict, err.Error())
+		return
+	}
+	s.log.Info("policy pushed", "version", p.Version, "target", p.Target.String(), "by", actor)
+	s.notify()
+	reply(w, map[string]uint64{"version": p.Version})
+}
+
+func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {
+	var req controlapi.CommandRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	now := time.Now()
+	raw := req.Signed
+	var c command.Command
+	var err error
+	if raw != nil {
+		c, err = command.Peek(raw)
+		if err != nil {
+			fail(w, http.StatusBadRequest, err.Error())
+			return
+		}
+	} else {
+		c = command.Command{ID: randomID("cmd-", 8), Kind: command.Kind(req.Kind), Partner: req.Partner, Reason: req.Reason,
+			Target:   command.Target{All: req.All, Classes: req.Classes, Devices: req.Devices},
+			IssuedAt: now.UTC(), ExpiresAt: now.Add(commandLifetime).UTC()}
+		if c.Kind.Loosens() {
+			fail(w, http.StatusForbidden, fmt.Sprintf("%s loosens access and needs the ops keys: sign it with --key (the control server's key may only tighten)", c.Kind))
+			return
+		}
+		if raw, err = command.Sign(c, s.cmdKey); err != nil {
+			fail(w, http.StatusBadRequest, err.Error())
+			return
+		}
+	}
+	devs, err := s.db.devices()
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	var ids []string
+	for _, d := range devs {
+		if c.Target.Matches(bundle.Device{ID: d.ID, Class: d.Class}) {
+			ids = append(ids, d.ID)
+		}
+	}
+	if len(ids) == 0 {
+		fail(w, http.StatusNotFound, fmt.Sprintf("%s matches no enrolled device", c.Target))
+		return
+	}
+	signer := "control key"
+	if req.Signed != nil {
+		signer = "signed by the caller"
+	}
+	detail := fmt.Sprintf("%s %s for %s (%d devices), %s; reason: %s", c.ID, c.Kind, c.Target, len(ids), signer, c.Reason)
+	if c.Partner != "" {
+		detail = fmt.Sprintf("%s %s partner %s for %s (%d devices), %s; reason: %s", c.ID, c.Kind, c.Partner, c.Target, len(ids), signer, c.Reason)
+	}
+	seq, err := s.db.queueCommand(commandRecord(c, raw, ids), now, actor, detail)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	s.log.Info("command queued", "detail", detail, "by", actor)
+	s.notify()
+	reply(w, controlapi.CommandResponse{ID: c.ID, Seq: seq, Devices: ids})
+}
+
+func commandRecord(c command.Command, raw []byte, ids []string) queued {
+	return queued{ID: c.ID, Kind: string(c.Kind), ExpiresAt: c.ExpiresAt, Raw: raw, Devices: ids}
+}
+
+func (s *Server) audit(w http.ResponseWriter, _ *http.Request, _ string) {
+	log, err := s.db.auditLog()
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	reply(w, log)
+}

@@ -1,0 +1,359 @@
+package server
+
+import (
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/go-json-experiment/json"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+)
+
+var (
+	bucketTokens   = []byte("tokens")   // sha256(token) -> token
+	bucketDevices  = []byte("devices")  // id -> device
+	bucketBundles  = []byte("bundles")  // version -> signed bundle
+	bucketCommands = []byte("commands") // seq -> command record
+	bucketReports  = []byte("reports")  // id 0x00 seq -> event
+	bucketAudit    = []byte("audit")    // seq -> audit entry
+)
+
+// reportsKept is how many events per device the server keeps.
+const reportsKept = 1000
+
+// Errors the handlers map to status codes.
+var (
+	errTokenUnknown = errors.New("enrolment token unknown")
+	errTokenUsed    = errors.New("enrolment token already used")
+	errTokenExpired = errors.New("enrolment token expired")
+	errTokenClass   = errors.New("enrolment token is for another class")
+	errNoDevice     = errors.New("no such device")
+)
+
+type token struct {
+	Class     string    `json:"class"`
+	ExpiresAt time.Time `json:"expires_at"`
+	UsedBy    string    `json:"used_by,omitzero"`
+}
+
+// queued is a routed command.
+type queued struct {
+	ID        string    `json:"id"`
+	Kind      string    `json:"kind"`
+	ExpiresAt time.Time `json:"expires_at"`
+	Raw       []byte    `json:"raw"`
+	// Devices are the enrolled devices the target named when queued.
+	Devices []string `json:"devices"`
+}
+
+type db struct{ bolt *bolt.DB }
+
+func openDB(path string) (*db, error) {
+	b, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w (is another bulkhead-control serve using it?)", path, err)
+	}
+	err = b.Update(func(tx *bolt.Tx) error {
+		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketCommands, bucketReports, bucketAudit} {
+			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		b.Close()
+		return nil, err
+	}
+	return &db{b}, nil
+}
+
+func get[T any](b *bolt.Bucket, key []byte) (T, bool, error) {
+	var v T
+	raw := b.Get(key)
+	if raw == nil {
+		return v, false, nil
+	}
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return v, false, fmt.Errorf("stored %s: %w", key, err)
+	}
+	return v, true, nil
+}
+
+func put(b *bolt.Bucket, key []byte, v any) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return b.Put(key, raw)
+}
+
+func u64(n uint64) []byte { return binary.BigEndian.AppendUint64(nil, n) }
+
+func hashToken(t string) []byte { s := sha256.Sum256([]byte(t)); return s[:] }
+
+func randomID(prefix string, n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return prefix + hex.EncodeToString(b)
+}
+
+// audit appends one entry in tx.
+func audit(tx *bolt.Tx, now time.Time, actor, action, detail string) error {
+	b := tx.Bucket(bucketAudit)
+	seq, _ := b.NextSequence()
+	return put(b, u64(seq), controlapi.AuditEntry{Seq: seq, Time: now.UTC(), Actor: actor, Action: action, Detail: detail})
+}
+
+// newToken stores a one-time token and returns it; only its hash is kept.
+func (d *db) newToken(class string, ttl time.Duration, now time.Time, actor string) (controlapi.TokenResponse, error) {
+	t := randomID("bht_", 20)
+	resp := controlapi.TokenResponse{Token: t, Class: class, ExpiresAt: now.Add(ttl).UTC()}
+	err := d.bolt.Update(func(tx *bolt.Tx) error {
+		if err := put(tx.Bucket(bucketTokens), hashToken(t), token{Class: class, ExpiresAt: resp.ExpiresAt}); err != nil {
+			return err
+		}
+		return audit(tx, now, actor, "token-created", fmt.Sprintf("class %s, expires %s", class, resp.ExpiresAt.Format(time.RFC3339)))
+	})
+	return resp, err
+}
+
+// enroll spends the token and records the device, all or nothing: a
+// refused or failed enrolment leaves the token as it was.
+func (d *db) enroll(tok, class string, now time.Time, issue func(id string) (controlapi.Device, error)) (controlapi.Device, uint64, error) {
+	var dev controlapi.Device
+	var cursor uint64
+	err := d.bolt.Update(func(tx *bolt.Tx) error {
+		tb := tx.Bucket(bucketTokens)
+		t, ok, err := get[token](tb, hashToken(tok))
+		switch {
+		case err != nil:
+			return err
+		case !ok:
+			return errTokenUnknown
+		case t.UsedBy != "":
+			return fmt.Errorf("%w (by device %s)", errTokenUsed, t.UsedBy)
+		case !now.Before(t.ExpiresAt):
+			return fmt.Errorf("%w at %s", errTokenExpired, t.ExpiresAt.Format(time.RFC3339))
+		case t.Class != class:
+			return fmt.Errorf("%w: it is for class %q, this device is class %q", errTokenClass, t.Class, class)
+		}
+		if dev, err = issue(randomID("dev-", 6)); err != nil {
+			return err
+		}
+		t.UsedBy = dev.ID
+		if err := put(tb, hashToken(tok), t); err != nil {
+			return err
+		}
+		if err := put(tx.Bucket(bucketDevices), []byte(dev.ID), dev); err != nil {
+			return err
+		}
+		cursor = tx.Bucket(bucketCommands).Sequence()
+		return audit(tx, now, "device "+dev.ID, "enrolled", fmt.Sprintf("class %s, hostname %q", class, dev.Hostname))
+	})
+	return dev, cursor, err
+}
+
+func (d *db) device(id string) (controlapi.Device, error) {
+	var dev controlapi.Device
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		v, ok, err := get[controlapi.Device](tx.Bucket(bucketDevices), []byte(id))
+		if err == nil && !ok {
+			err = fmt.Errorf("%w: %s", errNoDevice, id)
+		}
+		dev = v
+		return err
+	})
+	return dev, err
+}
+
+func (d *db) devices() ([]controlapi.Device, error) {
+	var out []controlapi.Device
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
+			var dev controlapi.Device
+			if err := json.Unmarshal(v, &dev); err != nil {
+				return fmt.Errorf("stored device %s: %w", k, err)
+			}
+			out = append(out, dev)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// updateDevice applies fn to a stored device.
+func (d *db) updateDevice(id string, fn func(*controlapi.Device)) error {
+	return d.bolt.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketDevices)
+		dev, ok, err := get[controlapi.Device](b, []byte(id))
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return fmt.Errorf("%w: %s", errNoDevice, id)
+		}
+		fn(&dev)
+		return put(b, []byte(id), dev)
+	})
+}
+
+// pushBundle stores a signed bundle under its version; the same version
+// twice is refused, as a device would refuse it.
+func (d *db) pushBundle(version uint64, raw []byte, now time.Time, actor, target string) error {
+	return d.bolt.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketBundles)
+		if b.Get(u64(version)) != nil {
+			return fmt.Errorf("bundle version %d was already pushed; sign a higher version", version)
+		}
+		if err := b.Put(u64(version), raw); err != nil {
+			return err
+		}
+		return audit(tx, now, actor, "policy-pushed", fmt.Sprintf("version %d for %s", version, target))
+	})
+}
+
+// newestBundle returns the highest-version bundle above have that match
+// accepts, or nil.
+func (d *db) newestBundle(have uint64, match func(raw []byte) bool) ([]byte, error) {
+	var out []byte
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketBundles).Cursor()
+		for k, v := c.Last(); k != nil && binary.BigEndian.Uint64(k) > have; k, v = c.Prev() {
+			if match(v) {
+				out = append([]byte(nil), v...)
+				return nil
+			}
+		}
+		return nil
+	})
+	return out, err
+}
+
+// queueCommand stores a command and audits it.
+func (d *db) queueCommand(c queued, now time.Time, actor, detail string) (uint64, error) {
+	var seq uint64
+	err := d.bolt.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketCommands)
+		seq, _ = b.NextSequence()
+		if err := put(b, u64(seq), c); err != nil {
+			return err
+		}
+		return audit(tx, now, actor, c.Kind, detail)
+	})
+	return seq, err
+}
+
+// commandsAfter returns the raw commands after cursor that name id and
+// have not expired, and the newest sequence number.
+func (d *db) commandsAfter(cursor uint64, id string, now time.Time) ([][]byte, uint64, error) {
+	var out [][]byte
+	last := cursor
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketCommands)
+		c := b.Cursor()
+		for k, v := c.Seek(u64(cursor + 1)); k != nil; k, v = c.Next() {
+			last = binary.BigEndian.Uint64(k)
+			var cmd queued
+			if err := json.Unmarshal(v, &cmd); err != nil {
+				return err
+			}
+			if now.Before(cmd.ExpiresAt) && slices.Contains(cmd.Devices, id) {
+				out = append(out, cmd.Raw)
+			}
+		}
+		if s := b.Sequence(); s > last {
+			last = s
+		}
+		return nil
+	})
+	return out, last, err
+}
+
+// addReports stores events not seen before and returns the highest seq
+// stored for the device (the acknowledgement).
+func (d *db) addReports(id string, req controlapi.ReportRequest) (uint64, error) {
+	var acked uint64
+	err := d.bolt.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketReports)
+		prefix := append([]byte(id), 0)
+		for _, e := range req.Events {
+			key := append(append([]byte(nil), prefix...), u64(e.Seq)...)
+			if b.Get(key) == nil {
+				if err := put(b, key, e); err != nil {
+					return err
+				}
+			}
+			acked = max(acked, e.Seq)
+		}
+		// Keep the newest reportsKept per device.
+		var keys [][]byte
+		c := b.Cursor()
+		for k, _ := c.Seek(prefix); k != nil && len(k) == len(prefix)+8 && string(k[:len(prefix)]) == string(prefix); k, _ = c.Next() {
+			keys = append(keys, append([]byte(nil), k...))
+		}
+		for len(keys) > reportsKept {
+			if err := b.Delete(keys[0]); err != nil {
+				return err
+			}
+			keys = keys[1:]
+		}
+		if req.Dropped == 0 {
+			return nil
+		}
+		db := tx.Bucket(bucketDevices)
+		dev, ok, err := get[controlapi.Device](db, []byte(id))
+		if err != nil || !ok {
+			return err
+		}
+		dev.ReportsDropped += req.Dropped
+		return put(db, []byte(id), dev)
+	})
+	return acked, err
+}
+
+func (d *db) reports(id string, n int) ([]controlapi.Event, error) {
+	var out []controlapi.Event
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		prefix := append([]byte(id), 0)
+		c := tx.Bucket(bucketReports).Cursor()
+		for k, v := c.Seek(prefix); k != nil && len(k) == len(prefix)+8 && string(k[:len(prefix)]) == string(prefix); k, v = c.Next() {
+			var e controlapi.Event
+			if err := json.Unmarshal(v, &e); err != nil {
+				return err
+			}
+			out = append(out, e)
+		}
+		return nil
+	})
+	if len(out) > n {
+		out = out[len(out)-n:]
+	}
+	return out, err
+}
+
+func (d *db) auditLog() ([]controlapi.AuditEntry, error) {
+	var out []controlapi.AuditEntry
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketAudit).ForEach(func(_, v []byte) error {
+			var e controlapi.AuditEntry
+			if err := json.Unmarshal(v, &e); err != nil {
+				return err
+			}
+			out = append(out, e)
+			return nil
+		})
+	})
+	return out, err
+}
+
+func (d *db) recordAudit(now time.Time, actor, action, detail string) error {
+	return d.bolt.Update(func(tx *bolt.Tx) error { return audit(tx, now, actor, action, detail) })
+}
