@@ -25,6 +25,10 @@ type Request struct {
 	Op     string `json:"op"`               // status, explain, apply, ruleset, rotate-key
 	To     string `json:"to,omitempty"`     // explain: ADDR:PORT[/tcp|udp]
 	Bundle []byte `json:"bundle,omitempty"` // apply: the envelope bytes
+	// enroll: the control server, a one-time token, the pinned CA.
+	URL         string `json:"url,omitempty"`
+	Token       string `json:"token,omitempty"`
+	Fingerprint string `json:"fingerprint,omitempty"`
 }
 
 // Response answers a Request.
@@ -54,6 +58,8 @@ type Status struct {
 	Open          []string               `json:"open_segments"`
 	Decisions     []localpolicy.Decision `json:"decisions,omitempty"`
 	Tunnel        TunnelStatus           `json:"tunnel"`
+	// Control is the control channel; absent until the device enrols.
+	Control *ControlStatus `json:"control,omitempty"`
 }
 
 // TunnelStatus is the WireGuard device and its peers. The private key is
@@ -101,6 +107,8 @@ func (a *Agent) handle(r request) Response {
 		return Response{Ruleset: a.ruleset.Text()}
 	case "rotate-key":
 		return a.rotateKey()
+	case "enroll":
+		return a.enroll(r.Request)
 	case "apply":
 		if _, err := a.install(r.Bundle); err != nil {
 			return Response{Error: "bundle rejected, previous policy still enforced: " + err.Error()}
@@ -125,6 +133,10 @@ func (a *Agent) status() *Status {
 		s.Open = append(s.Open, seg.Segment)
 	}
 	s.Tunnel = a.tunnelStatus()
+	s.Control = a.ch.status.Load()
+	if a.ch.rec != nil {
+		s.DeviceID = a.ch.rec.DeviceID
+	}
 	return s
 }
 
@@ -166,7 +178,7 @@ func (a *Agent) rotateKey() Response {
 	}
 	a.log.Info("wireguard key rotated", "old_public_key", old.String(), "public_key", pub.String())
 	if a.store != nil {
-		a.store.Audit(a.clock.Now(), "wireguard-key-rotated", fmt.Sprintf("public key %s replaces %s", pub, old))
+		a.audit("wireguard-key-rotated", fmt.Sprintf("public key %s replaces %s", pub, old))
 	}
 	return Response{PublicKey: pub.String(), Status: a.status()}
 }

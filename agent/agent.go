@@ -57,6 +57,7 @@ type Agent struct {
 	tun       *tunnel.Tunnel // nil until the tunnel is up
 	tunErr    string         // why the tunnel is not up, or its last failed apply
 	traffic   []tunnel.PeerState
+	ch        channel
 }
 
 // Option adjusts an Agent; tests use them.
@@ -81,6 +82,7 @@ func New(cfg *Config, opts ...Option) *Agent {
 		log:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
 		reqs: make(chan request),
 	}
+	a.ch.synced, a.ch.kick = make(chan syncResult), make(chan struct{}, 1)
 	for _, o := range opts {
 		o(a)
 	}
@@ -98,6 +100,7 @@ func (a *Agent) Boot() error {
 		a.noPolicy = err.Error()
 		a.log.Error("policy cache unusable; enforcing lockdown", "err", err)
 	} else {
+		a.loadEnrolment()
 		a.loadBundle()
 	}
 	if err := a.reconcile("boot"); err != nil {
@@ -182,7 +185,7 @@ func (a *Agent) openStore() error {
 }
 
 func (a *Agent) loadBundle() {
-	b, err := a.store.Load(a.roots, a.cfg.device())
+	b, err := a.store.Load(a.roots, a.device())
 	switch {
 	case err == nil:
 		a.bundle, a.noPolicy = b, ""
@@ -191,7 +194,7 @@ func (a *Agent) loadBundle() {
 	default:
 		a.noPolicy = "cached policy rejected: " + err.Error()
 		a.log.Error("cached policy cannot be trusted; enforcing lockdown", "err", err)
-		a.store.Audit(a.clock.Now(), "cache-rejected", err.Error())
+		a.audit("cache-rejected", err.Error())
 	}
 }
 
@@ -200,8 +203,8 @@ func (a *Agent) loadBundle() {
 // call.
 func (a *Agent) reconcile(why string) error {
 	in := localpolicy.Input{
-		NoPolicy: a.noPolicy, Device: a.cfg.device(), Now: a.clock.Now(),
-		Sticky: a.sticky, Floor: a.cfg.SafetyFloor, Control: a.cfg.Control,
+		NoPolicy: a.noPolicy, Device: a.device(), Now: a.clock.Now(),
+		Sticky: a.sticky, Floor: a.cfg.SafetyFloor, Control: a.controlEndpoints(),
 	}
 	if a.bundle != nil {
 		in.Bundle = &a.bundle.Payload
@@ -227,6 +230,10 @@ func (a *Agent) reconcile(why string) error {
 		a.lastApply = a.wall()
 		a.log.Info("enforcing", "why", why, "mode", a.desired.Mode, "policy", a.desired.PolicyVersion, "segments", len(a.desired.Segments))
 	}
+	if a.desired.Mode != prev {
+		a.audit("mode-changed", fmt.Sprintf("%s to %s (%s): %s", prev, a.desired.Mode, why, strings.Join(a.desired.Why, "; ")))
+	}
+	a.publish()
 	if a.desired.Mode != prev && a.store != nil {
 		// A mode change is an instant worth remembering: after a restart
 		// with the clock set back, time cannot run behind it.
@@ -246,6 +253,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	defer ln.Close()
 	go serveAdmin(ctx, ln, a.reqs, a.log)
+	a.ch.runCtx = ctx
+	a.startSync()
 
 	quick := time.NewTicker(quickCheckEvery)
 	defer quick.Stop()
@@ -264,9 +273,15 @@ func (a *Agent) Run(ctx context.Context) error {
 			if a.tun != nil {
 				a.tun.Close()
 			}
+			if a.ch.spool != nil {
+				a.ch.spool.Close()
+			}
 			return nil
 		case r := <-a.reqs:
 			r.reply <- a.handle(r)
+		case res := <-a.ch.synced:
+			a.handleSync(res.resp)
+			close(res.done)
 		case <-next.C:
 			a.reconcile("scheduled change")
 		case <-quick.C:
@@ -308,7 +323,7 @@ func (a *Agent) checkDrift(check func(nft.Ruleset) error) {
 	a.repairs++
 	a.lastApply = a.wall()
 	if a.store != nil {
-		a.store.Audit(a.clock.Now(), "drift-repaired", err.Error())
+		a.audit("drift-repaired", err.Error())
 	}
 }
 
@@ -318,7 +333,7 @@ func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
 	if a.store == nil {
 		return nil, fmt.Errorf("policy cache unusable (%s); no bundle can be accepted safely", a.noPolicy)
 	}
-	b, err := a.store.Install(bytes.NewReader(raw), a.roots, a.clock.Now(), a.cfg.device())
+	b, err := a.store.Install(bytes.NewReader(raw), a.roots, a.clock.Now(), a.device())
 	if err != nil {
 		a.log.Warn("bundle rejected", "err", err)
 		return nil, err

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent"
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
@@ -35,6 +36,7 @@ func runCmd() *subcmd.Command {
 				if err != nil {
 					return err
 				}
+				agent.Version = Version
 				a := agent.New(cfg)
 				if err := a.Boot(); err != nil {
 					return fmt.Errorf("boot: %w", err)
@@ -110,6 +112,14 @@ func printStatus(env *subcmd.Env, s *agent.Status) {
 		fmt.Fprintf(w, "next      %s\n", s.NextChange.UTC().Format(time.RFC3339))
 	}
 	printTunnel(env, s.Tunnel)
+	switch c := s.Control; {
+	case c == nil:
+		fmt.Fprintf(w, "control   not enrolled (bulkhead enroll)\n")
+	case c.Connected:
+		fmt.Fprintf(w, "control   %s, connected, last sync %s\n", c.URL, c.LastSync.UTC().Format(time.RFC3339))
+	default:
+		fmt.Fprintf(w, "control   %s, NOT CONNECTED: %s (enforcing from the cache meanwhile)\n", c.URL, c.Error)
+	}
 }
 
 func printTunnel(env *subcmd.Env, t agent.TunnelStatus) {
@@ -227,6 +237,35 @@ func cleanupCmd() *subcmd.Command {
 					return err
 				}
 				fmt.Fprintf(env.Stdout, "removed table inet %s: this device no longer enforces any Bulkhead policy\n", nft.Table)
+				return nil
+			}
+		},
+	}
+}
+
+func enrollCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "enroll",
+		Summary: "Enrol this device with a control server, through the running agent: the agent opens its\n" +
+			"table to the server, checks the server's CA against --trust-ca, presents the one-time\n" +
+			"token, stores its certificate and starts syncing. Nothing is kept if any step fails.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			socket := socketFlag(fs)
+			url := fs.String("control", "", "control server `URL`, e.g. https://10.99.0.1:8443 (required)")
+			token := fs.String("token", "", "one-time enrolment `TOKEN` from `bulkhead-control token create` (required)")
+			fp := fs.String("trust-ca", "", "the control CA's fingerprint `SHA256:HEX`, as `bulkhead-control serve` prints it (required)")
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) > 0 || *url == "" || *token == "" || *fp == "" {
+					return subcmd.Usagef("enroll needs --control URL, --token TOKEN and --trust-ca SHA256:FP")
+				}
+				if _, err := controlapi.ParseFingerprint(*fp); err != nil {
+					return subcmd.Usagef("%v", err)
+				}
+				resp, err := call(*socket, agent.Request{Op: "enroll", URL: *url, Token: *token, Fingerprint: *fp})
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "enrolled as %s with %s\n", resp.Status.DeviceID, *url)
 				return nil
 			}
 		},

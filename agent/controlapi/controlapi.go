@@ -9,9 +9,14 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
+	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"strings"
 	"time"
+
+	"github.com/go-json-experiment/json"
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 )
@@ -196,4 +201,24 @@ type AuditEntry struct {
 	Actor  string    `json:"actor"`
 	Action string    `json:"action"`
 	Detail string    `json:"detail"`
+}
+
+// ReadResponse reads an answer of at most 64 MiB and decodes it into out,
+// or returns the server's refusal as an error carrying its message.
+func ReadResponse(resp *http.Response, out any) error {
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode/100 != 2 {
+		var e Error
+		if json.Unmarshal(data, &e) == nil && e.Error != "" {
+			return errors.New(e.Error)
+		}
+		return fmt.Errorf("control server: %s", resp.Status)
+	}
+	if out == nil {
+		return nil
+	}
+	return json.Unmarshal(data, out)
 }

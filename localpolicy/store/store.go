@@ -302,32 +302,46 @@ func (s *Store) putIfChanged(key, val []byte) (changed bool, err error) {
 	return true, s.update(func(meta *bolt.Bucket, _ *bolt.Tx) error { return meta.Put(key, val) })
 }
 
-// RememberCommand records a command id until it expires, and fails with
-// ErrReplay if the id is already remembered. Expired ids are forgotten in
-// the same transaction, so the set stays as small as the commands in flight.
-func (s *Store) RememberCommand(id string, expires, now time.Time) error {
-	return s.update(func(_ *bolt.Bucket, tx *bolt.Tx) error {
-		b := tx.Bucket(bucketCommands)
-		if v := b.Get([]byte(id)); v != nil {
-			return fmt.Errorf("%w: %s", ErrReplay, id)
-		}
-		var expired [][]byte
-		err := b.ForEach(func(k, v []byte) error {
-			if len(v) == 8 && int64(binary.BigEndian.Uint64(v)) <= now.UnixNano() {
-				expired = append(expired, bytes.Clone(k))
-			}
-			return nil
-		})
-		if err != nil {
+// Obey records that the command id was obeyed and its resulting sticky
+// state in one transaction, so a crash leaves both or neither. It fails
+// with ErrReplay, changing nothing, if the id is already remembered.
+func (s *Store) Obey(id string, expires, now time.Time, st localpolicy.Sticky) error {
+	enc, err := json.Marshal(st, json.Deterministic(true))
+	if err != nil {
+		return err
+	}
+	return s.update(func(meta *bolt.Bucket, tx *bolt.Tx) error {
+		if err := rememberCommand(tx, id, expires, now); err != nil {
 			return err
 		}
-		for _, k := range expired {
-			if err := b.Delete(k); err != nil {
-				return err
-			}
-		}
-		return b.Put([]byte(id), u64(uint64(expires.UnixNano())))
+		return meta.Put(keySticky, enc)
 	})
+}
+
+// rememberCommand records a command id until it expires, and fails with
+// ErrReplay if the id is already remembered. Expired ids are forgotten in
+// the same transaction, so the set stays as small as the commands in flight.
+func rememberCommand(tx *bolt.Tx, id string, expires, now time.Time) error {
+	b := tx.Bucket(bucketCommands)
+	if v := b.Get([]byte(id)); v != nil {
+		return fmt.Errorf("%w: %s", ErrReplay, id)
+	}
+	var expired [][]byte
+	err := b.ForEach(func(k, v []byte) error {
+		if len(v) == 8 && int64(binary.BigEndian.Uint64(v)) <= now.UnixNano() {
+			expired = append(expired, bytes.Clone(k))
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	for _, k := range expired {
+		if err := b.Delete(k); err != nil {
+			return err
+		}
+	}
+	return b.Put([]byte(id), u64(uint64(expires.UnixNano())))
 }
 
 func getU64(b *bolt.Bucket, key []byte) (uint64, error) {

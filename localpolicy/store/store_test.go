@@ -321,14 +321,19 @@ func TestStickyRoundTrip(t *testing.T) {
 
 func TestCommandReplay(t *testing.T) {
 	s := open(t, filepath.Join(t.TempDir(), "cache.db"))
-	if err := s.RememberCommand("cmd-1", t0.Add(time.Minute), t0); err != nil {
+	quarantined := localpolicy.Sticky{Mode: localpolicy.Quarantine, Reason: "q"}
+	if err := s.Obey("cmd-1", t0.Add(time.Minute), t0, quarantined); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.RememberCommand("cmd-1", t0.Add(time.Minute), t0.Add(time.Second)); !errors.Is(err, ErrReplay) {
+	// A replay is refused and changes nothing, the sticky state included.
+	if err := s.Obey("cmd-1", t0.Add(time.Minute), t0.Add(time.Second), localpolicy.Sticky{}); !errors.Is(err, ErrReplay) {
 		t.Fatalf("replay = %v, want ErrReplay", err)
 	}
+	if st, _ := s.Sticky(); st.Mode != localpolicy.Quarantine {
+		t.Errorf("sticky after a refused replay = %+v", st)
+	}
 	// Expired ids are pruned when another command arrives.
-	if err := s.RememberCommand("cmd-2", t0.Add(time.Hour), t0.Add(2*time.Minute)); err != nil {
+	if err := s.Obey("cmd-2", t0.Add(time.Hour), t0.Add(2*time.Minute), quarantined); err != nil {
 		t.Fatal(err)
 	}
 	var n int

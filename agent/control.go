@@ -1,0 +1,380 @@
+package agent
+
+import (
+	"context"
+	"crypto/ed25519"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net/netip"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
+	"github.com/bulkhead-edge/bulkhead/agent/spool"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// The sync client's pacing. A poll is held by the server for syncWait when
+// idle; failures back off exponentially with jitter up to backoffMax, so
+// an outage of any length costs one attempt per minute and no memory.
+const (
+	syncWait     = 4 * time.Minute
+	syncSlack    = 30 * time.Second
+	backoffFirst = time.Second
+	backoffMax   = time.Minute
+	reportBatch  = 200
+)
+
+// Version is the agent's version as reported to control; the command
+// line sets it from its build stamp.
+var Version = "dev"
+
+// channel is the control channel's part of the agent. Fields without a
+// comment are owned by the event loop.
+type channel struct {
+	rec    *controlclient.Record
+	client *controlclient.Client
+	spool  *spool.Spool
+	cursor uint64
+	// pending is the endpoint opened while an enrolment is in progress.
+	pending netip.AddrPort
+	// snapshot is what the next sync sends; the syncer reads it.
+	snapshot atomic.Pointer[controlapi.SyncRequest]
+	// synced carries answers from the syncer to the loop.
+	synced chan syncResult
+	// kick makes the syncer start over: the state changed or events wait.
+	kick chan struct{}
+	// status is the syncer's last outcome, for `bulkhead status`.
+	status atomic.Pointer[ControlStatus]
+	runCtx context.Context
+}
+
+type syncResult struct {
+	resp controlapi.SyncResponse
+	done chan struct{}
+}
+
+// ControlStatus is the control channel in `bulkhead status`.
+type ControlStatus struct {
+	URL       string    `json:"url"`
+	DeviceID  string    `json:"device_id"`
+	Connected bool      `json:"connected"`
+	LastSync  time.Time `json:"last_sync,omitzero"`
+	Error     string    `json:"error,omitempty"`
+	Cursor    uint64    `json:"command_cursor"`
+}
+
+// device is the identity bundles and commands are targeted at: the id
+// control assigned at enrolment, else the configured one.
+func (a *Agent) device() bundle.Device {
+	d := a.cfg.device()
+	if a.ch.rec != nil {
+		d.ID = a.ch.rec.DeviceID
+	}
+	return d
+}
+
+// controlEndpoints are the configured ones plus the enrolled server (or
+// the one being enrolled with): the table keeps them open in every mode.
+func (a *Agent) controlEndpoints() []policy.Endpoint {
+	eps := a.cfg.Control
+	for _, ap := range []netip.AddrPort{a.ch.pending, a.enrolledEndpoint()} {
+		if ap.IsValid() {
+			eps = append(eps[:len(eps):len(eps)], policy.Endpoint{Address: ap.Addr(), Port: ap.Port()})
+		}
+	}
+	return eps
+}
+
+func (a *Agent) enrolledEndpoint() netip.AddrPort {
+	if a.ch.rec == nil {
+		return netip.AddrPort{}
+	}
+	return a.ch.rec.Endpoint
+}
+
+// loadEnrolment reads the enrolment record at boot; a device that never
+// enrolled runs from its cache and drop directory alone.
+func (a *Agent) loadEnrolment() {
+	rec, err := controlclient.Load(a.cfg.StateDir)
+	if errors.Is(err, controlclient.ErrNotEnrolled) {
+		return
+	}
+	if err == nil {
+		err = a.useEnrolment(rec)
+	}
+	if err != nil {
+		a.log.Error("enrolment unusable; running without control", "err", err)
+		a.ch.status.Store(&ControlStatus{Error: err.Error()})
+	}
+}
+
+func (a *Agent) useEnrolment(rec *controlclient.Record) error {
+	client, err := controlclient.New(a.cfg.StateDir, rec)
+	if err != nil {
+		return err
+	}
+	sp, err := spool.Open(filepath.Join(a.cfg.StateDir, "channel.db"), spool.DefaultLimit)
+	if err != nil {
+		return err
+	}
+	cursor, err := sp.Cursor()
+	if err != nil {
+		sp.Close()
+		return err
+	}
+	a.ch.rec, a.ch.client, a.ch.spool, a.ch.cursor = rec, client, sp, max(cursor, rec.Cursor)
+	a.ch.status.Store(&ControlStatus{URL: rec.URL, DeviceID: rec.DeviceID, Cursor: a.ch.cursor})
+	a.publish()
+	return nil
+}
+
+// audit records an event in the local audit log and queues it for control.
+func (a *Agent) audit(kind, detail string) {
+	now := a.clock.Now()
+	if a.store != nil {
+		if err := a.store.Audit(now, kind, detail); err != nil {
+			a.log.Warn("audit log", "err", err)
+		}
+	}
+	if a.ch.spool != nil {
+		if err := a.ch.spool.Add(now, kind, detail); err != nil {
+			a.log.Warn("outbox", "err", err)
+		}
+		a.kickSync()
+	}
+}
+
+// publish refreshes what the next sync reports and wakes the syncer when
+// it changed.
+func (a *Agent) publish() {
+	if a.ch.rec == nil {
+		return
+	}
+	st := controlapi.DeviceState{Mode: a.desired.Mode, PolicyVersion: a.desired.PolicyVersion, Revoked: a.sticky.RevokedPartners, AgentVersion: Version}
+	if len(a.desired.Why) > 0 {
+		st.Why = a.desired.Why[0]
+	}
+	next := &controlapi.SyncRequest{PolicyVersion: a.highest(), Cursor: a.ch.cursor, WaitSeconds: int(syncWait / time.Second), State: st}
+	if prev := a.ch.snapshot.Swap(next); prev != nil && !sameRequest(prev, next) {
+		a.kickSync()
+	}
+}
+
+func sameRequest(a, b *controlapi.SyncRequest) bool {
+	return a.PolicyVersion == b.PolicyVersion && a.Cursor == b.Cursor && a.State.Mode == b.State.Mode &&
+		a.State.Why == b.State.Why && a.State.PolicyVersion == b.State.PolicyVersion && len(a.State.Revoked) == len(b.State.Revoked)
+}
+
+func (a *Agent) highest() uint64 {
+	if a.store == nil {
+		return 0
+	}
+	h, _ := a.store.Highest()
+	return h
+}
+
+func (a *Agent) kickSync() {
+	select {
+	case a.ch.kick <- struct{}{}:
+	default:
+	}
+}
+
+// startSync runs the syncer for the enrolment, once.
+func (a *Agent) startSync() {
+	if a.ch.client != nil && a.ch.runCtx != nil {
+		go a.syncLoop(a.ch.runCtx, a.ch.client, a.ch.spool)
+	}
+}
+
+// syncLoop long-polls and posts reports until ctx ends. It owns no agent
+// state: answers go to the loop, which decides.
+func (a *Agent) syncLoop(ctx context.Context, c *controlclient.Client, sp *spool.Spool) {
+	backoff := backoffFirst
+	for ctx.Err() == nil {
+		a.flushReports(ctx, c, sp)
+		select { // the snapshot read next is newer than any kick so far
+		case <-a.ch.kick:
+		default:
+		}
+		req := *a.ch.snapshot.Load()
+		pctx, cancel := context.WithTimeout(ctx, syncWait+syncSlack)
+		kicked := make(chan struct{})
+		go func() {
+			select {
+			case <-a.ch.kick:
+				close(kicked)
+				cancel()
+			case <-pctx.Done():
+			}
+		}()
+		resp, err := c.Sync(pctx, req)
+		cancel()
+		select {
+		case <-kicked:
+			continue
+		default:
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		st := *a.ch.status.Load()
+		if err != nil {
+			st.Connected, st.Error = false, err.Error()
+			a.ch.status.Store(&st)
+			// Full jitter: a fleet coming back after an outage does not
+			// arrive at the server in one wave.
+			wait := time.Duration(rand.Int64N(int64(backoff))) + backoff/2
+			backoff = min(backoff*2, backoffMax)
+			t := time.NewTimer(wait)
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return
+			case <-a.ch.kick:
+				t.Stop()
+			case <-t.C:
+			}
+			continue
+		}
+		backoff = backoffFirst
+		st.Connected, st.Error, st.LastSync = true, "", time.Now()
+		a.ch.status.Store(&st)
+		done := make(chan struct{})
+		select {
+		case a.ch.synced <- syncResult{resp: resp, done: done}:
+			<-done
+		case <-ctx.Done():
+			return
+		}
+	}
+}
+
+// flushReports posts what the outbox holds, in order, until it is empty
+// or the server stops taking it.
+func (a *Agent) flushReports(ctx context.Context, c *controlclient.Client, sp *spool.Spool) {
+	for ctx.Err() == nil {
+		req, err := sp.Pending(reportBatch)
+		if err != nil || (len(req.Events) == 0 && req.Dropped == 0) {
+			return
+		}
+		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		resp, err := c.Report(rctx, req)
+		cancel()
+		if err != nil {
+			return // retried after the next sync attempt
+		}
+		if err := sp.Ack(resp.Acked, req.Dropped); err != nil {
+			return
+		}
+		if len(req.Events) < reportBatch {
+			return
+		}
+	}
+}
+
+// handleSync acts on an answer: a newer bundle is installed (or refused)
+// and each command obeyed (or refused), in order.
+func (a *Agent) handleSync(resp controlapi.SyncResponse) {
+	// The answer came over the pinned, mutually authenticated channel.
+	a.clock.Observe(resp.ServerTime)
+	if resp.Bundle != nil {
+		if _, err := a.install(resp.Bundle); err != nil {
+			a.audit("bundle-rejected", "from control: "+err.Error())
+		}
+	}
+	for _, raw := range resp.Commands {
+		a.obey(raw)
+	}
+	if resp.Cursor > a.ch.cursor {
+		a.ch.cursor = resp.Cursor
+		if err := a.ch.spool.SetCursor(resp.Cursor); err != nil {
+			a.log.Warn("persist command cursor", "err", err)
+		}
+		st := *a.ch.status.Load()
+		st.Cursor = a.ch.cursor
+		a.ch.status.Store(&st)
+	}
+	a.publish()
+}
+
+// obey verifies one command and applies it; a refused one changes nothing
+// and is audited with the reason.
+func (a *Agent) obey(raw []byte) error {
+	var controlKey ed25519.PublicKey
+	if a.ch.rec != nil {
+		controlKey = a.ch.rec.CommandKey
+	}
+	v, err := command.Verify(raw, a.roots, controlKey)
+	if err == nil && a.store == nil {
+		err = errors.New("policy cache unusable; commands cannot be remembered safely")
+	}
+	if err != nil {
+		a.log.Warn("command rejected", "err", err)
+		a.audit("command-rejected", err.Error())
+		return err
+	}
+	now := a.clock.Now()
+	next, err := command.Decide(v, a.sticky, now, a.device())
+	if err == nil {
+		err = a.store.Obey(v.ID, v.ExpiresAt, now, next)
+	}
+	if err != nil {
+		a.log.Warn("command rejected", "id", v.ID, "kind", v.Kind, "err", err)
+		a.audit("command-rejected", fmt.Sprintf("%s %s: %v", v.Kind, v.ID, err))
+		return err
+	}
+	a.sticky = next
+	what := string(v.Kind)
+	if v.Partner != "" {
+		what += " " + v.Partner
+	}
+	a.log.Info("command obeyed", "id", v.ID, "command", what, "signer", v.Signer(), "reason", v.Reason)
+	a.audit("command-obeyed", fmt.Sprintf("%s %s signed by the %s: %s", what, v.ID, v.Signer(), v.Reason))
+	return a.reconcile("command " + v.ID)
+}
+
+// enroll opens the table to the control server, enrols, and starts
+// syncing. It runs on the loop (up to the enrolment timeout): enrolment is
+// rare and nothing else may change the state meanwhile.
+func (a *Agent) enroll(r Request) Response {
+	if a.ch.rec != nil {
+		return Response{Error: fmt.Sprintf("already enrolled as %s with %s; to enrol again, stop the agent and remove %s",
+			a.ch.rec.DeviceID, a.ch.rec.URL, filepath.Join(a.cfg.StateDir, controlclient.RecordFile))}
+	}
+	if a.cfg.Device.Class == "" {
+		return Response{Error: "the configuration names no device class to enrol as"}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ep, err := controlclient.Endpoint(ctx, r.URL)
+	if err != nil {
+		return Response{Error: err.Error()}
+	}
+	a.ch.pending = ep
+	a.reconcile("enrolment with " + r.URL)
+	wg := ""
+	if a.tun != nil {
+		wg = a.tun.PublicKey().String()
+	}
+	rec, err := controlclient.Enroll(ctx, a.cfg.StateDir, r.URL, r.Token, r.Fingerprint, a.cfg.Device.Class, wg, ep)
+	if err == nil {
+		err = a.useEnrolment(rec)
+	}
+	a.ch.pending = netip.AddrPort{}
+	if err != nil {
+		a.reconcile("enrolment failed")
+		a.audit("enrolment-failed", fmt.Sprintf("%s: %v", r.URL, err))
+		return Response{Error: "enrolment failed: " + err.Error()}
+	}
+	a.reconcile("enrolled")
+	a.audit("enrolled", fmt.Sprintf("device %s with %s (CA %s)", rec.DeviceID, rec.URL, rec.Fingerprint))
+	a.startSync()
+	return Response{Status: a.status()}
+}

@@ -1,0 +1,268 @@
+// Package controlclient is the device's end of the control channel:
+// enrolment against a pinned CA fingerprint, and the mutually
+// authenticated TLS 1.3 client for sync and reports. It keeps the
+// enrolment record on disk; deciding what to do with what arrives is the
+// agent's job.
+package controlclient
+
+import (
+	"bytes"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/go-json-experiment/json"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
+)
+
+// Files in the state directory.
+const (
+	RecordFile   = "enrolment.json"
+	IdentityFile = "identity.key"
+	CertFile     = "device.crt"
+)
+
+// Record is what enrolment leaves on the device.
+type Record struct {
+	URL         string `json:"url"`
+	Fingerprint string `json:"ca_fingerprint"`
+	DeviceID    string `json:"device_id"`
+	Class       string `json:"class"`
+	// Endpoint is the address and port the URL resolved to at enrolment;
+	// the agent's table keeps it open in every mode.
+	Endpoint   netip.AddrPort `json:"endpoint"`
+	CA         []byte         `json:"ca"`
+	CommandKey []byte         `json:"command_key"`
+	Cursor     uint64         `json:"cursor"`
+}
+
+// ErrNotEnrolled is returned by Load on a device that never enrolled.
+var ErrNotEnrolled = errors.New("not enrolled")
+
+// Endpoint resolves a control URL to the address and port the agent must
+// keep open. Only literal addresses and names that resolve locally
+// (/etc/hosts) work before there is any policy: DNS may be closed.
+func Endpoint(ctx context.Context, raw string) (netip.AddrPort, error) {
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		return netip.AddrPort{}, fmt.Errorf("control URL %q must look like https://HOST[:PORT]", raw)
+	}
+	port := 443
+	if p := u.Port(); p != "" {
+		if port, err = strconv.Atoi(p); err != nil {
+			return netip.AddrPort{}, fmt.Errorf("control URL %q: bad port", raw)
+		}
+	}
+	if a, err := netip.ParseAddr(u.Hostname()); err == nil {
+		return netip.AddrPortFrom(a.Unmap(), uint16(port)), nil
+	}
+	addrs, err := net.DefaultResolver.LookupNetIP(ctx, "ip", u.Hostname())
+	if err != nil || len(addrs) == 0 {
+		return netip.AddrPort{}, fmt.Errorf("control URL %q: cannot resolve %s: %v", raw, u.Hostname(), err)
+	}
+	return netip.AddrPortFrom(addrs[0].Unmap(), uint16(port)), nil
+}
+
+// Enroll presents token to the server at rawURL, trusting it only if its
+// CA has the pinned fingerprint, and writes the identity key, the issued
+// certificate and the record into dir. Nothing is written on failure.
+func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey string, endpoint netip.AddrPort) (*Record, error) {
+	fp, err := controlapi.ParseFingerprint(fingerprint)
+	if err != nil {
+		return nil, err
+	}
+	_, identity, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	host, _ := os.Hostname()
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: host}}, identity)
+	if err != nil {
+		return nil, err
+	}
+	var seenCA *x509.Certificate
+	tlsCfg := &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		// The chain is checked below against the pinned CA instead of the
+		// system roots: an enrolment trusts exactly one CA.
+		InsecureSkipVerify: true,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			ca, err := pinned(cs, fp)
+			seenCA = ca
+			return err
+		},
+	}
+	c := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsCfg, DialContext: dialTo(endpoint)}}
+	var resp controlapi.EnrollResponse
+	err = post(ctx, c, rawURL+controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, Hostname: host, CSR: csr, WireGuardKey: wgKey}, &resp)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := x509.ParseCertificate(resp.Certificate)
+	if err != nil {
+		return nil, fmt.Errorf("enrolment answer: certificate: %w", err)
+	}
+	if pub, ok := cert.PublicKey.(ed25519.PublicKey); !ok || !pub.Equal(identity.Public()) {
+		return nil, errors.New("enrolment answer: the certificate is not for this device's identity key")
+	}
+	if !bytes.Equal(resp.CA, seenCA.Raw) {
+		return nil, errors.New("enrolment answer: the CA sent differs from the one the connection was pinned to")
+	}
+	if len(resp.CommandKey) != ed25519.PublicKeySize {
+		return nil, errors.New("enrolment answer: no command key")
+	}
+	rec := &Record{URL: rawURL, Fingerprint: fp, DeviceID: resp.DeviceID, Class: class, Endpoint: endpoint, CA: resp.CA, CommandKey: resp.CommandKey, Cursor: resp.Cursor}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(identity)
+	if err != nil {
+		return nil, err
+	}
+	recJSON, err := json.Marshal(rec)
+	if err != nil {
+		return nil, err
+	}
+	// The record last: it is what says "enrolled".
+	for _, f := range []struct {
+		name string
+		data []byte
+		mode os.FileMode
+	}{
+		{IdentityFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600},
+		{CertFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: resp.Certificate}), 0o600},
+		{RecordFile, recJSON, 0o600},
+	} {
+		if err := atomicfile.Write(filepath.Join(dir, f.name), f.data, f.mode); err != nil {
+			return nil, err
+		}
+	}
+	return rec, nil
+}
+
+// pinned checks that the server's chain ends in a CA with fingerprint fp
+// and that the leaf is valid for the name dialled under it.
+func pinned(cs tls.ConnectionState, fp string) (*x509.Certificate, error) {
+	certs := cs.PeerCertificates
+	if len(certs) < 2 {
+		return nil, errors.New("the control server sent no CA certificate; cannot check the pinned fingerprint")
+	}
+	ca := certs[len(certs)-1]
+	if got := controlapi.Fingerprint(ca); got != fp {
+		return nil, fmt.Errorf("control server's CA is %s, not the pinned %s: refusing to talk to it", got, fp)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	_, err := certs[0].Verify(x509.VerifyOptions{Roots: pool, DNSName: cs.ServerName, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}})
+	if err != nil {
+		return nil, fmt.Errorf("control server certificate: %w", err)
+	}
+	return ca, nil
+}
+
+// dialTo connects to the enrolment endpoint whatever the URL's name
+// resolves to later, so the connection goes where the table is open.
+func dialTo(ep netip.AddrPort) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	var d net.Dialer
+	return func(ctx context.Context, network, _ string) (net.Conn, error) {
+		return d.DialContext(ctx, network, ep.String())
+	}
+}
+
+// Load reads the enrolment in dir.
+func Load(dir string) (*Record, error) {
+	raw, err := os.ReadFile(filepath.Join(dir, RecordFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, ErrNotEnrolled
+	}
+	if err != nil {
+		return nil, err
+	}
+	var rec Record
+	if err := json.Unmarshal(raw, &rec); err != nil {
+		return nil, fmt.Errorf("%s: %w", RecordFile, err)
+	}
+	return &rec, nil
+}
+
+// Client talks to the control server as an enrolled device.
+type Client struct {
+	rec  *Record
+	http *http.Client
+}
+
+// New makes a client from the enrolment in dir.
+func New(dir string, rec *Record) (*Client, error) {
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, CertFile), filepath.Join(dir, IdentityFile))
+	if err != nil {
+		return nil, fmt.Errorf("device certificate: %w", err)
+	}
+	ca, err := x509.ParseCertificate(rec.CA)
+	if err != nil {
+		return nil, fmt.Errorf("%s: CA: %w", RecordFile, err)
+	}
+	if controlapi.Fingerprint(ca) != rec.Fingerprint {
+		return nil, fmt.Errorf("%s: the stored CA does not match the pinned fingerprint", RecordFile)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(ca)
+	tr := &http.Transport{
+		TLSClientConfig:     &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, Certificates: []tls.Certificate{cert}},
+		DialContext:         dialTo(rec.Endpoint),
+		MaxIdleConns:        1,
+		IdleConnTimeout:     controlapi.MaxWait + time.Minute,
+		TLSHandshakeTimeout: 15 * time.Second,
+	}
+	return &Client{rec: rec, http: &http.Client{Transport: tr}}, nil
+}
+
+// Sync long-polls; ctx bounds it (the agent gives it the wait plus slack).
+func (c *Client) Sync(ctx context.Context, req controlapi.SyncRequest) (controlapi.SyncResponse, error) {
+	var resp controlapi.SyncResponse
+	err := post(ctx, c.http, c.rec.URL+controlapi.PathSync, req, &resp)
+	return resp, err
+}
+
+// Report posts events from the outbox.
+func (c *Client) Report(ctx context.Context, req controlapi.ReportRequest) (controlapi.ReportResponse, error) {
+	var resp controlapi.ReportResponse
+	err := post(ctx, c.http, c.rec.URL+controlapi.PathReport, req, &resp)
+	return resp, err
+}
+
+// CloseIdle drops kept-alive connections (after a network change).
+func (c *Client) CloseIdle() { c.http.CloseIdleConnections() }
+
+func post(ctx context.Context, c *http.Client, url string, body, out any) error {
+	raw, err := json.Marshal(body)
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, "POST", url, bytes.NewReader(raw))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if err := controlapi.ReadResponse(resp, out); err != nil {
+		return fmt.Errorf("control server %s: %w", url, err)
+	}
+	return nil
+}
