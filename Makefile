@@ -15,7 +15,7 @@ LDFLAGS := -s -w -X github.com/bulkhead-edge/bulkhead/agent/cli.Version=$(VERSIO
 GOBUILD := CGO_ENABLED=0 go build -trimpath -ldflags '$(LDFLAGS)'
 FUZZTIME ?= 10s
 # What the kernel-facing tests drive or read back with.
-TEST_DEBS := iproute2 nftables wireguard-tools wireguard-go iperf3
+TEST_DEBS := iproute2 nftables wireguard-tools wireguard-go iperf3 curl
 
 .PHONY: all build test lint fuzz bench demo deps go clean
 

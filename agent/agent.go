@@ -341,6 +341,7 @@ func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
 	a.clock.Observe(b.IssuedAt)
 	a.bundle, a.noPolicy = b, ""
 	a.log.Info("bundle accepted", "version", b.Version, "expires", b.ExpiresAt)
+	a.audit("bundle-accepted", fmt.Sprintf("version %d for %s, expires %s", b.Version, b.Target, b.ExpiresAt.UTC().Format(time.RFC3339)))
 	err = a.reconcile(fmt.Sprintf("policy v%d accepted", b.Version))
 	// Verifying and applying a large bundle makes tens of MiB of garbage
 	// at once; on a 256 MiB scanner it should go back to the system now,

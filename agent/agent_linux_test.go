@@ -37,13 +37,7 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	lab.RequirePrivileged(t, "nft")
 	dir := t.TempDir()
-	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
-		t.Fatal(err)
-	}
-	key, err := opskey.LoadPrivate(filepath.Join(dir, "ops", opskey.PrivateFile))
-	if err != nil {
-		t.Fatal(err)
-	}
+	key := newOpsKey(t, dir)
 	doc, err := policy.Parse(examples.Site())
 	if err != nil {
 		t.Fatal(err)
@@ -62,6 +56,31 @@ func newEnv(t *testing.T) *env {
   "tunnel": {"interface": "`+iface+`", "addresses": ["100.64.0.2/32"]}
 }`)
 	return &env{t: t, ns: ns, iface: iface, dir: dir, cfg: cfg, key: key, doc: *doc}
+}
+
+// newOpsKey makes an ops signing key in dir/ops (ops.key, ops.pub).
+func newOpsKey(t *testing.T, dir string) ed25519.PrivateKey {
+	t.Helper()
+	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
+		t.Fatal(err)
+	}
+	key, err := opskey.LoadPrivate(filepath.Join(dir, "ops", opskey.PrivateFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return key
+}
+
+// signFor signs doc for scanners as bundle version, valid for an hour.
+func signFor(t *testing.T, version uint64, doc *policy.Document, key ed25519.PrivateKey) []byte {
+	t.Helper()
+	now := time.Now().UTC().Truncate(time.Second)
+	raw, err := bundle.Sign(bundle.Payload{Version: version, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
+		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: *doc}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return raw
 }
 
 func writeFile(t *testing.T, path, s string) {

@@ -214,7 +214,11 @@ func (a *Agent) syncLoop(ctx context.Context, c *controlclient.Client, sp *spool
 			case <-pctx.Done():
 			}
 		}()
-		resp, err := c.Sync(pctx, req)
+		resp, err := c.Sync(pctx, req, func() {
+			st := *a.ch.status.Load()
+			st.Connected, st.Error = true, ""
+			a.ch.status.Store(&st)
+		})
 		cancel()
 		select {
 		case <-kicked:

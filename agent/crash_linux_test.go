@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
@@ -26,7 +27,7 @@ const crashKills = 200
 // back to exactly the ruleset of the version its cache holds.
 func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 	e := newEnv(t)
-	bin := buildAgent(t)
+	bin := lab.Binary(t, "cmd/bulkhead")
 	docB := e.doc
 	docB.Classes = map[string]policy.Class{}
 	for k, v := range e.doc.Classes {
@@ -142,20 +143,10 @@ func canonical(listing string) string {
 	return head + "\n" + strings.Join(blocks, "\n\n") + "\n}"
 }
 
-func buildAgent(t *testing.T) string {
-	t.Helper()
-	bin := filepath.Join(t.TempDir(), "bulkhead")
-	out, err := exec.Command("go", "build", "-o", bin, "github.com/bulkhead-edge/bulkhead/cmd/bulkhead").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
-	}
-	return bin
-}
-
 // Only an explicit cleanup removes the table, and it says so.
 func TestCleanupRemovesTheTable(t *testing.T) {
 	e := newEnv(t)
-	bin := buildAgent(t)
+	bin := lab.Binary(t, "cmd/bulkhead")
 	e.start()
 	e.stop()
 	if !strings.Contains(e.tableText(), "chain output") {

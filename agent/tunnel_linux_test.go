@@ -11,7 +11,6 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/lab"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
 )
@@ -74,13 +73,7 @@ func (s *tunnelSite) policy(t *testing.T, version uint64, segments ...string) []
 	if err != nil {
 		t.Fatal(err)
 	}
-	now := time.Now().UTC().Truncate(time.Second)
-	raw, err := bundle.Sign(bundle.Payload{Version: version, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
-		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: *doc}, s.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return raw
+	return signFor(t, version, doc, s.key)
 }
 
 func (s *tunnelSite) apply(t *testing.T, raw []byte) *Status {
@@ -189,7 +182,7 @@ func TestSegmentsFollowBundlesThroughTunnels(t *testing.T) {
 // traffic; the rotation is audited, and the key file holds the new key.
 func TestRotateKeyReHandshakes(t *testing.T) {
 	s := newTunnelSite(t)
-	bin := buildAgent(t)
+	bin := lab.Binary(t, "cmd/bulkhead")
 	s.start()
 	old := s.call(Request{Op: "status"}).Status.Tunnel.PublicKey
 	s.gw1.AllowPeer(t, old, netip.AddrPort{}, "100.64.0.2/32")

@@ -102,7 +102,7 @@ func benchStart(b *testing.B) {
 	lab.RequirePrivileged(b, "nft")
 	ns := lab.NewNS(b, "start")
 	dir := b.TempDir()
-	bin := binary(b, "cmd/bulkhead")
+	bin := lab.Binary(b, "cmd/bulkhead")
 	key, pubFile := opsKey(b, dir)
 	now := time.Now().UTC()
 	raw, err := bundle.Sign(bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour),

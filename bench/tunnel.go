@@ -11,7 +11,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -55,43 +54,11 @@ func tunnelCases() []Case {
 	}
 }
 
-var builds struct {
-	sync.Mutex
-	dir  string
-	bins map[string]string
-}
-
-// binary builds a command of this module once per process, stripped as
-// releases are.
-func binary(b testing.TB, pkg string) string {
-	b.Helper()
-	builds.Lock()
-	defer builds.Unlock()
-	if bin, ok := builds.bins[pkg]; ok {
-		return bin
-	}
-	if builds.dir == "" {
-		dir, err := os.MkdirTemp("", "bulkhead-bench-bin-")
-		if err != nil {
-			b.Fatal(err)
-		}
-		builds.dir, builds.bins = dir, map[string]string{}
-	}
-	bin := filepath.Join(builds.dir, filepath.Base(pkg))
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "github.com/bulkhead-edge/bulkhead/"+pkg)
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0") // static, as releases are
-	if out, err := cmd.CombinedOutput(); err != nil {
-		b.Fatalf("go build %s: %v: %s", pkg, err, out)
-	}
-	builds.bins[pkg] = bin
-	return bin
-}
-
 func impl(b testing.TB, name string) lab.WireGuardImpl {
 	if name == "debian" {
 		return lab.DebianWireGuard
 	}
-	return lab.BareWireGuard(binary(b, "cmd/bulkhead-lab"))
+	return lab.BareWireGuard(lab.Binary(b, "cmd/bulkhead-lab"))
 }
 
 // client is one device sending through the tunnel.
@@ -211,7 +178,7 @@ func withLarge(doc *policy.Document) {
 // whatever extra adds). It returns the agent's pid.
 func startAgent(b testing.TB, ns *lab.NS, gw *lab.Gateway, gwAddr, uplink, addr string, extra func(*policy.Document)) int {
 	b.Helper()
-	bin := binary(b, "cmd/bulkhead")
+	bin := lab.Binary(b, "cmd/bulkhead")
 	dir := b.TempDir()
 	priv, pubFile := opsKey(b, dir)
 	iface := "bh-" + ns.Name[len(ns.Name)-6:]

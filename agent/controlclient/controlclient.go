@@ -110,7 +110,7 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 	}
 	c := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsCfg, DialContext: dialTo(endpoint)}}
 	var resp controlapi.EnrollResponse
-	err = post(ctx, c, rawURL+controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, Hostname: host, CSR: csr, WireGuardKey: wgKey}, &resp)
+	err = post(ctx, c, rawURL+controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, Hostname: host, CSR: csr, WireGuardKey: wgKey}, &resp, nil)
 	if err != nil {
 		return nil, err
 	}
@@ -229,24 +229,26 @@ func New(dir string, rec *Record) (*Client, error) {
 	return &Client{rec: rec, http: &http.Client{Transport: tr}}, nil
 }
 
-// Sync long-polls; ctx bounds it (the agent gives it the wait plus slack).
-func (c *Client) Sync(ctx context.Context, req controlapi.SyncRequest) (controlapi.SyncResponse, error) {
+// Sync long-polls; ctx bounds it (the agent gives it the wait plus
+// slack). The server accepts at once and answers later: connected is
+// called in between.
+func (c *Client) Sync(ctx context.Context, req controlapi.SyncRequest, connected func()) (controlapi.SyncResponse, error) {
 	var resp controlapi.SyncResponse
-	err := post(ctx, c.http, c.rec.URL+controlapi.PathSync, req, &resp)
+	err := post(ctx, c.http, c.rec.URL+controlapi.PathSync, req, &resp, connected)
 	return resp, err
 }
 
 // Report posts events from the outbox.
 func (c *Client) Report(ctx context.Context, req controlapi.ReportRequest) (controlapi.ReportResponse, error) {
 	var resp controlapi.ReportResponse
-	err := post(ctx, c.http, c.rec.URL+controlapi.PathReport, req, &resp)
+	err := post(ctx, c.http, c.rec.URL+controlapi.PathReport, req, &resp, nil)
 	return resp, err
 }
 
 // CloseIdle drops kept-alive connections (after a network change).
 func (c *Client) CloseIdle() { c.http.CloseIdleConnections() }
 
-func post(ctx context.Context, c *http.Client, url string, body, out any) error {
+func post(ctx context.Context, c *http.Client, url string, body, out any, accepted func()) error {
 	raw, err := json.Marshal(body)
 	if err != nil {
 		return err
@@ -261,6 +263,9 @@ func post(ctx context.Context, c *http.Client, url string, body, out any) error 
 		return err
 	}
 	defer resp.Body.Close()
+	if accepted != nil && resp.StatusCode == http.StatusOK {
+		accepted()
+	}
 	if err := controlapi.ReadResponse(resp, out); err != nil {
 		return fmt.Errorf("control server %s: %w", url, err)
 	}

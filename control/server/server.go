@@ -349,12 +349,18 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
 	target := bundle.Device{ID: id, Class: dev.Class}
+	// The headers go out at once: the device knows it is connected while
+	// the answer is held. A failure after this aborts the connection,
+	// which the device sees as an error.
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(http.StatusOK)
+	http.NewResponseController(w).Flush()
 	for {
 		woken := s.wakeup() // before looking, so nothing slips between
 		resp, err := s.pending(req, target)
 		if err != nil {
-			fail(w, http.StatusInternalServerError, err.Error())
-			return
+			s.log.Error("sync", "device", id, "err", err)
+			panic(http.ErrAbortHandler)
 		}
 		if resp.Bundle != nil || len(resp.Commands) > 0 {
 			reply(w, resp)

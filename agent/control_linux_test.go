@@ -1,0 +1,494 @@
+package agent
+
+import (
+	"crypto/ed25519"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/control/pki"
+	"github.com/bulkhead-edge/bulkhead/control/server"
+	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// controlSite is the control server, a scanner agent holding tunnels to a
+// wms gateway and a finance gateway run by partner acme-freight, a vehicle
+// safety controller reachable only through the scanner's safety floor,
+// and a second agent that only talks to control. Everything runs as the
+// real binaries.
+type controlSite struct {
+	ctl        *lab.Control
+	opsKey     ed25519.PrivateKey
+	opsPub     string
+	gw1, gw2   *lab.Gateway
+	a, b       *binAgent
+	safety     netip.AddrPort
+	controlURL string
+}
+
+// binAgent is `bulkhead run` in a namespace.
+type binAgent struct {
+	ns     *lab.NS
+	dir    string
+	cfg    string
+	socket string
+	iface  string
+	proc   *os.Process
+	done   chan struct{}
+}
+
+func newControlSite(t *testing.T) *controlSite {
+	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go")
+	s := &controlSite{safety: netip.MustParseAddrPort("192.168.50.2:502")}
+	dir := t.TempDir()
+	s.opsKey, s.opsPub = newOpsKey(t, dir), filepath.Join(dir, "ops", opskey.PublicFile)
+
+	ctlNS := lab.NewNS(t, "ctl")
+	s.a, s.b = s.newAgent(t, "100.64.0.2/32"), s.newAgent(t, "100.64.0.3/32")
+	lab.Link(t, s.a.ns, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
+	lab.Link(t, s.b.ns, "10.99.0.6/30", ctlNS, "10.99.0.5/30")
+	s.b.ns.MustRun(t, "ip", "route", "add", "10.99.0.1/32", "via", "10.99.0.5")
+	s.ctl = lab.StartControl(t, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), 0)
+
+	n1, n2, truck := lab.NewNS(t, "gw1"), lab.NewNS(t, "gw2"), lab.NewNS(t, "safety")
+	lab.Link(t, s.a.ns, "192.0.2.2/30", n1, "192.0.2.1/30")
+	lab.Link(t, s.a.ns, "192.0.2.6/30", n2, "192.0.2.5/30")
+	lab.Link(t, s.a.ns, "192.168.50.1/29", truck, "192.168.50.2/29")
+	lab.Echo(t, truck, s.safety)
+	s.gw1 = lab.StartGateway(t, n1, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
+	s.gw2 = lab.StartGateway(t, n2, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.5"), 51820, "100.64.0.1/24")
+	s.gw1.Serve(t, wmsHost.Addr(), wmsHost.Port())
+	s.gw2.Serve(t, financeHost.Addr(), financeHost.Port())
+	return s
+}
+
+func (s *controlSite) newAgent(t *testing.T, tunAddr string) *binAgent {
+	dir := t.TempDir()
+	ns := lab.NewNS(t, "agent")
+	a := &binAgent{ns: ns, dir: dir, cfg: filepath.Join(dir, "config.json"), socket: filepath.Join(dir, "admin.sock"), iface: "bh-" + ns.Name[len(ns.Name)-6:]}
+	writeFile(t, a.cfg, fmt.Sprintf(`{
+  "device": {"class": "scanner"},
+  "trust": {"keys": [%q]},
+  "safety_floor": [{"name": "vehicle safety controller", "cidr": "192.168.50.0/29", "protocol": "tcp", "ports": ["502"]}],
+  "state_dir": %q,
+  "admin_socket": %q,
+  "tunnel": {"interface": %q, "addresses": [%q]}
+}`, s.opsPub, filepath.Join(dir, "state"), a.socket, a.iface, tunAddr))
+	t.Cleanup(func() {
+		a.kill()
+		if t.Failed() {
+			log, _ := os.ReadFile(filepath.Join(dir, "agent.log"))
+			t.Logf("agent in %s:\n%s", ns.Name, log)
+		}
+		ns.Run("nft", "delete", "table", "inet", "bulkhead")
+		os.Remove("/var/run/wireguard/" + a.iface + ".sock")
+	})
+	return a
+}
+
+func (a *binAgent) start(t *testing.T) {
+	t.Helper()
+	cmd := a.ns.Command(lab.Binary(t, "cmd/bulkhead"), "run", "--config", a.cfg)
+	logf, err := os.OpenFile(filepath.Join(a.dir, "agent.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	a.proc, a.done = cmd.Process, make(chan struct{})
+	go func() { cmd.Wait(); logf.Close(); close(a.done) }()
+	waitFor(t, "the agent's admin socket", func() bool { _, err := Call(a.socket, Request{Op: "status"}); return err == nil })
+}
+
+func (a *binAgent) kill() {
+	if a.proc != nil {
+		a.proc.Kill()
+		<-a.done
+		a.proc = nil
+	}
+}
+
+func (a *binAgent) status(t *testing.T) *Status {
+	t.Helper()
+	resp, err := Call(a.socket, Request{Op: "status"})
+	if err != nil || resp.Error != "" {
+		t.Fatalf("status: %v %s", err, resp.Error)
+	}
+	return resp.Status
+}
+
+// enroll runs `bulkhead enroll` and returns its output and error.
+func (a *binAgent) enroll(t *testing.T, url, token, fp string) (string, error) {
+	t.Helper()
+	out, err := a.ns.Command(lab.Binary(t, "cmd/bulkhead"), "enroll", "--socket", a.socket, "--control", url, "--token", token, "--trust-ca", fp).CombinedOutput()
+	return string(out), err
+}
+
+func (s *controlSite) token(t *testing.T, class, ttl string) string {
+	t.Helper()
+	out := s.ctl.MustCLI(t, "token", "create", "--class", class, "--ttl", ttl)
+	return strings.TrimSpace(strings.Split(out, "\n")[0])
+}
+
+// bundle is a signed bundle opening wms and finance (acme-freight's) to
+// scanners, with the control server as the control endpoint.
+func (s *controlSite) bundle(t *testing.T, version uint64) string {
+	t.Helper()
+	doc, err := policy.Parse([]byte(fmt.Sprintf(`{
+  "schema": "bulkhead.policy/v1",
+  "control": [{"address": "10.99.0.1", "port": 8443}],
+  "validity": {"max_offline": "72h"},
+  "segments": [
+    {"name": "wms", "data_class": "operational", "tier": 0,
+     "destinations": [{"cidr": "10.20.1.0/24", "protocol": "tcp", "ports": ["443"]}],
+     "gateway": {"public_key": %q, "endpoint": %q}},
+    {"name": "finance", "data_class": "financial", "tier": 1, "partner": "acme-freight",
+     "destinations": [{"cidr": "10.30.0.0/24", "protocol": "tcp", "ports": ["443"]}],
+     "gateway": {"public_key": %q, "endpoint": %q}}
+  ],
+  "classes": {"scanner": {"rules": [{"segment": "wms"}, {"segment": "finance"}]}}
+}`, s.gw1.PublicKey, s.gw1.Endpoint, s.gw2.PublicKey, s.gw2.Endpoint)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "policy.dsse")
+	if err := os.WriteFile(path, signFor(t, version, doc, s.opsKey), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// signed posts a command envelope through the admin API, as a thief of
+// the relevant key (or a replaying network) could get it delivered.
+func (s *controlSite) signed(t *testing.T, c command.Command, key ed25519.PrivateKey) []byte {
+	t.Helper()
+	raw, err := command.Sign(c, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.deliver(t, raw)
+	return raw
+}
+
+func (s *controlSite) deliver(t *testing.T, raw []byte) {
+	t.Helper()
+	body, _ := json.Marshal(controlapi.CommandRequest{Signed: raw})
+	path := filepath.Join(t.TempDir(), "cmd.json")
+	os.WriteFile(path, body, 0o600)
+	out := s.ctl.NS.MustRun(t, "curl", "-sS", "--fail-with-body", "--cacert", filepath.Join(s.ctl.Data, pki.CertFile),
+		"--cert", filepath.Join(s.ctl.Data, server.AdminDir, server.AdminCert), "--key", filepath.Join(s.ctl.Data, server.AdminDir, server.AdminKey),
+		"-H", "Content-Type: application/json", "--data-binary", "@"+path, s.ctl.URL+controlapi.PathAdminCommands)
+	if !strings.Contains(out, `"seq"`) {
+		t.Fatalf("delivering a command: %s", out)
+	}
+}
+
+func (s *controlSite) controlKey(t *testing.T) ed25519.PrivateKey {
+	k, err := pki.ReadKey(filepath.Join(s.ctl.Data, server.CommandKeyFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k.(ed25519.PrivateKey)
+}
+
+func releaseCmd(id, dev string) command.Command {
+	now := time.Now().UTC().Truncate(time.Second)
+	return command.Command{ID: id, Kind: command.Release, Target: command.Target{Devices: []string{dev}},
+		Reason: "incident closed", IssuedAt: now, ExpiresAt: now.Add(10 * time.Minute)}
+}
+
+func waitLong(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	waitUntil(t, what, 20*time.Second, cond)
+}
+
+// afterOutage bounds a reconnection: the agent's backoff may be waiting
+// up to 1.5 times its one-minute cap when control returns.
+const afterOutage = 100 * time.Second
+
+func waitUntil(t *testing.T, what string, d time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestEnrolmentRefusals(t *testing.T) {
+	s := newControlSite(t)
+	s.a.start(t)
+	s.b.start(t)
+	good := s.token(t, "scanner", "1h")
+
+	wrongFP := "SHA256:" + strings.Repeat("ab", 32)
+	if out, err := s.a.enroll(t, s.ctl.URL, good, wrongFP); err == nil || !strings.Contains(out, "not the pinned") {
+		t.Errorf("wrong CA fingerprint: err %v, output %q", err, out)
+	}
+	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "truck", "1h"), s.ctl.Fingerprint); err == nil || !strings.Contains(out, "another class") {
+		t.Errorf("wrong-class token: err %v, output %q", err, out)
+	}
+	short := s.token(t, "scanner", "1s")
+	time.Sleep(1100 * time.Millisecond)
+	if out, err := s.a.enroll(t, s.ctl.URL, short, s.ctl.Fingerprint); err == nil || !strings.Contains(out, "expired") {
+		t.Errorf("expired token: err %v, output %q", err, out)
+	}
+	if out, err := s.a.enroll(t, s.ctl.URL, "bht_"+strings.Repeat("0", 40), s.ctl.Fingerprint); err == nil || !strings.Contains(out, "unknown") {
+		t.Errorf("made-up token: err %v, output %q", err, out)
+	}
+	// None of that left anything behind.
+	if st := s.a.status(t); st.Control != nil {
+		t.Fatalf("after refusals the agent reports control %+v", st.Control)
+	}
+	if _, err := os.Stat(filepath.Join(s.a.dir, "state", "enrolment.json")); err == nil {
+		t.Fatal("a refused enrolment left a record")
+	}
+
+	out, err := s.a.enroll(t, s.ctl.URL, good, strings.ToUpper(s.ctl.Fingerprint[7:9])+s.ctl.Fingerprint[9:])
+	if err == nil {
+		t.Fatalf("a fingerprint without SHA256: was accepted: %s", out)
+	}
+	if out, err := s.a.enroll(t, s.ctl.URL, good, s.ctl.Fingerprint); err != nil || !strings.Contains(out, "enrolled as dev-") {
+		t.Fatalf("enrolment: %v %s", err, out)
+	}
+	if out, err := s.b.enroll(t, s.ctl.URL, good, s.ctl.Fingerprint); err == nil || !strings.Contains(out, "already used") {
+		t.Errorf("reused token: err %v, output %q", err, out)
+	}
+	st := s.a.status(t)
+	waitLong(t, "the first sync", func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
+	for _, f := range []string{"identity.key", "device.crt", "enrolment.json"} {
+		info, err := os.Stat(filepath.Join(s.a.dir, "state", f))
+		if err != nil || info.Mode().Perm() != 0o600 {
+			t.Errorf("%s: %v mode %v, want 0600", f, err, info.Mode().Perm())
+		}
+	}
+	devs := s.ctl.MustCLI(t, "devices")
+	if !strings.Contains(devs, st.DeviceID) || strings.Count(devs, "dev-") != 1 {
+		t.Errorf("devices lists:\n%s\nwant exactly %s", devs, st.DeviceID)
+	}
+	audit := s.ctl.MustCLI(t, "audit")
+	for _, want := range []string{"enrolment-refused", "another class", "expired", "already used", "enrolled"} {
+		if !strings.Contains(audit, want) {
+			t.Errorf("server audit log lacks %q:\n%s", want, audit)
+		}
+	}
+	// The admin API gives an unauthenticated caller nothing.
+	out, _ = s.ctl.NS.Run("curl", "-sk", s.ctl.URL+controlapi.PathAdminDevices)
+	if strings.Contains(out, "dev-") || !strings.Contains(out, "operator certificate is required") {
+		t.Errorf("unauthenticated admin call answered %q", out)
+	}
+}
+
+// The kill-switch end to end: quarantine cuts a running transfer and keeps
+// the safety controller and the control channel; forged and replayed
+// releases are refused; an ops-signed release restores access. Partner
+// revocation reaches every agent and survives agent and control restarts.
+func TestQuarantineAndPartnerRevocation(t *testing.T) {
+	s := newControlSite(t)
+	s.a.start(t)
+	s.b.start(t)
+	for _, a := range []*binAgent{s.a, s.b} {
+		if out, err := a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+			t.Fatalf("enroll: %v %s", err, out)
+		}
+	}
+	devA, devB := s.a.status(t).DeviceID, s.b.status(t).DeviceID
+	s.gw1.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	s.gw2.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1))
+	for _, a := range []*binAgent{s.a, s.b} {
+		waitLong(t, "policy v1 from control", func() bool { return a.status(t).PolicyVersion == 1 })
+	}
+	if !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, 10*time.Second) || !lab.ReachesWithin(t, s.a.ns, "tcp", financeHost, 10*time.Second) {
+		t.Fatal("policy v1 does not open wms and finance through the tunnels")
+	}
+	if !lab.Reaches(t, s.a.ns, "tcp", s.safety) {
+		t.Fatal("the safety controller is not reachable through the floor")
+	}
+
+	// Quarantine, signed by the control server's key.
+	conn := lab.Conn(t, s.a.ns, wmsHost)
+	if !lab.RoundTrip(conn, time.Second) {
+		t.Fatal("no round trip on the established wms connection before quarantine")
+	}
+	s.ctl.MustCLI(t, "quarantine", devA, "--reason", "INC-7 scanner compromised")
+	waitLong(t, "quarantine", func() bool { return s.a.status(t).Mode == "quarantine" })
+	if lab.RoundTrip(conn, time.Second) {
+		t.Error("the established wms connection still carries data in quarantine")
+	}
+	if lab.Reaches(t, s.a.ns, "tcp", wmsHost) {
+		t.Error("wms reachable in quarantine")
+	}
+	if !lab.Reaches(t, s.a.ns, "tcp", s.safety) {
+		t.Error("the safety controller is unreachable in quarantine")
+	}
+	st := s.a.status(t)
+	if !strings.Contains(strings.Join(st.Why, " "), "INC-7") || len(st.Tunnel.Peers) != 0 {
+		t.Errorf("quarantined status: why %q, %d peers", st.Why, len(st.Tunnel.Peers))
+	}
+	waitLong(t, "devices to show the quarantine", func() bool {
+		out := s.ctl.MustCLI(t, "devices")
+		return strings.Contains(out, "quarantine") && strings.Contains(out, "INC-7")
+	})
+	if c := s.a.status(t).Control; c == nil || !c.Connected {
+		t.Errorf("control channel in quarantine: %+v", c)
+	}
+
+	// Release signed only by the control key: refused at the server...
+	if out, err := s.ctl.CLI("release", devA, "--reason", "try"); err == nil || !strings.Contains(out, "--key") {
+		t.Errorf("release without ops keys: %v %s", err, out)
+	}
+	// ...and at the device, if someone holding that key gets one through.
+	s.signed(t, releaseCmd("forged-release-1", devA), s.controlKey(t))
+	waitLong(t, "the forged release to be refused", func() bool { return auditHas(t, s, devA, "command-rejected", "ops keys") })
+	if s.a.status(t).Mode != "quarantine" {
+		t.Fatal("a control-signed release lifted the quarantine")
+	}
+	// An ops-signed release restores access.
+	r1 := s.signed(t, releaseCmd("ops-release-1", devA), s.opsKey)
+	waitLong(t, "release", func() bool { return s.a.status(t).Mode == "normal" })
+	if !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, 10*time.Second) {
+		t.Error("wms not reachable after release")
+	}
+	// Quarantined again, the old release replayed is refused.
+	s.ctl.MustCLI(t, "quarantine", devA, "--reason", "INC-8")
+	waitLong(t, "second quarantine", func() bool { return s.a.status(t).Mode == "quarantine" })
+	s.deliver(t, r1)
+	waitLong(t, "the replayed release to be refused", func() bool { return auditHas(t, s, devA, "command-rejected", "already used") })
+	if s.a.status(t).Mode != "quarantine" {
+		t.Fatal("a replayed release lifted the quarantine")
+	}
+	s.signed(t, releaseCmd("ops-release-2", devA), s.opsKey)
+	waitLong(t, "second release", func() bool { return s.a.status(t).Mode == "normal" })
+
+	// Partner revocation, fleet-wide.
+	if !lab.ReachesWithin(t, s.a.ns, "tcp", financeHost, 10*time.Second) {
+		t.Fatal("finance not reachable before revocation")
+	}
+	fin := lab.Conn(t, s.a.ns, financeHost)
+	out := s.ctl.MustCLI(t, "revoke-partner", "acme-freight", "--reason", "partner breach")
+	if !strings.Contains(out, devA) || !strings.Contains(out, devB) {
+		t.Errorf("revoke-partner reached %q, want both devices", out)
+	}
+	for _, a := range []*binAgent{s.a, s.b} {
+		waitLong(t, "revocation on every agent", func() bool { return a.status(t).Mode == "normal" && revoked(t, a) })
+	}
+	if lab.RoundTrip(fin, time.Second) || lab.Reaches(t, s.a.ns, "tcp", financeHost) {
+		t.Error("finance still reachable after the partner was revoked")
+	}
+	if !lab.Reaches(t, s.a.ns, "tcp", wmsHost) {
+		t.Error("wms lost with the partner's revocation")
+	}
+	// It holds across an agent restart and a control restart.
+	s.a.kill()
+	s.ctl.Stop()
+	s.a.start(t)
+	if !revoked(t, s.a) || lab.Reaches(t, s.a.ns, "tcp", financeHost) {
+		t.Error("revocation lost across an agent restart with control down")
+	}
+	s.ctl.Start(t)
+	waitUntil(t, "reconnect", afterOutage, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
+	if !revoked(t, s.a) || lab.Reaches(t, s.a.ns, "tcp", financeHost) {
+		t.Error("revocation lost across a control restart")
+	}
+	s.ctl.MustCLI(t, "reinstate-partner", "acme-freight", "--reason", "cleared", "--key", filepath.Join(filepath.Dir(s.opsPub), opskey.PrivateFile))
+	waitLong(t, "reinstatement", func() bool { return !revoked(t, s.a) })
+	if !lab.ReachesWithin(t, s.a.ns, "tcp", financeHost, 10*time.Second) {
+		t.Error("finance not reachable after reinstatement")
+	}
+}
+
+func revoked(t *testing.T, a *binAgent) bool {
+	st := a.status(t)
+	for _, d := range st.Decisions {
+		if d.Segment == "finance" && strings.Contains(d.Reason, "revoked") {
+			return true
+		}
+	}
+	return false
+}
+
+// auditHas reports whether the device reported an event of kind whose
+// detail contains text (reports travel through the outbox to control).
+func auditHas(t *testing.T, s *controlSite, dev, kind, text string) bool {
+	out, err := s.ctl.CLI("device", "show", dev)
+	if err != nil {
+		return false
+	}
+	var d controlapi.Device
+	if err := json.Unmarshal([]byte(out), &d); err != nil {
+		t.Fatalf("device show: %v: %s", err, out)
+	}
+	for _, e := range d.Reports {
+		if e.Kind == kind && strings.Contains(e.Detail, text) {
+			return true
+		}
+	}
+	return false
+}
+
+// With control down the agent restarts into its cached bundle, and what
+// it reports meanwhile reaches control after the outage: every event
+// once, in order.
+func TestOutageLosesNoReports(t *testing.T) {
+	s := newControlSite(t)
+	s.a.start(t)
+	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+		t.Fatalf("enroll: %v %s", err, out)
+	}
+	dev := s.a.status(t).DeviceID
+	s.gw1.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1))
+	waitLong(t, "policy v1", func() bool { return s.a.status(t).PolicyVersion == 1 })
+
+	s.ctl.Stop()
+	s.a.kill()
+	s.a.start(t)
+	if st := s.a.status(t); st.PolicyVersion != 1 || st.Mode != "normal" || !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, 10*time.Second) {
+		t.Fatalf("after a restart with control down: v%d %s", st.PolicyVersion, st.Mode)
+	}
+	// Events during the outage: three drift repairs.
+	for i := range 3 {
+		s.a.ns.MustRun(t, "nft", "flush", "ruleset")
+		waitLong(t, "drift repair", func() bool { return s.a.status(t).DriftRepairs == i+1 })
+	}
+	if c := s.a.status(t).Control; c == nil || c.Connected {
+		t.Errorf("control status during the outage: %+v", c)
+	}
+	s.ctl.Start(t)
+	waitUntil(t, "the outage's reports", afterOutage, func() bool {
+		out, err := s.ctl.CLI("device", "show", dev)
+		return err == nil && strings.Count(out, `"drift-repaired"`) >= 3
+	})
+	var d controlapi.Device
+	if err := json.Unmarshal([]byte(s.ctl.MustCLI(t, "device", "show", dev)), &d); err != nil {
+		t.Fatal(err)
+	}
+	seen := map[uint64]bool{}
+	drift := 0
+	for i, e := range d.Reports {
+		if seen[e.Seq] || (i > 0 && e.Seq <= d.Reports[i-1].Seq) {
+			t.Errorf("report %d (seq %d) duplicated or out of order", i, e.Seq)
+		}
+		seen[e.Seq] = true
+		if e.Kind == "drift-repaired" {
+			drift++
+		}
+	}
+	if drift != 3 || d.Reports[0].Kind != "enrolled" || d.ReportsDropped != 0 {
+		t.Errorf("reports after the outage: %d drift repairs (want 3), first %q, %d dropped: %+v", drift, d.Reports[0].Kind, d.ReportsDropped, d.Reports)
+	}
+}
