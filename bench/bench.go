@@ -83,7 +83,7 @@ func CanRunPrivileged() bool {
 }
 
 // All is every case: the pure ones, then those that need the kernel.
-func All() []Case { return slices.Concat(Cases(), kernelCases(), tunnelCases()) }
+func All() []Case { return slices.Concat(Cases(), kernelCases(), tunnelCases(), controlCases()) }
 
 // LargePolicy builds a valid policy with n destinations spread over
 // segments of 1,000 destinations each (fewer for small n), every one open

@@ -175,8 +175,13 @@ func pinned(cs tls.ConnectionState, fp string) (*x509.Certificate, error) {
 
 // dialTo connects to the enrolment endpoint whatever the URL's name
 // resolves to later, so the connection goes where the table is open.
+//
+// TCP keep-alive probes are off: the long-poll itself proves the
+// connection every keep-alive period (a dead one times out within the
+// wait plus slack), and probes every 15 s, Go's default, would more than
+// double an idle device's bytes on a metered link.
 func dialTo(ep netip.AddrPort) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	var d net.Dialer
+	d := net.Dialer{KeepAlive: -1}
 	return func(ctx context.Context, network, _ string) (net.Conn, error) {
 		return d.DialContext(ctx, network, ep.String())
 	}

@@ -53,7 +53,9 @@ func serveCmd() *subcmd.Command {
 					return err
 				}
 				defer srv.Close()
-				ln, err := net.Listen("tcp", *listen)
+				// No TCP keep-alive probes: a device's long-poll is answered
+				// every keep-alive period anyway, and probes cost metered bytes.
+				ln, err := (&net.ListenConfig{KeepAlive: -1}).Listen(context.Background(), "tcp", *listen)
 				if err != nil {
 					return err
 				}
