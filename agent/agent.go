@@ -14,6 +14,7 @@ import (
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
@@ -50,6 +51,7 @@ type Agent struct {
 	noPolicy  string
 	sticky    localpolicy.Sticky
 	desired   localpolicy.Desired
+	evaluated bool // desired holds an evaluation (false until the boot apply)
 	ruleset   nft.Ruleset
 	lastApply time.Time
 	repairs   int
@@ -159,6 +161,7 @@ func (a *Agent) openStore() error {
 		return err
 	}
 	a.store = st
+	st.OnAudit(func(e store.Event) { a.report(e.Time, e.Kind, e.Detail) })
 	if _, ok, err := st.Roots(); err != nil {
 		return err
 	} else if !ok {
@@ -212,8 +215,8 @@ func (a *Agent) reconcile(why string) error {
 	for _, p := range a.traffic {
 		in.Traffic = append(in.Traffic, localpolicy.PeerTraffic{PublicKey: p.PublicKey, LastHandshake: p.LastHandshake, RxBytes: p.RxBytes, TxBytes: p.TxBytes})
 	}
-	prev := a.desired.Mode
-	a.desired = localpolicy.Evaluate(in)
+	prev, known := a.desired.Mode, a.evaluated
+	a.desired, a.evaluated = localpolicy.Evaluate(in), true
 	// Peers change with the table. Either order is safe: segment rules
 	// accept only packets on the tunnel interface, so a destination whose
 	// peer is gone (its route falls back to the uplink) is already dropped.
@@ -230,7 +233,7 @@ func (a *Agent) reconcile(why string) error {
 		a.lastApply = a.wall()
 		a.log.Info("enforcing", "why", why, "mode", a.desired.Mode, "policy", a.desired.PolicyVersion, "segments", len(a.desired.Segments))
 	}
-	if a.desired.Mode != prev {
+	if known && a.desired.Mode != prev { // boot has no mode to change from
 		a.audit("mode-changed", fmt.Sprintf("%s to %s (%s): %s", prev, a.desired.Mode, why, strings.Join(a.desired.Why, "; ")))
 	}
 	a.publish()
@@ -341,7 +344,6 @@ func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
 	a.clock.Observe(b.IssuedAt)
 	a.bundle, a.noPolicy = b, ""
 	a.log.Info("bundle accepted", "version", b.Version, "expires", b.ExpiresAt)
-	a.audit("bundle-accepted", fmt.Sprintf("version %d for %s, expires %s", b.Version, b.Target, b.ExpiresAt.UTC().Format(time.RFC3339)))
 	err = a.reconcile(fmt.Sprintf("policy v%d accepted", b.Version))
 	// Verifying and applying a large bundle makes tens of MiB of garbage
 	// at once; on a 256 MiB scanner it should go back to the system now,
@@ -369,7 +371,7 @@ func (a *Agent) scanDropDir() {
 			continue
 		}
 		path := filepath.Join(a.cfg.DropDir, e.Name())
-		raw, err := readCapped(path)
+		raw, err := envelope.ReadFile(path)
 		if err == nil {
 			_, err = a.install(raw)
 		}

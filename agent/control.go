@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"net/netip"
 	"path/filepath"
@@ -134,20 +135,29 @@ func (a *Agent) useEnrolment(rec *controlclient.Record) error {
 	return nil
 }
 
-// audit records an event in the local audit log and queues it for control.
+// audit records an event in the local audit log, whose hook (report)
+// queues it for control; with no usable cache it goes to control alone.
 func (a *Agent) audit(kind, detail string) {
 	now := a.clock.Now()
-	if a.store != nil {
-		if err := a.store.Audit(now, kind, detail); err != nil {
-			a.log.Warn("audit log", "err", err)
-		}
+	if a.store == nil {
+		a.report(now, kind, detail)
+		return
 	}
-	if a.ch.spool != nil {
-		if err := a.ch.spool.Add(now, kind, detail); err != nil {
-			a.log.Warn("outbox", "err", err)
-		}
-		a.kickSync()
+	if err := a.store.Audit(now, kind, detail); err != nil {
+		a.log.Warn("audit log", "err", err)
 	}
+}
+
+// report queues an audit event for control. The store calls it for every
+// event it commits, its own bundle verdicts included.
+func (a *Agent) report(t time.Time, kind, detail string) {
+	if a.ch.spool == nil {
+		return
+	}
+	if err := a.ch.spool.Add(t, kind, detail); err != nil {
+		a.log.Warn("outbox", "err", err)
+	}
+	a.kickSync()
 }
 
 // publish refreshes what the next sync reports and wakes the syncer when
@@ -168,7 +178,7 @@ func (a *Agent) publish() {
 
 func sameRequest(a, b *controlapi.SyncRequest) bool {
 	return a.PolicyVersion == b.PolicyVersion && a.Cursor == b.Cursor && a.State.Mode == b.State.Mode &&
-		a.State.Why == b.State.Why && a.State.PolicyVersion == b.State.PolicyVersion && len(a.State.Revoked) == len(b.State.Revoked)
+		a.State.Why == b.State.Why && a.State.PolicyVersion == b.State.PolicyVersion && maps.Equal(a.State.Revoked, b.State.Revoked)
 }
 
 func (a *Agent) highest() uint64 {
@@ -289,9 +299,7 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) {
 	// The answer came over the pinned, mutually authenticated channel.
 	a.clock.Observe(resp.ServerTime)
 	if resp.Bundle != nil {
-		if _, err := a.install(resp.Bundle); err != nil {
-			a.audit("bundle-rejected", "from control: "+err.Error())
-		}
+		a.install(resp.Bundle) // the store audits either verdict
 	}
 	for _, raw := range resp.Commands {
 		a.obey(raw)

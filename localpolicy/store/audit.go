@@ -39,10 +39,15 @@ func (e *Event) digest() string {
 
 // Audit appends an event, for example a rejected bundle and why.
 func (s *Store) Audit(now time.Time, kind, detail string) error {
-	return s.update(func(_ *bolt.Bucket, tx *bolt.Tx) error { return appendAudit(tx, now, kind, detail) })
+	return s.update(func(_ *bolt.Bucket, tx *bolt.Tx) error { return s.appendAudit(tx, now, kind, detail) })
 }
 
-func appendAudit(tx *bolt.Tx, now time.Time, kind, detail string) error {
+// OnAudit makes fn see every event once its transaction has committed,
+// whichever method wrote it (the agent forwards them to control). Set it
+// before the store is shared.
+func (s *Store) OnAudit(fn func(Event)) { s.onAudit = fn }
+
+func (s *Store) appendAudit(tx *bolt.Tx, now time.Time, kind, detail string) error {
 	meta, log := tx.Bucket(bucketMeta), tx.Bucket(bucketAudit)
 	seq, err := getU64(meta, keyAuditSeq)
 	if err != nil {
@@ -64,6 +69,9 @@ func appendAudit(tx *bolt.Tx, now time.Time, kind, detail string) error {
 	}
 	if err := meta.Put(keyAuditSeq, u64(e.Seq)); err != nil {
 		return err
+	}
+	if s.onAudit != nil {
+		tx.OnCommit(func() { s.onAudit(e) })
 	}
 	return meta.Put(keyAuditTop, []byte(e.Hash))
 }

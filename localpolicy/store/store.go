@@ -50,7 +50,8 @@ var (
 
 // Store is the open cache. Its methods are safe for concurrent use.
 type Store struct {
-	db *bolt.DB
+	db      *bolt.DB
+	onAudit func(Event)
 }
 
 // Open opens or creates the cache at path (mode 0600) and checks the file's
@@ -171,7 +172,7 @@ func (s *Store) Accept(b *bundle.Bundle, now time.Time) error {
 		if err := raiseTrusted(meta, b.IssuedAt); err != nil {
 			return err
 		}
-		return appendAudit(tx, now, "bundle-accepted", fmt.Sprintf("version %d for %s, expires %s", b.Version, b.Target, b.ExpiresAt.UTC().Format(time.RFC3339)))
+		return s.appendAudit(tx, now, "bundle-accepted", fmt.Sprintf("version %d for %s, expires %s", b.Version, b.Target, b.ExpiresAt.UTC().Format(time.RFC3339)))
 	})
 }
 

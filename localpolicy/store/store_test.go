@@ -5,8 +5,10 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -386,4 +388,30 @@ func TestAuditIsBounded(t *testing.T) {
 func pageWrites(s *Store) int64 {
 	st := s.db.Stats()
 	return st.TxStats.GetWrite()
+}
+
+// OnAudit sees each committed event once, whichever method wrote it, and
+// nothing from a transaction that rolled back.
+func TestOnAuditSeesCommittedEvents(t *testing.T) {
+	s := open(t, filepath.Join(t.TempDir(), "cache.db"))
+	var seen []string
+	s.OnAudit(func(e Event) { seen = append(seen, fmt.Sprintf("%d %s", e.Seq, e.Kind)) })
+	if err := s.Audit(t0, "drift-repaired", "x"); err != nil {
+		t.Fatal(err)
+	}
+	s.update(func(_ *bolt.Bucket, tx *bolt.Tx) error {
+		if err := s.appendAudit(tx, t0, "rolled-back", ""); err != nil {
+			return err
+		}
+		return errors.New("abort")
+	})
+	if err := s.Obey("cmd-00000001", t0.Add(time.Minute), t0, localpolicy.Sticky{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Audit(t0, "mode-changed", "y"); err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"1 drift-repaired", "2 mode-changed"}; !slices.Equal(seen, want) {
+		t.Errorf("OnAudit saw %v, want %v", seen, want)
+	}
 }
