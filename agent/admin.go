@@ -22,7 +22,7 @@ import (
 
 // Request is one admin-socket call: a JSON object per line.
 type Request struct {
-	Op     string `json:"op"`               // status, explain, apply, ruleset, rotate-key
+	Op     string `json:"op"`               // status, explain, apply, ruleset, rotate-key, enroll
 	To     string `json:"to,omitempty"`     // explain: ADDR:PORT[/tcp|udp]
 	Bundle []byte `json:"bundle,omitempty"` // apply: the envelope bytes
 	// enroll: the control server, a one-time token, the pinned CA.
@@ -269,13 +269,4 @@ func Call(socket string, req Request) (*Response, error) {
 		return nil, fmt.Errorf("agent reply: %w", err)
 	}
 	return &resp, nil
-}
-
-func readCapped(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	return envelope.ReadAll(f)
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/control/server"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 )
@@ -27,7 +28,7 @@ func controlCases() []Case {
 // an idle device costs on the wire per long-poll cycle.
 func benchIdleBytes(b *testing.B) {
 	lab.RequirePrivileged(b, "nft", "wg")
-	const keepAlive, defaultKeepAlive = 2 * time.Second, 4 * time.Minute
+	const keepAlive = 2 * time.Second
 	ctlNS, devNS := lab.NewNS(b, "ctl"), lab.NewNS(b, "dev")
 	devIf, _ := lab.Link(b, devNS, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
 	ctl := lab.StartControl(b, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), keepAlive)
@@ -75,7 +76,7 @@ func benchIdleBytes(b *testing.B) {
 		before := linkBytes(b, devNS, devIf)
 		time.Sleep(time.Duration(cycles) * keepAlive)
 		perCycle := float64(linkBytes(b, devNS, devIf)-before) / float64(cycles)
-		perDay = perCycle * float64(24*time.Hour/defaultKeepAlive) / 1e6
+		perDay = perCycle * float64(24*time.Hour/server.DefaultKeepAlive) / 1e6
 	}
 	b.StopTimer()
 	b.ReportMetric(perDay, "MB/day")

@@ -203,14 +203,9 @@ func applyCmd() *subcmd.Command {
 				if len(args) != 1 {
 					return subcmd.Usagef("policy apply takes one bundle file")
 				}
-				f, err := os.Open(args[0])
+				raw, err := envelope.ReadFile(args[0])
 				if err != nil {
 					return err
-				}
-				defer f.Close()
-				raw, err := envelope.ReadAll(f)
-				if err != nil {
-					return fmt.Errorf("%s: %w", args[0], err)
 				}
 				resp, err := call(*socket, agent.Request{Op: "apply", Bundle: raw})
 				if err != nil {

@@ -48,7 +48,7 @@ func serveCmd() *subcmd.Command {
 					names = subcmd.Strings{"localhost", "127.0.0.1"}
 				}
 				log := slog.New(slog.NewTextHandler(env.Stderr, nil))
-				srv, created, err := server.Open(server.Config{DataDir: *data, Listen: *listen, Names: names, KeepAlive: *keepAlive, Logger: log})
+				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log})
 				if err != nil {
 					return err
 				}
@@ -110,14 +110,9 @@ func pushCmd() *subcmd.Command {
 				if len(args) != 1 {
 					return subcmd.Usagef("policy push takes one bundle file")
 				}
-				f, err := os.Open(args[0])
+				raw, err := envelope.ReadFile(args[0])
 				if err != nil {
 					return err
-				}
-				defer f.Close()
-				raw, err := envelope.ReadAll(f)
-				if err != nil {
-					return fmt.Errorf("%s: %w", args[0], err)
 				}
 				a, err := connect()
 				if err != nil {

@@ -55,7 +55,6 @@ const maxBody = 1 << 20
 // Config is how a server runs.
 type Config struct {
 	DataDir string
-	Listen  string
 	// Names are the DNS names and addresses devices use to reach the
 	// server; its certificate carries them.
 	Names     []string

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 
 	"github.com/go-json-experiment/json"
 	"github.com/secure-systems-lab/go-securesystemslib/dsse"
@@ -54,6 +55,21 @@ func ReadAll(r io.Reader) ([]byte, error) {
 	}
 	if len(raw) > MaxEnvelope {
 		return nil, fmt.Errorf("%w: input exceeds %d bytes (payload limit %d MiB)", ErrTooLarge, MaxEnvelope, MaxPayload>>20)
+	}
+	return raw, nil
+}
+
+// ReadFile reads the envelope at path with ReadAll's cap; errors name the
+// file.
+func ReadFile(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	raw, err := ReadAll(f)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return raw, nil
 }
