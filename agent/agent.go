@@ -22,13 +22,17 @@ import (
 	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
-// How often the kernel table is compared with what was applied: the rule
-// structure twice a second (a flushed ruleset is repaired within a second),
-// every set element every ten seconds.
+// How often the kernel is compared with what was applied. The table is
+// verified twice a second, so drift is repaired within a second; that costs
+// one generation query while nothing in the namespace changes, and a whole
+// comparison after anything does (nft.Enforcer.Verify). The whole comparison
+// also runs unconditionally every few minutes, not trusting the generation
+// alone. Tunnel peers and routes are restored every ten seconds.
 const (
-	quickCheckEvery = 500 * time.Millisecond
-	fullCheckEvery  = 10 * time.Second
-	dropScanEvery   = time.Second
+	driftCheckEvery  = 500 * time.Millisecond
+	deepCheckEvery   = 5 * time.Minute
+	tunnelCheckEvery = 10 * time.Second
+	dropScanEvery    = time.Second
 )
 
 // Agent is the daemon. Everything below the configuration is owned by the
@@ -137,7 +141,10 @@ func (a *Agent) applyTunnel() {
 	if a.tun == nil {
 		return
 	}
-	changed, err := a.tun.Apply(tunnel.Wanted(a.desired.Peers))
+	st, changed, err := a.tun.Apply(tunnel.Wanted(a.desired.Peers))
+	if st != nil {
+		a.traffic = st
+	}
 	if err != nil {
 		a.tunErr = err.Error()
 		a.log.Error("tunnel apply failed", "err", err)
@@ -146,9 +153,6 @@ func (a *Agent) applyTunnel() {
 		if changed {
 			a.log.Info("tunnel peers", "peers", len(a.desired.Peers))
 		}
-	}
-	if st, err := a.tun.State(); err == nil {
-		a.traffic = st
 	}
 }
 
@@ -259,10 +263,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.ch.runCtx = ctx
 	a.startSync()
 
-	quick := time.NewTicker(quickCheckEvery)
-	defer quick.Stop()
-	full := time.NewTicker(fullCheckEvery)
-	defer full.Stop()
+	drift := time.NewTicker(driftCheckEvery)
+	defer drift.Stop()
+	deep := time.NewTicker(deepCheckEvery)
+	defer deep.Stop()
+	peers := time.NewTicker(tunnelCheckEvery)
+	defer peers.Stop()
 	drop := time.NewTicker(dropScanEvery)
 	defer drop.Stop()
 	next := time.NewTimer(a.untilNextChange())
@@ -273,6 +279,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			if a.store != nil {
 				a.store.Close()
 			}
+			a.enforcer.Close()
 			if a.tun != nil {
 				a.tun.Close()
 			}
@@ -287,10 +294,11 @@ func (a *Agent) Run(ctx context.Context) error {
 			close(res.done)
 		case <-next.C:
 			a.reconcile("scheduled change")
-		case <-quick.C:
-			a.checkDrift(a.enforcer.CheckQuick)
-		case <-full.C:
+		case <-drift.C:
+			a.checkDrift(a.enforcer.Verify)
+		case <-deep.C:
 			a.checkDrift(a.enforcer.Check)
+		case <-peers.C:
 			if a.tun == nil {
 				a.startTunnel()
 			}

@@ -1,6 +1,7 @@
 package nft
 
 import (
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -18,6 +19,8 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+	"github.com/mdlayher/netlink"
+	"golang.org/x/sys/unix"
 )
 
 var now = time.Date(2026, 11, 24, 16, 0, 0, 0, time.UTC)
@@ -230,15 +233,106 @@ func TestDriftIsDetectedAndRepaired(t *testing.T) {
 		{"nft", "delete", "element", "inet", Table, "control_v4", "{ 10.99.0.1 . 6 . 8443 }"},
 		{"nft", "add", "rule", "inet", Table, "output", "accept"},
 	} {
+		if err := e.Verify(rs); err != nil {
+			t.Fatalf("before %q: %v", tamper, err)
+		}
 		ns.MustRun(t, tamper...)
+		if err := e.Verify(rs); !errors.Is(err, ErrDrift) {
+			t.Fatalf("after %q Verify = %v, want ErrDrift", tamper, err)
+		}
 		if err := e.Check(rs); !errors.Is(err, ErrDrift) {
 			t.Fatalf("after %q Check = %v, want ErrDrift", tamper, err)
 		}
 		if err := e.Reapply(rs); err != nil {
 			t.Fatal(err)
 		}
-		if err := e.Check(rs); err != nil {
+		if err := e.Verify(rs); err != nil {
 			t.Fatalf("after repair: %v", err)
+		}
+	}
+	// Another table's change moves the generation too: Verify must look,
+	// and find ours intact.
+	ns.MustRun(t, "nft", "add", "table", "inet", "someone-else")
+	if err := e.Verify(rs); err != nil {
+		t.Fatalf("after another table was added: %v", err)
+	}
+}
+
+// The generation the gate relies on: every commit advances it, and
+// nothing else does.
+func TestGenerationMovesWithEveryCommit(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	ns := lab.NewNS(t, "gen")
+	e := NewEnforcer(WithNetNS(ns.FD()))
+	defer e.Close()
+	gen := func() uint32 {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		g, err := e.generation()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return g
+	}
+	g0 := gen()
+	if g := gen(); g != g0 {
+		t.Fatalf("generation moved from %d to %d with no commit", g0, g)
+	}
+	ns.MustRun(t, "nft", "add", "table", "ip", "t")
+	g1 := gen()
+	if g1 == g0 {
+		t.Fatalf("generation stayed %d across a commit", g0)
+	}
+	if _, err := ns.Run("nft", "add", "element", "inet", Table, "x", "{ 1 }"); err == nil {
+		t.Fatal("adding to a missing set was accepted")
+	}
+	if g := gen(); g != g1 {
+		t.Fatalf("a refused transaction moved the generation from %d to %d", g1, g)
+	}
+	// It is asked twice a second for the agent's lifetime: an idle agent
+	// must not make garbage doing so.
+	if n := testing.AllocsPerRun(100, func() { gen() }); n > 8 {
+		t.Errorf("asking for the generation allocates %.0f objects", n)
+	}
+}
+
+func TestParseGen(t *testing.T) {
+	msg := func(typ uint16, seq uint32, payload ...byte) []byte {
+		b := binary.NativeEndian.AppendUint32(nil, uint32(16+len(payload)))
+		b = binary.NativeEndian.AppendUint16(b, typ)
+		b = binary.NativeEndian.AppendUint16(b, 0)
+		b = binary.NativeEndian.AppendUint32(b, seq)
+		b = binary.NativeEndian.AppendUint32(b, 0)
+		b = append(b, payload...)
+		for len(b)%4 != 0 {
+			b = append(b, 0)
+		}
+		return b
+	}
+	attr := func(typ uint16, v ...byte) []byte {
+		b := binary.NativeEndian.AppendUint16(nil, uint16(4+len(v)))
+		return append(binary.NativeEndian.AppendUint16(b, typ), v...)
+	}
+	gen := msg(uint16(newGen), 7, slices.Concat([]byte{0, 0, 0, 0}, attr(unix.NFTA_GEN_PROC_PID, 0, 0, 0, 9), attr(unix.NFTA_GEN_ID, 0, 0, 1, 2))...)
+	errMsg := msg(uint16(netlink.Error), 7, binary.NativeEndian.AppendUint32(nil, uint32(0x100000000-int64(unix.EPERM)))...)
+	for _, c := range []struct {
+		name string
+		in   []byte
+		id   uint32
+		done bool
+		err  string
+	}{
+		{"answer", gen, 258, true, ""},
+		{"answer after another request's", slices.Concat(msg(uint16(newGen), 6), gen), 258, true, ""},
+		{"only another request's", msg(uint16(newGen), 6), 0, false, ""},
+		{"kernel error", errMsg, 0, true, "operation not permitted"},
+		{"no id", msg(uint16(newGen), 7, 0, 0, 0, 0), 0, true, "no generation"},
+		{"truncated", gen[:len(gen)-4], 0, true, "malformed"},
+		{"empty", nil, 0, false, ""},
+	} {
+		id, done, err := parseGen(c.in, 7)
+		if id != c.id || done != c.done || (err == nil) != (c.err == "") || (err != nil && !strings.Contains(err.Error(), c.err)) {
+			t.Errorf("%s: parseGen = %d, %v, %v; want %d, %v, error containing %q", c.name, id, done, err, c.id, c.done, c.err)
 		}
 	}
 }
