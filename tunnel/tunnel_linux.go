@@ -175,38 +175,42 @@ func (t *Tunnel) State() ([]PeerState, error) {
 }
 
 // Apply makes the device's peers and the tunnel routes exactly want.
-// Unchanged peers are not touched; it reports whether anything changed.
-// Peers are diffed against what the device reports, not what was last
-// set, so a peer removed by hand with `wg set` comes back.
-func (t *Tunnel) Apply(want []Peer) (changed bool, err error) {
+// Unchanged peers are not touched; it reports whether anything changed,
+// and returns the peers' state (handshakes, counters) as the device reports
+// it afterwards. Peers are diffed against what the device reports, not
+// what was last set, so a peer removed by hand with `wg set` comes back.
+func (t *Tunnel) Apply(want []Peer) (state []PeerState, changed bool, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	have, err := t.State()
+	state, err = t.State()
 	if err != nil {
-		return false, err
+		return nil, false, err
 	}
-	if diff := Diff(Peers(have), want); diff != "" {
+	if diff := Diff(Peers(state), want); diff != "" {
 		if err := t.dev.IpcSet(diff); err != nil {
-			return false, fmt.Errorf("tunnel %s: set peers: %w", t.cfg.Interface, err)
+			return state, false, fmt.Errorf("tunnel %s: set peers: %w", t.cfg.Interface, err)
 		}
 		changed = true
+		if state, err = t.State(); err != nil {
+			return nil, true, err
+		}
 	}
 	routes, err := t.routes()
 	if err != nil {
-		return changed, err
+		return state, changed, err
 	}
 	add, del := RouteDiff(routes, Routes(want))
 	for _, p := range add {
 		if err := t.rt.Route.Replace(t.routeMessage(p)); err != nil {
-			return changed, fmt.Errorf("tunnel %s: route %s: %w", t.cfg.Interface, p, err)
+			return state, changed, fmt.Errorf("tunnel %s: route %s: %w", t.cfg.Interface, p, err)
 		}
 	}
 	for _, p := range del {
 		if err := t.rt.Route.Delete(t.routeMessage(p)); err != nil && !errors.Is(err, unix.ESRCH) {
-			return changed, fmt.Errorf("tunnel %s: delete route %s: %w", t.cfg.Interface, p, err)
+			return state, changed, fmt.Errorf("tunnel %s: delete route %s: %w", t.cfg.Interface, p, err)
 		}
 	}
-	return changed || len(add)+len(del) > 0, nil
+	return state, changed || len(add)+len(del) > 0, nil
 }
 
 func (t *Tunnel) routeMessage(p netip.Prefix) *rtnetlink.RouteMessage {

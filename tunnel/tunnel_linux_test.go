@@ -68,7 +68,7 @@ func key(t *testing.T, s string) policy.Key {
 
 func (s *site) apply(t *testing.T, peers ...Peer) {
 	t.Helper()
-	if _, err := s.tun.Apply(peers); err != nil {
+	if _, _, err := s.tun.Apply(peers); err != nil {
 		t.Fatalf("Apply: %v", err)
 	}
 }
@@ -112,7 +112,7 @@ func TestHandshakeAndDataWithDebianWireGuard(t *testing.T) {
 	if got := s.dev.MustRun(t, "ip", "route", "show", "proto", "98"); !strings.Contains(got, "10.20.1.0/24 dev "+s.tun.Name()) {
 		t.Errorf("routes of proto 98: %q, want 10.20.1.0/24 through %s", got, s.tun.Name())
 	}
-	if changed, err := s.tun.Apply([]Peer{s.peer1}); err != nil || changed {
+	if _, changed, err := s.tun.Apply([]Peer{s.peer1}); err != nil || changed {
 		t.Errorf("second Apply of the same peers: changed %v, err %v; want a no-op", changed, err)
 	}
 }
@@ -171,7 +171,7 @@ func TestApplyRepairsHandEdits(t *testing.T) {
 	s := newSite(t)
 	s.apply(t, s.peer1)
 	s.dev.MustRun(t, "wg", "set", s.tun.Name(), "peer", s.gw1.PublicKey, "remove")
-	if changed, err := s.tun.Apply([]Peer{s.peer1}); err != nil || !changed {
+	if _, changed, err := s.tun.Apply([]Peer{s.peer1}); err != nil || !changed {
 		t.Fatalf("Apply after a hand edit: changed %v, err %v; want a repair", changed, err)
 	}
 	if !lab.Reaches(t, s.dev, "tcp", s.host1) {
