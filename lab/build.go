@@ -14,8 +14,16 @@ var builds struct {
 	bins map[string]string
 }
 
+// AgentTags are the tags the agent is released with (the Makefile's
+// AGENT_TAGS): nethttpomithttp2 leaves HTTP/2 out of net/http. The agent's
+// one HTTP client holds a single HTTP/1.1 long-poll to its control server,
+// and the 350 KB of HTTP/2 code would be resident in every agent for
+// nothing. The control server keeps HTTP/2 (and must: built with the tag,
+// Go 1.26's server still offers h2 in TLS and then cannot speak it).
+const AgentTags = "nethttpomithttp2"
+
 // Binary builds a command of this module (such as "cmd/bulkhead") once
-// per process, static and stripped as releases are, and returns its path.
+// per process, static, stripped and tagged as releases are, and returns its path.
 func Binary(t testing.TB, pkg string) string {
 	t.Helper()
 	builds.Lock()
@@ -31,7 +39,11 @@ func Binary(t testing.TB, pkg string) string {
 		builds.dir, builds.bins = dir, map[string]string{}
 	}
 	bin := filepath.Join(builds.dir, filepath.Base(pkg))
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w", "-o", bin, "github.com/bulkhead-edge/bulkhead/"+pkg)
+	tags := ""
+	if pkg == "cmd/bulkhead" {
+		tags = AgentTags
+	}
+	cmd := exec.Command("go", "build", "-trimpath", "-tags", tags, "-ldflags", "-s -w", "-o", bin, "github.com/bulkhead-edge/bulkhead/"+pkg)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build %s: %v: %s", pkg, err, out)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -37,6 +38,15 @@ func runCmd() *subcmd.Command {
 					return err
 				}
 				agent.Version = Version
+				// An idle agent's heap is a few MiB that barely changes,
+				// and the runtime's default lets it double before it
+				// collects. Collecting at half again keeps about 1.5 MiB
+				// less resident on 256 MiB scanners, for a collection of
+				// a millisecond when there is garbage at all. GOGC in the
+				// environment still decides when it is set.
+				if os.Getenv("GOGC") == "" {
+					debug.SetGCPercent(50)
+				}
 				a := agent.New(cfg)
 				if err := a.Boot(); err != nil {
 					return fmt.Errorf("boot: %w", err)
