@@ -33,6 +33,8 @@ type Case struct {
 	// Unit, when set, makes the figure the metric Run reports under that
 	// name (b.ReportMetric) instead of the time per operation.
 	Unit string
+	// Also names further metrics Run reports, shown next to the figure.
+	Also []string
 	// Reference says what Run measured next to the figure, reported as
 	// "ref-"+Unit; MinRatio is how large the figure must be relative to it
 	// (or the "ratio" metric, when Run measures the ratio in pairs).

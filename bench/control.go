@@ -1,18 +1,19 @@
 package bench
 
 import (
-	"fmt"
+	"math"
+	"net"
 	"net/netip"
-	"os"
-	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/control/server"
 	"github.com/bulkhead-edge/bulkhead/lab"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 // controlCases measure the control channel.
@@ -21,6 +22,9 @@ func controlCases() []Case {
 		{Name: "idle control traffic per device per day", Privileged: true, Unit: "MB/day", Max: 1,
 			Run:  benchIdleBytes,
 			Note: "bytes both ways on the device's link over idle sync cycles (server keep-alive shortened to 2 s), scaled to the default 4-minute keep-alive: 360 cycles a day"},
+		{Name: "kill-switch latency: quarantine to the last packet", Privileged: true, Unit: "ms-p99", Also: []string{"ms-p50"}, Max: 250,
+			Run:  benchKillSwitch,
+			Note: "100 trials: from starting `bulkhead-control quarantine ID` (real TLS, server-signed command, long-poll) to the last packet of a running 1 ms UDP flow through the tunnel reaching the segment host; an ops-signed `release` between trials"},
 	}
 }
 
@@ -33,38 +37,8 @@ func benchIdleBytes(b *testing.B) {
 	devIf, _ := lab.Link(b, devNS, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
 	ctl := lab.StartControl(b, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), keepAlive)
 
-	dir := b.TempDir()
-	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
-		b.Fatal(err)
-	}
-	bin := lab.Binary(b, "cmd/bulkhead")
-	iface := "bh-" + devNS.Name[len(devNS.Name)-6:]
-	sock := filepath.Join(dir, "admin.sock")
-	cfg := filepath.Join(dir, "config.json")
-	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": "truck"}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q,
-  "tunnel": {"interface": %q, "addresses": ["100.64.0.2/32"]}}`, filepath.Join(dir, "ops", opskey.PublicFile), filepath.Join(dir, "state"), sock, iface)), 0o600)
-	cmd := devNS.Command(bin, "run", "--config", cfg)
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		devNS.Run("nft", "delete", "table", "inet", "bulkhead")
-		os.Remove("/var/run/wireguard/" + iface + ".sock")
-	})
-	token := strings.TrimSpace(strings.Split(ctl.MustCLI(b, "token", "create", "--class", "truck"), "\n")[0])
-	var out []byte
-	var err error
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		out, err = devNS.Command(bin, "enroll", "--socket", sock, "--control", ctl.URL, "--token", token, "--trust-ca", ctl.Fingerprint).CombinedOutput()
-		if err == nil || !strings.Contains(string(out), "cannot reach the agent") {
-			break
-		}
-	}
-	if err != nil {
-		b.Fatalf("enroll: %v %s", err, out)
-	}
+	a := runAgent(b, devNS, "truck", "100.64.0.2/32", 0)
+	a.enroll(b, ctl)
 	cycles := 10
 	if Quick {
 		cycles = 1
@@ -94,4 +68,115 @@ func linkBytes(b testing.TB, ns *lab.NS, iface string) uint64 {
 		total += n
 	}
 	return total
+}
+
+// flowPort is the UDP port of the flow the kill-switch must cut.
+const flowPort = 9000
+
+// benchKillSwitch measures how long a running flow survives a quarantine
+// issued from the ops CLI: the real control server, the real agent over
+// its long-poll, a Debian wireguard-go gateway, and a segment host that
+// notes when each packet of a 1 ms UDP stream arrives.
+func benchKillSwitch(b *testing.B) {
+	lab.RequirePrivileged(b, "nft", "wg", "wireguard-go")
+	ctlNS, devNS, gwNS := lab.NewNS(b, "ctl"), lab.NewNS(b, "dev"), lab.NewNS(b, "gw")
+	lab.Link(b, devNS, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
+	lab.Link(b, devNS, "192.0.2.2/30", gwNS, "192.0.2.1/30")
+	ctl := lab.StartControl(b, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), 0)
+	gw := lab.StartGateway(b, gwNS, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
+	gwNS.MustRun(b, "ip", "addr", "add", iperfHost.String()+"/32", "dev", "lo")
+
+	a := runAgent(b, devNS, "scanner", "100.64.0.2/32", 51820)
+	id := a.enroll(b, ctl)
+	gw.AllowPeer(b, a.PublicKey, netip.MustParseAddrPort("192.0.2.2:51820"), "100.64.0.2/32")
+	a.apply(b, 1, policy.Document{
+		Schema:   policy.Schema,
+		Control:  []policy.Endpoint{{Address: netip.MustParseAddr("10.99.0.1"), Port: 8443}},
+		Validity: policy.Validity{MaxOffline: policy.Duration(72 * time.Hour)},
+		Segments: []policy.Segment{{Name: "wms", DataClass: "operational",
+			Destinations: []policy.Destination{{CIDR: netip.PrefixFrom(iperfHost, 32), Protocol: policy.UDP, Ports: []policy.PortRange{{First: flowPort, Last: flowPort}}}},
+			Gateway:      policy.Gateway{PublicKey: key(b, gw.PublicKey), Endpoint: gw.Endpoint.String()}}},
+		Classes: map[string]policy.Class{"scanner": {Rules: []policy.Rule{{Segment: "wms"}}}},
+	})
+
+	// The segment host notes when the newest packet arrived; the device
+	// sends one every millisecond whatever happens to it.
+	var last atomic.Int64
+	var rx, tx *net.UDPConn
+	err := gwNS.Do(func() (err error) {
+		rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(iperfHost, flowPort)))
+		return err
+	})
+	if err == nil {
+		err = devNS.Do(func() (err error) {
+			tx, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(iperfHost, flowPort)))
+			return err
+		})
+	}
+	if err != nil {
+		b.Fatal(err)
+	}
+	stop := make(chan struct{})
+	b.Cleanup(func() { close(stop); rx.Close(); tx.Close() })
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			if _, err := rx.Read(buf); err != nil {
+				return
+			}
+			last.Store(time.Now().UnixNano())
+		}
+	}()
+	go func() {
+		tick := time.NewTicker(time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				tx.Write([]byte("flow")) // refused while quarantined
+			}
+		}
+	}()
+	arrived := func() time.Time { return time.Unix(0, last.Load()) }
+	await := func(what string, cond func() bool) {
+		for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				b.Fatalf("timed out waiting until %s", what)
+			}
+		}
+	}
+
+	trials := 100
+	if Quick {
+		trials = 1
+	}
+	var ms []float64
+	b.ResetTimer()
+	for range b.N {
+		for range trials {
+			await("the flow runs", func() bool { return time.Since(arrived()) < 20*time.Millisecond })
+			start := time.Now()
+			ctl.MustCLI(b, "quarantine", id, "--reason", "bench")
+			// The last packet is known once the agent says it is
+			// quarantined (its table is applied by then) and the host
+			// has heard nothing for a while.
+			await("the flow stops in quarantine", func() bool {
+				return time.Since(arrived()) > 100*time.Millisecond && a.status(b).Mode == "quarantine"
+			})
+			ms = append(ms, max(0, float64(arrived().Sub(start))/float64(time.Millisecond)))
+			ctl.MustCLI(b, "release", id, "--reason", "bench", "--key", a.opsFile)
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(percentile(ms, 0.99), "ms-p99")
+	b.ReportMetric(percentile(ms, 0.50), "ms-p50")
+}
+
+// percentile is the nearest-rank percentile p (0 < p <= 1) of v.
+func percentile(v []float64, p float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[max(0, int(math.Ceil(p*float64(len(s))))-1)]
 }

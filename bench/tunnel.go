@@ -1,13 +1,10 @@
 package bench
 
 import (
-	"crypto/ed25519"
 	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -15,9 +12,6 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/lab"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
@@ -178,44 +172,8 @@ func withLarge(doc *policy.Document) {
 // whatever extra adds). It returns the agent's pid.
 func startAgent(b testing.TB, ns *lab.NS, gw *lab.Gateway, gwAddr, uplink, addr string, extra func(*policy.Document)) int {
 	b.Helper()
-	bin := lab.Binary(b, "cmd/bulkhead")
-	dir := b.TempDir()
-	priv, pubFile := opsKey(b, dir)
-	iface := "bh-" + ns.Name[len(ns.Name)-6:]
-	sock := filepath.Join(dir, "admin.sock")
-	cfg := filepath.Join(dir, "config.json")
-	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": "scanner"}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q,
-  "tunnel": {"interface": %q, "addresses": [%q], "listen_port": 51820}}`, pubFile, filepath.Join(dir, "state"), sock, iface, addr+"/32")), 0o600)
-	cmd := ns.Command(bin, "run", "--config", cfg)
-	logf, _ := os.Create(filepath.Join(dir, "agent.log"))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		ns.Run("nft", "delete", "table", "inet", nft.Table)
-		os.Remove("/var/run/wireguard/" + iface + ".sock")
-	})
-	var st struct {
-		Tunnel struct {
-			PublicKey string `json:"public_key"`
-		} `json:"tunnel"`
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for st.Tunnel.PublicKey == "" {
-		out, err := exec.Command(bin, "status", "--json", "--socket", sock).Output()
-		if err == nil {
-			json.Unmarshal(out, &st)
-		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(logf.Name())
-			b.Fatalf("agent in %s did not come up: %s", ns.Name, log)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	gw.AllowPeer(b, st.Tunnel.PublicKey, netip.MustParseAddrPort(uplink+":51820"), addr+"/32")
+	a := runAgent(b, ns, "scanner", addr+"/32", 51820)
+	gw.AllowPeer(b, a.PublicKey, netip.MustParseAddrPort(uplink+":51820"), addr+"/32")
 	doc := policy.Document{
 		Schema:   policy.Schema,
 		Control:  []policy.Endpoint{{Address: netip.MustParseAddr("10.99.0.1"), Port: 8443}},
@@ -228,31 +186,8 @@ func startAgent(b testing.TB, ns *lab.NS, gw *lab.Gateway, gwAddr, uplink, addr 
 	if extra != nil {
 		extra(&doc)
 	}
-	now := time.Now().UTC()
-	raw, err := bundle.Sign(bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
-		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: doc}, priv)
-	if err != nil {
-		b.Fatal(err)
-	}
-	file := filepath.Join(dir, "policy.dsse")
-	os.WriteFile(file, raw, 0o600)
-	if out, err := exec.Command(bin, "policy", "apply", "--socket", sock, file).CombinedOutput(); err != nil {
-		b.Fatalf("policy apply: %v: %s", err, out)
-	}
-	return cmd.Process.Pid
-}
-
-// opsKey makes an ops signing key in dir/ops.
-func opsKey(b testing.TB, dir string) (ed25519.PrivateKey, string) {
-	b.Helper()
-	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
-		b.Fatal(err)
-	}
-	priv, err := opskey.LoadPrivate(filepath.Join(dir, "ops", opskey.PrivateFile))
-	if err != nil {
-		b.Fatal(err)
-	}
-	return priv, filepath.Join(dir, "ops", opskey.PublicFile)
+	a.apply(b, 1, doc)
+	return a.pid
 }
 
 func key(b testing.TB, s string) policy.Key {

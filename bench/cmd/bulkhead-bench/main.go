@@ -105,6 +105,9 @@ func main() {
 func metricRow(c bench.Case, r testing.BenchmarkResult) (string, bool) {
 	v := r.Extra[c.Unit]
 	figure := fmt.Sprintf("%.2f %s", v, c.Unit)
+	for _, m := range c.Also {
+		figure += fmt.Sprintf(", %.2f %s", r.Extra[m], m)
+	}
 	var targets, misses []string
 	if c.MinRatio > 0 {
 		ref := r.Extra["ref-"+c.Unit]
