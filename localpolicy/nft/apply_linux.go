@@ -101,6 +101,10 @@ func (e *Enforcer) Apply(rs Ruleset) (changed bool, err error) {
 	if text == e.applied {
 		return false, nil
 	}
+	// What was verified was another ruleset; even a refused transaction
+	// (which leaves the generation where it was) must not let Verify
+	// vouch for this one.
+	e.verifiedOK = false
 	if e.last == nil && e.check(rs) == nil {
 		// The kernel already enforces exactly rs (an agent restarted over
 		// the table it left): nothing to touch.
@@ -117,7 +121,7 @@ func (e *Enforcer) Apply(rs Ruleset) (changed bool, err error) {
 		e.last = nil
 		return false, err
 	}
-	e.applied, e.last, e.verifiedOK = text, &rs, false
+	e.applied, e.last = text, &rs
 	return true, nil
 }
 

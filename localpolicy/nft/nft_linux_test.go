@@ -209,9 +209,17 @@ func TestApplyIsIdempotentAndAtomic(t *testing.T) {
 		}
 	}
 	bad.Sets[0].Name = long
+	if err := e.Verify(rs); err != nil {
+		t.Fatal(err)
+	}
 	_, err := e.Apply(bad)
 	if err == nil || !strings.Contains(err.Error(), "apply table") {
 		t.Fatalf("Apply(bad) = %v; want the kernel to refuse the transaction", err)
+	}
+	// The kernel's generation did not move, but what it holds is not what
+	// the caller now wants: Verify must not vouch for it.
+	if err := e.Verify(bad); !errors.Is(err, ErrDrift) {
+		t.Fatalf("Verify after a refused apply = %v, want ErrDrift", err)
 	}
 	if err := e.Check(rs); err != nil {
 		t.Fatalf("after a refused apply the previous ruleset is gone: %v", err)
