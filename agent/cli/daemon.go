@@ -40,10 +40,10 @@ func runCmd() *subcmd.Command {
 				agent.Version = Version
 				// An idle agent's heap is a few MiB that barely changes,
 				// and the runtime's default lets it double before it
-				// collects. Collecting at half again keeps about 1.5 MiB
-				// less resident on 256 MiB scanners, for a collection of
-				// a millisecond when there is garbage at all. GOGC in the
-				// environment still decides when it is set.
+				// collects. Collecting at half again bounds it at 1.5
+				// times the live data, for a collection of a millisecond
+				// when there is garbage at all. GOGC in the environment
+				// still decides when it is set.
 				if os.Getenv("GOGC") == "" {
 					debug.SetGCPercent(50)
 				}
