@@ -388,7 +388,7 @@ func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (control
 	now := time.Now()
 	resp := controlapi.SyncResponse{ServerTime: now.UTC()}
 	raw, err := s.db.newestBundle(req.PolicyVersion, func(raw []byte) bool {
-		p, err := peekBundle(raw)
+		p, err := bundle.Peek(raw)
 		return err == nil && p.Target.Matches(dev)
 	})
 	if err != nil {
@@ -397,15 +397,6 @@ func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (control
 	resp.Bundle = raw
 	resp.Commands, resp.Cursor, err = s.db.commandsAfter(req.Cursor, dev.ID, now)
 	return resp, err
-}
-
-func peekBundle(raw []byte) (bundle.Payload, error) {
-	var p bundle.Payload
-	payload, err := envelope.PeekUnverified(raw, bundle.PayloadType)
-	if err == nil {
-		err = json.Unmarshal(payload, &p)
-	}
-	return p, err
 }
 
 func (s *Server) report(w http.ResponseWriter, r *http.Request, id string) {
@@ -485,7 +476,7 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 		fail(w, http.StatusRequestEntityTooLarge, err.Error())
 		return
 	}
-	p, err := peekBundle(raw)
+	p, err := bundle.Peek(raw)
 	if err != nil {
 		fail(w, http.StatusBadRequest, "not a policy bundle: "+err.Error())
 		return

@@ -95,6 +95,17 @@ func Read(r io.Reader, roots opskey.Roots) (*Bundle, error) {
 	return Verify(raw, roots)
 }
 
+// Peek reads the payload inside raw without checking any signature: for
+// those who route bundles and never enforce them (the control server).
+func Peek(raw []byte) (Payload, error) {
+	var p Payload
+	payload, err := envelope.PeekUnverified(raw, PayloadType)
+	if err == nil {
+		err = json.Unmarshal(payload, &p)
+	}
+	return p, err
+}
+
 // Verify checks raw's signatures against roots and decodes and validates its
 // payload. It does not judge time, version or target: see Admit.
 func Verify(raw []byte, roots opskey.Roots) (*Bundle, error) {
