@@ -285,6 +285,18 @@ func TestEnrolmentRefusals(t *testing.T) {
 			t.Errorf("server audit log lacks %q:\n%s", want, audit)
 		}
 	}
+	// A batch: one token per line, each enrolling a device of its own.
+	lines := strings.Split(s.ctl.MustCLI(t, "token", "create", "--class", "scanner", "--count", "2"), "\n")
+	if len(lines) < 3 || !strings.HasPrefix(lines[0], "bht_") || !strings.HasPrefix(lines[1], "bht_") || lines[0] == lines[1] ||
+		!strings.Contains(lines[2], "2 tokens for class scanner") {
+		t.Fatalf("token create --count 2 printed %q", lines)
+	}
+	if out, err := s.b.enroll(t, s.ctl.URL, lines[1], s.ctl.Fingerprint); err != nil {
+		t.Errorf("enrolment with a batch token: %v %s", err, out)
+	}
+	if out, err := s.ctl.CLI("token", "create", "--class", "scanner", "--count", "0"); err == nil || !strings.Contains(out, "--count 0 is outside 1-10000") {
+		t.Errorf("token create --count 0: err %v, output %q", err, out)
+	}
 	// The admin API gives an unauthenticated caller nothing.
 	out, _ = s.ctl.NS.Run("curl", "-sk", s.ctl.URL+controlapi.PathAdminDevices)
 	if strings.Contains(out, "dev-") || !strings.Contains(out, "operator certificate is required") {

@@ -75,25 +75,39 @@ func serveCmd() *subcmd.Command {
 func tokenCmd() *subcmd.Command {
 	return &subcmd.Command{Name: "token", Summary: "one-time enrolment tokens", Sub: []*subcmd.Command{{
 		Name:    "create",
-		Summary: "Make a one-time enrolment token for a device of CLASS. It is shown once; only its hash is stored.",
+		Summary: "Make one-time enrolment tokens for devices of CLASS, one per line. Each is shown\n" +
+			"once and enrols one device; only their hashes are stored.",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
 			connect := adminFlags(fs)
 			class := fs.String("class", "", "device `CLASS` the token enrols (required)")
 			ttl := fs.Duration("ttl", 24*time.Hour, "how long the token is valid")
+			count := fs.Int("count", 1, "how many tokens to make, for a batch of devices (at most 10000)")
 			return func(env *subcmd.Env, args []string) error {
 				if *class == "" || len(args) > 0 {
 					return subcmd.Usagef("token create needs --class CLASS and no arguments")
+				}
+				if *count < 1 || *count > 10000 {
+					return subcmd.Usagef("token create: --count %d is outside 1-10000", *count)
 				}
 				a, err := connect()
 				if err != nil {
 					return err
 				}
 				var t controlapi.TokenResponse
-				if err := a.call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: *class, TTLSeconds: int64(ttl.Seconds())}, &t); err != nil {
-					return err
+				for i := range *count {
+					if err := a.call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: *class, TTLSeconds: int64(ttl.Seconds())}, &t); err != nil {
+						if i > 0 {
+							return fmt.Errorf("after %d tokens (printed above, each still usable): %w", i, err)
+						}
+						return err
+					}
+					fmt.Fprintf(env.Stdout, "%s\n", t.Token)
 				}
-				fmt.Fprintf(env.Stdout, "%s\n", t.Token)
-				fmt.Fprintf(env.Stderr, "token for class %s, valid until %s, usable once\n", t.Class, t.ExpiresAt.Format(time.RFC3339))
+				plural := "token"
+				if *count > 1 {
+					plural = fmt.Sprintf("%d tokens", *count)
+				}
+				fmt.Fprintf(env.Stderr, "%s for class %s, valid until %s, each usable once\n", plural, t.Class, t.ExpiresAt.Format(time.RFC3339))
 				return nil
 			}
 		},
