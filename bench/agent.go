@@ -18,29 +18,30 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
-// agentProc is the real agent (`bulkhead run`) in a namespace, trusting an
-// ops key of its own.
+// agentProc is the real agent (`bulkhead run`) in a namespace.
 type agentProc struct {
 	ns       *lab.NS
 	bin, dir string
 	sock     string
 	class    string
 	pid      int
-	ops      ed25519.PrivateKey
-	opsFile  string // the private key, for `bulkhead-control --key`
+	ops      opsKeys // what it trusts
 	// PublicKey is the agent's WireGuard key.
 	PublicKey string
 }
 
 // runAgent starts an agent of class in ns with the tunnel address
-// tunAddr (listenPort 0 picks a free port) and waits until its tunnel is
-// up. It is killed, and its table and UAPI socket removed, at cleanup.
-func runAgent(b testing.TB, ns *lab.NS, class, tunAddr string, listenPort uint16) *agentProc {
+// tunAddr (listenPort 0 picks a free port), trusting ops (nil: a key of
+// its own), and waits until its tunnel is up. It is killed, and its table
+// and UAPI socket removed, at cleanup.
+func runAgent(b testing.TB, ns *lab.NS, class, tunAddr string, listenPort uint16, ops *opsKeys) *agentProc {
 	b.Helper()
 	a := &agentProc{ns: ns, bin: lab.Binary(b, "cmd/bulkhead"), dir: b.TempDir(), class: class}
-	var pubFile string
-	a.ops, pubFile = opsKey(b, a.dir)
-	a.opsFile = filepath.Join(a.dir, "ops", opskey.PrivateFile)
+	if ops == nil {
+		ops = newOpsKeys(b, a.dir)
+	}
+	a.ops = *ops
+	pubFile := a.ops.pubFile
 	iface := "bh-" + ns.Name[len(ns.Name)-6:]
 	a.sock = filepath.Join(a.dir, "admin.sock")
 	cfg := filepath.Join(a.dir, "config.json")
@@ -79,7 +80,7 @@ func (a *agentProc) apply(b testing.TB, version uint64, doc policy.Document) {
 	b.Helper()
 	now := time.Now().UTC()
 	raw, err := bundle.Sign(bundle.Payload{Version: version, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
-		Target: bundle.Target{Classes: []string{a.class}}, Policy: doc}, a.ops)
+		Target: bundle.Target{Classes: []string{a.class}}, Policy: doc}, a.ops.priv)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -109,7 +110,12 @@ func (a *agentProc) enroll(b testing.TB, ctl *lab.Control) string {
 type agentStatus struct {
 	DeviceID string `json:"device_id"`
 	Mode     string `json:"mode"`
-	Tunnel   struct {
+	// Decisions say, per segment, whether it is open and why.
+	Decisions []struct {
+		Segment string
+		Allowed bool
+	} `json:"decisions"`
+	Tunnel struct {
 		PublicKey string `json:"public_key"`
 	} `json:"tunnel"`
 }
@@ -132,15 +138,23 @@ func (a *agentProc) status(b testing.TB) agentStatus {
 	return st
 }
 
-// opsKey makes an ops signing key in dir/ops.
-func opsKey(b testing.TB, dir string) (ed25519.PrivateKey, string) {
+// opsKeys is an ops signing key: in memory, and as the files agents
+// trust (pubFile) and `bulkhead-control --key` signs with (privFile).
+type opsKeys struct {
+	priv              ed25519.PrivateKey
+	pubFile, privFile string
+}
+
+// newOpsKeys makes an ops signing key in dir/ops.
+func newOpsKeys(b testing.TB, dir string) *opsKeys {
 	b.Helper()
 	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
 		b.Fatal(err)
 	}
-	priv, err := opskey.LoadPrivate(filepath.Join(dir, "ops", opskey.PrivateFile))
-	if err != nil {
+	k := &opsKeys{pubFile: filepath.Join(dir, "ops", opskey.PublicFile), privFile: filepath.Join(dir, "ops", opskey.PrivateFile)}
+	var err error
+	if k.priv, err = opskey.LoadPrivate(k.privFile); err != nil {
 		b.Fatal(err)
 	}
-	return priv, filepath.Join(dir, "ops", opskey.PublicFile)
+	return k
 }

@@ -2,12 +2,10 @@ package bench
 
 import (
 	"math"
-	"net"
 	"net/netip"
 	"slices"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,6 +23,9 @@ func controlCases() []Case {
 		{Name: "kill-switch latency: quarantine to the last packet", Privileged: true, Unit: "ms-p99", Also: []string{"ms-p50"}, Max: 250,
 			Run:  benchKillSwitch,
 			Note: "100 trials: from starting `bulkhead-control quarantine ID` (real TLS, server-signed command, long-poll) to the last packet of a running 1 ms UDP flow through the tunnel reaching the segment host; an ops-signed `release` between trials"},
+		{Name: "partner revocation fan-out: 1,000 long-polls and 2 agents", Privileged: true, Unit: "ms-p99", Also: []string{"ms-p50", "ms-max"}, Max: 1000,
+			Run:  benchFanOut,
+			Note: "5 trials of `bulkhead-control revoke-partner` reaching 1,000 held long-polls of `bulkhead-lab crowd` (real TLS, one client certificate each) and 2 real agents; a crowd device counts when its answer arrives, an agent when the last packet of its 1 ms UDP flow to the partner's segment does; an ops-signed `reinstate-partner` between trials"},
 	}
 }
 
@@ -37,7 +38,7 @@ func benchIdleBytes(b *testing.B) {
 	devIf, _ := lab.Link(b, devNS, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
 	ctl := lab.StartControl(b, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), keepAlive)
 
-	a := runAgent(b, devNS, "truck", "100.64.0.2/32", 0)
+	a := runAgent(b, devNS, "truck", "100.64.0.2/32", 0, nil)
 	a.enroll(b, ctl)
 	cycles := 10
 	if Quick {
@@ -86,7 +87,7 @@ func benchKillSwitch(b *testing.B) {
 	gw := lab.StartGateway(b, gwNS, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
 	gwNS.MustRun(b, "ip", "addr", "add", iperfHost.String()+"/32", "dev", "lo")
 
-	a := runAgent(b, devNS, "scanner", "100.64.0.2/32", 51820)
+	a := runAgent(b, devNS, "scanner", "100.64.0.2/32", 51820, nil)
 	id := a.enroll(b, ctl)
 	gw.AllowPeer(b, a.PublicKey, netip.MustParseAddrPort("192.0.2.2:51820"), "100.64.0.2/32")
 	a.apply(b, 1, policy.Document{
@@ -101,45 +102,7 @@ func benchKillSwitch(b *testing.B) {
 
 	// The segment host notes when the newest packet arrived; the device
 	// sends one every millisecond whatever happens to it.
-	var last atomic.Int64
-	var rx, tx *net.UDPConn
-	err := gwNS.Do(func() (err error) {
-		rx, err = net.ListenUDP("udp", net.UDPAddrFromAddrPort(netip.AddrPortFrom(iperfHost, flowPort)))
-		return err
-	})
-	if err == nil {
-		err = devNS.Do(func() (err error) {
-			tx, err = net.DialUDP("udp", nil, net.UDPAddrFromAddrPort(netip.AddrPortFrom(iperfHost, flowPort)))
-			return err
-		})
-	}
-	if err != nil {
-		b.Fatal(err)
-	}
-	stop := make(chan struct{})
-	b.Cleanup(func() { close(stop); rx.Close(); tx.Close() })
-	go func() {
-		buf := make([]byte, 64)
-		for {
-			if _, err := rx.Read(buf); err != nil {
-				return
-			}
-			last.Store(time.Now().UnixNano())
-		}
-	}()
-	go func() {
-		tick := time.NewTicker(time.Millisecond)
-		defer tick.Stop()
-		for {
-			select {
-			case <-stop:
-				return
-			case <-tick.C:
-				tx.Write([]byte("flow")) // refused while quarantined
-			}
-		}
-	}()
-	arrived := func() time.Time { return time.Unix(0, last.Load()) }
+	flow := startFlows(b, gwNS, []*lab.NS{devNS})
 	await := func(what string, cond func() bool) {
 		for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
 			if time.Now().After(deadline) {
@@ -156,17 +119,17 @@ func benchKillSwitch(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		for range trials {
-			await("the flow runs", func() bool { return time.Since(arrived()) < 20*time.Millisecond })
+			await("the flow runs", func() bool { return flow.running(20 * time.Millisecond) })
 			start := time.Now()
 			ctl.MustCLI(b, "quarantine", id, "--reason", "bench")
 			// The last packet is known once the agent says it is
 			// quarantined (its table is applied by then) and the host
 			// has heard nothing for a while.
 			await("the flow stops in quarantine", func() bool {
-				return time.Since(arrived()) > 100*time.Millisecond && a.status(b).Mode == "quarantine"
+				return flow.silent(100*time.Millisecond) && a.status(b).Mode == "quarantine"
 			})
-			ms = append(ms, max(0, float64(arrived().Sub(start))/float64(time.Millisecond)))
-			ctl.MustCLI(b, "release", id, "--reason", "bench", "--key", a.opsFile)
+			ms = append(ms, max(0, float64(flow.last()[0].Sub(start))/float64(time.Millisecond)))
+			ctl.MustCLI(b, "release", id, "--reason", "bench", "--key", a.ops.privFile)
 		}
 	}
 	b.StopTimer()

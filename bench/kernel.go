@@ -103,10 +103,10 @@ func benchStart(b *testing.B) {
 	ns := lab.NewNS(b, "start")
 	dir := b.TempDir()
 	bin := lab.Binary(b, "cmd/bulkhead")
-	key, pubFile := opsKey(b, dir)
+	ops := newOpsKeys(b, dir)
 	now := time.Now().UTC()
 	raw, err := bundle.Sign(bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
-		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: LargePolicy(1000)}, key)
+		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: LargePolicy(1000)}, ops.priv)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -114,7 +114,7 @@ func benchStart(b *testing.B) {
 	iface := "bh-" + ns.Name[len(ns.Name)-6:]
 	b.Cleanup(func() { os.Remove("/var/run/wireguard/" + iface + ".sock") }) // the agent is killed
 	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": "scanner"}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q,
-  "tunnel": {"interface": %q}}`, pubFile, filepath.Join(dir, "state"), filepath.Join(dir, "admin.sock"), iface)), 0o600)
+  "tunnel": {"interface": %q}}`, ops.pubFile, filepath.Join(dir, "state"), filepath.Join(dir, "admin.sock"), iface)), 0o600)
 	os.MkdirAll(filepath.Join(dir, "state", "inbox"), 0o700)
 	os.WriteFile(filepath.Join(dir, "state", "inbox", "b.dsse"), raw, 0o600)
 	// A first run installs the bundle from the drop directory into the cache.

@@ -172,7 +172,7 @@ func withLarge(doc *policy.Document) {
 // whatever extra adds). It returns the agent's pid.
 func startAgent(b testing.TB, ns *lab.NS, gw *lab.Gateway, gwAddr, uplink, addr string, extra func(*policy.Document)) int {
 	b.Helper()
-	a := runAgent(b, ns, "scanner", addr+"/32", 51820)
+	a := runAgent(b, ns, "scanner", addr+"/32", 51820, nil)
 	gw.AllowPeer(b, a.PublicKey, netip.MustParseAddrPort(uplink+":51820"), addr+"/32")
 	doc := policy.Document{
 		Schema:   policy.Schema,

@@ -1,17 +1,23 @@
 // Command bulkhead-lab is the lab's tool: it runs the pieces of a test
-// site that are not the agent. For now that is the bare-library WireGuard
-// daemon (`bulkhead-lab wireguard IFACE`), used as a gateway and as the
-// data-path reference in benchmarks.
+// site that are not the agent: the bare-library WireGuard daemon
+// (`bulkhead-lab wireguard IFACE`), used as a gateway and as the data-path
+// reference in benchmarks, and a crowd of long-polling devices
+// (`bulkhead-lab crowd`), the control server's fan-out load.
 package main
 
 import (
+	"bufio"
 	"context"
 	"flag"
+	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
+	"time"
 
 	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
+	"github.com/bulkhead-edge/bulkhead/lab/crowd"
 	"github.com/bulkhead-edge/bulkhead/lab/wgbare"
 )
 
@@ -19,7 +25,7 @@ func main() {
 	os.Exit(subcmd.Main(&subcmd.Command{
 		Name:    "bulkhead-lab",
 		Summary: "bulkhead-lab: pieces of a Bulkhead test site.",
-		Sub: []*subcmd.Command{{
+		Sub: []*subcmd.Command{crowdCmd(), {
 			Name: "wireguard", Args: "IFACE",
 			Summary: "Run the bare tailscale/wireguard-go library on a new TUN interface, in the\n" +
 				"foreground, configured with wg through /var/run/wireguard/IFACE.sock.",
@@ -35,4 +41,56 @@ func main() {
 			},
 		}},
 	}))
+}
+
+func crowdCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "crowd",
+		Summary: "Enrol one device per token read from standard input (one per line) and hold\n" +
+			"a long-poll open for each until interrupted, printing a JSON line when every\n" +
+			"device is enrolled, when each poll is held, and when each command arrives.\n" +
+			"The devices obey nothing and check no signatures: they are load, not agents.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			var o crowd.Options
+			fs.StringVar(&o.URL, "control", "", "control server `URL` (https://HOST:PORT, required)")
+			fs.StringVar(&o.Fingerprint, "trust-ca", "", "the control CA's `SHA256:FP` fingerprint (required)")
+			fs.StringVar(&o.Class, "class", "", "device `CLASS` the tokens were made for (required)")
+			fs.StringVar(&o.Dir, "dir", "", "`DIR` for the devices' enrolment files (default: a temporary directory, removed at exit)")
+			fs.DurationVar(&o.Wait, "wait", 4*time.Minute, "how long each poll asks the server to hold it")
+			return func(env *subcmd.Env, args []string) error {
+				if o.URL == "" || o.Fingerprint == "" || o.Class == "" || len(args) > 0 {
+					return subcmd.Usagef("crowd needs --control URL, --trust-ca FP and --class CLASS, and tokens on standard input")
+				}
+				var tokens []string
+				sc := bufio.NewScanner(os.Stdin)
+				for sc.Scan() {
+					if t := strings.TrimSpace(sc.Text()); t != "" {
+						tokens = append(tokens, t)
+					}
+				}
+				if err := sc.Err(); err != nil {
+					return fmt.Errorf("reading tokens: %w", err)
+				}
+				if len(tokens) == 0 {
+					return subcmd.Usagef("crowd read no tokens on standard input")
+				}
+				if o.Dir == "" {
+					dir, err := os.MkdirTemp("", "bulkhead-crowd-")
+					if err != nil {
+						return err
+					}
+					defer os.RemoveAll(dir)
+					o.Dir = dir
+				}
+				ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+				defer stop()
+				clients, err := crowd.Enroll(ctx, o, tokens)
+				if err != nil {
+					return err
+				}
+				crowd.Poll(ctx, o, clients, env.Stdout)
+				return nil
+			}
+		},
+	}
 }

@@ -1,0 +1,160 @@
+// Package crowd is a fleet without the devices: many enrolled members
+// that do nothing but hold a long-poll open against the control server,
+// the load a real fleet puts on it. Members enrol with one-time tokens and
+// sync through agent/controlclient, the same client and TLS the agent
+// uses; what they receive is reported, not obeyed (the crowd checks no
+// signatures and enforces nothing). `bulkhead-lab crowd` runs it, and the
+// fan-out benchmark reads its events.
+package crowd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/go-json-experiment/json"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
+	"github.com/bulkhead-edge/bulkhead/tunnel"
+)
+
+// Event is one line of the crowd's output.
+type Event struct {
+	Kind   string `json:"event"` // see the Ev* constants
+	Member int    `json:"member,omitzero"`
+	// For EvCommand: the command's id and kind, and when it arrived
+	// (Unix nanoseconds, taken as the answer was decoded).
+	ID      string `json:"id,omitzero"`
+	Command string `json:"command,omitzero"`
+	At      int64  `json:"at,omitzero"`
+	Count   int    `json:"count,omitzero"` // for EvEnrolled
+	Error   string `json:"error,omitzero"`
+}
+
+// Event kinds.
+const (
+	EvEnrolled = "enrolled" // every member enrolled; Count of them
+	EvHeld     = "held"     // the member's poll is open and waiting
+	EvCommand  = "command"  // a command arrived for the member
+	EvError    = "error"    // the member's sync failed; it retries in a second
+)
+
+// Options say where the crowd enrols.
+type Options struct {
+	URL, Fingerprint, Class string
+	// Dir holds one directory of enrolment files per member.
+	Dir string
+	// Wait is what each poll asks the server to hold it for.
+	Wait time.Duration
+}
+
+// Enroll enrols one member per token, a few at a time, and returns their
+// clients in token order. Any refusal stops it: a crowd with holes in it
+// would measure something else.
+func Enroll(ctx context.Context, o Options, tokens []string) ([]*controlclient.Client, error) {
+	endpoint, err := controlclient.Endpoint(ctx, o.URL)
+	if err != nil {
+		return nil, err
+	}
+	clients := make([]*controlclient.Client, len(tokens))
+	errs := make([]error, len(tokens))
+	work := make(chan int)
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for i := range work {
+				clients[i], errs[i] = enrollOne(ctx, o, endpoint, i, tokens[i])
+			}
+		})
+	}
+	for i := range tokens {
+		work <- i
+	}
+	close(work)
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return clients, nil
+}
+
+func enrollOne(ctx context.Context, o Options, endpoint netip.AddrPort, i int, token string) (*controlclient.Client, error) {
+	dir := filepath.Join(o.Dir, fmt.Sprintf("member-%04d", i))
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	key, err := tunnel.GenerateKey()
+	if err != nil {
+		return nil, err
+	}
+	rec, err := controlclient.Enroll(ctx, dir, o.URL, token, o.Fingerprint, o.Class, key.Public().String(), endpoint)
+	if err != nil {
+		return nil, fmt.Errorf("member %d: %w", i, err)
+	}
+	return controlclient.New(dir, rec)
+}
+
+// Poll holds one long-poll open per client until ctx ends, writing an
+// event to out whenever a poll is held and whenever commands arrive. A
+// member re-polls at once after an answer, as the agent does.
+func Poll(ctx context.Context, o Options, clients []*controlclient.Client, out io.Writer) {
+	var mu sync.Mutex
+	emit := func(e Event) {
+		line, _ := json.Marshal(e)
+		mu.Lock()
+		out.Write(append(line, '\n'))
+		mu.Unlock()
+	}
+	emit(Event{Kind: EvEnrolled, Count: len(clients)})
+	var wg sync.WaitGroup
+	for i, c := range clients {
+		wg.Go(func() { member(ctx, o, i, c, emit) })
+	}
+	wg.Wait()
+}
+
+func member(ctx context.Context, o Options, i int, c *controlclient.Client, emit func(Event)) {
+	var req controlapi.SyncRequest
+	req.WaitSeconds = int(o.Wait / time.Second)
+	for ctx.Err() == nil {
+		pctx, cancel := context.WithTimeout(ctx, o.Wait+30*time.Second)
+		resp, err := c.Sync(pctx, req, func() { emit(Event{Kind: EvHeld, Member: i}) })
+		at := time.Now().UnixNano()
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil {
+				emit(Event{Kind: EvError, Member: i, Error: err.Error()})
+				select {
+				case <-ctx.Done():
+				case <-time.After(time.Second):
+				}
+			}
+			continue
+		}
+		for _, raw := range resp.Commands {
+			cmd, err := command.Peek(raw)
+			if err != nil {
+				emit(Event{Kind: EvError, Member: i, Error: err.Error()})
+				continue
+			}
+			emit(Event{Kind: EvCommand, Member: i, ID: cmd.ID, Command: string(cmd.Kind), At: at})
+		}
+		req.Cursor = max(req.Cursor, resp.Cursor)
+		if resp.Bundle != nil {
+			// Only its version matters: without it, a bundle for the
+			// crowd's class would answer every poll at once.
+			if p, err := bundle.Peek(resp.Bundle); err == nil {
+				req.PolicyVersion = max(req.PolicyVersion, p.Version)
+			}
+		}
+	}
+}
