@@ -48,22 +48,22 @@ type binAgent struct {
 
 func newControlSite(t *testing.T) *controlSite {
 	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go")
-	s := &controlSite{safety: netip.MustParseAddrPort("192.168.50.2:502")}
+	s := &controlSite{}
 	dir := t.TempDir()
 	s.opsKey, s.opsPub = newOpsKey(t, dir), filepath.Join(dir, "ops", opskey.PublicFile)
 
-	ctlNS := lab.NewNS(t, "ctl")
-	s.a, s.b = s.newAgent(t, "100.64.0.2/32"), s.newAgent(t, "100.64.0.3/32")
+	ctlNS, nsA := lab.NewNS(t, "ctl"), lab.NewNS(t, "agent")
+	truck := lab.StartTelematics(t, nsA, netip.MustParsePrefix("192.168.50.0/29"))
+	s.safety = truck.Controller
+	s.a, s.b = s.newAgent(t, nsA, "100.64.0.2/32", truck.FloorJSON()), s.newAgent(t, lab.NewNS(t, "agent"), "100.64.0.3/32", truck.FloorJSON())
 	lab.Link(t, s.a.ns, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
 	lab.Link(t, s.b.ns, "10.99.0.6/30", ctlNS, "10.99.0.5/30")
 	s.b.ns.MustRun(t, "ip", "route", "add", "10.99.0.1/32", "via", "10.99.0.5")
 	s.ctl = lab.StartControl(t, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), 0)
 
-	n1, n2, truck := lab.NewNS(t, "gw1"), lab.NewNS(t, "gw2"), lab.NewNS(t, "safety")
+	n1, n2 := lab.NewNS(t, "gw1"), lab.NewNS(t, "gw2")
 	lab.Link(t, s.a.ns, "192.0.2.2/30", n1, "192.0.2.1/30")
 	lab.Link(t, s.a.ns, "192.0.2.6/30", n2, "192.0.2.5/30")
-	lab.Link(t, s.a.ns, "192.168.50.1/29", truck, "192.168.50.2/29")
-	lab.Echo(t, truck, s.safety)
 	s.gw1 = lab.StartGateway(t, n1, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
 	s.gw2 = lab.StartGateway(t, n2, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.5"), 51820, "100.64.0.1/24")
 	s.gw1.Serve(t, wmsHost.Addr(), wmsHost.Port())
@@ -71,18 +71,18 @@ func newControlSite(t *testing.T) *controlSite {
 	return s
 }
 
-func (s *controlSite) newAgent(t *testing.T, tunAddr string) *binAgent {
+// newAgent configures an agent in ns with the safety floor entry floor.
+func (s *controlSite) newAgent(t *testing.T, ns *lab.NS, tunAddr, floor string) *binAgent {
 	dir := t.TempDir()
-	ns := lab.NewNS(t, "agent")
 	a := &binAgent{ns: ns, dir: dir, cfg: filepath.Join(dir, "config.json"), socket: filepath.Join(dir, "admin.sock"), iface: "bh-" + ns.Name[len(ns.Name)-6:]}
 	writeFile(t, a.cfg, fmt.Sprintf(`{
   "device": {"class": "scanner"},
   "trust": {"keys": [%q]},
-  "safety_floor": [{"name": "vehicle safety controller", "cidr": "192.168.50.0/29", "protocol": "tcp", "ports": ["502"]}],
+  "safety_floor": [%s],
   "state_dir": %q,
   "admin_socket": %q,
   "tunnel": {"interface": %q, "addresses": [%q]}
-}`, s.opsPub, filepath.Join(dir, "state"), a.socket, a.iface, tunAddr))
+}`, s.opsPub, floor, filepath.Join(dir, "state"), a.socket, a.iface, tunAddr))
 	t.Cleanup(func() {
 		a.kill()
 		if t.Failed() {
