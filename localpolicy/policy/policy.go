@@ -80,6 +80,9 @@ type RateLimit struct {
 type Class struct {
 	Rules    []Rule   `json:"rules"`
 	Profiles Profiles `json:"profiles,omitzero"`
+	// Checks are the posture checks devices of the class judge themselves
+	// on; a failing one moves the device to its profile.
+	Checks []Check `json:"checks,omitzero"`
 }
 
 // Rule opens one segment to a class, optionally narrowed to some ports and

@@ -275,6 +275,7 @@ func (v *validator) checkClass(d *Document, p, name string, c Class) {
 			}
 		}
 	}
+	v.checkChecks(p, c.Checks)
 	for _, m := range []struct {
 		mode     string
 		segments []string
