@@ -1,0 +1,171 @@
+package posture
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+const digestA = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+const digestB = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+
+func sample() *Facts {
+	return &Facts{
+		OS: "debian", Kernel: "6.1.0-18-amd64", AgentVersion: "v1.4.2", Uptime: 50 * time.Hour, Self: 100,
+		Disks: []Disk{{Path: "/", Total: 8 << 30, Free: 300 << 20}},
+		Processes: []Process{
+			{PID: 100, Name: "bulkhead"},
+			{PID: 200, Name: "wms-client", Exe: "/usr/bin/wms-client", SHA256: digestA},
+			{PID: 300, Name: "sshd"},
+		},
+		Listeners: []Socket{
+			{Protocol: "udp", Local: netip.MustParseAddrPort("0.0.0.0:51820"), PID: 100}, // the agent's own
+			{Protocol: "tcp", Local: netip.MustParseAddrPort("127.0.0.1:631"), PID: 300}, // loopback only
+			{Protocol: "tcp", Local: netip.MustParseAddrPort("0.0.0.0:22"), PID: 300},    // allowed below
+			{Protocol: "tcp", Local: netip.MustParseAddrPort("[::]:8080"), PID: 200},     // not allowed
+			{Protocol: "udp", Local: netip.MustParseAddrPort("0.0.0.0:68"), PID: 0},      // allowed below
+		},
+		Files: []File{{Path: "/etc/wms.conf", SHA256: digestA}, {Path: "/etc/gone", Error: "/etc/gone is missing"}},
+	}
+}
+
+func TestJudge(t *testing.T) {
+	ssh := []policy.Listener{{Protocol: policy.TCP, Ports: []policy.PortRange{{First: 22, Last: 22}}}, {Protocol: policy.UDP, Ports: []policy.PortRange{{First: 68, Last: 68}}}}
+	for _, tc := range []struct {
+		name     string
+		check    policy.Check
+		pass     bool
+		observed string // a part of it
+	}{
+		{"kernel new enough", policy.Check{Kernel: &policy.VersionRange{Min: "5.10"}}, true, "6.1.0-18-amd64"},
+		{"kernel too old", policy.Check{Kernel: &policy.VersionRange{Min: "6.6"}}, false, "6.1.0"},
+		{"kernel at the bound", policy.Check{Kernel: &policy.VersionRange{Min: "6.1"}}, true, "6.1.0"},
+		{"kernel below a cap", policy.Check{Kernel: &policy.VersionRange{Min: "5.4", Below: "6.1"}}, false, "6.1.0"},
+		{"os allowed", policy.Check{OS: []string{"ubuntu", "debian"}}, true, "debian"},
+		{"os not allowed", policy.Check{OS: []string{"ubuntu"}}, false, "debian"},
+		{"agent new enough", policy.Check{AgentVersion: "v1.4.0"}, true, "v1.4.2"},
+		{"agent too old", policy.Check{AgentVersion: "v1.10"}, false, "v1.4.2"},
+		{"required process running", policy.Check{Process: &policy.ProcessMatch{Name: "wms-client"}}, true, "pid 200"},
+		{"required process pinned", policy.Check{Process: &policy.ProcessMatch{Name: "wms-client", SHA256: digestA}}, true, "pid 200"},
+		{"required process, other binary", policy.Check{Process: &policy.ProcessMatch{Name: "wms-client", SHA256: digestB}}, false, "running only as pid 200"},
+		{"required process missing", policy.Check{Process: &policy.ProcessMatch{Name: "auditd"}}, false, "auditd not running"},
+		{"forbidden process running", policy.Check{ForbiddenProcess: &policy.ProcessMatch{Name: "sshd"}}, false, "sshd running (pid 300)"},
+		{"forbidden process absent", policy.Check{ForbiddenProcess: &policy.ProcessMatch{Name: "nc"}}, true, "not running"},
+		{"unexpected listener", policy.Check{Listeners: ssh}, false, "tcp [::]:8080 (wms-client)"},
+		{"listeners all allowed", policy.Check{Listeners: append(ssh, policy.Listener{Protocol: policy.TCP, Ports: []policy.PortRange{{First: 8000, Last: 8099}}})}, true, "no other listener"},
+		{"file intact", policy.Check{File: &policy.FileDigest{Path: "/etc/wms.conf", SHA256: digestA}}, true, "aaaaaaaaaaaa"},
+		{"file changed", policy.Check{File: &policy.FileDigest{Path: "/etc/wms.conf", SHA256: digestB}}, false, "sha256 aaaaaaaaaaaa"},
+		{"file missing", policy.Check{File: &policy.FileDigest{Path: "/etc/gone", SHA256: digestB}}, false, "missing"},
+		{"disk low", policy.Check{FreeDisk: &policy.FreeDisk{Path: "/", MinBytes: 1 << 30}}, false, "300.0 MiB free on /"},
+		{"disk fine", policy.Check{FreeDisk: &policy.FreeDisk{Path: "/", MinBytes: 100 << 20}}, true, "300.0 MiB"},
+		{"disk unmeasured", policy.Check{FreeDisk: &policy.FreeDisk{Path: "/data", MinBytes: 1}}, false, "could not be measured"},
+		{"uptime too long", policy.Check{MaxUptime: policy.Duration(30 * 24 * time.Hour / 30)}, false, "up 50h0m0s"},
+		{"uptime fine", policy.Check{MaxUptime: policy.Duration(60 * time.Hour)}, true, "up 50h"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := Judge(tc.check, sample())
+			if r.Pass != tc.pass || !strings.Contains(r.Observed, tc.observed) || r.Expected == "" {
+				t.Errorf("got %+v, want pass %v observing %q and an expectation", r, tc.pass, tc.observed)
+			}
+		})
+	}
+}
+
+func TestUncomparableVersionsFail(t *testing.T) {
+	f := sample()
+	f.AgentVersion = "1ea56bf-dirty"
+	if r := Judge(policy.Check{AgentVersion: "v1.0.0"}, f); r.Pass || !strings.Contains(r.Observed, "not a comparable version") {
+		t.Errorf("a development build passed a version floor: %+v", r)
+	}
+}
+
+func TestWant(t *testing.T) {
+	w := Want([]policy.Check{
+		{File: &policy.FileDigest{Path: "/etc/a"}},
+		{FreeDisk: &policy.FreeDisk{Path: "/data"}},
+		{Process: &policy.ProcessMatch{Name: "x", SHA256: digestA}},
+		{Process: &policy.ProcessMatch{Name: "y"}}, // no digest: nothing to hash
+	})
+	if strings.Join(w.Files, ",") != "/etc/a" || strings.Join(w.Disks, ",") != "/data" || strings.Join(w.HashNames, ",") != "x" {
+		t.Errorf("Want = %+v", w)
+	}
+}
+
+// The hysteresis: a check fails after FailAfter failing samples in a row
+// and recovers after RecoverAfter passing ones; a single disagreeing
+// sample in between starts the count again.
+func TestTrackerHysteresis(t *testing.T) {
+	check := []policy.Check{{ID: "wms", Profile: "quarantine", FailAfter: 2, RecoverAfter: 3, Process: &policy.ProcessMatch{Name: "wms-client"}}}
+	up, down := sample(), sample()
+	down.Processes = down.Processes[:1]
+	var tr Tracker
+	for i, step := range []struct {
+		f       *Facts
+		failing bool
+		changed bool
+	}{
+		{up, false, false},
+		{down, false, false}, // one failure is not enough
+		{up, false, false},   // and the count starts over
+		{down, false, false},
+		{down, true, true}, // two in a row
+		{down, true, false},
+		{up, true, false},
+		{up, true, false},
+		{down, true, false}, // a failure resets the recovery count
+		{up, true, false},
+		{up, true, false},
+		{up, false, true}, // three passes in a row
+	} {
+		all, changed := tr.Observe(check, step.f)
+		if len(all) != 1 || all[0].Failing != step.failing || (len(changed) == 1) != step.changed {
+			t.Fatalf("sample %d: all %+v changed %+v; want failing %v, changed %v", i, all, changed, step.failing, step.changed)
+		}
+		if all[0].Profile != localpolicy.Quarantine || all[0].ID != "wms" || all[0].Expected != "wms-client running" {
+			t.Fatalf("sample %d: %+v", i, all[0])
+		}
+	}
+	// A check dropped from the policy is forgotten: back in, it starts
+	// from passing again.
+	tr.Observe(check, down)
+	tr.Observe(check, down)
+	tr.Observe(nil, down)
+	if all, _ := tr.Observe(check, down); all[0].Failing {
+		t.Errorf("a re-added check kept its old state: %+v", all[0])
+	}
+}
+
+func TestProfileDefaultsToRestricted(t *testing.T) {
+	if p := Profile(policy.Check{}); p != localpolicy.Restricted {
+		t.Errorf("default profile %v", p)
+	}
+	if p := Profile(policy.Check{Profile: "diagnostic"}); p != localpolicy.Diagnostic {
+		t.Errorf("diagnostic profile %v", p)
+	}
+}
+
+func TestGatherReadsThisHost(t *testing.T) {
+	f, err := Gather(t.Context(), "v1.0.0", Wants{Files: []string{"/proc/self/status", "/nonexistent"}, Disks: []string{"/"}, HashNames: []string{"posture.test"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.Kernel == "" || f.OS == "" || f.Uptime <= 0 || f.MemTotal == 0 || len(f.Disks) != 1 || len(f.Interfaces) == 0 {
+		t.Errorf("facts missing: %+v", f)
+	}
+	self := false
+	for _, p := range f.Processes {
+		if p.PID == f.Self {
+			self = p.SHA256 != "" && p.Name == "posture.test"
+		}
+	}
+	if !self {
+		t.Errorf("this test process is not listed with its executable's digest")
+	}
+	if len(f.Files) != 2 || f.Files[0].SHA256 == "" || !strings.Contains(f.Files[1].Error, "missing") {
+		t.Errorf("files: %+v", f.Files)
+	}
+}
