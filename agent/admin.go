@@ -57,7 +57,9 @@ type Status struct {
 	NextChange    time.Time              `json:"next_change,omitzero"`
 	Open          []string               `json:"open_segments"`
 	Decisions     []localpolicy.Decision `json:"decisions,omitempty"`
-	Tunnel        TunnelStatus           `json:"tunnel"`
+	// Checks are the policy's posture checks after the latest sample.
+	Checks []localpolicy.Check `json:"checks,omitempty"`
+	Tunnel TunnelStatus        `json:"tunnel"`
 	// Control is the control channel; absent until the device enrols.
 	Control *ControlStatus `json:"control,omitempty"`
 }
@@ -123,7 +125,7 @@ func (a *Agent) status() *Status {
 		DeviceID: a.cfg.Device.ID, DeviceClass: a.cfg.Device.Class,
 		Mode: a.desired.Mode.String(), Why: a.desired.Why, PolicyVersion: a.desired.PolicyVersion,
 		TrustedTime: a.clock.Now().UTC(), LastApply: a.lastApply, ApplyError: a.applyErr,
-		DriftRepairs: a.repairs, NextChange: a.desired.NextChange, Decisions: a.desired.Decisions,
+		DriftRepairs: a.repairs, NextChange: a.desired.NextChange, Decisions: a.desired.Decisions, Checks: a.currentChecks(),
 		Open: []string{},
 	}
 	if a.bundle != nil {

@@ -19,6 +19,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/trustedtime"
+	"github.com/bulkhead-edge/bulkhead/posture"
 	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
@@ -64,6 +65,12 @@ type Agent struct {
 	tunErr    string         // why the tunnel is not up, or its last failed apply
 	traffic   []tunnel.PeerState
 	ch        channel
+	sample    sampler
+	tracker   posture.Tracker
+	facts     *posture.Facts      // the latest sample; nil before the first
+	checks    []localpolicy.Check // every check's state after it
+	// lastInventory is the inventory last reported.
+	lastInventory string
 }
 
 // Option adjusts an Agent; tests use them.
@@ -89,6 +96,7 @@ func New(cfg *Config, opts ...Option) *Agent {
 		reqs: make(chan request),
 	}
 	a.ch.synced, a.ch.kick = make(chan syncResult), make(chan struct{}, 1)
+	a.sample.kick, a.sample.samples = make(chan struct{}, 1), make(chan *posture.Facts)
 	for _, o := range opts {
 		o(a)
 	}
@@ -211,7 +219,7 @@ func (a *Agent) loadBundle() {
 func (a *Agent) reconcile(why string) error {
 	in := localpolicy.Input{
 		NoPolicy: a.noPolicy, Device: a.device(), Now: a.clock.Now(),
-		Sticky: a.sticky, Floor: a.cfg.SafetyFloor, Control: a.controlEndpoints(),
+		Sticky: a.sticky, Floor: a.cfg.SafetyFloor, Control: a.controlEndpoints(), Checks: a.currentChecks(),
 	}
 	if a.bundle != nil {
 		in.Bundle = &a.bundle.Payload
@@ -262,6 +270,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	go serveAdmin(ctx, ln, a.reqs, a.log)
 	a.ch.runCtx = ctx
 	a.startSync()
+	a.startSampler(ctx)
 
 	drift := time.NewTicker(driftCheckEvery)
 	defer drift.Stop()
@@ -289,6 +298,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		case r := <-a.reqs:
 			r.reply <- a.handle(r)
+		case f := <-a.sample.samples:
+			a.observe(f)
 		case res := <-a.ch.synced:
 			a.handleSync(res.resp)
 			close(res.done)

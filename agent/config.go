@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
@@ -55,6 +56,11 @@ type Config struct {
 		MTU        int            `json:"mtu,omitzero"`
 		Buffers    uint32         `json:"buffers,omitzero"`
 	} `json:"tunnel,omitzero"`
+	// Posture says how often the device samples itself for the policy's
+	// posture checks (default 30s).
+	Posture struct {
+		Interval policy.Duration `json:"interval,omitzero"`
+	} `json:"posture,omitzero"`
 }
 
 // LoadConfig reads and checks a configuration file. Errors name the line and
@@ -107,6 +113,12 @@ func (c *Config) check() error {
 	if c.DHCP == nil {
 		yes := true
 		c.DHCP = &yes
+	}
+	switch iv := time.Duration(c.Posture.Interval); {
+	case iv == 0:
+		c.Posture.Interval = policy.Duration(DefaultPostureInterval)
+	case iv < time.Second:
+		errs = append(errs, fmt.Errorf("posture.interval: %s is below the 1s minimum", iv))
 	}
 	if c.Tunnel.Interface == "" {
 		c.Tunnel.Interface = tunnel.DefaultInterface

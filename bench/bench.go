@@ -68,6 +68,11 @@ func Cases() []Case {
 			Name: "verify + evaluate, 100 destinations",
 			Run:  func(b *testing.B) { benchVerifyEvaluate(b, 100) },
 		},
+		{
+			Name: "posture sample",
+			Run:  benchPostureSample,
+			Note: "all the facts one sample gathers (host, load, memory, disk, every process, sockets with their owners, interfaces); the agent takes one per interval (default 30s)",
+		},
 	}
 }
 

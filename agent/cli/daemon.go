@@ -118,6 +118,13 @@ func printStatus(env *subcmd.Env, s *agent.Status) {
 		fmt.Fprintf(w, "APPLY FAILED %s (the previous ruleset stays in force)\n", s.ApplyError)
 	}
 	fmt.Fprintf(w, "repairs   %d drift repairs\n", s.DriftRepairs)
+	for _, c := range s.Checks {
+		state := "passing"
+		if c.Failing {
+			state = "FAILING (" + c.Profile.String() + ")"
+		}
+		fmt.Fprintf(w, "check     %s %s: observed %s, expected %s\n", c.ID, state, c.Observed, c.Expected)
+	}
 	if !s.NextChange.IsZero() {
 		fmt.Fprintf(w, "next      %s\n", s.NextChange.UTC().Format(time.RFC3339))
 	}
