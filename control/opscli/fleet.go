@@ -74,7 +74,7 @@ func serveCmd() *subcmd.Command {
 
 func tokenCmd() *subcmd.Command {
 	return &subcmd.Command{Name: "token", Summary: "one-time enrolment tokens", Sub: []*subcmd.Command{{
-		Name:    "create",
+		Name: "create",
 		Summary: "Make one-time enrolment tokens for devices of CLASS, one per line. Each is shown\n" +
 			"once and enrols one device; only their hashes are stored.",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
