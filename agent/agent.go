@@ -67,8 +67,7 @@ type Agent struct {
 	ch        channel
 	sample    sampler
 	tracker   posture.Tracker
-	facts     *posture.Facts      // the latest sample; nil before the first
-	checks    []localpolicy.Check // every check's state after it
+	checks    []localpolicy.Check // every check's state after the latest sample
 	// lastInventory is the inventory last reported.
 	lastInventory string
 }

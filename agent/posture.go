@@ -82,7 +82,6 @@ func (a *Agent) kickSample() {
 // and every check that changes state is audited with what was seen and
 // what was expected. The inventory is reported when it changes.
 func (a *Agent) observe(f *posture.Facts) {
-	a.facts = f
 	all, changed := a.tracker.Observe(a.postureChecks(), f)
 	a.checks = all
 	for _, c := range changed {

@@ -31,6 +31,10 @@ type Facts struct {
 	Established  []Socket      `json:"established"`
 	Interfaces   []Interface   `json:"interfaces"`
 	Files        []File        `json:"files,omitzero"`
+	// Unread names the lists a sample could not read ("processes",
+	// "sockets"). An empty list then proves nothing, so the checks that
+	// read it fail instead of passing.
+	Unread []string `json:"unread,omitzero"`
 	// Self is the agent's own process id: its sockets (the WireGuard
 	// port) are the agent's business, not a posture finding.
 	Self int32 `json:"self"`

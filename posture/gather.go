@@ -51,8 +51,12 @@ func Gather(ctx context.Context, agentVersion string, w Wants) (*Facts, error) {
 			f.Disks = append(f.Disks, Disk{Path: p, Total: u.Total, Free: u.Free})
 		}
 	}
-	f.Processes = processes(ctx, w.HashNames)
-	f.Listeners, f.Established = sockets(ctx)
+	if f.Processes, err = processes(ctx, w.HashNames); err != nil {
+		f.Unread = append(f.Unread, "processes")
+	}
+	if f.Listeners, f.Established, err = sockets(ctx); err != nil {
+		f.Unread = append(f.Unread, "sockets")
+	}
 	f.Interfaces = interfaces(ctx)
 	for _, p := range w.Files {
 		fl := File{Path: p}
@@ -66,10 +70,10 @@ func Gather(ctx context.Context, agentVersion string, w Wants) (*Facts, error) {
 	return f, nil
 }
 
-func processes(ctx context.Context, hashNames []string) []Process {
+func processes(ctx context.Context, hashNames []string) ([]Process, error) {
 	procs, err := process.ProcessesWithContext(ctx)
 	if err != nil {
-		return nil
+		return nil, err
 	}
 	out := make([]Process, 0, len(procs))
 	for _, p := range procs {
@@ -90,15 +94,15 @@ func processes(ctx context.Context, hashNames []string) []Process {
 		}
 		out = append(out, pr)
 	}
-	return out
+	return out, nil
 }
 
 // sockets lists the TCP and UDP sockets with their owning processes:
 // listening ones (TCP LISTEN, UDP without a peer) and established TCP.
-func sockets(ctx context.Context) (listen, established []Socket) {
+func sockets(ctx context.Context) (listen, established []Socket, err error) {
 	conns, err := psnet.ConnectionsWithoutUidsWithContext(ctx, "inet")
 	if err != nil {
-		return nil, nil
+		return nil, nil, err
 	}
 	for _, c := range conns {
 		s := Socket{Protocol: "tcp", Local: addrPort(c.Laddr), Remote: addrPort(c.Raddr), PID: c.Pid}
@@ -113,7 +117,7 @@ func sockets(ctx context.Context) (listen, established []Socket) {
 			established = append(established, s)
 		}
 	}
-	return listen, established
+	return listen, established, nil
 }
 
 func addrPort(a psnet.Addr) netip.AddrPort {

@@ -46,6 +46,9 @@ func Want(checks []policy.Check) Wants {
 
 // Judge decides one check on one sample.
 func Judge(c policy.Check, f *Facts) Result {
+	if list := needs(c); list != "" && slices.Contains(f.Unread, list) {
+		return Result{Observed: "the " + list + " could not be read", Expected: "a readable list of " + list}
+	}
 	switch {
 	case c.Kernel != nil:
 		return judgeVersion(f.Kernel, c.Kernel.Min, c.Kernel.Below)
@@ -68,6 +71,17 @@ func Judge(c policy.Check, f *Facts) Result {
 		return Result{Pass: f.Uptime <= time.Duration(c.MaxUptime), Observed: "up " + up.String(), Expected: "up at most " + time.Duration(c.MaxUptime).String()}
 	}
 	return Result{Observed: "a check this agent does not know", Expected: "a known check"}
+}
+
+// needs names the list c is judged on, when one sample may fail to read it.
+func needs(c policy.Check) string {
+	switch {
+	case c.Process != nil, c.ForbiddenProcess != nil:
+		return "processes"
+	case c.Listeners != nil:
+		return "sockets"
+	}
+	return ""
 }
 
 // semverOf turns a version as kernels and builds write it ("6.1.0-18-amd64",

@@ -63,7 +63,7 @@ func TestJudge(t *testing.T) {
 		{"disk low", policy.Check{FreeDisk: &policy.FreeDisk{Path: "/", MinBytes: 1 << 30}}, false, "300.0 MiB free on /"},
 		{"disk fine", policy.Check{FreeDisk: &policy.FreeDisk{Path: "/", MinBytes: 100 << 20}}, true, "300.0 MiB"},
 		{"disk unmeasured", policy.Check{FreeDisk: &policy.FreeDisk{Path: "/data", MinBytes: 1}}, false, "could not be measured"},
-		{"uptime too long", policy.Check{MaxUptime: policy.Duration(30 * 24 * time.Hour / 30)}, false, "up 50h0m0s"},
+		{"uptime too long", policy.Check{MaxUptime: policy.Duration(24 * time.Hour)}, false, "up 50h0m0s"},
 		{"uptime fine", policy.Check{MaxUptime: policy.Duration(60 * time.Hour)}, true, "up 50h"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -80,6 +80,25 @@ func TestUncomparableVersionsFail(t *testing.T) {
 	f.AgentVersion = "1ea56bf-dirty"
 	if r := Judge(policy.Check{AgentVersion: "v1.0.0"}, f); r.Pass || !strings.Contains(r.Observed, "not a comparable version") {
 		t.Errorf("a development build passed a version floor: %+v", r)
+	}
+}
+
+// An empty list a sample could not read proves nothing: a forbidden
+// process or an unexpected listener could be there.
+func TestUnreadListsFailTheirChecks(t *testing.T) {
+	f := sample()
+	f.Processes, f.Listeners, f.Unread = nil, nil, []string{"processes", "sockets"}
+	for _, c := range []policy.Check{
+		{ForbiddenProcess: &policy.ProcessMatch{Name: "nc"}},
+		{Process: &policy.ProcessMatch{Name: "wms-client"}},
+		{Listeners: []policy.Listener{{Protocol: policy.TCP, Ports: []policy.PortRange{{First: 22, Last: 22}}}}},
+	} {
+		if r := Judge(c, f); r.Pass || !strings.Contains(r.Observed, "could not be read") {
+			t.Errorf("%s on an unread list: %+v", c.Kind(), r)
+		}
+	}
+	if r := Judge(policy.Check{OS: []string{"debian"}}, f); !r.Pass {
+		t.Errorf("a check not reading those lists failed: %+v", r)
 	}
 }
 
