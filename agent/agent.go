@@ -270,6 +270,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.ch.runCtx = ctx
 	a.startSync()
 	a.startSampler(ctx)
+	startTrimmer(ctx)
 
 	drift := time.NewTicker(driftCheckEvery)
 	defer drift.Stop()
