@@ -13,8 +13,8 @@ import (
 )
 
 // Killing a required process restricts the device within a sampling
-// interval plus the check's hysteresis; status and the audit log name the
-// check with what was seen and what was expected; starting the process
+// interval plus the check's hysteresis; status, explain and the audit log
+// name the check with what was seen and what was expected; starting the process
 // again restores normal mode.
 func TestRequiredProcessDeathRestricts(t *testing.T) {
 	e := newEnv(t)
@@ -64,6 +64,10 @@ func TestRequiredProcessDeathRestricts(t *testing.T) {
 	why := strings.Join(st.Why, "; ")
 	if !strings.Contains(why, "check edr-running failed: observed "+name+" not running, expected "+name+" running") {
 		t.Errorf("status does not name the check: %q", why)
+	}
+	// explain answers a denial with the check that caused it.
+	if v := e.call(Request{Op: "explain", To: "10.50.0.5:22/tcp"}).Verdict; v == nil || v.Allowed || !strings.Contains(v.Reason, "check edr-running failed: observed "+name+" not running") {
+		t.Errorf("explain does not name the check: %+v", v)
 	}
 	// Restricted keeps the profile's segments only (wms for scanners).
 	if slices.Contains(st.Open, "diagnostics") {

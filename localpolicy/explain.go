@@ -3,6 +3,7 @@ package localpolicy
 import (
 	"fmt"
 	"net/netip"
+	"strings"
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
@@ -45,12 +46,26 @@ func Explain(d Desired, doc *policy.Document, addr netip.Addr, port uint16, prot
 					if _, open := openSegment(d, s.Name); open {
 						why = fmt.Sprintf("segment %s is open, but not for %s port %d", s.Name, proto, port)
 					}
-					return Verdict{false, "segment " + s.Name, fmt.Sprintf("mode %s: %s", d.Mode, why)}
+					return Verdict{false, "segment " + s.Name, denied(d, why)}
 				}
 			}
 		}
 	}
-	return Verdict{false, "default deny", fmt.Sprintf("mode %s: %s is in no segment of the policy", d.Mode, addr)}
+	return Verdict{false, "default deny", denied(d, fmt.Sprintf("%s is in no segment of the policy", addr))}
+}
+
+// denied words a denial: the mode, why, and, when the mode is not
+// normal, what put the device there (a failing check with its observed
+// and expected values, a command, the offline deadline), as status lists
+// it.
+func denied(d Desired, why string) string {
+	if !strings.HasPrefix(why, "mode ") {
+		why = fmt.Sprintf("mode %s: %s", d.Mode, why)
+	}
+	if d.Mode != Normal && len(d.Why) > 0 {
+		why += " (" + strings.Join(d.Why, "; ") + ")"
+	}
+	return why
 }
 
 func matches(d policy.Destination, addr netip.Addr, port uint16, proto policy.Protocol) bool {

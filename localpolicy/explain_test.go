@@ -13,6 +13,8 @@ func TestExplain(t *testing.T) {
 	b := example(t)
 	scanner := Evaluate(Input{Bundle: b, Device: bundle.Device{Class: "scanner"}, Now: dayShift, Floor: floor})
 	quarantined := Evaluate(Input{Bundle: b, Device: bundle.Device{Class: "scanner"}, Now: dayShift, Floor: floor, Sticky: Sticky{Mode: Quarantine}})
+	restricted := Evaluate(Input{Bundle: b, Device: bundle.Device{Class: "scanner"}, Now: dayShift, Floor: floor,
+		Checks: []Check{{ID: "edr-running", Failing: true, Profile: Restricted, Observed: "edr not running", Expected: "edr running"}}})
 	tests := []struct {
 		name    string
 		d       Desired
@@ -28,6 +30,7 @@ func TestExplain(t *testing.T) {
 		{"control", quarantined, "10.99.0.1:8443", policy.TCP, true, "control", ""},
 		{"floor in quarantine", quarantined, "192.168.50.3:502", policy.TCP, true, "safety floor can-gateway", ""},
 		{"wms in quarantine", quarantined, "10.20.1.10:443", policy.TCP, false, "segment wms", "mode quarantine"},
+		{"a failing check names itself", restricted, "10.50.0.5:22", policy.TCP, false, "segment diagnostics", "mode restricted: the restricted profile of class scanner does not keep it open (restricted: check edr-running failed: observed edr not running, expected edr running)"},
 		{"unknown address", scanner, "10.80.0.1:443", policy.TCP, false, "default deny", "in no segment"},
 	}
 	for _, tt := range tests {
