@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os/exec"
@@ -52,6 +53,12 @@ func newTunnelSite(t *testing.T) *tunnelSite {
 // policy is a bundle opening the named segments to scanners.
 func (s *tunnelSite) policy(t *testing.T, version uint64, segments ...string) []byte {
 	t.Helper()
+	return signFor(t, version, s.doc(t, segments...), s.key)
+}
+
+// doc is the policy opening the named segments to scanners.
+func (s *tunnelSite) doc(t *testing.T, segments ...string) *policy.Document {
+	t.Helper()
 	var rules []string
 	for _, seg := range segments {
 		rules = append(rules, fmt.Sprintf(`{"segment": %q}`, seg))
@@ -73,7 +80,7 @@ func (s *tunnelSite) policy(t *testing.T, version uint64, segments ...string) []
 	if err != nil {
 		t.Fatal(err)
 	}
-	return signFor(t, version, doc, s.key)
+	return doc
 }
 
 func (s *tunnelSite) apply(t *testing.T, raw []byte) *Status {
@@ -218,5 +225,73 @@ func TestRotateKeyReHandshakes(t *testing.T) {
 	s.start()
 	if got := s.call(Request{Op: "status"}).Status.Tunnel.PublicKey; got != pub {
 		t.Errorf("after restart the public key is %s, want the rotated %s", got, pub)
+	}
+}
+
+// A segment's rate limit holds against iperf3 in both directions, and it
+// is the limit that slows the transfer: the same transfer under the bundle
+// before, without it, runs many times faster.
+func TestRateLimitHolds(t *testing.T) {
+	lab.RequirePrivileged(t, "iperf3")
+	s := newTunnelSite(t)
+	server := netip.AddrPortFrom(wmsHost.Addr(), 5201)
+	lab.Iperf3Server(t, s.gw1.NS, server)
+	s.start()
+	s.gw1.AllowPeer(t, s.call(Request{Op: "status"}).Status.Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	doc := s.doc(t, "wms")
+	doc.Segments[0].Destinations = append(doc.Segments[0].Destinations,
+		policy.Destination{CIDR: netip.MustParsePrefix("10.20.1.0/24"), Protocol: policy.TCP, Ports: []policy.PortRange{{First: 5201, Last: 5201}}})
+	s.apply(t, signFor(t, 1, doc, s.key))
+	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, 10*time.Second) {
+		t.Fatal("wms unreachable through its tunnel")
+	}
+	// iperf3 leaves out the first second (-O 1), which spends the
+	// bucket (a second of the rate plus the burst); the three after it
+	// may carry the rate, plus 5% for iperf3's accounting at the edges.
+	const secs = 3
+	run := func(extra ...string) float64 {
+		return lab.Iperf3(t, s.ns, server, secs, append([]string{"-O", "1"}, extra...)...)
+	}
+	free := run()
+	limit := &policy.RateLimit{BytesPerSecond: 1_000_000, BurstBytes: 256 << 10}
+	most := 1.05 * 8 * float64(limit.BytesPerSecond)
+	if free < 10*most {
+		t.Fatalf("without a limit the tunnel carries only %.1f Mbit/s; a cap of %.1f cannot be told apart", free/1e6, most/1e6)
+	}
+	doc.Segments[0].RateLimit = limit
+	s.apply(t, signFor(t, 2, doc, s.key))
+	for _, dir := range [][]string{nil, {"-R"}} {
+		got := run(dir...)
+		t.Logf("%v: %.2f Mbit/s under a cap of %.2f (without it: %.0f)", dir, got/1e6, most/1e6, free/1e6)
+		if got > most || got < most/4 {
+			t.Errorf("iperf3 %v: %.2f Mbit/s through a %d B/s limit; want at most %.2f and, to show it slows rather than shuts, at least a quarter of that",
+				dir, got/1e6, limit.BytesPerSecond, most/1e6)
+		}
+	}
+	// Both directions' policers are in the table and counted drops.
+	var table struct {
+		Nftables []struct {
+			Rule *struct {
+				Comment string           `json:"comment"`
+				Expr    []map[string]any `json:"expr"`
+			} `json:"rule"`
+		} `json:"nftables"`
+	}
+	if err := json.Unmarshal([]byte(s.ns.MustRun(t, "nft", "-j", "list", "table", "inet", "bulkhead")), &table); err != nil {
+		t.Fatal(err)
+	}
+	dropped := map[string]float64{}
+	for _, it := range table.Nftables {
+		if it.Rule == nil || !strings.HasSuffix(it.Rule.Comment, " over rate") {
+			continue
+		}
+		for _, e := range it.Rule.Expr {
+			if c, ok := e["counter"].(map[string]any); ok {
+				dropped[it.Rule.Comment], _ = c["packets"].(float64)
+			}
+		}
+	}
+	if dropped["segment wms over rate"] == 0 || dropped["segment wms replies over rate"] == 0 {
+		t.Errorf("over-rate drops counted: %v, want some in each direction", dropped)
 	}
 }

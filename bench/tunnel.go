@@ -1,7 +1,6 @@
 package bench
 
 import (
-	"encoding/json"
 	"fmt"
 	"net/netip"
 	"os"
@@ -69,11 +68,7 @@ func benchThroughput(b *testing.B, gwImpl, ref string) {
 	gwNS := lab.NewNS(b, "gw")
 	gw := lab.StartGateway(b, gwNS, impl(b, gwImpl), netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
 	gwNS.MustRun(b, "ip", "addr", "add", iperfHost.String()+"/32", "dev", "lo")
-	srv := gwNS.Command("iperf3", "-s", "-B", iperfHost.String())
-	if err := srv.Start(); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
+	lab.Iperf3Server(b, gwNS, netip.AddrPortFrom(iperfHost, iperfPort))
 	lab.Echo(b, gwNS, netip.AddrPortFrom(iperfHost, echoPort))
 	// Two uplinks into the gateway, one per client.
 	oursNS, refNS := lab.NewNS(b, "ours"), lab.NewNS(b, "ref")
@@ -126,25 +121,10 @@ func benchThroughput(b *testing.B, gwImpl, ref string) {
 	b.ReportMetric(median(ratios), "ratio")
 }
 
-// iperf runs one iperf3 TCP test from ns and returns the received rate.
+// iperf runs one iperf3 TCP test from ns and returns the received rate
+// in Gbit/s.
 func iperf(b testing.TB, ns *lab.NS, secs int) float64 {
-	b.Helper()
-	out, err := ns.Command("iperf3", "-c", iperfHost.String(), "-t", strconv.Itoa(secs), "-J").Output()
-	if err != nil {
-		b.Fatalf("iperf3 in %s: %v: %s", ns.Name, err, out)
-	}
-	var r struct {
-		End struct {
-			SumReceived struct {
-				BitsPerSecond float64 `json:"bits_per_second"`
-			} `json:"sum_received"`
-		} `json:"end"`
-		Error string `json:"error"`
-	}
-	if err := json.Unmarshal(out, &r); err != nil || r.Error != "" {
-		b.Fatalf("iperf3 output: %v %s", err, r.Error)
-	}
-	return r.End.SumReceived.BitsPerSecond / 1e9
+	return lab.Iperf3(b, ns, netip.AddrPortFrom(iperfHost, iperfPort), secs) / 1e9
 }
 
 func median(v []float64) float64 {

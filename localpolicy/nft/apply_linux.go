@@ -602,6 +602,9 @@ func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, er
 			&expr.Payload{DestRegister: portReg, Base: expr.PayloadBaseTransportHeader, Offset: portOff, Len: 2},
 			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID})
 	}
+	if r.Over != nil {
+		ex = append(ex, &expr.Limit{Type: expr.LimitTypePktBytes, Rate: r.Over.PerSecond, Over: true, Unit: expr.LimitTimeSecond, Burst: r.Over.Burst})
+	}
 	if r.Drop {
 		return append(ex, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}), nil
 	}

@@ -9,6 +9,7 @@ package nft
 import (
 	"cmp"
 	"fmt"
+	"math"
 	"net/netip"
 	"slices"
 	"strings"
@@ -63,7 +64,24 @@ type Rule struct {
 	// DHCP accepts the client side of DHCP (v4 and v6), so a device that
 	// gets its address by DHCP keeps it in lockdown.
 	DHCP *DHCP
+	// Over narrows a rule to the packets above a byte rate: the rate
+	// limit's drop, placed just before the accept it polices.
+	Over *Rate
 	Drop bool
+}
+
+// Rate is nftables' byte limit: refilled at PerSecond, holding one second
+// of that plus Burst.
+type Rate struct {
+	PerSecond uint64
+	Burst     uint32
+}
+
+func rate(l *policy.RateLimit) *Rate {
+	if l == nil {
+		return nil
+	}
+	return &Rate{PerSecond: l.BytesPerSecond, Burst: uint32(min(l.BurstBytes, math.MaxUint32))}
 }
 
 // Lookup matches address . l4proto . port against a set.
@@ -132,6 +150,7 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 		name, comment string
 		elems         []Element
 		via           string // the interface the group's traffic must use
+		limit         *Rate  // a cap in each direction
 	}
 	// rules holds one group's rules per chain, to be laid out below.
 	type rules struct{ in, out, fwd []Rule }
@@ -144,15 +163,20 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 			name := g.name + map[bool]string{false: "_v4", true: "_v6"}[v6]
 			rs.Sets = append(rs.Sets, Set{Name: name, V6: v6, Elements: elems})
 			look := func(addr, port Field) *Lookup { return &Lookup{Set: name, V6: v6, Addr: addr, Port: port} }
-			r.out = append(r.out, Rule{Comment: g.comment, Iface: g.via, Lookup: look(Dst, Dst)})
-			switch g.name {
-			case "gateways":
+			out := Rule{Comment: g.comment, Iface: g.via, Lookup: look(Dst, Dst)}
+			in := Rule{Comment: g.comment + " replies", Established: true, Iface: g.via, Lookup: look(Src, Src)}
+			if g.name == "gateways" {
 				// A gateway may start a handshake (rekey, roaming) with no
 				// conntrack entry of ours; WireGuard authenticates it.
-				r.in = append(r.in, Rule{Comment: g.comment + " inbound", Lookup: look(Src, Src)})
-			default:
-				r.in = append(r.in, Rule{Comment: g.comment + " replies", Established: true, Iface: g.via, Lookup: look(Src, Src)})
+				in = Rule{Comment: g.comment + " inbound", Lookup: look(Src, Src)}
 			}
+			if g.limit != nil {
+				// Each direction has its own bucket: what exceeds it
+				// is dropped before the accept sees it.
+				r.out = append(r.out, overRate(out, g.limit))
+				r.in = append(r.in, overRate(in, g.limit))
+			}
+			r.out, r.in = append(r.out, out), append(r.in, in)
 			if g.name == "floor" {
 				// The floor is symmetric: local services on the floor's
 				// ports (a PLC port) are reachable from its addresses.
@@ -167,16 +191,16 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 	}
 	// Sets in a fixed order (floor, control, gateways, segments); rules
 	// busiest first, as above.
-	fixed := []rules{add(group{"floor", "safety floor", floor, ""}), add(group{"control", "control", control, ""})}
+	fixed := []rules{add(group{"floor", "safety floor", floor, "", nil}), add(group{"control", "control", control, "", nil})}
 	var tunnel []rules
 	if opt.Tunnel != "" {
-		gw := add(group{"gateways", "wireguard gateways", gateways, ""})
+		gw := add(group{"gateways", "wireguard gateways", gateways, "", nil})
 		for _, a := range d.Segments {
 			var elems []Element
 			for _, dst := range a.Destinations {
 				elems = append(elems, elements(dst)...)
 			}
-			tunnel = append(tunnel, add(group{"seg_" + a.Segment, "segment " + a.Segment, elems, opt.Tunnel}))
+			tunnel = append(tunnel, add(group{"seg_" + a.Segment, "segment " + a.Segment, elems, opt.Tunnel, rate(a.RateLimit)}))
 		}
 		tunnel = append(tunnel, gw)
 	}
@@ -196,6 +220,14 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 	}
 	rs.Chains = []Chain{in, out, fwd}
 	return rs
+}
+
+// overRate is the drop that polices r: the same match, narrowed to the
+// packets above the rate.
+func overRate(r Rule, l *Rate) Rule {
+	r.Comment += " over rate"
+	r.Over, r.Drop = l, true
+	return r
 }
 
 // linkLocal adds what keeps the link itself working in every mode: IPv6
@@ -394,6 +426,12 @@ func (r Rule) text(chain string) string {
 			ip = "ip6"
 		}
 		parts = append(parts, fmt.Sprintf("%s %s . meta l4proto . th %s @%s", ip, map[Field]string{Src: "saddr", Dst: "daddr"}[l.Addr], map[Field]string{Src: "sport", Dst: "dport"}[l.Port], l.Set))
+	}
+	if r.Over != nil {
+		parts = append(parts, fmt.Sprintf("limit rate over %d bytes/second", r.Over.PerSecond))
+		if r.Over.Burst > 0 {
+			parts = append(parts, fmt.Sprintf("burst %d bytes", r.Over.Burst))
+		}
 	}
 	if r.Drop {
 		parts = append(parts, "counter drop")

@@ -2,6 +2,7 @@ package nft
 
 import (
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -9,6 +10,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 func el(prefix string, proto0, proto1 uint8, port0, port1 uint16) Element {
@@ -102,7 +104,7 @@ func TestBuildOrder(t *testing.T) {
 				order = append(order, "loopback")
 			case r.Lookup == nil && !r.Drop:
 				order = append(order, "link")
-			case r.Drop:
+			case r.Drop && r.Over == nil:
 				order = append(order, "drop")
 			case r.Lookup.Set[:5] == "floor":
 				order = append(order, "floor")
@@ -126,6 +128,49 @@ func TestBuildOrder(t *testing.T) {
 	for _, s := range quarantined.Sets {
 		if s.Name[:4] == "seg_" {
 			t.Errorf("quarantine keeps set %s", s.Name)
+		}
+	}
+}
+
+// A segment's rate limit is a drop of what exceeds the rate, right before
+// the accept it polices and with the same match, in both directions; a
+// segment without a limit has no such rule.
+func TestRateLimitPolicesTheSegmentsOwnAccept(t *testing.T) {
+	d := desired(t, "dock-gateway", localpolicy.Sticky{})
+	limited := map[string]*policy.RateLimit{}
+	for _, a := range d.Segments {
+		if a.RateLimit != nil {
+			limited["segment "+a.Segment] = a.RateLimit
+		}
+	}
+	if len(limited) == 0 {
+		t.Fatal("the example opens no rate-limited segment to dock gateways; the test proves nothing")
+	}
+	rs := Build(d, Options{Tunnel: "bh0"})
+	for _, c := range rs.Chains[:2] {
+		policed := map[string]bool{}
+		for i, r := range c.Rules {
+			if r.Over == nil {
+				continue
+			}
+			if i+1 == len(c.Rules) {
+				t.Fatalf("chain %s ends with %q", c.Name, r.Comment)
+			}
+			next := c.Rules[i+1]
+			same := next
+			same.Comment, same.Over, same.Drop = r.Comment, r.Over, true
+			if !r.Drop || next.Drop || !reflect.DeepEqual(same, r) || r.Comment != next.Comment+" over rate" {
+				t.Errorf("chain %s: %+v does not police the rule after it, %+v", c.Name, r, next)
+			}
+			seg := strings.TrimSuffix(next.Comment, " replies")
+			l := limited[seg]
+			if l == nil || r.Over.PerSecond != l.BytesPerSecond || uint64(r.Over.Burst) != l.BurstBytes {
+				t.Errorf("chain %s: %q limits at %+v, policy says %+v", c.Name, r.Comment, r.Over, l)
+			}
+			policed[seg] = true
+		}
+		if len(policed) != len(limited) {
+			t.Errorf("chain %s polices %v, want every segment of %v", c.Name, policed, limited)
 		}
 	}
 }

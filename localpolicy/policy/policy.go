@@ -70,11 +70,20 @@ type Gateway struct {
 	Endpoint  string `json:"endpoint"`
 }
 
-// RateLimit caps a segment's traffic in both directions.
+// RateLimit caps a segment's traffic, each direction on its own. It is a
+// token bucket refilled at BytesPerSecond that holds one second of that
+// rate plus BurstBytes (nftables' byte limit): after a quiet spell, up to
+// BytesPerSecond+BurstBytes may pass at once, and then BytesPerSecond.
 type RateLimit struct {
 	BytesPerSecond uint64 `json:"bytes_per_second"`
 	BurstBytes     uint64 `json:"burst_bytes,omitzero"`
 }
+
+// MinBucket is the smallest bucket a rate limit may have. With
+// segmentation offload one packet through the tunnel can be 64 KiB; a
+// smaller bucket could never pass it, and the segment would be shut
+// instead of slowed.
+const MinBucket = 64 << 10
 
 // Class is a kind of device and what it may reach.
 type Class struct {

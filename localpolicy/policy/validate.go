@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"math"
 	"net/netip"
 	"regexp"
 	"slices"
@@ -139,6 +140,14 @@ func (v *validator) checkSegments(segs []Segment) {
 		}
 		if s.RateLimit != nil && s.RateLimit.BytesPerSecond == 0 {
 			v.addf(p+".rate_limit.bytes_per_second", "must be above 0; omit rate_limit for no limit")
+		}
+		if l := s.RateLimit; l != nil && l.BytesPerSecond != 0 {
+			switch {
+			case l.BurstBytes > math.MaxUint32:
+				v.addf(p+".rate_limit.burst_bytes", "%d is above %d", l.BurstBytes, uint64(math.MaxUint32))
+			case l.BytesPerSecond+l.BurstBytes < MinBucket:
+				v.addf(p+".rate_limit", "bytes_per_second plus burst_bytes is %d, below %d: the bucket must hold one offloaded packet (64 KiB) or nothing passes", l.BytesPerSecond+l.BurstBytes, MinBucket)
+			}
 		}
 	}
 	v.checkPartnerOverlap(segs)
