@@ -82,6 +82,7 @@ func (a *Agent) kickSample() {
 // and every check that changes state is audited with what was seen and
 // what was expected. The inventory is reported when it changes.
 func (a *Agent) observe(f *posture.Facts) {
+	a.readTunnel(f)
 	all, changed := a.tracker.Observe(a.postureChecks(), f)
 	a.checks = all
 	for _, c := range changed {
@@ -97,6 +98,31 @@ func (a *Agent) observe(f *posture.Facts) {
 	}
 	if len(changed) > 0 {
 		a.reconcile("posture check " + changed[0].ID)
+	}
+}
+
+// readTunnel adds the tunnel's counters, by open segment, to a sample.
+// Counters are per gateway peer; every segment behind a gateway sees its
+// peer's.
+func (a *Agent) readTunnel(f *posture.Facts) {
+	if a.tun == nil {
+		return // no tunnel: no segment is open, nothing can move
+	}
+	st, err := a.tun.State()
+	if err != nil {
+		f.Unread = append(f.Unread, "tunnel")
+		return
+	}
+	a.traffic = st
+	f.Tunnel = map[string]uint64{}
+	for _, p := range st {
+		for _, want := range a.desired.Peers {
+			if want.PublicKey == p.PublicKey {
+				for _, seg := range want.Segments {
+					f.Tunnel[seg] = p.RxBytes + p.TxBytes
+				}
+			}
+		}
 	}
 }
 

@@ -8,10 +8,12 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
 )
@@ -231,26 +233,37 @@ func TestRotateKeyReHandshakes(t *testing.T) {
 // A segment's rate limit holds against iperf3 in both directions, and it
 // is the limit that slows the transfer: the same transfer under the bundle
 // before, without it, runs many times faster.
-func TestRateLimitHolds(t *testing.T) {
+// iperfSite is a tunnel site whose wms segment also opens an iperf3
+// server behind its gateway; doc is the policy, with the changes
+// applied, that the agent enforces as version 1.
+func iperfSite(t *testing.T, change func(*policy.Document)) (s *tunnelSite, server netip.AddrPort, doc *policy.Document) {
 	lab.RequirePrivileged(t, "iperf3")
-	s := newTunnelSite(t)
-	server := netip.AddrPortFrom(wmsHost.Addr(), 5201)
+	s = newTunnelSite(t)
+	server = netip.AddrPortFrom(wmsHost.Addr(), 5201)
 	lab.Iperf3Server(t, s.gw1.NS, server)
 	s.start()
 	s.gw1.AllowPeer(t, s.call(Request{Op: "status"}).Status.Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
-	doc := s.doc(t, "wms")
+	doc = s.doc(t, "wms")
 	doc.Segments[0].Destinations = append(doc.Segments[0].Destinations,
 		policy.Destination{CIDR: netip.MustParsePrefix("10.20.1.0/24"), Protocol: policy.TCP, Ports: []policy.PortRange{{First: 5201, Last: 5201}}})
+	if change != nil {
+		change(doc)
+	}
 	s.apply(t, signFor(t, 1, doc, s.key))
 	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, 10*time.Second) {
 		t.Fatal("wms unreachable through its tunnel")
 	}
-	// iperf3 leaves out the first second (-O 1), which spends the
-	// bucket (a second of the rate plus the burst); the three after it
+	return s, server, doc
+}
+
+func TestRateLimitHolds(t *testing.T) {
+	s, server, doc := iperfSite(t, nil)
+	// iperf3 leaves out the first two seconds (-O 2), which spend the
+	// bucket (a second of the rate plus the burst); the three after them
 	// may carry the rate, plus 5% for iperf3's accounting at the edges.
 	const secs = 3
 	run := func(extra ...string) float64 {
-		return lab.Iperf3(t, s.ns, server, secs, append([]string{"-O", "1"}, extra...)...)
+		return lab.Iperf3(t, s.ns, server, secs, append([]string{"-O", "2"}, extra...)...)
 	}
 	free := run()
 	limit := &policy.RateLimit{BytesPerSecond: 1_000_000, BurstBytes: 256 << 10}
@@ -293,5 +306,60 @@ func TestRateLimitHolds(t *testing.T) {
 	}
 	if dropped["segment wms over rate"] == 0 || dropped["segment wms replies over rate"] == 0 {
 		t.Errorf("over-rate drops counted: %v, want some in each direction", dropped)
+	}
+}
+
+// A burst above a traffic check's threshold applies the check's profile
+// within a sample or two, names the check in status, and cuts the segment
+// (the restricted profile here keeps nothing open); once the burst has
+// left the window, the device recovers.
+func TestTrafficBurstAppliesProfile(t *testing.T) {
+	s, server, _ := iperfSite(t, func(doc *policy.Document) {
+		class := doc.Classes["scanner"]
+		class.Checks = []policy.Check{{ID: "wms-volume", Traffic: &policy.TrafficLimit{Segment: "wms", MaxBytes: 20 << 20, Window: policy.Duration(5 * time.Second)}}}
+		doc.Classes["scanner"] = class
+	})
+	check := func() (string, localpolicy.Check) {
+		st := s.call(Request{Op: "status"}).Status
+		for _, c := range st.Checks {
+			if c.ID == "wms-volume" {
+				return st.Mode, c
+			}
+		}
+		return st.Mode, localpolicy.Check{}
+	}
+	waitLong(t, "the traffic check judged and passing", func() bool { m, c := check(); return m == "normal" && c.ID != "" && !c.Failing })
+	// Ordinary use (echo round trips) stays far below 20 MiB in 5 s.
+	for range 20 {
+		if !lab.Reaches(t, s.ns, "tcp", wmsHost) {
+			t.Fatal("wms stopped answering under ordinary use")
+		}
+	}
+	if m, c := check(); m != "normal" || c.Failing {
+		t.Fatalf("ordinary use tripped the check: %s %+v", m, c)
+	}
+	// A burst: iperf3 moves hundreds of MiB a second through the tunnel
+	// until the check cuts it (it then stalls; it is stopped below).
+	burst := s.ns.Command("iperf3", "-c", server.Addr().String(), "-p", "5201", "-t", "10")
+	if err := burst.Start(); err != nil {
+		t.Fatal(err)
+	}
+	stopBurst := sync.OnceFunc(func() { burst.Process.Kill(); burst.Wait() })
+	defer stopBurst()
+	waitLong(t, "restricted mode after the burst", func() bool { m, c := check(); return m == "restricted" && c.Failing })
+	stopBurst()
+	_, c := check()
+	if !strings.Contains(c.Observed, "bytes to segment wms in") || c.Expected != "at most 20971520 bytes in 5s" {
+		t.Errorf("the failing check says %q, expected %q", c.Observed, c.Expected)
+	}
+	if why := strings.Join(s.call(Request{Op: "status"}).Status.Why, "; "); !strings.Contains(why, "check wms-volume failed") {
+		t.Errorf("status does not name the check: %q", why)
+	}
+	if lab.Reaches(t, s.ns, "tcp", wmsHost) {
+		t.Error("wms still reachable in restricted mode")
+	}
+	waitLong(t, "normal mode once the burst left the window", func() bool { m, c := check(); return m == "normal" && !c.Failing })
+	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, 10*time.Second) {
+		t.Error("wms closed after recovery")
 	}
 }

@@ -32,9 +32,13 @@ type Facts struct {
 	Interfaces   []Interface   `json:"interfaces"`
 	Files        []File        `json:"files,omitzero"`
 	// Unread names the lists a sample could not read ("processes",
-	// "sockets"). An empty list then proves nothing, so the checks that
+	// "sockets", "tunnel"). An empty list then proves nothing, so the checks that
 	// read it fail instead of passing.
 	Unread []string `json:"unread,omitzero"`
+	// Tunnel is what has moved through the tunnel to each open segment's
+	// gateway since its peer was set up, received plus sent, by segment.
+	// The agent fills it from the tunnel's counters at each sample.
+	Tunnel map[string]uint64 `json:"tunnel,omitzero"`
 	// Self is the agent's own process id: its sockets (the WireGuard
 	// port) are the agent's business, not a posture finding.
 	Self int32 `json:"self"`

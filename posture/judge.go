@@ -44,10 +44,11 @@ func Want(checks []policy.Check) Wants {
 	return w
 }
 
-// Judge decides one check on one sample.
+// Judge decides one check on one sample. A traffic check is judged over a
+// window of samples, by Tracker; alone, it fails.
 func Judge(c policy.Check, f *Facts) Result {
-	if list := needs(c); list != "" && slices.Contains(f.Unread, list) {
-		return Result{Observed: "the " + list + " could not be read", Expected: "a readable list of " + list}
+	if r, unread := unreadFor(c, f); unread {
+		return r
 	}
 	switch {
 	case c.Kernel != nil:
@@ -66,11 +67,23 @@ func Judge(c policy.Check, f *Facts) Result {
 		return judgeFile(*c.File, f.Files)
 	case c.FreeDisk != nil:
 		return judgeDisk(*c.FreeDisk, f.Disks)
+	case c.Traffic != nil:
+		// A window needs the samples before this one: Tracker judges it.
+		return Result{Observed: "one sample", Expected: "a window of samples (judged by the tracker)"}
 	case c.MaxUptime > 0:
 		up := f.Uptime.Truncate(time.Minute)
 		return Result{Pass: f.Uptime <= time.Duration(c.MaxUptime), Observed: "up " + up.String(), Expected: "up at most " + time.Duration(c.MaxUptime).String()}
 	}
 	return Result{Observed: "a check this agent does not know", Expected: "a known check"}
+}
+
+// unreadFor fails c when the list it is judged on could not be read: an
+// empty list would prove nothing.
+func unreadFor(c policy.Check, f *Facts) (Result, bool) {
+	if list := needs(c); list != "" && slices.Contains(f.Unread, list) {
+		return Result{Observed: "the " + list + " could not be read", Expected: "a readable list of " + list}, true
+	}
+	return Result{}, false
 }
 
 // needs names the list c is judged on, when one sample may fail to read it.
@@ -80,6 +93,8 @@ func needs(c policy.Check) string {
 		return "processes"
 	case c.Listeners != nil:
 		return "sockets"
+	case c.Traffic != nil:
+		return "tunnel"
 	}
 	return ""
 }
@@ -260,4 +275,12 @@ func bytesText(n uint64) string {
 		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
 	}
 	return fmt.Sprintf("%.1f MiB", float64(n)/mib)
+}
+
+// judgeTraffic decides a traffic check on what moved within its window.
+// span is how much of the window the samples cover so far.
+func judgeTraffic(l policy.TrafficLimit, moved uint64, span time.Duration) Result {
+	return Result{Pass: moved <= l.MaxBytes,
+		Observed: fmt.Sprintf("%d bytes to segment %s in %s", moved, l.Segment, span.Round(time.Second)),
+		Expected: fmt.Sprintf("at most %d bytes in %s", l.MaxBytes, time.Duration(l.Window))}
 }

@@ -188,3 +188,50 @@ func TestGatherReadsThisHost(t *testing.T) {
 		t.Errorf("files: %+v", f.Files)
 	}
 }
+
+// A traffic check judges what moved through its segment's tunnel within
+// the sliding window: a burst fails it, and it passes again once the
+// burst has left the window, even while the segment is closed (by the
+// check's own profile); a counter reset (the peer set up again) is not a
+// burst.
+func TestTrafficWindow(t *testing.T) {
+	checks := []policy.Check{{ID: "wms-volume", Profile: "quarantine", Traffic: &policy.TrafficLimit{Segment: "wms", MaxBytes: 1000, Window: policy.Duration(5 * time.Second)}}}
+	t0 := time.Date(2026, 11, 24, 6, 0, 0, 0, time.UTC)
+	steps := []struct {
+		sec     int
+		total   uint64
+		closed  bool
+		failing bool
+		saw     string
+	}{
+		{0, 500, false, false, "0 bytes to segment wms in 0s"},
+		{1, 900, false, false, "400 bytes to segment wms in 1s"},
+		{2, 2500, false, true, "2000 bytes to segment wms in 2s"}, // the burst
+		{5, 2600, false, true, "2100 bytes to segment wms in 5s"},
+		{6, 2700, false, true, "1800 bytes to segment wms in 5s"},  // from sec 1: still in
+		{8, 2800, false, false, "300 bytes to segment wms in 6s"},  // from sec 2 (the reading at or before 3)
+		{9, 100, false, false, "0 bytes to segment wms in 0s"},     // reset: starts afresh
+		{10, 5000, false, true, "4900 bytes to segment wms in 1s"}, // a burst
+		{11, 0, true, true, "4900 bytes to segment wms in 2s"},     // closed by the profile: the burst stays
+		{14, 0, true, true, "4900 bytes to segment wms in 5s"},
+		{15, 0, true, false, "0 bytes to segment wms in 5s"}, // left the window
+	}
+	var tr Tracker
+	for _, s := range steps {
+		f := &Facts{Time: t0.Add(time.Duration(s.sec) * time.Second), Tunnel: map[string]uint64{"wms": s.total}}
+		if s.closed {
+			f.Tunnel = map[string]uint64{}
+		}
+		all, _ := tr.Observe(checks, f)
+		if all[0].Failing != s.failing || all[0].Observed != s.saw {
+			t.Errorf("at %ds: failing %v, observed %q; want %v, %q", s.sec, all[0].Failing, all[0].Observed, s.failing, s.saw)
+		}
+		if all[0].Failing && all[0].Profile != localpolicy.Quarantine {
+			t.Errorf("at %ds: profile %s", s.sec, all[0].Profile)
+		}
+	}
+	f := &Facts{Time: t0, Unread: []string{"tunnel"}}
+	if all, _ := new(Tracker).Observe(checks, f); !all[0].Failing || !strings.Contains(all[0].Observed, "could not be read") {
+		t.Errorf("unreadable counters pass a traffic check: %+v", all[0])
+	}
+}

@@ -1,6 +1,8 @@
 package posture
 
 import (
+	"time"
+
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
@@ -11,6 +13,13 @@ import (
 // feeds it one sample at a time.
 type Tracker struct {
 	state map[string]*streak
+	meter map[string][]reading // by segment, oldest first
+}
+
+// reading is a segment's tunnel counter at one sample.
+type reading struct {
+	at    time.Time
+	total uint64
 }
 
 type streak struct {
@@ -25,6 +34,7 @@ func (t *Tracker) Observe(checks []policy.Check, f *Facts) (all, changed []local
 	if t.state == nil {
 		t.state = map[string]*streak{}
 	}
+	t.read(checks, f)
 	keep := make(map[string]*streak, len(checks))
 	for _, c := range checks {
 		s := t.state[c.ID]
@@ -32,7 +42,7 @@ func (t *Tracker) Observe(checks []policy.Check, f *Facts) (all, changed []local
 			s = &streak{}
 		}
 		keep[c.ID] = s
-		r := Judge(c, f)
+		r := t.judge(c, f)
 		was := s.failing
 		if r.Pass == !s.failing {
 			s.run = 0 // agrees with the state it is in
@@ -47,6 +57,68 @@ func (t *Tracker) Observe(checks []policy.Check, f *Facts) (all, changed []local
 	}
 	t.state = keep
 	return all, changed
+}
+
+// judge decides c on f; a traffic check on the readings of its window.
+func (t *Tracker) judge(c policy.Check, f *Facts) Result {
+	l := c.Traffic
+	if l == nil {
+		return Judge(c, f)
+	}
+	if r, unread := unreadFor(c, f); unread {
+		return r
+	}
+	rs := t.meter[l.Segment]
+	if len(rs) == 0 {
+		// Closed since before any reading: nothing has moved.
+		return judgeTraffic(*l, 0, 0)
+	}
+	// The window's start is the latest reading at or before now-window,
+	// or the oldest one while the samples cover less than the window.
+	now, from := rs[len(rs)-1], rs[0]
+	for _, r := range rs {
+		if r.at.After(f.Time.Add(-time.Duration(l.Window))) {
+			break
+		}
+		from = r
+	}
+	return judgeTraffic(*l, now.total-from.total, now.at.Sub(from.at))
+}
+
+// read adds f's tunnel counters to the readings of the segments traffic
+// checks watch, and drops readings older than the longest window needs. A
+// counter that went down (the peer was set up again) starts afresh; a
+// closed segment reads as its last counter.
+func (t *Tracker) read(checks []policy.Check, f *Facts) {
+	windows := map[string]time.Duration{}
+	for _, c := range checks {
+		if c.Traffic != nil {
+			windows[c.Traffic.Segment] = max(windows[c.Traffic.Segment], time.Duration(c.Traffic.Window))
+		}
+	}
+	meter := make(map[string][]reading, len(windows))
+	for seg, w := range windows {
+		rs := t.meter[seg]
+		total, open := f.Tunnel[seg]
+		switch n := len(rs); {
+		case !open && n == 0:
+			continue
+		case !open:
+			// Closed (perhaps by this very check's profile): nothing
+			// moves now, and what moved before stays in the window, so
+			// a burst keeps the device in its profile until it has left.
+			total = rs[n-1].total
+		case n > 0 && rs[n-1].total > total:
+			rs = nil
+		}
+		rs = append(rs, reading{f.Time, total})
+		// Keep one reading at or before the window's start.
+		for len(rs) > 1 && !rs[1].at.After(f.Time.Add(-w)) {
+			rs = rs[1:]
+		}
+		meter[seg] = rs
+	}
+	t.meter = meter
 }
 
 // need is how many disagreeing samples in a row flip a check.

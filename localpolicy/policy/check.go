@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"time"
 )
 
 // Check is a posture check: a fact about the device that must hold for it
@@ -38,6 +39,19 @@ type Check struct {
 	FreeDisk *FreeDisk `json:"free_disk,omitzero"`
 	// MaxUptime fails a device not rebooted (so not patched) for longer.
 	MaxUptime Duration `json:"max_uptime,omitzero"`
+	// Traffic bounds what moves through the tunnel to a segment's gateway
+	// within a sliding window: a device suddenly moving ten times its
+	// usual traffic fails it.
+	Traffic *TrafficLimit `json:"traffic,omitzero"`
+}
+
+// TrafficLimit is at most MaxBytes, both directions together, through the
+// tunnel to Segment's gateway within any Window. The tunnel's counters are
+// per gateway: segments behind one gateway share them.
+type TrafficLimit struct {
+	Segment  string   `json:"segment"`
+	MaxBytes uint64   `json:"max_bytes"`
+	Window   Duration `json:"window"`
 }
 
 // VersionRange bounds a version: at least Min, below Below.
@@ -89,7 +103,7 @@ func (c *Check) kinds() []string {
 		{"kernel", c.Kernel != nil}, {"os", len(c.OS) > 0}, {"agent_version", c.AgentVersion != ""},
 		{"process", c.Process != nil}, {"forbidden_process", c.ForbiddenProcess != nil},
 		{"listeners", c.Listeners != nil}, {"file", c.File != nil}, {"free_disk", c.FreeDisk != nil},
-		{"max_uptime", c.MaxUptime != 0},
+		{"max_uptime", c.MaxUptime != 0}, {"traffic", c.Traffic != nil},
 	} {
 		if f.set {
 			k = append(k, f.name)
@@ -107,7 +121,7 @@ var (
 // Profiles a failing check may impose.
 var checkProfiles = []string{"restricted", "diagnostic", "quarantine"}
 
-func (v *validator) checkChecks(p string, checks []Check) {
+func (v *validator) checkChecks(p string, checks []Check, d *Document) {
 	seen := map[string]bool{}
 	for i, c := range checks {
 		cp := fmt.Sprintf("%s.checks[%d]", p, i)
@@ -129,7 +143,7 @@ func (v *validator) checkChecks(p string, checks []Check) {
 		}
 		switch kinds := c.kinds(); len(kinds) {
 		case 0:
-			v.addf(cp, "says nothing to check (one of kernel, os, agent_version, process, forbidden_process, listeners, file, free_disk, max_uptime)")
+			v.addf(cp, "says nothing to check (one of kernel, os, agent_version, process, forbidden_process, listeners, file, free_disk, max_uptime, traffic)")
 			continue
 		case 1:
 		default:
@@ -183,6 +197,16 @@ func (v *validator) checkChecks(p string, checks []Check) {
 			}
 		case c.MaxUptime < 0:
 			v.addf(cp+".max_uptime", "must be positive")
+		case c.Traffic != nil:
+			if _, ok := d.Segment(c.Traffic.Segment); !ok {
+				v.addf(cp+".traffic.segment", "names unknown segment %q", c.Traffic.Segment)
+			}
+			if c.Traffic.MaxBytes == 0 {
+				v.addf(cp+".traffic.max_bytes", "is missing or 0")
+			}
+			if w := time.Duration(c.Traffic.Window); w < time.Second || w > 24*time.Hour {
+				v.addf(cp+".traffic.window", "%s is outside 1s-24h", w)
+			}
 		}
 	}
 }

@@ -284,7 +284,7 @@ func (v *validator) checkClass(d *Document, p, name string, c Class) {
 			}
 		}
 	}
-	v.checkChecks(p, c.Checks)
+	v.checkChecks(p, c.Checks, d)
 	for _, m := range []struct {
 		mode     string
 		segments []string
