@@ -145,6 +145,12 @@ func (s *controlSite) token(t *testing.T, class, ttl string) string {
 // scanners, with the control server as the control endpoint.
 func (s *controlSite) bundle(t *testing.T, version uint64) string {
 	t.Helper()
+	return s.bundleWith(t, version, nil)
+}
+
+// bundleWith is bundle with change made to the policy before signing.
+func (s *controlSite) bundleWith(t *testing.T, version uint64, change func(*policy.Document)) string {
+	t.Helper()
 	doc, err := policy.Parse([]byte(fmt.Sprintf(`{
   "schema": "bulkhead.policy/v1",
   "control": [{"address": "10.99.0.1", "port": 8443}],
@@ -161,6 +167,12 @@ func (s *controlSite) bundle(t *testing.T, version uint64) string {
 }`, s.gw1.PublicKey, s.gw1.Endpoint, s.gw2.PublicKey, s.gw2.Endpoint)))
 	if err != nil {
 		t.Fatal(err)
+	}
+	if change != nil {
+		change(doc)
+		if err := doc.Validate(); err != nil {
+			t.Fatal(err)
+		}
 	}
 	path := filepath.Join(t.TempDir(), "policy.dsse")
 	if err := os.WriteFile(path, signFor(t, version, doc, s.opsKey), 0o600); err != nil {

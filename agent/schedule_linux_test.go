@@ -1,10 +1,7 @@
 package agent
 
 import (
-	"fmt"
 	"net/netip"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -38,25 +35,12 @@ func TestShiftWindowClosesOffline(t *testing.T) {
 	}
 	end := time.Now().Add(15 * time.Second).Truncate(time.Minute).Add(time.Minute)
 	start := end.Add(-2 * time.Hour)
-	doc, err := policy.Parse([]byte(fmt.Sprintf(`{
-  "schema": "bulkhead.policy/v1",
-  "control": [{"address": "10.99.0.1", "port": 8443}],
-  "validity": {"max_offline": "72h"},
-  "segments": [
-    {"name": "wms", "data_class": "operational", "tier": 0,
-     "destinations": [{"cidr": "10.20.1.0/24", "protocol": "tcp", "ports": ["443"]}],
-     "gateway": {"public_key": %q, "endpoint": %q}}
-  ],
-  "schedules": {"shift": {"zone": %q, "days": ["mon", "tue", "wed", "thu", "fri", "sat", "sun"], "start": %q, "end": %q}},
-  "classes": {"scanner": {"rules": [{"segment": "wms", "schedule": "shift"}]}}
-}`, s.gw1.PublicKey, s.gw1.Endpoint, zone, start.In(loc).Format("15:04"), end.In(loc).Format("15:04"))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(t.TempDir(), "policy.dsse")
-	if err := os.WriteFile(path, signFor(t, 1, doc, s.opsKey), 0o600); err != nil {
-		t.Fatal(err)
-	}
+	path := s.bundleWith(t, 1, func(doc *policy.Document) {
+		doc.Schedules = map[string]policy.Schedule{"shift": {Zone: zone,
+			Days:  []policy.Weekday{0, 1, 2, 3, 4, 5, 6},
+			Start: clock(start.In(loc)), End: clock(end.In(loc))}}
+		doc.Classes["scanner"] = policy.Class{Rules: []policy.Rule{{Segment: "wms", Schedule: "shift"}}}
+	})
 	s.ctl.MustCLI(t, "policy", "push", path)
 	waitLong(t, "policy v1 from control", func() bool { return s.a.status(t).PolicyVersion == 1 })
 	if st := s.a.status(t); !st.NextChange.Equal(end) {
@@ -98,3 +82,5 @@ func TestShiftWindowClosesOffline(t *testing.T) {
 		t.Errorf("control came back during the test: %+v", c)
 	}
 }
+
+func clock(t time.Time) policy.ClockTime { return policy.ClockTime(t.Hour()*60 + t.Minute()) }
