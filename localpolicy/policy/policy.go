@@ -85,6 +85,11 @@ type RateLimit struct {
 // instead of slowed.
 const MinBucket = 64 << 10
 
+// MaxRate is the highest rate a limit may have: the kernel computes its
+// bucket in nanoseconds times bytes, and refuses (so the whole table
+// with it) what overflows 64 bits. 10 GB/s is far above any link here.
+const MaxRate = 10_000_000_000
+
 // Class is a kind of device and what it may reach.
 type Class struct {
 	Rules    []Rule   `json:"rules"`

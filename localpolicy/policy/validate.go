@@ -143,6 +143,8 @@ func (v *validator) checkSegments(segs []Segment) {
 		}
 		if l := s.RateLimit; l != nil && l.BytesPerSecond != 0 {
 			switch {
+			case l.BytesPerSecond > MaxRate:
+				v.addf(p+".rate_limit.bytes_per_second", "%d is above %d (the kernel's byte limit overflows beyond)", l.BytesPerSecond, uint64(MaxRate))
 			case l.BurstBytes > math.MaxUint32:
 				v.addf(p+".rate_limit.burst_bytes", "%d is above %d", l.BurstBytes, uint64(math.MaxUint32))
 			case l.BytesPerSecond+l.BurstBytes < MinBucket:
