@@ -95,7 +95,7 @@ func New(cfg *Config, opts ...Option) *Agent {
 		reqs: make(chan request),
 	}
 	a.ch.synced, a.ch.kick = make(chan syncResult), make(chan struct{}, 1)
-	a.sample.kick, a.sample.samples = make(chan struct{}, 1), make(chan *posture.Facts)
+	a.sample.kick, a.sample.samples = make(chan struct{}, 1), make(chan sample)
 	for _, o := range opts {
 		o(a)
 	}
@@ -298,8 +298,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		case r := <-a.reqs:
 			r.reply <- a.handle(r)
-		case f := <-a.sample.samples:
-			a.observe(f)
+		case s := <-a.sample.samples:
+			a.observe(s)
 		case res := <-a.ch.synced:
 			a.handleSync(res.resp)
 			close(res.done)
@@ -363,6 +363,7 @@ func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
 	a.clock.Observe(b.IssuedAt)
 	a.bundle, a.noPolicy = b, ""
 	a.log.Info("bundle accepted", "version", b.Version, "expires", b.ExpiresAt)
+	a.kickSample()
 	err = a.reconcile(fmt.Sprintf("policy v%d accepted", b.Version))
 	// Verifying and applying a large bundle makes tens of MiB of garbage
 	// at once; on a 256 MiB scanner it should go back to the system now,

@@ -20,13 +20,22 @@ import (
 // configuration does not say.
 const DefaultPostureInterval = 30 * time.Second
 
-// sampler gathers posture facts off the event loop, every interval and
-// whenever kicked (a new policy may name new checks), and hands each
-// sample to the loop.
+// sampler gathers posture facts off the event loop, every interval,
+// whenever kicked (a new policy may name new checks) and whenever a
+// watched fact changes, and hands each sample to the loop.
 type sampler struct {
+	// wants is what the current policy's checks need gathered; each
+	// policy stores a new one, which also tells a sample gathered for an
+	// older policy from a current one.
 	wants   atomic.Pointer[posture.Wants]
 	kick    chan struct{}
-	samples chan *posture.Facts
+	samples chan sample
+}
+
+// sample is one gathering of facts, and what it was gathered for.
+type sample struct {
+	facts *posture.Facts
+	wants *posture.Wants
 }
 
 // postureChecks are the current policy's checks for this device's class.
@@ -46,7 +55,12 @@ func (a *Agent) startSampler(ctx context.Context) {
 		tick := time.NewTicker(time.Duration(a.cfg.Posture.Interval))
 		defer tick.Stop()
 		for {
-			f, err := posture.Gather(ctx, Version, *s.wants.Load())
+			select {
+			case <-s.kick: // this sample answers it
+			default:
+			}
+			wants := s.wants.Load()
+			f, err := posture.Gather(ctx, Version, *wants)
 			// A sample is a megabyte of short-lived garbage every
 			// interval; hand its pages back rather than carry them.
 			debug.FreeOSMemory()
@@ -54,22 +68,32 @@ func (a *Agent) startSampler(ctx context.Context) {
 				a.log.Warn("posture sample", "err", err)
 			} else {
 				select {
-				case s.samples <- f:
+				case s.samples <- sample{f, wants}:
 				case <-ctx.Done():
 					return
 				}
 			}
+			// What the checks watch (a required process, a pinned
+			// file) is sampled again the moment it changes, not at
+			// the next tick.
+			changed, stop := posture.Watch(*wants, f)
 			select {
 			case <-ctx.Done():
-				return
 			case <-tick.C:
 			case <-s.kick:
+			case why := <-changed:
+				a.log.Info("posture: sampling now", "because", why)
+			}
+			stop()
+			if ctx.Err() != nil {
+				return
 			}
 		}
 	}()
 }
 
-// kickSample asks for a sample now (after a policy change).
+// kickSample asks for a sample now, for the current policy's checks (a
+// new policy may name new files, processes or disks).
 func (a *Agent) kickSample() {
 	a.sample.wants.Store(new(posture.Want(a.postureChecks())))
 	select {
@@ -81,7 +105,14 @@ func (a *Agent) kickSample() {
 // observe judges a sample: check results change the evaluator's input,
 // and every check that changes state is audited with what was seen and
 // what was expected. The inventory is reported when it changes.
-func (a *Agent) observe(f *posture.Facts) {
+func (a *Agent) observe(s sample) {
+	if s.wants != a.sample.wants.Load() {
+		// Gathered for an older policy: it may lack what the current
+		// checks read, and would fail them for it. The sample asked
+		// for the current policy follows.
+		return
+	}
+	f := s.facts
 	a.readTunnel(f)
 	all, changed := a.tracker.Observe(a.postureChecks(), f)
 	a.checks = all

@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"crypto/sha256"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,24 +20,7 @@ import (
 // again restores normal mode.
 func TestRequiredProcessDeathRestricts(t *testing.T) {
 	e := newEnv(t)
-	// A process name no other test or host process uses (at most 15).
-	name := "edr-" + e.ns.Name[len(e.ns.Name)-6:]
-	bin := filepath.Join(e.dir, name)
-	sleep, err := os.ReadFile("/bin/sleep")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(bin, sleep, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	run := func() *exec.Cmd {
-		cmd := exec.Command(bin, "600")
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		return cmd
-	}
+	name, run := sensor(t, e)
 	sensor := run()
 	scanner := e.doc.Classes["scanner"]
 	scanner.Checks = []policy.Check{{ID: "edr-running", Process: &policy.ProcessMatch{Name: name}, FailAfter: 2, RecoverAfter: 1}}
@@ -44,15 +29,7 @@ func TestRequiredProcessDeathRestricts(t *testing.T) {
 	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))}); resp.Error != "" {
 		t.Fatal(resp.Error)
 	}
-	check := func() (mode string, failing bool, observed string) {
-		st := e.call(Request{Op: "status"}).Status
-		for _, c := range st.Checks {
-			if c.ID == "edr-running" {
-				return st.Mode, c.Failing, c.Observed
-			}
-		}
-		return st.Mode, false, ""
-	}
+	check := func() (string, bool, string) { return e.check("edr-running") }
 	// The interval is 1s and two failures are needed: a few seconds at
 	// most (the bound here is generous; speed is not what is tested).
 	waitLong(t, "the check passing", func() bool { m, f, o := check(); return m == "normal" && !f && strings.Contains(o, "running (pid") })
@@ -85,4 +62,86 @@ func TestRequiredProcessDeathRestricts(t *testing.T) {
 	if !failed || !recovered {
 		t.Errorf("audit log lacks the check's failure (%v) or recovery (%v)", failed, recovered)
 	}
+}
+
+// sensor makes a copy of sleep under a process name no other test or
+// host process uses (at most 15 bytes), and a function starting it.
+func sensor(t *testing.T, e *env) (name string, run func() *exec.Cmd) {
+	t.Helper()
+	name = "edr-" + e.ns.Name[len(e.ns.Name)-6:]
+	bin := filepath.Join(e.dir, name)
+	sleep, err := os.ReadFile("/bin/sleep")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(bin, sleep, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return name, func() *exec.Cmd {
+		cmd := exec.Command(bin, "600")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+		return cmd
+	}
+}
+
+// check is the device's mode and one check's state, from status (an
+// empty observation: not judged yet).
+func (e *env) check(id string) (mode string, failing bool, observed string) {
+	st := e.call(Request{Op: "status"}).Status
+	for _, c := range st.Checks {
+		if c.ID == id {
+			return st.Mode, c.Failing, c.Observed
+		}
+	}
+	return st.Mode, false, ""
+}
+
+// A required process's exit and a pinned file's change are judged at once,
+// not at the next timed sample: with an hour between samples, the device
+// still follows each change within seconds.
+func TestPostureFollowsChanges(t *testing.T) {
+	e := newEnv(t)
+	cfg, err := os.ReadFile(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, e.cfg, strings.Replace(string(cfg), `"interval": "1s"`, `"interval": "1h"`, 1))
+	name, run := sensor(t, e)
+	sensor := run()
+	conf := filepath.Join(e.dir, "edr.conf")
+	writeFile(t, conf, "mode=block\n")
+	scanner := e.doc.Classes["scanner"]
+	scanner.Checks = []policy.Check{
+		{ID: "edr-running", Process: &policy.ProcessMatch{Name: name}},
+		{ID: "edr-config", File: &policy.FileDigest{Path: conf, SHA256: fmt.Sprintf("%x", sha256.Sum256([]byte("mode=block\n")))}},
+	}
+	e.doc.Classes["scanner"] = scanner
+	e.start()
+	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))}); resp.Error != "" {
+		t.Fatal(resp.Error)
+	}
+	waitLong(t, "both checks judged and passing", func() bool {
+		m, f1, o1 := e.check("edr-running")
+		_, f2, o2 := e.check("edr-config")
+		return m == "normal" && o1 != "" && o2 != "" && !f1 && !f2
+	})
+
+	sensor.Process.Kill()
+	sensor.Wait()
+	waitLong(t, "restricted mode after the sensor died", func() bool { m, f, _ := e.check("edr-running"); return m == "restricted" && f })
+
+	// The sensor comes back (not watched: a start has no event to wait
+	// for), then its configuration is rewritten: that sample sees both.
+	run()
+	writeFile(t, conf, "mode=detect\n")
+	waitLong(t, "the config check failing", func() bool {
+		_, f1, _ := e.check("edr-running")
+		m, f2, _ := e.check("edr-config")
+		return m == "restricted" && !f1 && f2
+	})
+	writeFile(t, conf, "mode=block\n")
+	waitLong(t, "normal mode with the config restored", func() bool { m, f, _ := e.check("edr-config"); return m == "normal" && !f })
 }

@@ -24,6 +24,9 @@ type Wants struct {
 	Files     []string
 	Disks     []string
 	HashNames []string // process names whose executables are hashed
+	// Required are the process names a check needs running: Watch
+	// follows their exit.
+	Required []string
 }
 
 // Want says what checks need gathered.
@@ -35,8 +38,11 @@ func Want(checks []policy.Check) Wants {
 			w.Files = append(w.Files, c.File.Path)
 		case c.FreeDisk != nil:
 			w.Disks = append(w.Disks, c.FreeDisk.Path)
-		case c.Process != nil && c.Process.SHA256 != "":
-			w.HashNames = append(w.HashNames, c.Process.Name)
+		case c.Process != nil:
+			w.Required = append(w.Required, c.Process.Name)
+			if c.Process.SHA256 != "" {
+				w.HashNames = append(w.HashNames, c.Process.Name)
+			}
 		case c.ForbiddenProcess != nil && c.ForbiddenProcess.SHA256 != "":
 			w.HashNames = append(w.HashNames, c.ForbiddenProcess.Name)
 		}

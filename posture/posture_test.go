@@ -107,9 +107,11 @@ func TestWant(t *testing.T) {
 		{File: &policy.FileDigest{Path: "/etc/a"}},
 		{FreeDisk: &policy.FreeDisk{Path: "/data"}},
 		{Process: &policy.ProcessMatch{Name: "x", SHA256: digestA}},
-		{Process: &policy.ProcessMatch{Name: "y"}}, // no digest: nothing to hash
+		{Process: &policy.ProcessMatch{Name: "y"}},          // no digest: nothing to hash
+		{ForbiddenProcess: &policy.ProcessMatch{Name: "z"}}, // nothing to wait for
 	})
-	if strings.Join(w.Files, ",") != "/etc/a" || strings.Join(w.Disks, ",") != "/data" || strings.Join(w.HashNames, ",") != "x" {
+	if strings.Join(w.Files, ",") != "/etc/a" || strings.Join(w.Disks, ",") != "/data" || strings.Join(w.HashNames, ",") != "x" ||
+		strings.Join(w.Required, ",") != "x,y" {
 		t.Errorf("Want = %+v", w)
 	}
 }
