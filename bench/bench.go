@@ -90,7 +90,9 @@ func CanRunPrivileged() bool {
 }
 
 // All is every case: the pure ones, then those that need the kernel.
-func All() []Case { return slices.Concat(Cases(), kernelCases(), tunnelCases(), controlCases()) }
+func All() []Case {
+	return slices.Concat(Cases(), kernelCases(), tunnelCases(), controlCases(), postureCases())
+}
 
 // LargePolicy builds a valid policy with n destinations spread over
 // segments of 1,000 destinations each (fewer for small n), every one open

@@ -73,14 +73,6 @@ func benchFanOut(b *testing.B) {
 	}
 	flows := startFlows(b, gwNS, devs)
 	cr := startCrowd(b, crowdNS, ctl, size)
-
-	await := func(what string, cond func() bool) {
-		for deadline := time.Now().Add(60 * time.Second); !cond(); time.Sleep(5 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				b.Fatalf("timed out waiting until %s", what)
-			}
-		}
-	}
 	cut := func(a *agentProc) bool {
 		for _, d := range a.status(b).Decisions {
 			if d.Segment == "carrier" {
@@ -93,7 +85,7 @@ func benchFanOut(b *testing.B) {
 	b.ResetTimer()
 	for range b.N {
 		for range trials {
-			await("every poll is held and every flow runs", func() bool {
+			await(b, 60*time.Second, "every poll is held and every flow runs", func() bool {
 				return cr.held() == size && flows.running(20*time.Millisecond)
 			})
 			start := time.Now()
@@ -103,8 +95,8 @@ func benchFanOut(b *testing.B) {
 				b.Fatalf("revoke-partner said %q", out)
 			}
 			id := f[1]
-			await("the crowd has the revocation", func() bool { return len(cr.arrivals(id)) == size })
-			await("the agents' flows stop", func() bool {
+			await(b, 60*time.Second, "the crowd has the revocation", func() bool { return len(cr.arrivals(id)) == size })
+			await(b, 60*time.Second, "the agents' flows stop", func() bool {
 				return flows.silent(100*time.Millisecond) && cut(agents[0]) && cut(agents[1])
 			})
 			for _, at := range cr.arrivals(id) {
@@ -314,4 +306,14 @@ func (f *udpFlows) last() []time.Time {
 		out = append(out, t)
 	}
 	return out
+}
+
+// await polls cond every 5 ms until it holds, failing b after d.
+func await(b testing.TB, d time.Duration, what string, cond func() bool) {
+	b.Helper()
+	for deadline := time.Now().Add(d); !cond(); time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			b.Fatalf("timed out waiting until %s", what)
+		}
+	}
 }

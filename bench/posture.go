@@ -2,10 +2,26 @@ package bench
 
 import (
 	"context"
+	"crypto/sha256"
+	"fmt"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"testing"
 
+	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/posture"
 )
+
+func postureCases() []Case {
+	return []Case{
+		{Name: "posture change to enforced: required process dies", Privileged: true, Unit: "ms-p99", Also: []string{"ms-p50"}, Max: 100,
+			Run:  benchPostureChange,
+			Note: "30 trials: from killing the process a check requires (quarantine profile; the agent samples every 30 s) to the last packet of a running 1 ms UDP flow through the tunnel reaching the segment host; the exit is seen through a pidfd, then one sample, judgement and the table apply"},
+	}
+}
 
 // benchPostureSample is what one posture sample costs the device: every
 // fact the agent gathers each interval, on this machine's process table.
@@ -17,4 +33,66 @@ func benchPostureSample(b *testing.B) {
 			b.Fatal(err)
 		}
 	}
+}
+
+// benchPostureChange measures how long a running flow survives the death
+// of the process a posture check requires: the real agent (default 30 s
+// sampling interval) notices the exit, samples, judges, and applies its
+// quarantine profile; a segment host behind a Debian wireguard-go gateway
+// notes when each packet of a 1 ms UDP stream arrives. Between trials the
+// process is started again and the check's pinned file rewritten, which
+// wakes a sample that sees both.
+func benchPostureChange(b *testing.B) {
+	lab.RequirePrivileged(b, "nft", "wg", "wireguard-go")
+	devNS, gwNS := lab.NewNS(b, "dev"), lab.NewNS(b, "gw")
+	lab.Link(b, devNS, "192.0.2.2/30", gwNS, "192.0.2.1/30")
+	gw := lab.StartGateway(b, gwNS, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
+	gwNS.MustRun(b, "ip", "addr", "add", iperfHost.String()+"/32", "dev", "lo")
+
+	dir := b.TempDir()
+	// A sensor under a process name nothing else on the host uses.
+	name := "edr-" + devNS.Name[len(devNS.Name)-6:]
+	bin := filepath.Join(dir, name)
+	sleep, err := os.ReadFile("/bin/sleep")
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := os.WriteFile(bin, sleep, 0o755); err != nil {
+		b.Fatal(err)
+	}
+	var sensor *exec.Cmd
+	start := func() {
+		sensor = exec.Command(bin, "600")
+		if err := sensor.Start(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	kill := func() {
+		sensor.Process.Kill()
+		sensor.Wait()
+	}
+	b.Cleanup(func() { kill() })
+	conf, content := filepath.Join(dir, "edr.conf"), []byte("mode=block\n")
+	if err := os.WriteFile(conf, content, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	start()
+
+	a := runAgent(b, devNS, "scanner", "100.64.0.2/32", 51820, nil)
+	gw.AllowPeer(b, a.PublicKey, netip.MustParseAddrPort("192.0.2.2:51820"), "100.64.0.2/32")
+	a.apply(b, 1, flowPolicy(b, gw,
+		policy.Check{ID: "edr-running", Profile: "quarantine", Process: &policy.ProcessMatch{Name: name}},
+		policy.Check{ID: "edr-config", Profile: "quarantine", File: &policy.FileDigest{Path: conf, SHA256: fmt.Sprintf("%x", sha256.Sum256(content))}}))
+
+	flow := startFlows(b, gwNS, []*lab.NS{devNS})
+	trials := 30
+	if Quick {
+		trials = 1
+	}
+	quarantineTrials(b, trials, flow, a, kill, func() {
+		start()
+		if err := os.WriteFile(conf, content, 0o600); err != nil {
+			b.Fatal(err)
+		}
+	})
 }
