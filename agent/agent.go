@@ -68,6 +68,13 @@ type Agent struct {
 	sample    sampler
 	tracker   posture.Tracker
 	checks    []localpolicy.Check // every check's state after the latest sample
+	// ctlTime is control's time in its latest answer, and ctlAt the
+	// wall() reading (with its monotonic part) when it arrived.
+	ctlTime, ctlAt time.Time
+	// tampered lists the outside changes to the table found since the
+	// latest sample; tableErr is why the table could not be read back.
+	tampered []string
+	tableErr string
 	// lastInventory is the inventory last reported.
 	lastInventory string
 }
@@ -331,13 +338,18 @@ func (a *Agent) untilNextChange() time.Duration {
 func (a *Agent) checkDrift(check func(nft.Ruleset) error) {
 	err := check(a.ruleset)
 	if err == nil {
+		a.tableErr = ""
 		return
 	}
 	if !errors.Is(err, nft.ErrDrift) {
 		a.log.Warn("cannot read the table back", "err", err)
+		a.tableErr = err.Error()
 		return
 	}
 	a.log.Warn("table changed from outside; restoring", "drift", err)
+	// A table_intact check judges this at once, not at the next tick.
+	a.tampered = append(a.tampered, strings.TrimPrefix(err.Error(), nft.ErrDrift.Error()+": "))
+	a.kickSample()
 	if err := a.enforcer.Reapply(a.ruleset); err != nil {
 		a.log.Error("restore failed", "err", err)
 		return

@@ -298,6 +298,7 @@ func (a *Agent) flushReports(ctx context.Context, c *controlclient.Client, sp *s
 func (a *Agent) handleSync(resp controlapi.SyncResponse) {
 	// The answer came over the pinned, mutually authenticated channel.
 	a.clock.Observe(resp.ServerTime)
+	a.ctlTime, a.ctlAt = resp.ServerTime, a.wall()
 	if resp.Bundle != nil {
 		a.install(resp.Bundle) // the store audits either verdict
 	}

@@ -114,6 +114,7 @@ func (a *Agent) observe(s sample) {
 	}
 	f := s.facts
 	a.readTunnel(f)
+	a.readSelf(f)
 	all, changed := a.tracker.Observe(a.postureChecks(), f)
 	a.checks = all
 	for _, c := range changed {
@@ -155,6 +156,24 @@ func (a *Agent) readTunnel(f *posture.Facts) {
 			}
 		}
 	}
+}
+
+// readSelf adds what only the agent knows to a sample: its wall clock
+// against control's time, and the outside changes to its table since the
+// previous sample (which this sample then answers for).
+func (a *Agent) readSelf(f *posture.Facts) {
+	if a.ctlAt.IsZero() {
+		f.Unread = append(f.Unread, "clock")
+	} else {
+		now := a.wall()
+		// Control's time now: its answer's, plus the monotonic time
+		// since it arrived (a clock set back meanwhile moves neither).
+		f.ClockSkew = now.Round(0).Sub(a.ctlTime.Add(now.Sub(a.ctlAt)))
+	}
+	if a.tableErr != "" {
+		f.Unread = append(f.Unread, "table")
+	}
+	f.Tampered, a.tampered = a.tampered, nil
 }
 
 // currentChecks are the check results the evaluator sees: those of the

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
@@ -22,13 +23,7 @@ func TestRequiredProcessDeathRestricts(t *testing.T) {
 	e := newEnv(t)
 	name, run := sensor(t, e)
 	sensor := run()
-	scanner := e.doc.Classes["scanner"]
-	scanner.Checks = []policy.Check{{ID: "edr-running", Process: &policy.ProcessMatch{Name: name}, FailAfter: 2, RecoverAfter: 1}}
-	e.doc.Classes["scanner"] = scanner
-	e.start()
-	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))}); resp.Error != "" {
-		t.Fatal(resp.Error)
-	}
+	e.startWithChecks(policy.Check{ID: "edr-running", Process: &policy.ProcessMatch{Name: name}, FailAfter: 2, RecoverAfter: 1})
 	check := func() (string, bool, string) { return e.check("edr-running") }
 	// The interval is 1s and two failures are needed: a few seconds at
 	// most (the bound here is generous; speed is not what is tested).
@@ -87,6 +82,19 @@ func sensor(t *testing.T, e *env) (name string, run func() *exec.Cmd) {
 	}
 }
 
+// startWithChecks starts the agent and applies the environment's policy
+// with checks as the scanner's posture checks.
+func (e *env) startWithChecks(checks ...policy.Check) {
+	e.t.Helper()
+	scanner := e.doc.Classes["scanner"]
+	scanner.Checks = checks
+	e.doc.Classes["scanner"] = scanner
+	e.start()
+	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))}); resp.Error != "" {
+		e.t.Fatal(resp.Error)
+	}
+}
+
 // check is the device's mode and one check's state, from status (an
 // empty observation: not judged yet).
 func (e *env) check(id string) (mode string, failing bool, observed string) {
@@ -113,16 +121,10 @@ func TestPostureFollowsChanges(t *testing.T) {
 	sensor := run()
 	conf := filepath.Join(e.dir, "edr.conf")
 	writeFile(t, conf, "mode=block\n")
-	scanner := e.doc.Classes["scanner"]
-	scanner.Checks = []policy.Check{
-		{ID: "edr-running", Process: &policy.ProcessMatch{Name: name}},
-		{ID: "edr-config", File: &policy.FileDigest{Path: conf, SHA256: fmt.Sprintf("%x", sha256.Sum256([]byte("mode=block\n")))}},
-	}
-	e.doc.Classes["scanner"] = scanner
-	e.start()
-	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))}); resp.Error != "" {
-		t.Fatal(resp.Error)
-	}
+	e.startWithChecks(
+		policy.Check{ID: "edr-running", Process: &policy.ProcessMatch{Name: name}},
+		policy.Check{ID: "edr-config", File: &policy.FileDigest{Path: conf, SHA256: fmt.Sprintf("%x", sha256.Sum256([]byte("mode=block\n")))}},
+	)
 	waitLong(t, "both checks judged and passing", func() bool {
 		m, f1, o1 := e.check("edr-running")
 		_, f2, o2 := e.check("edr-config")
@@ -144,4 +146,68 @@ func TestPostureFollowsChanges(t *testing.T) {
 	})
 	writeFile(t, conf, "mode=block\n")
 	waitLong(t, "normal mode with the config restored", func() bool { m, f, _ := e.check("edr-config"); return m == "normal" && !f })
+}
+
+// A table_intact check makes tampering with the table cost the device its
+// access, not only a repair: the sample after an outside change fails it
+// with what changed, and it clears after recover_after clean samples. A
+// clock check on a device that has never heard from control fails: there
+// is no time to compare with.
+func TestTableAndClockChecksOffline(t *testing.T) {
+	e := newEnv(t)
+	e.startWithChecks(
+		policy.Check{ID: "table", Profile: "quarantine", TableIntact: true, RecoverAfter: 2},
+		policy.Check{ID: "clock", Profile: "diagnostic", MaxClockSkew: policy.Duration(time.Minute)},
+	)
+	waitLong(t, "the clock check failing for want of control's time", func() bool {
+		_, f, o := e.check("clock")
+		return f && o == "no time from control since the agent started"
+	})
+	waitLong(t, "the table check judged and passing", func() bool { _, f, o := e.check("table"); return o != "" && !f })
+	e.ns.MustRun(t, "nft", "delete", "chain", "inet", nft.Table, "forward")
+	waitLong(t, "quarantine after the table was changed", func() bool {
+		m, f, o := e.check("table")
+		return m == "quarantine" && f && strings.Contains(o, "table changed from outside: ")
+	})
+	st := e.call(Request{Op: "status"}).Status
+	if why := strings.Join(st.Why, "; "); !strings.Contains(why, "check table failed: observed table changed from outside") {
+		t.Errorf("status does not name the check: %q", why)
+	}
+	waitLong(t, "the table check clearing after clean samples", func() bool { m, f, _ := e.check("table"); return m != "quarantine" && !f })
+}
+
+// Against the real control server over TLS, a clock check compares the
+// device's wall clock with the time in control's answers: on this machine
+// both read the same clock, so the skew is the answer's transit time.
+func TestClockCheckAgainstControl(t *testing.T) {
+	s := newControlSite(t)
+	s.a.start(t)
+	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+		t.Fatalf("enroll: %v %s", err, out)
+	}
+	s.ctl.MustCLI(t, "policy", "push", s.bundleWith(t, 1, func(doc *policy.Document) {
+		scanner := doc.Classes["scanner"]
+		scanner.Checks = []policy.Check{{ID: "clock", MaxClockSkew: policy.Duration(2 * time.Second)}}
+		doc.Classes["scanner"] = scanner
+	}))
+	waitLong(t, "the clock check judged", func() bool {
+		for _, c := range s.a.status(t).Checks {
+			if c.ID == "clock" {
+				return c.Observed != ""
+			}
+		}
+		return false
+	})
+	st := s.a.status(t)
+	for _, c := range st.Checks {
+		if c.ID == "clock" {
+			t.Logf("%s: %s", c.ID, c.Observed)
+		}
+		if c.ID == "clock" && (c.Failing || !strings.HasSuffix(c.Observed, " control's time") || c.Expected != "within 2s of control's time") {
+			t.Errorf("clock check against control: %+v", c)
+		}
+	}
+	if st.Mode != "normal" {
+		t.Errorf("mode %s with a synchronised clock: %v", st.Mode, st.Why)
+	}
 }

@@ -32,13 +32,22 @@ type Facts struct {
 	Interfaces   []Interface   `json:"interfaces"`
 	Files        []File        `json:"files,omitzero"`
 	// Unread names the lists a sample could not read ("processes",
-	// "sockets", "tunnel"). An empty list then proves nothing, so the checks that
+	// "sockets", "tunnel", "clock", "table"). An empty list then proves nothing, so the checks that
 	// read it fail instead of passing.
 	Unread []string `json:"unread,omitzero"`
 	// Tunnel is what has moved through the tunnel to each open segment's
 	// gateway since its peer was set up, received plus sent, by segment.
 	// The agent fills it from the tunnel's counters at each sample.
 	Tunnel map[string]uint64 `json:"tunnel,omitzero"`
+	// ClockSkew is the wall clock minus control's time (as last received
+	// over the authenticated channel, carried forward by the monotonic
+	// clock): positive when the device runs ahead. The agent fills it;
+	// "clock" in Unread means control's time is not known yet.
+	ClockSkew time.Duration `json:"clock_skew,omitzero"`
+	// Tampered lists the outside changes the agent found (and undid) in
+	// its nftables table since the previous sample; "table" in Unread
+	// means the table could not be read back.
+	Tampered []string `json:"tampered,omitzero"`
 	// Self is the agent's own process id: its sockets (the WireGuard
 	// port) are the agent's business, not a posture finding.
 	Self int32 `json:"self"`

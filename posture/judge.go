@@ -76,6 +76,13 @@ func Judge(c policy.Check, f *Facts) Result {
 	case c.Traffic != nil:
 		// A window needs the samples before this one: Tracker judges it.
 		return Result{Observed: "one sample", Expected: "a window of samples (judged by the tracker)"}
+	case c.MaxClockSkew > 0:
+		return judgeSkew(f.ClockSkew, time.Duration(c.MaxClockSkew))
+	case c.TableIntact:
+		if len(f.Tampered) > 0 {
+			return Result{Observed: "table changed from outside: " + strings.Join(f.Tampered, "; "), Expected: "only the agent changes its table"}
+		}
+		return Result{Pass: true, Observed: "table unchanged since the previous sample", Expected: "only the agent changes its table"}
 	case c.MaxUptime > 0:
 		up := f.Uptime.Truncate(time.Minute)
 		return Result{Pass: f.Uptime <= time.Duration(c.MaxUptime), Observed: "up " + up.String(), Expected: "up at most " + time.Duration(c.MaxUptime).String()}
@@ -86,10 +93,17 @@ func Judge(c policy.Check, f *Facts) Result {
 // unreadFor fails c when the list it is judged on could not be read: an
 // empty list would prove nothing.
 func unreadFor(c policy.Check, f *Facts) (Result, bool) {
-	if list := needs(c); list != "" && slices.Contains(f.Unread, list) {
-		return Result{Observed: "the " + list + " could not be read", Expected: "a readable list of " + list}, true
+	list := needs(c)
+	if list == "" || !slices.Contains(f.Unread, list) {
+		return Result{}, false
 	}
-	return Result{}, false
+	switch list {
+	case "clock":
+		return Result{Observed: "no time from control since the agent started", Expected: "within " + time.Duration(c.MaxClockSkew).String() + " of control's time"}, true
+	case "table":
+		return Result{Observed: "the table could not be read back", Expected: "only the agent changes its table"}, true
+	}
+	return Result{Observed: "the " + list + " could not be read", Expected: "a readable list of " + list}, true
 }
 
 // needs names the list c is judged on, when one sample may fail to read it.
@@ -101,8 +115,28 @@ func needs(c policy.Check) string {
 		return "sockets"
 	case c.Traffic != nil:
 		return "tunnel"
+	case c.MaxClockSkew > 0:
+		return "clock"
+	case c.TableIntact:
+		return "table"
 	}
 	return ""
+}
+
+// judgeSkew passes a clock within max of control's, either way.
+func judgeSkew(skew, max time.Duration) Result {
+	r := Result{Expected: "within " + max.String() + " of control's time"}
+	abs, dir := skew, "ahead of"
+	if skew < 0 {
+		abs, dir = -skew, "behind"
+	}
+	r.Pass = abs <= max
+	if abs = abs.Round(time.Millisecond); abs == 0 {
+		r.Observed = "clock within 1ms of control's time"
+	} else {
+		r.Observed = "clock " + abs.String() + " " + dir + " control's time"
+	}
+	return r
 }
 
 // semverOf turns a version as kernels and builds write it ("6.1.0-18-amd64",

@@ -15,7 +15,7 @@ const digestB = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb
 
 func sample() *Facts {
 	return &Facts{
-		OS: "debian", Kernel: "6.1.0-18-amd64", AgentVersion: "v1.4.2", Uptime: 50 * time.Hour, Self: 100,
+		OS: "debian", Kernel: "6.1.0-18-amd64", AgentVersion: "v1.4.2", Uptime: 50 * time.Hour, Self: 100, ClockSkew: 2500 * time.Millisecond,
 		Disks: []Disk{{Path: "/", Total: 8 << 30, Free: 300 << 20}},
 		Processes: []Process{
 			{PID: 100, Name: "bulkhead"},
@@ -65,6 +65,9 @@ func TestJudge(t *testing.T) {
 		{"disk unmeasured", policy.Check{FreeDisk: &policy.FreeDisk{Path: "/data", MinBytes: 1}}, false, "could not be measured"},
 		{"uptime too long", policy.Check{MaxUptime: policy.Duration(24 * time.Hour)}, false, "up 50h0m0s"},
 		{"uptime fine", policy.Check{MaxUptime: policy.Duration(60 * time.Hour)}, true, "up 50h"},
+		{"clock close enough", policy.Check{MaxClockSkew: policy.Duration(5 * time.Second)}, true, "clock 2.5s ahead of control's time"},
+		{"clock too far ahead", policy.Check{MaxClockSkew: policy.Duration(time.Second)}, false, "clock 2.5s ahead"},
+		{"table untouched", policy.Check{TableIntact: true}, true, "unchanged"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			r := Judge(tc.check, sample())
@@ -72,6 +75,30 @@ func TestJudge(t *testing.T) {
 				t.Errorf("got %+v, want pass %v observing %q and an expectation", r, tc.pass, tc.observed)
 			}
 		})
+	}
+}
+
+// A clock set back fails as surely as one set ahead; a table changed
+// from outside fails the sample that follows, naming what changed.
+func TestClockAndTable(t *testing.T) {
+	f := sample()
+	f.ClockSkew = -90 * time.Second
+	if r := Judge(policy.Check{MaxClockSkew: policy.Duration(time.Minute)}, f); r.Pass || r.Observed != "clock 1m30s behind control's time" || r.Expected != "within 1m0s of control's time" {
+		t.Errorf("a clock set back: %+v", r)
+	}
+	f.Tampered = []string{"rule \"wms\" missing from chain output"}
+	if r := Judge(policy.Check{TableIntact: true}, f); r.Pass || !strings.Contains(r.Observed, `table changed from outside: rule "wms" missing`) {
+		t.Errorf("a tampered table: %+v", r)
+	}
+	// Not known is not fine: before control's first answer there is no
+	// time to compare with, and an unreadable table proves nothing.
+	f.Unread = []string{"clock", "table"}
+	f.ClockSkew, f.Tampered = 0, nil
+	if r := Judge(policy.Check{MaxClockSkew: policy.Duration(time.Minute)}, f); r.Pass || r.Observed != "no time from control since the agent started" {
+		t.Errorf("no time from control: %+v", r)
+	}
+	if r := Judge(policy.Check{TableIntact: true}, f); r.Pass || r.Observed != "the table could not be read back" {
+		t.Errorf("an unreadable table: %+v", r)
 	}
 }
 

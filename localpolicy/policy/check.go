@@ -39,6 +39,14 @@ type Check struct {
 	FreeDisk *FreeDisk `json:"free_disk,omitzero"`
 	// MaxUptime fails a device not rebooted (so not patched) for longer.
 	MaxUptime Duration `json:"max_uptime,omitzero"`
+	// MaxClockSkew bounds how far the device's wall clock may be from
+	// control's time, as last received over the authenticated channel
+	// and carried forward by the monotonic clock.
+	MaxClockSkew Duration `json:"max_clock_skew,omitzero"`
+	// TableIntact fails when anything but the agent changed its nftables
+	// table since the previous sample (the agent restores the table
+	// within a second; this makes the tampering cost the device access).
+	TableIntact bool `json:"table_intact,omitzero"`
 	// Traffic bounds what moves through the tunnel to a segment's gateway
 	// within a sliding window: a device suddenly moving ten times its
 	// usual traffic fails it.
@@ -104,6 +112,7 @@ func (c *Check) kinds() []string {
 		{"process", c.Process != nil}, {"forbidden_process", c.ForbiddenProcess != nil},
 		{"listeners", c.Listeners != nil}, {"file", c.File != nil}, {"free_disk", c.FreeDisk != nil},
 		{"max_uptime", c.MaxUptime != 0}, {"traffic", c.Traffic != nil},
+		{"max_clock_skew", c.MaxClockSkew != 0}, {"table_intact", c.TableIntact},
 	} {
 		if f.set {
 			k = append(k, f.name)
@@ -143,7 +152,7 @@ func (v *validator) checkChecks(p string, checks []Check, d *Document) {
 		}
 		switch kinds := c.kinds(); len(kinds) {
 		case 0:
-			v.addf(cp, "says nothing to check (one of kernel, os, agent_version, process, forbidden_process, listeners, file, free_disk, max_uptime, traffic)")
+			v.addf(cp, "says nothing to check (one of kernel, os, agent_version, process, forbidden_process, listeners, file, free_disk, max_uptime, max_clock_skew, table_intact, traffic)")
 			continue
 		case 1:
 		default:
@@ -197,6 +206,8 @@ func (v *validator) checkChecks(p string, checks []Check, d *Document) {
 			}
 		case c.MaxUptime < 0:
 			v.addf(cp+".max_uptime", "must be positive")
+		case c.MaxClockSkew < 0:
+			v.addf(cp+".max_clock_skew", "must be positive")
 		case c.Traffic != nil:
 			if _, ok := d.Segment(c.Traffic.Segment); !ok {
 				v.addf(cp+".traffic.segment", "names unknown segment %q", c.Traffic.Segment)
