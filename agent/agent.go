@@ -20,6 +20,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/trustedtime"
 	"github.com/bulkhead-edge/bulkhead/posture"
+	"github.com/bulkhead-edge/bulkhead/posture/gpsd"
 	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
@@ -66,6 +67,7 @@ type Agent struct {
 	traffic   []tunnel.PeerState
 	ch        channel
 	sample    sampler
+	fixes     chan gpsd.Position
 	tracker   posture.Tracker
 	checks    []localpolicy.Check // every check's state after the latest sample
 	// ctlTime is control's time in its latest answer, and ctlAt the
@@ -75,6 +77,14 @@ type Agent struct {
 	// latest sample; tableErr is why the table could not be read back.
 	tampered []string
 	tableErr string
+	// fix is gpsd's latest position (none yet: zero Arrived), and sides
+	// which of the policy's geofences it lies in.
+	fix   gpsd.Position
+	sides uint64
+	// staleTimer fires (on stale) when the fix grows older than the
+	// strictest max_fix_age, so that check is judged at that instant.
+	staleTimer *time.Timer
+	stale      chan struct{}
 	// lastInventory is the inventory last reported.
 	lastInventory string
 }
@@ -103,6 +113,7 @@ func New(cfg *Config, opts ...Option) *Agent {
 	}
 	a.ch.synced, a.ch.kick = make(chan syncResult), make(chan struct{}, 1)
 	a.sample.kick, a.sample.samples = make(chan struct{}, 1), make(chan sample)
+	a.fixes, a.stale = make(chan gpsd.Position, 1), make(chan struct{}, 1)
 	for _, o := range opts {
 		o(a)
 	}
@@ -277,6 +288,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.ch.runCtx = ctx
 	a.startSync()
 	a.startSampler(ctx)
+	a.startLocation(ctx)
 	startTrimmer(ctx)
 
 	drift := time.NewTicker(driftCheckEvery)
@@ -307,6 +319,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			r.reply <- a.handle(r)
 		case s := <-a.sample.samples:
 			a.observe(s)
+		case p := <-a.fixes:
+			a.newFix(p)
+		case <-a.stale:
+			a.kickSample()
 		case res := <-a.ch.synced:
 			a.handleSync(res.resp)
 			close(res.done)

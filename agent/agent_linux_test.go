@@ -281,6 +281,16 @@ func TestConfigErrorsNameLineAndField(t *testing.T) {
 	if _, err := LoadConfig(path); err == nil || !strings.Contains(err.Error(), "safety_floor[0]") || !strings.Contains(err.Error(), "host bits") {
 		t.Errorf("LoadConfig = %v, want safety_floor[0] host bits", err)
 	}
+	for _, tc := range []struct{ location, want string }{
+		{`{"gpsd": "127.0.0.1:2947", "static": {"lat": 1, "lon": 2}}`, "location: give gpsd or static, not both"},
+		{`{"gpsd": "localhost"}`, `location.gpsd: "localhost" is not host:port`},
+		{`{"static": {"lat": 95, "lon": 2}}`, "location.static: (95, 2) is not a latitude"},
+	} {
+		writeFile(t, path, `{"device": {"class": "scanner"}, "trust": {"keys": ["x"]}, "location": `+tc.location+`}`)
+		if _, err := LoadConfig(path); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("location %s: LoadConfig = %v, want %q", tc.location, err, tc.want)
+		}
+	}
 }
 
 // What the kernel lists is what the agent says it applied: its reported

@@ -7,6 +7,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -17,6 +18,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
+	"github.com/bulkhead-edge/bulkhead/posture/gpsd"
 	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
@@ -61,6 +63,16 @@ type Config struct {
 	Posture struct {
 		Interval policy.Duration `json:"interval,omitzero"`
 	} `json:"posture,omitzero"`
+	// Location is where the device's position comes from, for the
+	// policy's geofence and fix-age checks: gpsd (a moving device), or a
+	// static position (a fixed site). Neither: those checks fail.
+	Location struct {
+		GPSD   string `json:"gpsd,omitzero"` // host:port, usually 127.0.0.1:2947
+		Static *struct {
+			Lat float64 `json:"lat"`
+			Lon float64 `json:"lon"`
+		} `json:"static,omitzero"`
+	} `json:"location,omitzero"`
 }
 
 // LoadConfig reads and checks a configuration file. Errors name the line and
@@ -119,6 +131,18 @@ func (c *Config) check() error {
 		c.Posture.Interval = policy.Duration(DefaultPostureInterval)
 	case iv < time.Second:
 		errs = append(errs, fmt.Errorf("posture.interval: %s is below the 1s minimum", iv))
+	}
+	switch l := c.Location; {
+	case l.GPSD != "" && l.Static != nil:
+		errs = append(errs, errors.New("location: give gpsd or static, not both"))
+	case l.GPSD != "":
+		if _, _, err := net.SplitHostPort(l.GPSD); err != nil {
+			errs = append(errs, fmt.Errorf("location.gpsd: %q is not host:port (gpsd listens on %s)", l.GPSD, gpsd.DefaultAddr))
+		}
+	case l.Static != nil:
+		if !(l.Static.Lat >= -90 && l.Static.Lat <= 90 && l.Static.Lon >= -180 && l.Static.Lon <= 180) {
+			errs = append(errs, fmt.Errorf("location.static: (%g, %g) is not a latitude in -90..90 and a longitude in -180..180", l.Static.Lat, l.Static.Lon))
+		}
 	}
 	if c.Tunnel.Interface == "" {
 		c.Tunnel.Interface = tunnel.DefaultInterface

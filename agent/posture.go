@@ -14,6 +14,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/posture"
+	"github.com/bulkhead-edge/bulkhead/posture/gpsd"
 )
 
 // DefaultPostureInterval is how often the device samples itself when the
@@ -173,6 +174,14 @@ func (a *Agent) readSelf(f *posture.Facts) {
 	if a.tableErr != "" {
 		f.Unread = append(f.Unread, "table")
 	}
+	switch {
+	case a.cfg.Location.Static != nil:
+		f.Location = &posture.Fix{Lat: a.cfg.Location.Static.Lat, Lon: a.cfg.Location.Static.Lon, Source: "static"}
+	case !a.fix.Arrived.IsZero():
+		f.Location = &posture.Fix{Lat: a.fix.Lat, Lon: a.fix.Lon, Age: a.wall().Sub(a.fix.Arrived), Source: "gpsd"}
+	default:
+		f.Unread = append(f.Unread, "location")
+	}
 	f.Tampered, a.tampered = a.tampered, nil
 }
 
@@ -224,4 +233,55 @@ func inventory(f *posture.Facts) string {
 	}
 	out, _ := json.Marshal(inv, json.Deterministic(true))
 	return string(out)
+}
+
+// startLocation follows gpsd, when configured, until ctx ends: every fix
+// goes to the event loop.
+func (a *Agent) startLocation(ctx context.Context) {
+	addr := a.cfg.Location.GPSD
+	if addr == "" {
+		return
+	}
+	go gpsd.Watch(ctx, addr, func(p gpsd.Position) {
+		// Only the newest matters: one still waiting is replaced.
+		select {
+		case <-a.fixes:
+		default:
+		}
+		a.fixes <- p // the only sender, and the buffer was just emptied
+	}, func(err error) { a.log.Warn("no position from gpsd; retrying", "err", err) })
+}
+
+// newFix keeps the latest position. A fix on the other side of a
+// geofence than the last one is judged at once (a sample is kicked);
+// others wait for the next sample, which sees the latest. The moment the
+// fix grows too old for a max_fix_age check is judged at once too.
+func (a *Agent) newFix(p gpsd.Position) {
+	first := a.fix.Arrived.IsZero()
+	a.fix = p
+	var maxAge time.Duration
+	for _, c := range a.postureChecks() {
+		if age := time.Duration(c.MaxFixAge); age > 0 && (maxAge == 0 || age < maxAge) {
+			maxAge = age
+		}
+	}
+	if a.staleTimer != nil {
+		a.staleTimer.Stop()
+	}
+	if maxAge > 0 {
+		a.staleTimer = time.AfterFunc(maxAge+time.Millisecond, func() {
+			select {
+			case a.stale <- struct{}{}:
+			default:
+			}
+		})
+	}
+	fences := posture.Fences(a.postureChecks())
+	if len(fences) == 0 {
+		return
+	}
+	if sides := posture.Sides(fences, p.Lat, p.Lon); first || sides != a.sides {
+		a.sides = sides
+		a.kickSample()
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
@@ -209,5 +210,75 @@ func TestClockCheckAgainstControl(t *testing.T) {
 	}
 	if st.Mode != "normal" {
 		t.Errorf("mode %s with a synchronised clock: %v", st.Mode, st.Why)
+	}
+}
+
+// A truck leaves its yard's geofence and comes back, as replayed by
+// Debian's gpsfake through a real gpsd: the device is restricted while
+// outside and normal again inside; when the log ends its fix grows stale,
+// which is its own state with its own profile. Samples are an hour apart:
+// each transition is judged when the fix crosses the fence, or when it
+// grows too old.
+func TestGeofenceWithGPSFake(t *testing.T) {
+	e := newEnv(t)
+	yard := lab.Point{Lat: 41.5250, Lon: -88.0817}
+	var track []lab.Point
+	for i := range 38 {
+		p := lab.Point{Lat: yard.Lat + 0.0001*float64(i%10), Lon: yard.Lon} // within 100 m
+		if i >= 14 && i < 26 {
+			p.Lat = yard.Lat + 0.007 // 780 m north: out of the yard
+		}
+		track = append(track, p)
+	}
+	// Two sentences a fix, a quarter second each: 7 s in the yard, 6 s
+	// out, 6 s back in, then nothing.
+	addr := lab.GPSFake(t, lab.NMEA(track, time.Now()), 250*time.Millisecond)
+	cfg, err := os.ReadFile(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, e.cfg, strings.Replace(string(cfg), `"posture": {"interval": "1s"}`, `"posture": {"interval": "1h"}, "location": {"gpsd": "`+addr+`"}`, 1))
+	e.startWithChecks(
+		policy.Check{ID: "yard", Geofence: &policy.Geofence{Circle: &policy.Circle{Lat: yard.Lat, Lon: yard.Lon, RadiusM: 500}}},
+		policy.Check{ID: "fix-fresh", Profile: "diagnostic", MaxFixAge: policy.Duration(3 * time.Second)},
+	)
+	waitLong(t, "the truck judged inside its yard", func() bool {
+		m, f, o := e.check("yard")
+		return m == "normal" && !f && strings.Contains(o, "m from the centre")
+	})
+	waitLong(t, "restricted once out of the yard", func() bool { m, f, _ := e.check("yard"); return m == "restricted" && f })
+	st := e.call(Request{Op: "status"}).Status
+	if why := strings.Join(st.Why, "; "); !strings.Contains(why, "check yard failed: observed (41.53200, -88.08170), 778 m from the centre") {
+		t.Errorf("status does not name the geofence check with the position: %q", why)
+	}
+	waitLong(t, "normal back in the yard", func() bool { m, f, _ := e.check("yard"); return m == "normal" && !f })
+	waitLong(t, "diagnostic once the fix is stale", func() bool {
+		m, f, o := e.check("fix-fresh")
+		return m == "diagnostic" && f && strings.HasPrefix(o, "fix from gpsd ")
+	})
+	if _, f, _ := e.check("yard"); f {
+		t.Error("a stale fix inside the yard failed the geofence: the last position still counts")
+	}
+}
+
+// A fixed site gives its position in the configuration: geofence checks
+// judge it, and a fix-age check never finds it stale.
+func TestStaticLocation(t *testing.T) {
+	e := newEnv(t)
+	cfg, err := os.ReadFile(e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, e.cfg, strings.Replace(string(cfg), `"posture": {"interval": "1s"}`, `"posture": {"interval": "1s"}, "location": {"static": {"lat": 41.5304, "lon": -88.0817}}`, 1))
+	e.startWithChecks(
+		policy.Check{ID: "yard", Geofence: &policy.Geofence{Circle: &policy.Circle{Lat: 41.5250, Lon: -88.0817, RadiusM: 500}}},
+		policy.Check{ID: "fix-fresh", Profile: "diagnostic", MaxFixAge: policy.Duration(time.Second)},
+	)
+	waitLong(t, "the site judged outside the fence", func() bool {
+		m, f, o := e.check("yard")
+		return m == "restricted" && f && o == "(41.53040, -88.08170), 600 m from the centre"
+	})
+	if _, f, o := e.check("fix-fresh"); f || o != "fix from static 0s old" {
+		t.Errorf("a static position is never stale: failing %v, observed %q", f, o)
 	}
 }

@@ -48,6 +48,9 @@ type Facts struct {
 	// its nftables table since the previous sample; "table" in Unread
 	// means the table could not be read back.
 	Tampered []string `json:"tampered,omitzero"`
+	// Location is the latest position, filled by the agent; "location"
+	// in Unread means there has been none.
+	Location *Fix `json:"location,omitzero"`
 	// Self is the agent's own process id: its sockets (the WireGuard
 	// port) are the agent's business, not a posture finding.
 	Self int32 `json:"self"`

@@ -78,6 +78,17 @@ func Judge(c policy.Check, f *Facts) Result {
 		return Result{Observed: "one sample", Expected: "a window of samples (judged by the tracker)"}
 	case c.MaxClockSkew > 0:
 		return judgeSkew(f.ClockSkew, time.Duration(c.MaxClockSkew))
+	case c.Geofence != nil:
+		fix := *f.Location
+		in, where := Inside(*c.Geofence, fix.Lat, fix.Lon)
+		r := Result{Pass: in, Observed: fix.String() + ", " + where, Expected: "inside the geofence"}
+		if fix.Age > 0 {
+			r.Observed += fmt.Sprintf(" (fix %s old)", fix.Age.Round(time.Second))
+		}
+		return r
+	case c.MaxFixAge > 0:
+		fix := *f.Location
+		return Result{Pass: fix.Age <= time.Duration(c.MaxFixAge), Observed: fmt.Sprintf("fix from %s %s old", fix.Source, fix.Age.Round(time.Second)), Expected: "a fix at most " + time.Duration(c.MaxFixAge).String() + " old"}
 	case c.TableIntact:
 		if len(f.Tampered) > 0 {
 			return Result{Observed: "table changed from outside: " + strings.Join(f.Tampered, "; "), Expected: "only the agent changes its table"}
@@ -94,7 +105,7 @@ func Judge(c policy.Check, f *Facts) Result {
 // empty list would prove nothing.
 func unreadFor(c policy.Check, f *Facts) (Result, bool) {
 	list := needs(c)
-	if list == "" || !slices.Contains(f.Unread, list) {
+	if list == "" || !slices.Contains(f.Unread, list) && !(list == "location" && f.Location == nil) {
 		return Result{}, false
 	}
 	switch list {
@@ -102,6 +113,8 @@ func unreadFor(c policy.Check, f *Facts) (Result, bool) {
 		return Result{Observed: "no time from control since the agent started", Expected: "within " + time.Duration(c.MaxClockSkew).String() + " of control's time"}, true
 	case "table":
 		return Result{Observed: "the table could not be read back", Expected: "only the agent changes its table"}, true
+	case "location":
+		return Result{Observed: "no position fix yet", Expected: "a position fix"}, true
 	}
 	return Result{Observed: "the " + list + " could not be read", Expected: "a readable list of " + list}, true
 }
@@ -119,6 +132,8 @@ func needs(c policy.Check) string {
 		return "clock"
 	case c.TableIntact:
 		return "table"
+	case c.Geofence != nil, c.MaxFixAge > 0:
+		return "location"
 	}
 	return ""
 }

@@ -264,3 +264,53 @@ func TestTrafficWindow(t *testing.T) {
 		t.Errorf("unreadable counters pass a traffic check: %+v", all[0])
 	}
 }
+
+// Geofences: a circle by great-circle distance, a polygon by ray casting;
+// the latest fix is judged however old, and its age is its own check.
+func TestLocation(t *testing.T) {
+	// A depot yard in Joliet, IL: a 500 m circle and a square around it.
+	yard := policy.Geofence{Circle: &policy.Circle{Lat: 41.5250, Lon: -88.0817, RadiusM: 500}}
+	square := policy.Geofence{Polygon: [][2]float64{{41.52, -88.09}, {41.52, -88.07}, {41.53, -88.07}, {41.53, -88.09}}}
+	if d := Distance(41.5250, -88.0817, 41.5250+0.0045, -88.0817); d < 495 || d > 505 {
+		t.Errorf("0.0045 degrees of latitude = %.1f m, want about 500", d)
+	}
+	for _, tc := range []struct {
+		name     string
+		fence    policy.Geofence
+		lat, lon float64
+		in       bool
+		observed string
+	}{
+		{"circle, at the centre", yard, 41.5250, -88.0817, true, "0 m from the centre"},
+		{"circle, 400 m north", yard, 41.5286, -88.0817, true, "400 m from the centre"},
+		{"circle, 600 m north", yard, 41.5304, -88.0817, false, "600 m from the centre"},
+		{"polygon, inside", square, 41.525, -88.08, true, "inside the polygon"},
+		{"polygon, east of it", square, 41.525, -88.06, false, "outside the polygon"},
+		{"polygon, north of it", square, 41.535, -88.08, false, "outside the polygon"},
+	} {
+		f := sample()
+		f.Location = &Fix{Lat: tc.lat, Lon: tc.lon, Age: 3 * time.Second, Source: "gpsd"}
+		r := Judge(policy.Check{Geofence: &tc.fence}, f)
+		if r.Pass != tc.in || !strings.Contains(r.Observed, tc.observed) || !strings.HasSuffix(r.Observed, "(fix 3s old)") {
+			t.Errorf("%s: %+v", tc.name, r)
+		}
+	}
+	f := sample()
+	if r := Judge(policy.Check{Geofence: &yard}, f); r.Pass || r.Observed != "no position fix yet" {
+		t.Errorf("no fix: %+v", r)
+	}
+	if r := Judge(policy.Check{MaxFixAge: policy.Duration(10 * time.Second)}, f); r.Pass || r.Observed != "no position fix yet" {
+		t.Errorf("no fix, age: %+v", r)
+	}
+	f.Location = &Fix{Lat: 41.525, Lon: -88.0817, Age: 42 * time.Second, Source: "gpsd"}
+	if r := Judge(policy.Check{MaxFixAge: policy.Duration(10 * time.Second)}, f); r.Pass || r.Observed != "fix from gpsd 42s old" {
+		t.Errorf("stale fix: %+v", r)
+	}
+	if r := Judge(policy.Check{Geofence: &yard}, f); !r.Pass {
+		t.Errorf("a stale fix inside the fence is still inside: %+v", r)
+	}
+	fences := Fences([]policy.Check{{Geofence: &yard}, {OS: []string{"debian"}}, {Geofence: &square}})
+	if Sides(fences, 41.525, -88.08) != 0b11 || Sides(fences, 41.5304, -88.0817) != 0b00 || Sides(fences, 41.525, -88.0817) != 0b11 {
+		t.Errorf("sides: %b %b", Sides(fences, 41.525, -88.08), Sides(fences, 41.5304, -88.0817))
+	}
+}

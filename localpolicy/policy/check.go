@@ -47,6 +47,12 @@ type Check struct {
 	// table since the previous sample (the agent restores the table
 	// within a second; this makes the tampering cost the device access).
 	TableIntact bool `json:"table_intact,omitzero"`
+	// Geofence must contain the device's latest position (gpsd's, or the
+	// static one in its configuration), however old that fix is.
+	Geofence *Geofence `json:"geofence,omitzero"`
+	// MaxFixAge bounds how long ago the latest position arrived: a stale
+	// or missing fix is its own state, with this check's profile.
+	MaxFixAge Duration `json:"max_fix_age,omitzero"`
 	// Traffic bounds what moves through the tunnel to a segment's gateway
 	// within a sliding window: a device suddenly moving ten times its
 	// usual traffic fails it.
@@ -93,6 +99,21 @@ type FreeDisk struct {
 	MinBytes uint64 `json:"min_bytes"`
 }
 
+// Geofence is an area: a circle, or a polygon of at least three
+// vertices (latitude, longitude in degrees, WGS 84), not crossing the
+// antimeridian.
+type Geofence struct {
+	Circle  *Circle      `json:"circle,omitzero"`
+	Polygon [][2]float64 `json:"polygon,omitzero"`
+}
+
+// Circle is a centre and a radius in metres.
+type Circle struct {
+	Lat     float64 `json:"lat"`
+	Lon     float64 `json:"lon"`
+	RadiusM float64 `json:"radius_m"`
+}
+
 // Kind names what the check tests, for messages ("process", "kernel").
 func (c *Check) Kind() string {
 	kinds := c.kinds()
@@ -113,6 +134,7 @@ func (c *Check) kinds() []string {
 		{"listeners", c.Listeners != nil}, {"file", c.File != nil}, {"free_disk", c.FreeDisk != nil},
 		{"max_uptime", c.MaxUptime != 0}, {"traffic", c.Traffic != nil},
 		{"max_clock_skew", c.MaxClockSkew != 0}, {"table_intact", c.TableIntact},
+		{"geofence", c.Geofence != nil}, {"max_fix_age", c.MaxFixAge != 0},
 	} {
 		if f.set {
 			k = append(k, f.name)
@@ -152,7 +174,7 @@ func (v *validator) checkChecks(p string, checks []Check, d *Document) {
 		}
 		switch kinds := c.kinds(); len(kinds) {
 		case 0:
-			v.addf(cp, "says nothing to check (one of kernel, os, agent_version, process, forbidden_process, listeners, file, free_disk, max_uptime, max_clock_skew, table_intact, traffic)")
+			v.addf(cp, "says nothing to check (one of kernel, os, agent_version, process, forbidden_process, listeners, file, free_disk, max_uptime, max_clock_skew, table_intact, geofence, max_fix_age, traffic)")
 			continue
 		case 1:
 		default:
@@ -208,6 +230,10 @@ func (v *validator) checkChecks(p string, checks []Check, d *Document) {
 			v.addf(cp+".max_uptime", "must be positive")
 		case c.MaxClockSkew < 0:
 			v.addf(cp+".max_clock_skew", "must be positive")
+		case c.MaxFixAge < 0:
+			v.addf(cp+".max_fix_age", "must be positive")
+		case c.Geofence != nil:
+			v.checkGeofence(cp+".geofence", c.Geofence)
 		case c.Traffic != nil:
 			if _, ok := d.Segment(c.Traffic.Segment); !ok {
 				v.addf(cp+".traffic.segment", "names unknown segment %q", c.Traffic.Segment)
@@ -218,6 +244,29 @@ func (v *validator) checkChecks(p string, checks []Check, d *Document) {
 			if w := time.Duration(c.Traffic.Window); w < time.Second || w > 24*time.Hour {
 				v.addf(cp+".traffic.window", "%s is outside 1s-24h", w)
 			}
+		}
+	}
+}
+
+func (v *validator) checkGeofence(p string, g *Geofence) {
+	point := func(pp string, lat, lon float64) {
+		if !(lat >= -90 && lat <= 90) || !(lon >= -180 && lon <= 180) {
+			v.addf(pp, "(%g, %g) is not a latitude in -90..90 and a longitude in -180..180", lat, lon)
+		}
+	}
+	switch {
+	case (g.Circle != nil) == (g.Polygon != nil):
+		v.addf(p, "needs exactly one of circle and polygon")
+	case g.Circle != nil:
+		point(p+".circle", g.Circle.Lat, g.Circle.Lon)
+		if !(g.Circle.RadiusM > 0 && g.Circle.RadiusM <= 1e6) {
+			v.addf(p+".circle.radius_m", "%g is outside 1 m-1000 km", g.Circle.RadiusM)
+		}
+	case len(g.Polygon) < 3:
+		v.addf(p+".polygon", "has %d vertices; an area needs at least 3", len(g.Polygon))
+	default:
+		for i, pt := range g.Polygon {
+			point(fmt.Sprintf("%s.polygon[%d]", p, i), pt[0], pt[1])
 		}
 	}
 }
