@@ -171,7 +171,7 @@ func Evaluate(in Input) Desired {
 		}
 		a := open[seg.Name]
 		if a == nil {
-			a = &Access{Segment: seg.Name, Partner: seg.Partner, Tier: seg.Tier, Gateway: seg.Gateway, RateLimit: seg.RateLimit}
+			a = &Access{Segment: seg.Name, Partner: seg.Partner, Tier: seg.Tier, Gateway: seg.Gateway, RateLimit: doc.Limit(*seg)}
 			open[seg.Name] = a
 		}
 		a.Destinations = append(a.Destinations, narrow(seg.Destinations, rule.Ports)...)

@@ -247,3 +247,40 @@ var netipEq = cmp.Options{
 	cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }),
 	cmp.Comparer(func(a, b netip.Addr) bool { return a == b }),
 }
+
+// A partner tier's cap limits each of its segments: the tier's or the
+// segment's own, whichever refills slower; internal segments are not
+// touched.
+func TestTierLimits(t *testing.T) {
+	limitOf := func(b *bundle.Payload, seg string) *policy.RateLimit {
+		t.Helper()
+		d := Evaluate(Input{Bundle: b, Device: bundle.Device{Class: "dock-gateway"}, Now: dayShift})
+		for _, a := range d.Segments {
+			if a.Segment == seg {
+				return a.RateLimit
+			}
+		}
+		t.Fatalf("%s is not open for a dock gateway: %v", seg, openSegments(d))
+		return nil
+	}
+	b := example(t)
+	own := policy.RateLimit{BytesPerSecond: 125000, BurstBytes: 250000}
+	if l := limitOf(b, "broker-portal"); l == nil || *l != own {
+		t.Errorf("a tier cap looser than the segment's own replaced it: %+v", l)
+	}
+	b.Policy.TierLimits[3] = policy.RateLimit{BytesPerSecond: 100000, BurstBytes: 100000}
+	if l := limitOf(b, "broker-portal"); l == nil || l.BytesPerSecond != 100000 {
+		t.Errorf("a stricter tier cap did not apply: %+v", l)
+	}
+	for i, s := range b.Policy.Segments {
+		if s.Name == "broker-portal" {
+			b.Policy.Segments[i].RateLimit = nil
+		}
+	}
+	if l := limitOf(b, "broker-portal"); l == nil || l.BytesPerSecond != 100000 {
+		t.Errorf("a tier-3 segment without a limit of its own is uncapped: %+v", l)
+	}
+	if l := limitOf(b, "wms"); l != nil {
+		t.Errorf("an internal segment took a partner tier's cap: %+v", l)
+	}
+}

@@ -28,6 +28,11 @@ type Document struct {
 	Segments  []Segment           `json:"segments"`
 	Schedules map[string]Schedule `json:"schedules,omitzero"`
 	Classes   map[string]Class    `json:"classes"`
+	// TierLimits caps every segment of a partner tier (1-3): each such
+	// segment is limited by its tier's cap or its own rate_limit,
+	// whichever is lower. A tier-3 broker's segments cannot be opened
+	// wider by a segment entry that forgot its limit.
+	TierLimits map[int]RateLimit `json:"tier_limits,omitzero"`
 
 	segIndex map[string]int // by name; built by Validate
 }
@@ -77,6 +82,17 @@ type Gateway struct {
 type RateLimit struct {
 	BytesPerSecond uint64 `json:"bytes_per_second"`
 	BurstBytes     uint64 `json:"burst_bytes,omitzero"`
+}
+
+// Limit is the cap on segment s: its own rate_limit or its tier's,
+// whichever refills slower (nil: none). Each is a valid bucket on its
+// own, so the cap is one of them whole, never a mix.
+func (d *Document) Limit(s Segment) *RateLimit {
+	l := s.RateLimit
+	if t, ok := d.TierLimits[s.Tier]; ok && (l == nil || t.BytesPerSecond < l.BytesPerSecond || t.BytesPerSecond == l.BytesPerSecond && t.BurstBytes < l.BurstBytes) {
+		l = &t
+	}
+	return l
 }
 
 // MinBucket is the smallest bucket a rate limit may have. With

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"net/netip"
 	"regexp"
@@ -65,6 +66,7 @@ func (d *Document) Validate() error {
 		v.addf("validity.max_offline", "must be a positive duration such as \"72h\"")
 	}
 	v.checkSegments(d.Segments)
+	v.checkTierLimits(d.TierLimits)
 	d.segIndex = make(map[string]int, len(d.Segments))
 	for i, s := range d.Segments {
 		if _, dup := d.segIndex[s.Name]; !dup {
@@ -138,22 +140,38 @@ func (v *validator) checkSegments(segs []Segment) {
 		if ap, err := netip.ParseAddrPort(s.Gateway.Endpoint); err != nil || ap.Port() == 0 {
 			v.addf(p+".gateway.endpoint", "%q is not an IP:port (such as 203.0.113.5:51820 or [2001:db8::5]:51820)", s.Gateway.Endpoint)
 		}
-		if s.RateLimit != nil && s.RateLimit.BytesPerSecond == 0 {
-			v.addf(p+".rate_limit.bytes_per_second", "must be above 0; omit rate_limit for no limit")
-		}
-		if l := s.RateLimit; l != nil && l.BytesPerSecond != 0 {
-			switch {
-			case l.BytesPerSecond > MaxRate:
-				v.addf(p+".rate_limit.bytes_per_second", "%d is above %d (the kernel's byte limit overflows beyond)", l.BytesPerSecond, uint64(MaxRate))
-			case l.BurstBytes > math.MaxUint32:
-				v.addf(p+".rate_limit.burst_bytes", "%d is above %d", l.BurstBytes, uint64(math.MaxUint32))
-			case l.BytesPerSecond+l.BurstBytes < MinBucket:
-				v.addf(p+".rate_limit", "bytes_per_second plus burst_bytes is %d, below %d: the bucket must hold one offloaded packet (64 KiB) or nothing passes", l.BytesPerSecond+l.BurstBytes, MinBucket)
-			}
+		if s.RateLimit != nil {
+			v.checkRate(p+".rate_limit", *s.RateLimit)
 		}
 	}
 	v.checkPartnerOverlap(segs)
 	v.checkGateways(segs)
+}
+
+// checkRate refuses a limit the kernel would refuse, or one that would
+// shut its segment instead of slowing it.
+func (v *validator) checkRate(p string, l RateLimit) {
+	switch {
+	case l.BytesPerSecond == 0:
+		v.addf(p+".bytes_per_second", "must be above 0; omit the limit for none")
+	case l.BytesPerSecond > MaxRate:
+		v.addf(p+".bytes_per_second", "%d is above %d (the kernel's byte limit overflows beyond)", l.BytesPerSecond, uint64(MaxRate))
+	case l.BurstBytes > math.MaxUint32:
+		v.addf(p+".burst_bytes", "%d is above %d", l.BurstBytes, uint64(math.MaxUint32))
+	case l.BytesPerSecond+l.BurstBytes < MinBucket:
+		v.addf(p, "bytes_per_second plus burst_bytes is %d, below %d: the bucket must hold one offloaded packet (64 KiB) or nothing passes", l.BytesPerSecond+l.BurstBytes, MinBucket)
+	}
+}
+
+func (v *validator) checkTierLimits(limits map[int]RateLimit) {
+	for _, tier := range slices.Sorted(maps.Keys(limits)) {
+		p := fmt.Sprintf("tier_limits.%d", tier)
+		if tier < 1 || tier > 3 {
+			v.addf(p, "tier %d is not a partner tier (1-3); internal segments take rate_limit each", tier)
+			continue
+		}
+		v.checkRate(p, limits[tier])
+	}
 }
 
 func (v *validator) checkDestination(p string, d Destination) {
