@@ -21,6 +21,13 @@ import (
 // configuration does not say.
 const DefaultPostureInterval = 30 * time.Second
 
+// minResample spaces the samples a watched change triggers: a fact that
+// changes all the time (a pinned file something keeps writing) must not
+// keep the device sampling back to back. One sample costs about 20 ms of
+// CPU here, so this caps that case at under a tenth of a core; a change
+// after a quiet spell (timed samples do not count) is judged at once.
+const minResample = 250 * time.Millisecond
+
 // sampler gathers posture facts off the event loop, every interval,
 // whenever kicked (a new policy may name new checks) and whenever a
 // watched fact changes, and hands each sample to the loop.
@@ -55,6 +62,7 @@ func (a *Agent) startSampler(ctx context.Context) {
 	go func() {
 		tick := time.NewTicker(time.Duration(a.cfg.Posture.Interval))
 		defer tick.Stop()
+		var lastChange time.Time // when the latest change-triggered sample began
 		for {
 			select {
 			case <-s.kick: // this sample answers it
@@ -84,6 +92,11 @@ func (a *Agent) startSampler(ctx context.Context) {
 			case <-s.kick:
 			case why := <-changed:
 				a.log.Info("posture: sampling now", "because", why)
+				select {
+				case <-ctx.Done():
+				case <-time.After(minResample - time.Since(lastChange)):
+				}
+				lastChange = time.Now()
 			}
 			stop()
 			if ctx.Err() != nil {
