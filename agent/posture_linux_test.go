@@ -4,7 +4,6 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -22,7 +21,7 @@ import (
 // again restores normal mode.
 func TestRequiredProcessDeathRestricts(t *testing.T) {
 	e := newEnv(t)
-	name, run := sensor(t, e)
+	name, run := lab.Sensor(t, e.ns)
 	sensor := run()
 	e.startWithChecks(policy.Check{ID: "edr-running", Process: &policy.ProcessMatch{Name: name}, FailAfter: 2, RecoverAfter: 1})
 	check := func() (string, bool, string) { return e.check("edr-running") }
@@ -57,29 +56,6 @@ func TestRequiredProcessDeathRestricts(t *testing.T) {
 	}
 	if !failed || !recovered {
 		t.Errorf("audit log lacks the check's failure (%v) or recovery (%v)", failed, recovered)
-	}
-}
-
-// sensor makes a copy of sleep under a process name no other test or
-// host process uses (at most 15 bytes), and a function starting it.
-func sensor(t *testing.T, e *env) (name string, run func() *exec.Cmd) {
-	t.Helper()
-	name = "edr-" + e.ns.Name[len(e.ns.Name)-6:]
-	bin := filepath.Join(e.dir, name)
-	sleep, err := os.ReadFile("/bin/sleep")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(bin, sleep, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	return name, func() *exec.Cmd {
-		cmd := exec.Command(bin, "600")
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		return cmd
 	}
 }
 
@@ -118,7 +94,7 @@ func TestPostureFollowsChanges(t *testing.T) {
 		t.Fatal(err)
 	}
 	writeFile(t, e.cfg, strings.Replace(string(cfg), `"interval": "1s"`, `"interval": "1h"`, 1))
-	name, run := sensor(t, e)
+	name, run := lab.Sensor(t, e.ns)
 	sensor := run()
 	conf := filepath.Join(e.dir, "edr.conf")
 	writeFile(t, conf, "mode=block\n")

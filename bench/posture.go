@@ -51,28 +51,13 @@ func benchPostureChange(b *testing.B) {
 	gwNS.MustRun(b, "ip", "addr", "add", iperfHost.String()+"/32", "dev", "lo")
 
 	dir := b.TempDir()
-	// A sensor under a process name nothing else on the host uses.
-	name := "edr-" + devNS.Name[len(devNS.Name)-6:]
-	bin := filepath.Join(dir, name)
-	sleep, err := os.ReadFile("/bin/sleep")
-	if err != nil {
-		b.Fatal(err)
-	}
-	if err := os.WriteFile(bin, sleep, 0o755); err != nil {
-		b.Fatal(err)
-	}
+	name, run := lab.Sensor(b, devNS)
 	var sensor *exec.Cmd
-	start := func() {
-		sensor = exec.Command(bin, "600")
-		if err := sensor.Start(); err != nil {
-			b.Fatal(err)
-		}
-	}
+	start := func() { sensor = run() }
 	kill := func() {
 		sensor.Process.Kill()
 		sensor.Wait()
 	}
-	b.Cleanup(func() { kill() })
 	conf, content := filepath.Join(dir, "edr.conf"), []byte("mode=block\n")
 	if err := os.WriteFile(conf, content, 0o600); err != nil {
 		b.Fatal(err)
