@@ -26,13 +26,12 @@ import (
 // and a second agent that only talks to control. Everything runs as the
 // real binaries.
 type controlSite struct {
-	ctl        *lab.Control
-	opsKey     ed25519.PrivateKey
-	opsPub     string
-	gw1, gw2   *lab.Gateway
-	a, b       *binAgent
-	safety     netip.AddrPort
-	controlURL string
+	ctl      *lab.Control
+	opsKey   ed25519.PrivateKey
+	opsPub   string
+	gw1, gw2 *lab.Gateway
+	a, b     *binAgent
+	safety   netip.AddrPort
 }
 
 // binAgent is `bulkhead run` in a namespace.
