@@ -90,6 +90,9 @@ type Desired struct {
 	Peers []Peer
 	// Decisions explain every segment of the policy, open or not, by name.
 	Decisions []Decision
+	// Monitor is the discovery in force (nil: none): what no rule opens
+	// on these segments is logged and passed until it ends.
+	Monitor *Monitoring
 	// NextChange is the next instant at which the decision changes with no
 	// other input (a schedule edge, expiry, the offline deadline); zero if
 	// none.
@@ -104,6 +107,14 @@ type Access struct {
 	Gateway      policy.Gateway
 	Destinations []policy.Destination
 	RateLimit    *policy.RateLimit
+}
+
+// Monitoring is a class's monitor as it applies to this device now.
+type Monitoring struct {
+	Until time.Time
+	// Segments are the monitored segments, each with every destination it
+	// declares, by name.
+	Segments []Access
 }
 
 // Peer is a WireGuard peer and the addresses routed to it.
@@ -174,7 +185,7 @@ func Evaluate(in Input) Desired {
 			a = &Access{Segment: seg.Name, Partner: seg.Partner, Tier: seg.Tier, Gateway: seg.Gateway, RateLimit: doc.Limit(*seg)}
 			open[seg.Name] = a
 		}
-		a.Destinations = append(a.Destinations, narrow(seg.Destinations, rule.Ports)...)
+		a.Destinations = append(a.Destinations, rule.Opens(seg)...)
 		rulesOpening[seg.Name]++
 	}
 
@@ -199,8 +210,50 @@ func Evaluate(in Input) Desired {
 	}
 	slices.SortFunc(d.Segments, func(a, b Access) int { return strings.Compare(a.Segment, b.Segment) })
 	slices.SortFunc(d.Decisions, func(a, b Decision) int { return strings.Compare(a.Segment, b.Segment) })
-	d.Peers = peers(d.Segments)
+	if hasClass && d.Mode == Normal {
+		d.Monitor = monitoring(doc, class.Monitor, in)
+	}
+	routed := d.Segments
+	if m := d.Monitor; m != nil {
+		d.NextChange = earliest(d.NextChange, m.Until)
+		routed = slices.Concat(d.Segments, m.Segments)
+		for i := range d.Decisions {
+			if slices.ContainsFunc(m.Segments, func(a Access) bool { return a.Segment == d.Decisions[i].Segment }) {
+				d.Decisions[i].Reason += fmt.Sprintf("; monitored until %s: what no rule opens is logged and passed", stamp(m.Until))
+			}
+		}
+	}
+	d.Peers = peers(routed)
 	return d
+}
+
+// monitoring is m as it applies to the device now: nil once it has ended,
+// for a device it does not name, or when every segment it names is a
+// revoked partner's. Evaluate asks only in normal mode.
+func monitoring(doc *policy.Document, m *policy.Monitor, in Input) *Monitoring {
+	if m == nil || !in.Now.Before(m.Until) || (len(m.Devices) > 0 && !slices.Contains(m.Devices, in.Device.ID)) {
+		return nil
+	}
+	names := m.Segments
+	if len(names) == 0 {
+		for _, s := range doc.Segments {
+			names = append(names, s.Name)
+		}
+	}
+	out := &Monitoring{Until: m.Until}
+	for _, name := range names {
+		seg, _ := doc.Segment(name)
+		if seg.Partner != "" && revoked(in.Sticky, seg.Partner) {
+			continue
+		}
+		out.Segments = append(out.Segments, Access{Segment: seg.Name, Partner: seg.Partner, Tier: seg.Tier, Gateway: seg.Gateway,
+			Destinations: seg.Destinations, RateLimit: doc.Limit(*seg)})
+	}
+	if len(out.Segments) == 0 {
+		return nil
+	}
+	slices.SortFunc(out.Segments, func(a, b Access) int { return strings.Compare(a.Segment, b.Segment) })
+	return out
 }
 
 // modeReasons lists every active reason for a mode above normal and the
@@ -259,6 +312,12 @@ func ruleOpen(doc *policy.Document, class policy.Class, rule policy.Rule, seg *p
 		return false, fmt.Sprintf("schedule %s is closed until %s", rule.Schedule, stamp(edge)), edge
 	}
 	because := fmt.Sprintf("class %s rule", in.Device.Class)
+	if len(rule.Hosts) > 0 {
+		because += " for hosts " + prefixList(rule.Hosts)
+	}
+	if rule.Protocol != "" {
+		because += " on " + string(rule.Protocol)
+	}
 	if len(rule.Ports) > 0 {
 		because += " on ports " + portList(rule.Ports)
 	}
@@ -288,33 +347,6 @@ func profile(c policy.Class, m Mode) []string {
 	return nil
 }
 
-// narrow keeps the destinations a rule opens: all of them without ports,
-// else only tcp and udp destinations, cut to the rule's ports.
-func narrow(dsts []policy.Destination, ports []policy.PortRange) []policy.Destination {
-	if len(ports) == 0 {
-		return dsts
-	}
-	var out []policy.Destination
-	for _, d := range dsts {
-		if !d.Protocol.HasPorts() {
-			continue
-		}
-		var kept []policy.PortRange
-		for _, have := range d.Ports {
-			for _, want := range ports {
-				lo, hi := max(have.First, want.First), min(have.Last, want.Last)
-				if lo <= hi {
-					kept = append(kept, policy.PortRange{First: lo, Last: hi})
-				}
-			}
-		}
-		if len(kept) > 0 {
-			out = append(out, policy.Destination{CIDR: d.CIDR, Protocol: d.Protocol, Ports: kept})
-		}
-	}
-	return out
-}
-
 // dedupe drops repeated destinations, which overlapping rules (a day and a
 // night shift on the same ports) produce.
 func dedupe(dsts []policy.Destination) []policy.Destination {
@@ -338,7 +370,9 @@ func peers(open []Access) []Peer {
 			p = &Peer{PublicKey: a.Gateway.PublicKey, Endpoint: a.Gateway.Endpoint}
 			byKey[a.Gateway.PublicKey] = p
 		}
-		p.Segments = append(p.Segments, a.Segment)
+		if !slices.Contains(p.Segments, a.Segment) { // open and monitored
+			p.Segments = append(p.Segments, a.Segment)
+		}
 		for _, d := range a.Destinations {
 			p.AllowedIPs = append(p.AllowedIPs, d.CIDR)
 		}
@@ -368,6 +402,14 @@ func mergeEndpoints(local, fromPolicy []policy.Endpoint) []policy.Endpoint {
 func portList(ports []policy.PortRange) string {
 	s := make([]string, len(ports))
 	for i, p := range ports {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
+}
+
+func prefixList(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
 		s[i] = p.String()
 	}
 	return strings.Join(s, ",")

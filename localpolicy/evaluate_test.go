@@ -284,3 +284,107 @@ func TestTierLimits(t *testing.T) {
 		t.Errorf("an internal segment took a partner tier's cap: %+v", l)
 	}
 }
+
+// A rule's hosts and protocol cut the segment's destinations; an "any"
+// destination narrowed to tcp keeps every tcp port of its hosts.
+func TestRuleHostsAndProtocolNarrow(t *testing.T) {
+	b := example(t)
+	c := b.Policy.Classes["scanner"]
+	c.Rules = []policy.Rule{
+		{Segment: "wms", Hosts: []netip.Prefix{netip.MustParsePrefix("10.20.1.7/32")}, Ports: []policy.PortRange{{First: 8080, Last: 8080}}},
+		{Segment: "diagnostics", Hosts: []netip.Prefix{netip.MustParsePrefix("10.50.0.4/31")}, Protocol: policy.ICMP},
+	}
+	b.Policy.Classes["scanner"] = c
+	if err := b.Policy.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	d := Evaluate(Input{Bundle: b, Device: bundle.Device{Class: "scanner"}, Now: dayShift})
+	got := map[string][]policy.Destination{}
+	for _, a := range d.Segments {
+		got[a.Segment] = a.Destinations
+	}
+	want := map[string][]policy.Destination{
+		"wms":         {{CIDR: netip.MustParsePrefix("10.20.1.7/32"), Protocol: policy.TCP, Ports: []policy.PortRange{{First: 8080, Last: 8080}}}},
+		"diagnostics": {{CIDR: netip.MustParsePrefix("10.50.0.4/31"), Protocol: policy.ICMP}},
+	}
+	if diff := cmp.Diff(want, got, netipEq); diff != "" {
+		t.Errorf("open destinations (-want +got):\n%s", diff)
+	}
+}
+
+// Monitoring routes and passes a segment no rule opens, only in normal
+// mode, only until its end (which is the next change), only for the
+// devices it names, and never for a revoked partner.
+func TestMonitor(t *testing.T) {
+	b := example(t)
+	until := dayShift.Add(time.Hour)
+	c := b.Policy.Classes["scanner"]
+	c.Monitor = &policy.Monitor{Until: until, Segments: []string{"finance", "carrier-edi"}}
+	b.Policy.Classes["scanner"] = c
+	scanner := bundle.Device{ID: "scanner-17", Class: "scanner"}
+	d := Evaluate(Input{Bundle: b, Device: scanner, Now: dayShift})
+	if d.Mode != Normal || d.Monitor == nil || !d.Monitor.Until.Equal(until) {
+		t.Fatalf("mode %s, monitor %+v; want normal, monitoring until %s", d.Mode, d.Monitor, until)
+	}
+	var monitored []string
+	for _, a := range d.Monitor.Segments {
+		monitored = append(monitored, a.Segment)
+		if a.Segment == "finance" && len(a.Destinations) != 1 {
+			t.Errorf("finance monitored with %v, want its one declared destination", a.Destinations)
+		}
+	}
+	if diff := cmp.Diff([]string{"carrier-edi", "finance"}, monitored); diff != "" {
+		t.Errorf("monitored segments (-want +got):\n%s", diff)
+	}
+	if slices.Contains(openSegments(d), "finance") {
+		t.Error("monitoring opened finance as a rule would")
+	}
+	if !d.NextChange.Equal(until) {
+		t.Errorf("NextChange = %v, want the monitor's end %v", d.NextChange, until)
+	}
+	if !slices.ContainsFunc(d.Peers, func(p Peer) bool {
+		return slices.Contains(p.Segments, "finance") && slices.Contains(p.AllowedIPs, netip.MustParsePrefix("10.30.0.0/24"))
+	}) {
+		t.Errorf("finance's gateway is not routed: %+v", d.Peers)
+	}
+	v := Explain(d, &b.Policy, netip.MustParseAddr("10.30.0.9"), 443, policy.TCP)
+	if !v.Allowed || v.By != "monitor finance" {
+		t.Errorf("explain 10.30.0.9:443 = %+v, want passed by monitor finance", v)
+	}
+	if v := Explain(d, &b.Policy, netip.MustParseAddr("10.30.0.9"), 22, policy.TCP); v.Allowed {
+		t.Errorf("explain 10.30.0.9:22 (not declared by finance) = %+v, want denied", v)
+	}
+
+	for name, in := range map[string]Input{
+		"ended":          {Now: until},
+		"failing check":  {Now: dayShift, Checks: []Check{{ID: "edr", Failing: true, Profile: Restricted}}},
+		"quarantined":    {Now: dayShift, Sticky: Sticky{Mode: Quarantine}},
+		"diagnostic":     {Now: dayShift, Sticky: Sticky{Mode: Diagnostic}},
+		"offline":        {Now: dayShift, LastContact: dayShift.Add(-100 * time.Hour)},
+		"another device": {Now: dayShift, Device: bundle.Device{ID: "scanner-18", Class: "scanner"}},
+		"all revoked":    {Now: dayShift, Sticky: Sticky{RevokedPartners: map[string]string{"northline-freight": "breach"}}, Device: scanner},
+		"not the class":  {Now: dayShift, Device: bundle.Device{ID: "scanner-17", Class: "telematics"}},
+	} {
+		in.Bundle = b
+		if in.Device == (bundle.Device{}) {
+			in.Device = scanner
+		}
+		if name == "another device" {
+			c.Monitor.Devices = []string{"scanner-17"}
+		}
+		if name == "all revoked" {
+			c.Monitor.Segments = []string{"carrier-edi"}
+		}
+		if name == "offline" {
+			b.IssuedAt = dayShift.Add(-100 * time.Hour)
+		}
+		d := Evaluate(in)
+		c.Monitor.Devices, c.Monitor.Segments, b.IssuedAt = nil, []string{"finance", "carrier-edi"}, dayShift.Add(-24*time.Hour)
+		if d.Monitor != nil {
+			t.Errorf("%s: monitoring %+v in mode %s", name, d.Monitor, d.Mode)
+		}
+		if slices.ContainsFunc(d.Peers, func(p Peer) bool { return slices.Contains(p.Segments, "finance") }) {
+			t.Errorf("%s: finance still routed", name)
+		}
+	}
+}

@@ -37,6 +37,15 @@ func Explain(d Desired, doc *policy.Document, addr netip.Addr, port uint16, prot
 			}
 		}
 	}
+	if m := d.Monitor; m != nil {
+		for _, a := range m.Segments {
+			for _, dst := range a.Destinations {
+				if matches(dst, addr, port, proto) {
+					return Verdict{true, "monitor " + a.Segment, fmt.Sprintf("no rule opens it; segment %s is monitored until %s, so a new connection is logged and passed", a.Segment, stamp(m.Until))}
+				}
+			}
+		}
+	}
 	// Denied: say which segment the address belongs to and why it is shut.
 	if doc != nil {
 		for _, s := range doc.Segments {

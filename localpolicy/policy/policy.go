@@ -113,12 +113,42 @@ type Class struct {
 	// Checks are the posture checks devices of the class judge themselves
 	// on; a failing one moves the device to its profile.
 	Checks []Check `json:"checks,omitzero"`
+	// Monitor, until it ends, logs and passes what the class's rules would
+	// drop on the monitored segments, so the flows a device really needs
+	// can be observed before its rules are written (see Monitor).
+	Monitor *Monitor `json:"monitor,omitzero"`
 }
 
-// Rule opens one segment to a class, optionally narrowed to some ports and
-// limited to a schedule.
+// Monitor is discovery mode: while it lasts, a connection a device of the
+// class opens through the tunnel to a destination a monitored segment
+// declares, but that no rule opens, is logged (NFLOG) and passed instead
+// of dropped, and reported to control as an observed flow. It is a
+// deliberate, bounded fail-open:
+//   - it ends at Until, which the signed policy fixes, even offline;
+//   - it holds only in normal mode: a failing check, the offline
+//     deadline, quarantine, diagnostic or lockdown end it at once, and a
+//     revoked partner's segments are never monitored;
+//   - it never opens what no segment declares, nor a segment's
+//     destinations over any path but the tunnel.
+type Monitor struct {
+	Until time.Time `json:"until"`
+	// Segments are the monitored segments; none means every segment.
+	Segments []string `json:"segments,omitzero"`
+	// Devices narrows monitoring to these device ids; none means every
+	// device of the class.
+	Devices []string `json:"devices,omitzero"`
+}
+
+// Rule opens one segment to a class, optionally narrowed to some hosts, a
+// protocol and some ports, and limited to a schedule. Each narrowing cuts
+// the segment's declared destinations; none widens them.
 type Rule struct {
-	Segment  string      `json:"segment"`
+	Segment string `json:"segment"`
+	// Hosts narrows the rule to these addresses (prefixes) inside the
+	// segment's destinations.
+	Hosts []netip.Prefix `json:"hosts,omitzero"`
+	// Protocol narrows the rule to one protocol (tcp, udp or icmp).
+	Protocol Protocol    `json:"protocol,omitzero"`
 	Ports    []PortRange `json:"ports,omitzero"`
 	Schedule string      `json:"schedule,omitzero"`
 }
@@ -336,4 +366,55 @@ func decodeKey(s string) (Key, error) {
 	}
 	copy(k[:], b)
 	return k, nil
+}
+
+// Opens is what the rule opens on seg: the segment's destinations cut to
+// the rule's hosts, protocol and ports. A destination of protocol "any"
+// narrowed to tcp or udp covers every port of it.
+func (r Rule) Opens(seg *Segment) []Destination {
+	var out []Destination
+	for _, d := range seg.Destinations {
+		if r.Protocol != "" {
+			switch d.Protocol {
+			case r.Protocol:
+			case Any:
+				d.Protocol = r.Protocol
+				if d.Protocol.HasPorts() {
+					d.Ports = []PortRange{{1, 65535}}
+				}
+			default:
+				continue
+			}
+		}
+		if len(r.Ports) > 0 {
+			if !d.Protocol.HasPorts() {
+				continue
+			}
+			var kept []PortRange
+			for _, have := range d.Ports {
+				for _, want := range r.Ports {
+					if lo, hi := max(have.First, want.First), min(have.Last, want.Last); lo <= hi {
+						kept = append(kept, PortRange{First: lo, Last: hi})
+					}
+				}
+			}
+			if len(kept) == 0 {
+				continue
+			}
+			d.Ports = kept
+		}
+		if len(r.Hosts) == 0 {
+			out = append(out, d)
+			continue
+		}
+		for _, h := range r.Hosts {
+			switch {
+			case contains(d.CIDR, h):
+				out = append(out, Destination{CIDR: h, Protocol: d.Protocol, Ports: d.Ports})
+			case contains(h, d.CIDR):
+				out = append(out, d)
+			}
+		}
+	}
+	return out
 }

@@ -303,8 +303,12 @@ func (v *validator) checkClass(d *Document, p, name string, c Class) {
 				v.addf(fmt.Sprintf("%s.ports[%d]", rp, j), "opens %s, which segment %s does not declare on any tcp or udp destination", pr, seg.Name)
 			}
 		}
+		v.checkNarrowing(rp, r, seg)
 	}
 	v.checkChecks(p, c.Checks, d)
+	if c.Monitor != nil {
+		v.checkMonitor(p+".monitor", *c.Monitor, d)
+	}
 	for _, m := range []struct {
 		mode     string
 		segments []string
@@ -316,6 +320,63 @@ func (v *validator) checkClass(d *Document, p, name string, c Class) {
 			} else if !opened[s] {
 				v.addf(pp, "opens segment %q, which normal mode does not open for class %s; a profile may only keep open what normal mode opens", s, name)
 			}
+		}
+	}
+}
+
+// checkNarrowing refuses hosts and protocols a segment does not declare,
+// and a rule whose narrowings leave it nothing to open.
+func (v *validator) checkNarrowing(rp string, r Rule, seg *Segment) {
+	bad := false
+	for j, h := range r.Hosts {
+		hp := fmt.Sprintf("%s.hosts[%d]", rp, j)
+		switch {
+		case !h.IsValid():
+			v.addf(hp, "is not an address prefix")
+		case h.Addr().Is4In6():
+			v.addf(hp, "%s is IPv4-mapped; write the IPv4 prefix", h)
+		case h != h.Masked():
+			v.addf(hp, "%s has host bits set; write %s", h, h.Masked())
+		case !slices.ContainsFunc(seg.Destinations, func(d Destination) bool { return contains(d.CIDR, h) }):
+			v.addf(hp, "%s lies outside every destination of segment %s", h, seg.Name)
+		default:
+			continue
+		}
+		bad = true
+	}
+	switch r.Protocol {
+	case "":
+	case Any:
+		v.addf(rp+".protocol", "\"any\" narrows nothing; omit protocol")
+		bad = true
+	case ICMP:
+		if len(r.Ports) > 0 {
+			v.addf(rp+".ports", "icmp has no ports; remove them")
+			bad = true
+		}
+	}
+	if !bad && len(r.Opens(seg)) == 0 {
+		v.addf(rp, "opens nothing: segment %s declares no destination on these hosts, protocol and ports", seg.Name)
+	}
+}
+
+// checkMonitor refuses a monitor with no end or naming what is not there.
+func (v *validator) checkMonitor(p string, m Monitor, d *Document) {
+	if m.Until.IsZero() {
+		v.addf(p+".until", "is missing; monitoring passes what rules would drop, so it must end (an RFC 3339 time)")
+	}
+	seen := map[string]bool{}
+	for i, s := range m.Segments {
+		if _, ok := d.Segment(s); !ok {
+			v.addf(fmt.Sprintf("%s.segments[%d]", p, i), "names unknown segment %q", s)
+		} else if seen[s] {
+			v.addf(fmt.Sprintf("%s.segments[%d]", p, i), "names segment %q twice", s)
+		}
+		seen[s] = true
+	}
+	for i, id := range m.Devices {
+		if strings.TrimSpace(id) == "" {
+			v.addf(fmt.Sprintf("%s.devices[%d]", p, i), "is empty")
 		}
 	}
 }
