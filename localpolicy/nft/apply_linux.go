@@ -42,6 +42,10 @@ type Option func(*Enforcer)
 // agent enforces in its own namespace).
 func WithNetNS(fd int) Option { return func(e *Enforcer) { e.netns = fd } }
 
+// NetNS is the namespace the Enforcer enforces in: a file descriptor, or
+// -1 for the caller's. What its table logs is read there too.
+func (e *Enforcer) NetNS() int { return e.netns }
+
 // NewEnforcer returns an Enforcer. It touches nothing until Apply.
 func NewEnforcer(opts ...Option) *Enforcer {
 	e := &Enforcer{netns: -1}
@@ -538,6 +542,17 @@ func nfproto(v6 bool) []expr.Any {
 	}
 }
 
+// ctState matches connections in any of the states in mask.
+func ctState(mask uint32) []expr.Any {
+	return []expr.Any{
+		&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
+		&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
+			Mask: binaryutil.NativeEndian.PutUint32(mask),
+			Xor:  binaryutil.NativeEndian.PutUint32(0)},
+		&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)},
+	}
+}
+
 // exprs compiles a rule the way nft(8) compiles the same text, so that
 // `nft list` shows our rules exactly as Text writes them.
 func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, error) {
@@ -552,12 +567,10 @@ func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, er
 		ex = append(ex, &expr.Meta{Key: key, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name})
 	}
 	if r.Established {
-		ex = append(ex,
-			&expr.Ct{Register: 1, Key: expr.CtKeySTATE},
-			&expr.Bitwise{SourceRegister: 1, DestRegister: 1, Len: 4,
-				Mask: binaryutil.NativeEndian.PutUint32(expr.CtStateBitESTABLISHED | expr.CtStateBitRELATED),
-				Xor:  binaryutil.NativeEndian.PutUint32(0)},
-			&expr.Cmp{Op: expr.CmpOpNeq, Register: 1, Data: binaryutil.NativeEndian.PutUint32(0)})
+		ex = append(ex, ctState(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED)...)
+	}
+	if r.New {
+		ex = append(ex, ctState(expr.CtStateBitNEW)...)
 	}
 	switch {
 	case r.ND:
@@ -604,6 +617,9 @@ func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, er
 	}
 	if r.Over != nil {
 		ex = append(ex, &expr.Limit{Type: expr.LimitTypePktBytes, Rate: r.Over.PerSecond, Over: true, Unit: expr.LimitTimeSecond, Burst: r.Over.Burst})
+	}
+	if r.Log != "" {
+		ex = append(ex, &expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX, Group: LogGroup, Data: []byte(r.Log)}, &expr.Counter{})
 	}
 	if r.Drop {
 		return append(ex, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}), nil

@@ -54,6 +54,8 @@ type Rule struct {
 	// Established limits the rule to packets of established or related
 	// connections (the replies of what an outbound rule allowed).
 	Established bool
+	// New limits the rule to the first packet of a connection.
+	New bool
 	Lookup      *Lookup
 	// Iface matches the interface a packet arrives on (input) or leaves by
 	// (output): loopback, or the tunnel for segment traffic.
@@ -67,8 +69,15 @@ type Rule struct {
 	// Over narrows a rule to the packets above a byte rate: the rate
 	// limit's drop, placed just before the accept it polices.
 	Over *Rate
+	// Log sends each matching packet's headers to NFLOG group LogGroup
+	// with this prefix (a monitored segment's name), and counts it.
+	Log  string
 	Drop bool
 }
+
+// LogGroup is the NFLOG group monitor rules log to; the agent reads it
+// (package flowlog) in the table's namespace.
+const LogGroup = 4242
 
 // Rate is nftables' byte limit: refilled at PerSecond, holding one second
 // of that plus Burst.
@@ -152,8 +161,6 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 		via           string // the interface the group's traffic must use
 		limit         *Rate  // a cap in each direction
 	}
-	// rules holds one group's rules per chain, to be laid out below.
-	type rules struct{ in, out, fwd []Rule }
 	add := func(g group) (r rules) {
 		for _, v6 := range []bool{false, true} {
 			elems := normalize(family(g.elems, v6))
@@ -203,6 +210,11 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 			tunnel = append(tunnel, add(group{"seg_" + a.Segment, "segment " + a.Segment, elems, opt.Tunnel, rate(a.RateLimit)}))
 		}
 		tunnel = append(tunnel, gw)
+		if m := d.Monitor; m != nil {
+			for _, a := range m.Segments {
+				tunnel = append(tunnel, monitor(&rs, a, opt.Tunnel))
+			}
+		}
 	}
 	in := Chain{Name: "input", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
 	out := Chain{Name: "output", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
@@ -220,6 +232,43 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 	}
 	rs.Chains = []Chain{in, out, fwd}
 	return rs
+}
+
+// rules holds one group's rules per chain.
+type rules struct{ in, out, fwd []Rule }
+
+// monitor adds a monitored segment's sets (every destination it declares)
+// and rules: through the tunnel only, a new connection is logged, counted
+// and passed; its later packets and its replies pass. Rules that open the
+// segment come first, so what they open is never logged. The segment's
+// rate limit polices monitored traffic too.
+func monitor(rs *Ruleset, a localpolicy.Access, tun string) (r rules) {
+	var elems []Element
+	for _, dst := range a.Destinations {
+		elems = append(elems, elements(dst)...)
+	}
+	limit := rate(a.RateLimit)
+	comment := "monitor " + a.Segment
+	for _, v6 := range []bool{false, true} {
+		elems := normalize(family(elems, v6))
+		if len(elems) == 0 {
+			continue
+		}
+		name := "mon_" + a.Segment + map[bool]string{false: "_v4", true: "_v6"}[v6]
+		rs.Sets = append(rs.Sets, Set{Name: name, V6: v6, Elements: elems})
+		out := Rule{Comment: comment, Iface: tun, Lookup: &Lookup{Set: name, V6: v6, Addr: Dst, Port: Dst}}
+		in := Rule{Comment: comment + " replies", Iface: tun, Established: true, Lookup: &Lookup{Set: name, V6: v6, Addr: Src, Port: Src}}
+		if limit != nil {
+			r.out = append(r.out, overRate(out, limit))
+			r.in = append(r.in, overRate(in, limit))
+		}
+		logged := out
+		logged.Comment, logged.New, logged.Log = comment+" logged", true, a.Segment
+		out.Established = true
+		r.out = append(r.out, logged, out)
+		r.in = append(r.in, in)
+	}
+	return r
 }
 
 // overRate is the drop that polices r: the same match, narrowed to the
@@ -414,6 +463,9 @@ func (r Rule) text(chain string) string {
 	if r.Established {
 		parts = append(parts, "ct state established,related")
 	}
+	if r.New {
+		parts = append(parts, "ct state new")
+	}
 	switch {
 	case r.ND:
 		parts = append(parts, "icmpv6 type 133-136")
@@ -432,6 +484,9 @@ func (r Rule) text(chain string) string {
 		if r.Over.Burst > 0 {
 			parts = append(parts, fmt.Sprintf("burst %d bytes", r.Over.Burst))
 		}
+	}
+	if r.Log != "" {
+		parts = append(parts, fmt.Sprintf("log prefix %q group %d counter", r.Log, LogGroup))
 	}
 	if r.Drop {
 		parts = append(parts, "counter drop")

@@ -31,6 +31,14 @@ func desired(t *testing.T, class string, sticky localpolicy.Sticky) localpolicy.
 	if err != nil {
 		t.Fatal(err)
 	}
+	if class == "monitored-scanner" {
+		// Every segment monitored: open ones, a rate-limited partner's,
+		// one with icmp, one with v6.
+		class = "scanner"
+		c := doc.Classes[class]
+		c.Monitor = &policy.Monitor{Until: now.Add(time.Hour)}
+		doc.Classes[class] = c
+	}
 	return localpolicy.Evaluate(localpolicy.Input{
 		Bundle: &bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour), Policy: *doc},
 		Device: bundle.Device{Class: class}, Now: now, Sticky: sticky,
@@ -148,7 +156,7 @@ func TestApplyMatchesNftListing(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	ns := lab.NewNS(t, "nft")
 	e := NewEnforcer(WithNetNS(ns.FD()))
-	for _, class := range []string{"dock-gateway", "scanner", "telematics"} {
+	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner"} {
 		rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
 		if _, err := e.Apply(rs); err != nil {
 			t.Fatalf("%s: Apply: %v", class, err)
@@ -166,9 +174,15 @@ func TestApplyMatchesNftListing(t *testing.T) {
 // The same ruleset loaded by nft -f from Text and built through netlink
 // must list identically: our netlink encoding is what nft itself makes.
 func TestNetlinkMatchesNftText(t *testing.T) {
+	for _, class := range []string{"dock-gateway", "monitored-scanner"} {
+		t.Run(class, func(t *testing.T) { netlinkMatchesNftText(t, class) })
+	}
+}
+
+func netlinkMatchesNftText(t *testing.T, class string) {
 	lab.RequirePrivileged(t, "nft")
 	viaNetlink, viaText := lab.NewNS(t, "nl"), lab.NewNS(t, "txt")
-	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
+	rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
 	if _, err := NewEnforcer(WithNetNS(viaNetlink.FD())).Apply(rs); err != nil {
 		t.Fatal(err)
 	}
