@@ -62,6 +62,8 @@ type Status struct {
 	Tunnel TunnelStatus        `json:"tunnel"`
 	// Control is the control channel; absent until the device enrols.
 	Control *ControlStatus `json:"control,omitempty"`
+	// Monitor is the monitor in force, or the flows the last one saw.
+	Monitor *MonitorStatus `json:"monitor,omitempty"`
 }
 
 // TunnelStatus is the WireGuard device and its peers. The private key is
@@ -135,6 +137,7 @@ func (a *Agent) status() *Status {
 		s.Open = append(s.Open, seg.Segment)
 	}
 	s.Tunnel = a.tunnelStatus()
+	s.Monitor = a.monitorStatus()
 	s.Control = a.ch.status.Load()
 	if a.ch.rec != nil {
 		s.DeviceID = a.ch.rec.DeviceID

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
@@ -87,6 +88,7 @@ type Agent struct {
 	stale      chan struct{}
 	// lastInventory is the inventory last reported.
 	lastInventory string
+	mon           monitorState
 }
 
 // Option adjusts an Agent; tests use them.
@@ -114,6 +116,7 @@ func New(cfg *Config, opts ...Option) *Agent {
 	a.ch.synced, a.ch.kick = make(chan syncResult), make(chan struct{}, 1)
 	a.sample.kick, a.sample.samples = make(chan struct{}, 1), make(chan sample)
 	a.fixes, a.stale = make(chan gpsd.Position, 1), make(chan struct{}, 1)
+	a.mon.flows = make(chan controlapi.Flow, 64)
 	for _, o := range opts {
 		o(a)
 	}
@@ -250,6 +253,7 @@ func (a *Agent) reconcile(why string) error {
 	// accept only packets on the tunnel interface, so a destination whose
 	// peer is gone (its route falls back to the uplink) is already dropped.
 	a.applyTunnel()
+	a.syncFlowLog()
 	a.ruleset = nft.Build(a.desired, nft.Options{DHCP: *a.cfg.DHCP, Tunnel: a.cfg.Tunnel.Interface})
 	changed, err := a.enforcer.Apply(a.ruleset)
 	if err != nil {
@@ -290,6 +294,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.startSampler(ctx)
 	a.startLocation(ctx)
 	startTrimmer(ctx)
+	a.syncFlowLog() // a monitor applied at boot
 
 	drift := time.NewTicker(driftCheckEvery)
 	defer drift.Stop()
@@ -299,6 +304,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer peers.Stop()
 	drop := time.NewTicker(dropScanEvery)
 	defer drop.Stop()
+	flows := time.NewTicker(flowReportEvery)
+	defer flows.Stop()
 	next := time.NewTimer(a.untilNextChange())
 	defer next.Stop()
 	for {
@@ -310,6 +317,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.enforcer.Close()
 			if a.tun != nil {
 				a.tun.Close()
+			}
+			if a.mon.reader != nil {
+				a.mon.reader.Close()
 			}
 			if a.ch.spool != nil {
 				a.ch.spool.Close()
@@ -337,8 +347,13 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.startTunnel()
 			}
 			a.applyTunnel() // also restores peers edited by hand
+			a.syncFlowLog() // retries a group that could not be bound
 		case <-drop.C:
 			a.scanDropDir()
+		case f := <-a.mon.flows:
+			a.mon.log.Add(f, a.clock.Now())
+		case <-flows.C:
+			a.reportFlows()
 		}
 		next.Reset(a.untilNextChange())
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -129,6 +130,7 @@ func printStatus(env *subcmd.Env, s *agent.Status) {
 		fmt.Fprintf(w, "next      %s\n", s.NextChange.UTC().Format(time.RFC3339))
 	}
 	printTunnel(env, s.Tunnel)
+	printMonitor(env, s.Monitor)
 	switch c := s.Control; {
 	case c == nil:
 		fmt.Fprintf(w, "control   not enrolled (bulkhead enroll)\n")
@@ -136,6 +138,32 @@ func printStatus(env *subcmd.Env, s *agent.Status) {
 		fmt.Fprintf(w, "control   %s, connected, last sync %s\n", c.URL, c.LastSync.UTC().Format(time.RFC3339))
 	default:
 		fmt.Fprintf(w, "control   %s, NOT CONNECTED: %s (enforcing from the cache meanwhile)\n", c.URL, c.Error)
+	}
+}
+
+func printMonitor(env *subcmd.Env, m *agent.MonitorStatus) {
+	if m == nil {
+		return
+	}
+	w := env.Stdout
+	if m.Until.IsZero() {
+		fmt.Fprintf(w, "monitor   ended; %d flows seen\n", len(m.Flows))
+	} else {
+		fmt.Fprintf(w, "monitor   until %s on %s: what no rule opens is logged and passed; %d flows seen\n",
+			m.Until.UTC().Format(time.RFC3339), strings.Join(m.Segments, ", "), len(m.Flows))
+	}
+	if m.Error != "" {
+		fmt.Fprintf(w, "  FLOWS NOT READ %s (they still pass, counted in the table)\n", m.Error)
+	}
+	if m.Overflow > 0 || m.Lost > 0 {
+		fmt.Fprintf(w, "  %d connections beyond the flow table's size not itemized, %d kernel log overruns\n", m.Overflow, m.Lost)
+	}
+	for _, f := range m.Flows {
+		to := f.Address.String()
+		if f.Port != 0 {
+			to = netip.AddrPortFrom(f.Address, f.Port).String()
+		}
+		fmt.Fprintf(w, "  flow %s %s %s: %d connections, last %s\n", f.Segment, f.Protocol, to, f.Count, f.Last.UTC().Format(time.RFC3339))
 	}
 }
 

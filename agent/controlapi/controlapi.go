@@ -13,12 +13,14 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"strings"
 	"time"
 
 	"github.com/go-json-experiment/json"
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 // Paths. Device paths need a device certificate, admin paths an ops one;
@@ -33,6 +35,7 @@ const (
 	PathAdminBundles  = "/v1/admin/bundles" // POST a signed bundle
 	PathAdminCommands = "/v1/admin/commands"
 	PathAdminAudit    = "/v1/admin/audit"
+	PathAdminFlows    = "/v1/admin/flows" // GET ?class=C
 )
 
 // URI SANs that say what a client certificate is for.
@@ -192,6 +195,31 @@ type Device struct {
 	Reports []Event `json:"reports,omitzero"`
 	// ReportsDropped sums what the device's outbox discarded.
 	ReportsDropped uint64 `json:"reports_dropped,omitzero"`
+}
+
+// EventFlows is the report kind whose detail is a JSON array of
+// ObservedFlow: what a monitored device opened since its previous such
+// report, with the connections counted in that time.
+const EventFlows = "flows-observed"
+
+// Flow is a connection a device opened in monitor mode that no rule of its
+// class opened: to Address on Port (0 for protocols without ports) over
+// Protocol (tcp, udp, icmp; any for others) in Segment.
+type Flow struct {
+	Segment  string          `json:"segment"`
+	Protocol policy.Protocol `json:"protocol"`
+	Address  netip.Addr      `json:"address"`
+	Port     uint16          `json:"port,omitzero"`
+}
+
+// ObservedFlow is a flow, how many new connections made it, and when the
+// first and the last were seen. Control's answer also names the devices.
+type ObservedFlow struct {
+	Flow    `json:",inline"`
+	Count   uint64    `json:"count"`
+	First   time.Time `json:"first"`
+	Last    time.Time `json:"last"`
+	Devices []string  `json:"devices,omitzero"`
 }
 
 // AuditEntry is one line of the server's audit log.
