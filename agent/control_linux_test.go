@@ -150,6 +150,16 @@ func (s *controlSite) bundle(t *testing.T, version uint64) string {
 // bundleWith is bundle with change made to the policy before signing.
 func (s *controlSite) bundleWith(t *testing.T, version uint64, change func(*policy.Document)) string {
 	t.Helper()
+	path := filepath.Join(t.TempDir(), "policy.dsse")
+	if err := os.WriteFile(path, signFor(t, version, s.policyWith(t, change), s.opsKey), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// policyWith is the policy bundle signs, with change made to it.
+func (s *controlSite) policyWith(t *testing.T, change func(*policy.Document)) *policy.Document {
+	t.Helper()
 	doc, err := policy.Parse([]byte(fmt.Sprintf(`{
   "schema": "bulkhead.policy/v1",
   "control": [{"address": "10.99.0.1", "port": 8443}],
@@ -173,11 +183,7 @@ func (s *controlSite) bundleWith(t *testing.T, version uint64, change func(*poli
 			t.Fatal(err)
 		}
 	}
-	path := filepath.Join(t.TempDir(), "policy.dsse")
-	if err := os.WriteFile(path, signFor(t, version, doc, s.opsKey), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return path
+	return doc
 }
 
 // signed posts a command envelope through the admin API, as a thief of

@@ -2,11 +2,16 @@ package agent
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	jsonv2 "github.com/go-json-experiment/json"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
@@ -169,4 +174,81 @@ func kinds(events []store.Event) []string {
 		out = append(out, e.Kind)
 	}
 	return out
+}
+
+// Discovery end to end, all real binaries over mTLS: a class with no
+// rules, monitored; a device opens two flows; control collects them;
+// `bulkhead-control policy suggest` drafts rules for exactly those two;
+// once the draft is signed and pushed the device reaches exactly them,
+// and a host of the same segment it never used stays shut.
+func TestMonitorThenPolicySuggest(t *testing.T) {
+	s := newControlSite(t)
+	s.a.start(t)
+	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+		t.Fatalf("enroll: %v %s", err, out)
+	}
+	pub := s.a.status(t).Tunnel.PublicKey
+	s.gw1.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
+	s.gw2.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
+	unused := netip.MustParseAddrPort("10.20.1.11:443")
+	s.gw1.Serve(t, unused.Addr(), unused.Port())
+
+	monitored := s.policyWith(t, func(doc *policy.Document) {
+		doc.Classes["scanner"] = policy.Class{Monitor: &policy.Monitor{Until: time.Now().Add(time.Hour).UTC().Truncate(time.Second)}}
+	})
+	inForce := filepath.Join(t.TempDir(), "policy.json")
+	raw, err := jsonv2.Marshal(monitored)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, inForce, string(raw))
+	bundle := filepath.Join(t.TempDir(), "v1.dsse")
+	writeFile(t, bundle, string(signFor(t, 1, monitored, s.opsKey)))
+	s.ctl.MustCLI(t, "policy", "push", bundle)
+	waitLong(t, "policy v1", func() bool { return s.a.status(t).PolicyVersion == 1 })
+
+	for _, ap := range []netip.AddrPort{wmsHost, financeHost} {
+		if !lab.ReachesWithin(t, s.a.ns, "tcp", ap, 10*time.Second) {
+			t.Fatalf("%s dropped while monitored", ap)
+		}
+	}
+	waitLong(t, "both flows at control", func() bool {
+		out, err := s.ctl.CLI("policy", "suggest", "--class", "scanner", inForce)
+		return err == nil && strings.Contains(out, "2 rules added")
+	})
+	draftFile := filepath.Join(t.TempDir(), "draft.json")
+	out := s.ctl.MustCLI(t, "policy", "suggest", "--class", "scanner", "--out", draftFile, inForce)
+	if !strings.Contains(out, "2 flows observed for class scanner by 1 devices; 2 rules added") {
+		t.Errorf("suggest said:\n%s", out)
+	}
+	data, err := os.ReadFile(draftFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	draft, err := policy.Parse(data)
+	if err != nil {
+		t.Fatalf("the draft is not a valid policy: %v", err)
+	}
+	want := []policy.Rule{
+		{Segment: "finance", Hosts: []netip.Prefix{netip.PrefixFrom(financeHost.Addr(), 32)}, Protocol: policy.TCP, Ports: []policy.PortRange{{First: 443, Last: 443}}},
+		{Segment: "wms", Hosts: []netip.Prefix{netip.PrefixFrom(wmsHost.Addr(), 32)}, Protocol: policy.TCP, Ports: []policy.PortRange{{First: 443, Last: 443}}},
+	}
+	if got := draft.Classes["scanner"]; got.Monitor != nil || fmt.Sprint(got.Rules) != fmt.Sprint(want) {
+		t.Fatalf("draft for scanner: rules %+v, monitor %+v; want exactly %+v and no monitor", got.Rules, got.Monitor, want)
+	}
+
+	writeFile(t, bundle, string(signFor(t, 2, draft, s.opsKey)))
+	s.ctl.MustCLI(t, "policy", "push", bundle)
+	waitLong(t, "the draft as v2", func() bool { return s.a.status(t).PolicyVersion == 2 })
+	if st := s.a.status(t); st.Monitor == nil || !st.Monitor.Until.IsZero() || len(st.Open) != 2 {
+		t.Errorf("after v2: open %v, monitor %+v; want wms and finance open, the monitor ended", st.Open, st.Monitor)
+	}
+	for _, ap := range []netip.AddrPort{wmsHost, financeHost} {
+		if !lab.Reaches(t, s.a.ns, "tcp", ap) {
+			t.Errorf("%s, observed and drafted, is not reachable under the draft", ap)
+		}
+	}
+	if lab.Reaches(t, s.a.ns, "tcp", unused) {
+		t.Errorf("%s, never observed, is reachable under the draft", unused)
+	}
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
-	"net/netip"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -159,11 +158,7 @@ func printMonitor(env *subcmd.Env, m *agent.MonitorStatus) {
 		fmt.Fprintf(w, "  %d connections beyond the flow table's size not itemized, %d kernel log overruns\n", m.Overflow, m.Lost)
 	}
 	for _, f := range m.Flows {
-		to := f.Address.String()
-		if f.Port != 0 {
-			to = netip.AddrPortFrom(f.Address, f.Port).String()
-		}
-		fmt.Fprintf(w, "  flow %s %s %s: %d connections, last %s\n", f.Segment, f.Protocol, to, f.Count, f.Last.UTC().Format(time.RFC3339))
+		fmt.Fprintf(w, "  flow %s %s %s: %d connections, last %s\n", f.Segment, f.Protocol, f.Target(), f.Count, f.Last.UTC().Format(time.RFC3339))
 	}
 }
 

@@ -212,6 +212,14 @@ type Flow struct {
 	Port     uint16          `json:"port,omitzero"`
 }
 
+// Target is where the flow went: address:port, or the address alone.
+func (f Flow) Target() string {
+	if f.Port == 0 {
+		return f.Address.String()
+	}
+	return netip.AddrPortFrom(f.Address, f.Port).String()
+}
+
 // ObservedFlow is a flow, how many new connections made it, and when the
 // first and the last were seen. Control's answer also names the devices.
 type ObservedFlow struct {

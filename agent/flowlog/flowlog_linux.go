@@ -27,7 +27,7 @@ const (
 
 // Reader is a socket bound to one NFLOG group.
 type Reader struct {
-	c    *netlink.Conn
+	c      *netlink.Conn
 	lost   atomic.Uint64
 	closed atomic.Bool
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -22,8 +23,11 @@ import (
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 	"github.com/bulkhead-edge/bulkhead/control/server"
+	"github.com/bulkhead-edge/bulkhead/control/suggest"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 func serveCmd() *subcmd.Command {
@@ -310,4 +314,90 @@ func printJSON(env *subcmd.Env, v any) error {
 	}
 	_, err = fmt.Fprintf(env.Stdout, "%s\n", raw)
 	return err
+}
+
+func suggestCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "suggest", Args: "POLICY.json",
+		Summary: "Draft least-privilege rules for a class from the flows its devices were seen to need in\n" +
+			"monitor mode: the policy with rules added that open exactly those flows (host, protocol,\n" +
+			"port) and the class's monitor removed. Review it, then sign it. Flows no rule is drafted\n" +
+			"for are listed with the reason.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			connect := adminFlags(fs)
+			class := fs.String("class", "", "device `CLASS` to draft rules for (required)")
+			out := fs.String("out", "", "write the draft to `FILE` (default: standard output)")
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) != 1 || *class == "" {
+					return subcmd.Usagef("policy suggest needs --class CLASS and the policy file in force")
+				}
+				doc, err := readPolicy(args[0])
+				if err != nil {
+					return err
+				}
+				a, err := connect()
+				if err != nil {
+					return err
+				}
+				var flows []controlapi.ObservedFlow
+				if err := a.call("GET", controlapi.PathAdminFlows+"?class="+url.QueryEscape(*class), nil, &flows); err != nil {
+					return err
+				}
+				d, err := suggest.Rules(doc, *class, flows)
+				if err != nil {
+					return err
+				}
+				raw, err := json.Marshal(d.Policy, jsontext.WithIndent("  "))
+				if err != nil {
+					return err
+				}
+				raw = append(raw, '\n')
+				if *out == "" {
+					env.Stdout.Write(raw)
+				} else if err := atomicfile.Write(*out, raw, 0o644); err != nil {
+					return err
+				}
+				devices := map[string]bool{}
+				for _, f := range flows {
+					for _, id := range f.Devices {
+						devices[id] = true
+					}
+				}
+				w := env.Stderr
+				fmt.Fprintf(w, "%d flows observed for class %s by %d devices; %d rules added\n", len(flows), *class, len(devices), len(d.Added))
+				for _, r := range d.Added {
+					fmt.Fprintf(w, "  + %s\n", ruleText(r))
+				}
+				for _, u := range d.Unmatched {
+					fmt.Fprintf(w, "  not drafted: %s %s %s: %s\n", u.Flow.Segment, u.Flow.Protocol, u.Flow.Target(), u.Why)
+				}
+				if len(flows) == 0 {
+					fmt.Fprintf(w, "nothing observed yet: is a monitor in the class's signed policy, and have its devices reported?\n")
+				}
+				return nil
+			}
+		},
+	}
+}
+
+func ruleText(r policy.Rule) string {
+	s := "segment " + r.Segment
+	var hosts []string
+	for _, h := range r.Hosts {
+		hosts = append(hosts, h.String())
+	}
+	if len(hosts) > 0 {
+		s += " hosts " + strings.Join(hosts, ",")
+	}
+	if r.Protocol != "" {
+		s += " " + string(r.Protocol)
+	}
+	var ports []string
+	for _, p := range r.Ports {
+		ports = append(ports, p.String())
+	}
+	if len(ports) > 0 {
+		s += " ports " + strings.Join(ports, ",")
+	}
+	return s
 }

@@ -210,6 +210,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST "+controlapi.PathAdminBundles, s.ops(s.pushBundle))
 	mux.HandleFunc("POST "+controlapi.PathAdminCommands, s.ops(s.command))
 	mux.HandleFunc("GET "+controlapi.PathAdminAudit, s.ops(s.audit))
+	mux.HandleFunc("GET "+controlapi.PathAdminFlows, s.ops(s.flows))
 	return mux
 }
 
@@ -566,4 +567,19 @@ func (s *Server) audit(w http.ResponseWriter, _ *http.Request, _ string) {
 		return
 	}
 	reply(w, log)
+}
+
+// flows answers the observed flows of ?class=, for policy suggest.
+func (s *Server) flows(w http.ResponseWriter, r *http.Request, _ string) {
+	class := r.URL.Query().Get("class")
+	if class == "" {
+		fail(w, http.StatusBadRequest, "name a device class: ?class=CLASS")
+		return
+	}
+	flows, err := s.db.flows(class)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	reply(w, flows)
 }

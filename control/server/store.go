@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
@@ -23,7 +24,12 @@ var (
 	bucketCommands = []byte("commands") // seq -> command record
 	bucketReports  = []byte("reports")  // id 0x00 seq -> event
 	bucketAudit    = []byte("audit")    // seq -> audit entry
+	bucketFlows    = []byte("flows")    // class 0x00 flow -> observed flow
 )
+
+// flowsKept bounds the observed flows kept, all classes together: what
+// devices in monitor mode can fill with a scan.
+const flowsKept = 10000
 
 // reportsKept is how many events per device the server keeps.
 const reportsKept = 1000
@@ -61,7 +67,7 @@ func openDB(path string) (*db, error) {
 		return nil, fmt.Errorf("open %s: %w (is another bulkhead-control serve using it?)", path, err)
 	}
 	err = b.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketCommands, bucketReports, bucketAudit} {
+		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketCommands, bucketReports, bucketAudit, bucketFlows} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -290,6 +296,11 @@ func (d *db) addReports(id string, req controlapi.ReportRequest) (uint64, error)
 				if err := put(b, key, e); err != nil {
 					return err
 				}
+				if e.Kind == controlapi.EventFlows {
+					if err := addFlows(tx, id, e.Detail); err != nil {
+						return err
+					}
+				}
 			}
 			acked = max(acked, e.Seq)
 		}
@@ -356,4 +367,73 @@ func (d *db) auditLog() ([]controlapi.AuditEntry, error) {
 
 func (d *db) recordAudit(now time.Time, actor, action, detail string) error {
 	return d.bolt.Update(func(tx *bolt.Tx) error { return audit(tx, now, actor, action, detail) })
+}
+
+// addFlows merges a device's flows-observed report into its class's
+// observed flows: counts add up, first and last widen, devices are
+// listed once. A report that does not decode is kept as an event but
+// adds nothing.
+func addFlows(tx *bolt.Tx, id, detail string) error {
+	dev, ok, err := get[controlapi.Device](tx.Bucket(bucketDevices), []byte(id))
+	if err != nil || !ok {
+		return err
+	}
+	var flows []controlapi.ObservedFlow
+	if json.Unmarshal([]byte(detail), &flows) != nil {
+		return nil
+	}
+	b := tx.Bucket(bucketFlows)
+	prefix := append([]byte(dev.Class), 0)
+	n := b.Stats().KeyN // an estimate is enough for a bound
+	for _, f := range flows {
+		key, err := json.Marshal(f.Flow, json.Deterministic(true))
+		if err != nil {
+			return err
+		}
+		key = append(slices.Clone(prefix), key...)
+		have, ok, err := get[controlapi.ObservedFlow](b, key)
+		if err != nil {
+			return err
+		}
+		if !ok {
+			if n >= flowsKept {
+				continue
+			}
+			n++
+			have = controlapi.ObservedFlow{Flow: f.Flow, First: f.First}
+		}
+		have.Count += f.Count
+		if f.First.Before(have.First) {
+			have.First = f.First
+		}
+		if f.Last.After(have.Last) {
+			have.Last = f.Last
+		}
+		if !slices.Contains(have.Devices, id) {
+			have.Devices = append(have.Devices, id)
+			slices.Sort(have.Devices)
+		}
+		if err := put(b, key, have); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// flows lists the observed flows of a class.
+func (d *db) flows(class string) ([]controlapi.ObservedFlow, error) {
+	out := []controlapi.ObservedFlow{}
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		prefix := append([]byte(class), 0)
+		c := tx.Bucket(bucketFlows).Cursor()
+		for k, v := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, v = c.Next() {
+			var f controlapi.ObservedFlow
+			if err := json.Unmarshal(v, &f); err != nil {
+				return fmt.Errorf("stored flow %s: %w", k, err)
+			}
+			out = append(out, f)
+		}
+		return nil
+	})
+	return out, err
 }
