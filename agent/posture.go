@@ -227,6 +227,10 @@ func inventory(f *posture.Facts) string {
 		Agent     string              `json:"agent"`
 		Listeners []sock              `json:"listeners"`
 		Addrs     map[string][]string `json:"addrs"`
+		// Peers connected to a listener here, by address; Destinations
+		// this device connected to, by address and port.
+		Peers        []string `json:"peers,omitzero"`
+		Destinations []string `json:"destinations,omitzero"`
 	}{Hostname: f.Hostname, OS: f.OS + " " + f.OSVersion, Kernel: f.Kernel, Arch: f.Arch, Agent: f.AgentVersion, Addrs: map[string][]string{}}
 	names := map[int32]string{}
 	for _, p := range f.Processes {
@@ -239,6 +243,7 @@ func inventory(f *posture.Facts) string {
 		return cmp.Compare(x.Protocol+" "+x.Local, y.Protocol+" "+y.Local)
 	})
 	inv.Listeners = slices.Compact(inv.Listeners)
+	inv.Peers, inv.Destinations = observed(f)
 	for _, i := range f.Interfaces {
 		for _, p := range i.Addrs {
 			inv.Addrs[i.Name] = append(inv.Addrs[i.Name], p.String())
@@ -246,6 +251,36 @@ func inventory(f *posture.Facts) string {
 	}
 	out, _ := json.Marshal(inv, json.Deterministic(true))
 	return string(out)
+}
+
+// maxObserved bounds each list of observed peers and destinations in an
+// inventory, so a busy gateway's report stays small.
+const maxObserved = 64
+
+// observed sorts the established connections into peers (the remote
+// address of a connection to one of the device's listening ports) and
+// destinations (the remote address and port of one the device opened).
+func observed(f *posture.Facts) (peers, dsts []string) {
+	listening := map[string]bool{}
+	for _, l := range f.Listeners {
+		listening[fmt.Sprint(l.Protocol, l.Local.Port())] = true
+	}
+	for _, c := range f.Established {
+		if !c.Remote.IsValid() || c.Remote.Addr().IsLoopback() {
+			continue
+		}
+		if listening[fmt.Sprint(c.Protocol, c.Local.Port())] {
+			peers = append(peers, c.Remote.Addr().String())
+		} else {
+			dsts = append(dsts, c.Protocol+" "+c.Remote.String())
+		}
+	}
+	bound := func(s []string) []string {
+		slices.Sort(s)
+		s = slices.Compact(s)
+		return s[:min(len(s), maxObserved)]
+	}
+	return bound(peers), bound(dsts)
 }
 
 // startLocation follows gpsd, when configured, until ctx ends: every fix
