@@ -55,8 +55,8 @@ type Rule struct {
 	// connections (the replies of what an outbound rule allowed).
 	Established bool
 	// New limits the rule to the first packet of a connection.
-	New bool
-	Lookup      *Lookup
+	New    bool
+	Lookup *Lookup
 	// Iface matches the interface a packet arrives on (input) or leaves by
 	// (output): loopback, or the tunnel for segment traffic.
 	Iface string
