@@ -23,7 +23,14 @@ FUZZTIME ?= 100000x
 # What the kernel-facing tests drive or read back with.
 TEST_DEBS := iproute2 nftables wireguard-tools wireguard-go iperf3 curl gpsd gpsd-clients
 
-.PHONY: all build test lint fuzz bench demo deps go clean
+# The pure packages (decision core, formats, caches) whose tests run for
+# ARM under qemu-user in `make cross-test`. TestGatherReadsThisHost is
+# skipped there: under qemu-user a process's executable is qemu itself.
+CROSS_TEST_PKGS := ./localpolicy ./localpolicy/policy ./localpolicy/bundle ./localpolicy/command \
+	./localpolicy/opskey ./localpolicy/strictjson ./localpolicy/trustedtime ./localpolicy/store \
+	./agent/spool ./agent/cli ./control/suggest ./posture ./posture/gpsd
+
+.PHONY: all build test lint fuzz bench demo deps go clean cross cross-test
 
 all: build
 
@@ -60,8 +67,19 @@ bench: deps
 	@.ci/ensure-debs $(TEST_DEBS)
 	go run ./bench/cmd/bulkhead-bench -out bench/RESULTS.md
 
+# Static, stripped, reproducible agents for every target into dist/, each
+# built a second time from an empty build cache and compared; fails over
+# the arm64 size budget (cross/).
+cross: deps
+	go run ./cross/cmd/bulkhead-cross -out dist -version $(VERSION) -check
+
+cross-test: deps
+	@.ci/ensure-debs qemu-user-static
+	GOARCH=arm64 CGO_ENABLED=0 go test -count=1 -exec qemu-aarch64-static -skip TestGatherReadsThisHost $(CROSS_TEST_PKGS)
+	GOARCH=arm GOARM=7 CGO_ENABLED=0 go test -count=1 -exec qemu-arm-static -skip TestGatherReadsThisHost $(CROSS_TEST_PKGS)
+
 demo: build
 	@lab/demo-policy.sh bin
 
 clean:
-	rm -rf bin
+	rm -rf bin dist

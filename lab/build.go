@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"sync"
 	"testing"
+
+	"github.com/bulkhead-edge/bulkhead/cross"
 )
 
 var builds struct {
@@ -14,13 +16,11 @@ var builds struct {
 	bins map[string]string
 }
 
-// AgentTags are the tags the agent is released with (the Makefile's
-// AGENT_TAGS): nethttpomithttp2 leaves HTTP/2 out of net/http. The agent's
-// one HTTP client holds a single HTTP/1.1 long-poll to its control server,
-// and the 350 KB of HTTP/2 code would be resident in every agent for
-// nothing. The control server keeps HTTP/2 (and must: built with the tag,
-// Go 1.26's server still offers h2 in TLS and then cannot speak it).
-const AgentTags = "nethttpomithttp2"
+// AgentTags are the tags the agent is released with (cross.AgentTags,
+// the Makefile's AGENT_TAGS). The control server keeps HTTP/2 (and must:
+// built with the tag, Go 1.26's server still offers h2 in TLS and then
+// cannot speak it).
+const AgentTags = cross.AgentTags
 
 // Binary builds a command of this module (such as "cmd/bulkhead") once
 // per process, static, stripped and tagged as releases are, and returns its path.
