@@ -43,6 +43,9 @@ type MonitorStatus struct {
 func (a *Agent) syncFlowLog() {
 	want := a.desired.Monitor != nil && a.ch.runCtx != nil
 	m := &a.mon
+	if m.reader != nil && m.reader.Closed() { // its reading failed: bind afresh
+		m.reader = nil
+	}
 	switch {
 	case want && m.reader == nil:
 		r, err := flowlog.Open(a.enforcer.NetNS(), nft.LogGroup)
@@ -63,7 +66,8 @@ func (a *Agent) syncFlowLog() {
 				}
 			})
 			if err != nil {
-				a.log.Error("monitor mode: reading logged flows stopped", "err", err)
+				a.log.Error("monitor mode: reading logged flows stopped; binding again at the next tunnel check", "err", err)
+				r.Close()
 			}
 		}()
 	case !want && m.reader != nil:
@@ -91,10 +95,11 @@ func (a *Agent) reportFlows() {
 
 func (a *Agent) monitorStatus() *MonitorStatus {
 	d := a.desired.Monitor
-	if d == nil && len(a.mon.log.All()) == 0 {
+	flows := a.mon.log.All()
+	if d == nil && len(flows) == 0 {
 		return nil
 	}
-	s := &MonitorStatus{Error: a.mon.err, Flows: a.mon.log.All(), Overflow: a.mon.log.Overflow, Segments: []string{}}
+	s := &MonitorStatus{Error: a.mon.err, Flows: flows, Overflow: a.mon.log.Overflow, Segments: []string{}}
 	if d != nil {
 		s.Until = d.Until
 		for _, seg := range d.Segments {

@@ -98,6 +98,9 @@ func (r *Reader) Read(fn func(controlapi.Flow)) error {
 	}
 }
 
+// Closed reports whether Close was called.
+func (r *Reader) Closed() bool { return r.closed.Load() }
+
 // Close unbinds the group (the kernel does it with the socket) and makes
 // Read return.
 func (r *Reader) Close() error {
