@@ -23,15 +23,17 @@ type Control struct {
 	bin         string
 	cmd         *exec.Cmd
 	keepAlive   time.Duration
+	opsPub      []string // ops.pub files it publishes at enrolment
 }
 
 // StartControl runs `bulkhead-control serve` in ns on addr with its data
 // in a fresh directory, and waits until it prints its CA fingerprint.
-// keepAlive 0 keeps the server's default.
-func StartControl(t testing.TB, ns *NS, addr netip.AddrPort, keepAlive time.Duration) *Control {
+// keepAlive 0 keeps the server's default; opsPub are ops.pub files it
+// publishes to enrolling devices, for their installer to pin.
+func StartControl(t testing.TB, ns *NS, addr netip.AddrPort, keepAlive time.Duration, opsPub ...string) *Control {
 	t.Helper()
 	c := &Control{NS: ns, URL: "https://" + addr.String(), Data: t.TempDir(), addr: addr,
-		bin: Binary(t, "cmd/bulkhead-control"), keepAlive: keepAlive}
+		bin: Binary(t, "cmd/bulkhead-control"), keepAlive: keepAlive, opsPub: opsPub}
 	c.Start(t)
 	t.Cleanup(c.Stop)
 	return c
@@ -43,6 +45,9 @@ func (c *Control) Start(t testing.TB) {
 	argv := []string{c.bin, "serve", "--data", c.Data, "--listen", c.addr.String(), "--name", c.addr.Addr().String()}
 	if c.keepAlive > 0 {
 		argv = append(argv, "--keepalive", c.keepAlive.String())
+	}
+	for _, f := range c.opsPub {
+		argv = append(argv, "--ops-pub", f)
 	}
 	c.cmd = c.NS.Command(argv...)
 	out, err := c.cmd.StdoutPipe()

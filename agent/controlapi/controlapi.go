@@ -76,7 +76,9 @@ type Error struct {
 // EnrollRequest is what a device sends with its token.
 type EnrollRequest struct {
 	Token string `json:"token"`
-	Class string `json:"class"`
+	// Class is the device class the device was configured as; empty
+	// takes the class the token was made for.
+	Class string `json:"class,omitzero"`
 	// Hostname is informational, for the ops desk.
 	Hostname string `json:"hostname,omitzero"`
 	// CSR is a PKCS#10 request (DER) signed by the device's identity key;
@@ -98,6 +100,14 @@ type EnrollResponse struct {
 	CommandKey []byte `json:"command_key"`
 	// Cursor is where this device's command stream starts.
 	Cursor uint64 `json:"cursor"`
+	// Class is the class the device was enrolled as (the token's).
+	Class string `json:"class"`
+	// OpsKeys are the ops public keys (raw Ed25519) and OpsThreshold how
+	// many must sign, as the server was told to publish them. The
+	// installer pins them in the device's configuration at install; the
+	// agent itself trusts only its configuration and signed rotations.
+	OpsKeys      [][]byte `json:"ops_keys,omitzero"`
+	OpsThreshold int      `json:"ops_threshold,omitzero"`
 }
 
 // DeviceState is what the agent enforces, sent with every sync so the ops

@@ -50,6 +50,11 @@ type Record struct {
 	CA         []byte         `json:"ca"`
 	CommandKey []byte         `json:"command_key"`
 	Cursor     uint64         `json:"cursor"`
+	// OpsKeys and OpsThreshold are the ops trust root the server
+	// published at enrolment (raw Ed25519 keys), for the installer to pin
+	// in the configuration. The agent never trusts them from here.
+	OpsKeys      [][]byte `json:"ops_keys,omitzero"`
+	OpsThreshold int      `json:"ops_threshold,omitzero"`
 }
 
 // ErrNotEnrolled is returned by Load on a device that never enrolled.
@@ -97,17 +102,7 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 		return nil, err
 	}
 	var seenCA *x509.Certificate
-	tlsCfg := &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		// The chain is checked below against the pinned CA instead of the
-		// system roots: an enrolment trusts exactly one CA.
-		InsecureSkipVerify: true,
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			ca, err := pinned(cs, fp)
-			seenCA = ca
-			return err
-		},
-	}
+	tlsCfg := pinnedTLS(fp, &seenCA)
 	c := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsCfg, DialContext: dialTo(endpoint)}}
 	var resp controlapi.EnrollResponse
 	err = post(ctx, c, rawURL+controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, Hostname: host, CSR: csr, WireGuardKey: wgKey}, &resp, nil)
@@ -127,7 +122,16 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 	if len(resp.CommandKey) != ed25519.PublicKeySize {
 		return nil, errors.New("enrolment answer: no command key")
 	}
-	rec := &Record{URL: rawURL, Fingerprint: fp, DeviceID: resp.DeviceID, Class: class, Endpoint: endpoint, CA: resp.CA, CommandKey: resp.CommandKey, Cursor: resp.Cursor}
+	if resp.Class == "" || class != "" && resp.Class != class {
+		return nil, fmt.Errorf("enrolment answer: enrolled as class %q, not %q", resp.Class, class)
+	}
+	for _, k := range resp.OpsKeys {
+		if len(k) != ed25519.PublicKeySize {
+			return nil, errors.New("enrolment answer: an ops key is not an Ed25519 public key")
+		}
+	}
+	rec := &Record{URL: rawURL, Fingerprint: fp, DeviceID: resp.DeviceID, Class: resp.Class, Endpoint: endpoint, CA: resp.CA,
+		CommandKey: resp.CommandKey, Cursor: resp.Cursor, OpsKeys: resp.OpsKeys, OpsThreshold: resp.OpsThreshold}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(identity)
 	if err != nil {
 		return nil, err
@@ -151,6 +155,52 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 		}
 	}
 	return rec, nil
+}
+
+// pinnedTLS is the client side of an enrolment: TLS 1.3, and the chain
+// checked against the CA pinned by fingerprint instead of the system
+// roots, so an enrolment trusts exactly one CA. The CA found is stored in
+// seen.
+func pinnedTLS(fp string, seen **x509.Certificate) *tls.Config {
+	return &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		InsecureSkipVerify: true, // VerifyConnection checks against the pinned CA
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			ca, err := pinned(cs, fp)
+			*seen = ca
+			return err
+		},
+	}
+}
+
+// Probe checks, before anything is installed or sent, that the control
+// server at rawURL answers and that its CA is the one pinned by
+// fingerprint. It sends no request. Its errors say which of the two
+// failed.
+func Probe(ctx context.Context, rawURL, fingerprint string) (netip.AddrPort, error) {
+	fp, err := controlapi.ParseFingerprint(fingerprint)
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	ep, err := Endpoint(ctx, rawURL)
+	if err != nil {
+		return netip.AddrPort{}, err
+	}
+	u, _ := url.Parse(rawURL)
+	var seen *x509.Certificate
+	cfg := pinnedTLS(fp, &seen)
+	cfg.ServerName = u.Hostname()
+	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: cfg}
+	conn, err := d.DialContext(ctx, "tcp", ep.String())
+	var op *net.OpError
+	switch {
+	case err == nil:
+		return ep, conn.Close()
+	case seen == nil && errors.As(err, &op) && op.Op == "dial", errors.Is(err, context.DeadlineExceeded):
+		return ep, fmt.Errorf("cannot reach the control server %s at %s: %w (check the URL, this device's network, and that the server runs)", rawURL, ep, err)
+	default:
+		return ep, fmt.Errorf("control server %s: %w", rawURL, err)
+	}
 }
 
 // pinned checks that the server's chain ends in a CA with fingerprint fp

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"flag"
 	"fmt"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"log/slog"
 	"net"
 	"net/url"
@@ -41,9 +42,27 @@ func serveCmd() *subcmd.Command {
 			var names subcmd.Strings
 			fs.Var(&names, "name", "DNS `NAME` or address devices use to reach the server (in its certificate); repeatable; default: localhost and 127.0.0.1")
 			keepAlive := fs.Duration("keepalive", server.DefaultKeepAlive, "how long an idle device sync is held before it is answered empty")
+			var opsPub subcmd.Strings
+			fs.Var(&opsPub, "ops-pub", "ops public key `FILE` (ops.pub) to publish to enrolling devices, whose installer pins it; repeat for each key")
+			opsThreshold := fs.Int("ops-threshold", 0, "how many of the --ops-pub keys devices require on a bundle (default: all)")
 			return func(env *subcmd.Env, args []string) error {
 				if len(args) > 0 {
 					return subcmd.Usagef("serve takes no arguments, got %q", args)
+				}
+				var ops opskey.Roots
+				if len(opsPub) > 0 {
+					keys, err := opskey.LoadPublicKeys(opsPub)
+					if err != nil {
+						return err
+					}
+					if *opsThreshold == 0 {
+						*opsThreshold = len(keys)
+					}
+					if ops, err = opskey.NewRoots(*opsThreshold, keys...); err != nil {
+						return subcmd.Usagef("--ops-threshold: %v", err)
+					}
+				} else if *opsThreshold != 0 {
+					return subcmd.Usagef("--ops-threshold needs --ops-pub keys")
 				}
 				if *keepAlive <= 0 || *keepAlive > controlapi.MaxWait {
 					return subcmd.Usagef("--keepalive must be between 1s and %v", controlapi.MaxWait)
@@ -52,7 +71,7 @@ func serveCmd() *subcmd.Command {
 					names = subcmd.Strings{"localhost", "127.0.0.1"}
 				}
 				log := slog.New(slog.NewTextHandler(env.Stderr, nil))
-				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log})
+				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log, Ops: ops})
 				if err != nil {
 					return err
 				}
@@ -68,6 +87,11 @@ func serveCmd() *subcmd.Command {
 				}
 				fmt.Fprintf(env.Stdout, "listening on %s for %s\nCA fingerprint %s\noperator credentials in %s\n",
 					ln.Addr(), strings.Join(names, ", "), srv.Fingerprint(), filepath.Join(*data, server.AdminDir))
+				if ops.Len() > 0 {
+					fmt.Fprintf(env.Stdout, "publishing %d ops keys (threshold %d) to enrolling devices: %s\n", ops.Len(), ops.Threshold, strings.Join(ops.IDs(), ", "))
+				} else {
+					fmt.Fprintf(env.Stdout, "publishing no ops keys: `bulkhead install` needs --trust-key on each device (or restart with --ops-pub)\n")
+				}
 				ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 				defer stop()
 				return srv.Serve(ctx, ln)

@@ -30,6 +30,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 )
 
 // Files in the data directory.
@@ -60,6 +61,10 @@ type Config struct {
 	Names     []string
 	KeepAlive time.Duration
 	Logger    *slog.Logger
+	// Ops is the ops trust root the server publishes to enrolling devices
+	// for their installer to pin (empty: none; devices then need their
+	// ops keys from elsewhere).
+	Ops opskey.Roots
 }
 
 // Server is a running control server.
@@ -291,10 +296,10 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	}
 	now := time.Now()
 	var der []byte
-	dev, cursor, err := s.db.enroll(req.Token, req.Class, now, func(id string) (controlapi.Device, error) {
+	dev, cursor, err := s.db.enroll(req.Token, req.Class, now, func(id, class string) (controlapi.Device, error) {
 		var err error
 		der, err = s.ca.ClientCert(csr.PublicKey, controlapi.DeviceURIPrefix+id, "device "+id)
-		return controlapi.Device{ID: id, Class: req.Class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, EnrolledAt: now.UTC()}, err
+		return controlapi.Device{ID: id, Class: class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, EnrolledAt: now.UTC()}, err
 	})
 	switch {
 	case errors.Is(err, errTokenUnknown), errors.Is(err, errTokenUsed), errors.Is(err, errTokenExpired), errors.Is(err, errTokenClass):
@@ -306,8 +311,12 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("device enrolled", "id", dev.ID, "class", dev.Class, "hostname", dev.Hostname)
-	reply(w, controlapi.EnrollResponse{DeviceID: dev.ID, Certificate: der, CA: s.ca.Cert.Raw,
-		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), Cursor: cursor})
+	resp := controlapi.EnrollResponse{DeviceID: dev.ID, Class: dev.Class, Certificate: der, CA: s.ca.Cert.Raw,
+		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), Cursor: cursor, OpsThreshold: s.cfg.Ops.Threshold}
+	for _, k := range s.cfg.Ops.Keys() {
+		resp.OpsKeys = append(resp.OpsKeys, k)
+	}
+	reply(w, resp)
 }
 
 // wakeup returns the channel closed at the next change.

@@ -133,7 +133,7 @@ func (d *db) newToken(class string, ttl time.Duration, now time.Time, actor stri
 
 // enroll spends the token and records the device, all or nothing: a
 // refused or failed enrolment leaves the token as it was.
-func (d *db) enroll(tok, class string, now time.Time, issue func(id string) (controlapi.Device, error)) (controlapi.Device, uint64, error) {
+func (d *db) enroll(tok, class string, now time.Time, issue func(id, class string) (controlapi.Device, error)) (controlapi.Device, uint64, error) {
 	var dev controlapi.Device
 	var cursor uint64
 	err := d.bolt.Update(func(tx *bolt.Tx) error {
@@ -148,10 +148,11 @@ func (d *db) enroll(tok, class string, now time.Time, issue func(id string) (con
 			return fmt.Errorf("%w (by device %s)", errTokenUsed, t.UsedBy)
 		case !now.Before(t.ExpiresAt):
 			return fmt.Errorf("%w at %s", errTokenExpired, t.ExpiresAt.Format(time.RFC3339))
-		case t.Class != class:
+		case class != "" && t.Class != class:
 			return fmt.Errorf("%w: it is for class %q, this device is class %q", errTokenClass, t.Class, class)
 		}
-		if dev, err = issue(randomID("dev-", 6)); err != nil {
+		class = t.Class
+		if dev, err = issue(randomID("dev-", 6), class); err != nil {
 			return err
 		}
 		t.UsedBy = dev.ID

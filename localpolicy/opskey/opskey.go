@@ -46,15 +46,11 @@ func Generate(dir string) (ed25519.PublicKey, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode private key: %w", err)
 	}
-	pubDER, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return nil, fmt.Errorf("encode public key: %w", err)
-	}
 	keyPath := filepath.Join(dir, PrivateFile)
 	if err := writeNew(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600); err != nil {
 		return nil, err
 	}
-	if err := writeNew(filepath.Join(dir, PublicFile), pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER}), 0o644); err != nil {
+	if err := writeNew(filepath.Join(dir, PublicFile), EncodePublic(pub), 0o644); err != nil {
 		os.Remove(keyPath)
 		return nil, err
 	}
@@ -107,6 +103,16 @@ func LoadPrivate(path string) (ed25519.PrivateKey, error) {
 		return nil, fmt.Errorf("%s holds a %T, not an Ed25519 key", path, k)
 	}
 	return priv, nil
+}
+
+// EncodePublic is an ops.pub file's content for pub: a PEM "PUBLIC KEY"
+// block (PKIX), which ParsePublic reads back.
+func EncodePublic(pub ed25519.PublicKey) []byte {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		panic(err) // only fails for key types it does not know
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der})
 }
 
 // ParsePublic reads a PEM "PUBLIC KEY" block holding an Ed25519 key.
