@@ -82,6 +82,12 @@ func LoadConfig(path string) (*Config, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
+	return ParseConfig(data, path)
+}
+
+// ParseConfig checks a configuration as LoadConfig does, naming it path in
+// errors; the installer checks what it is about to write with it.
+func ParseConfig(data []byte, path string) (*Config, error) {
 	var c Config
 	if err := strictjson.Unmarshal(data, &c); err != nil {
 		return nil, fmt.Errorf("config %s: %s", path, strictjson.Line(data, err))

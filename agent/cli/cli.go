@@ -30,6 +30,8 @@ func Root() *subcmd.Command {
 			explainCmd(),
 			{Name: "policy", Summary: "verify signed policy bundles, or hand one to the agent", Sub: []*subcmd.Command{verifyCmd(), applyCmd()}},
 			rotateKeyCmd(),
+			installCmd(),
+			uninstallCmd(),
 			enrollCmd(),
 			cleanupCmd(),
 			versionCmd(),

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -15,12 +16,13 @@ import (
 	"github.com/bulkhead-edge/bulkhead/agent"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
+	"github.com/bulkhead-edge/bulkhead/installer"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 )
 
 // DefaultConfig is where the installer writes the configuration.
-const DefaultConfig = "/etc/bulkhead/config.json"
+const DefaultConfig = installer.ConfigFile
 
 func runCmd() *subcmd.Command {
 	return &subcmd.Command{
@@ -51,12 +53,33 @@ func runCmd() *subcmd.Command {
 				if err := a.Boot(); err != nil {
 					return fmt.Errorf("boot: %w", err)
 				}
+				if err := notifyReady(); err != nil {
+					fmt.Fprintf(env.Stderr, "bulkhead: telling the service manager we are ready: %v\n", err)
+				}
 				ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 				defer stop()
 				return a.Run(ctx)
 			}
 		},
 	}
+}
+
+// notifyReady tells systemd (the unit is Type=notify) that the table is
+// in place. Units ordered after this one, network-pre.target and so the
+// network itself, start only then. Without NOTIFY_SOCKET, as under OpenRC,
+// SysV or a shell, it does nothing.
+func notifyReady() error {
+	name := os.Getenv("NOTIFY_SOCKET")
+	if name == "" {
+		return nil
+	}
+	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: name, Net: "unixgram"})
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_, err = conn.Write([]byte("READY=1"))
+	return err
 }
 
 func socketFlag(fs *flag.FlagSet) *string {
