@@ -30,7 +30,7 @@ CROSS_TEST_PKGS := ./localpolicy ./localpolicy/policy ./localpolicy/bundle ./loc
 	./localpolicy/opskey ./localpolicy/strictjson ./localpolicy/trustedtime ./localpolicy/store \
 	./agent/spool ./agent/cli ./control/suggest ./posture ./posture/gpsd
 
-.PHONY: all build test lint fuzz bench demo deps go clean cross cross-test
+.PHONY: all build test lint fuzz bench demo deps go clean cross cross-test deb
 
 all: build
 
@@ -72,6 +72,14 @@ bench: deps
 # the arm64 size budget (cross/).
 cross: deps
 	go run ./cross/cmd/bulkhead-cross -out dist -version $(VERSION) -check
+
+# Debian packages for amd64, arm64 and armhf from dist/, each read back with
+# dpkg-deb, its unit verified by systemd-analyze and its binary run (under
+# qemu-user for ARM). The packager is a module of its own (cross/deb).
+deb: cross
+	@.ci/ensure-debs dpkg systemd qemu-user-static
+	cd cross/deb && go vet . && go test -count=1 . && \
+		SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct) go run . -dist ../../dist -license ../../LICENSE -version $(VERSION)
 
 cross-test: deps
 	@.ci/ensure-debs qemu-user-static

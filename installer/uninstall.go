@@ -30,11 +30,9 @@ func Uninstall(purge bool, out io.Writer) error {
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat(v.path); err == nil {
-		// Stop fails when it is not running; whether it runs is asked
-		// of the agent below.
-		_ = v.Stop()
-	}
+	// Stop fails when it is not running; whether it runs is asked of the
+	// agent below. It also stops a unit the package installed.
+	_ = v.Stop()
 	if agentAnswers(socket) {
 		return fmt.Errorf("the agent still answers on %s after stopping the service; stop it first (it may run outside the service)", socket)
 	}

@@ -1,5 +1,6 @@
 // Command bulkhead-cross is `make cross`: it builds the agent for every
-// target into dist/, writes dist/SHA256SUMS, enforces the size budget and,
+// target into dist/, writes dist/SHA256SUMS and the systemd unit the
+// packages ship (dist/bulkhead.service), enforces the size budget and,
 // with -check, builds everything a second time from an empty build cache
 // and fails unless every binary is byte-for-byte the same.
 package main
@@ -12,6 +13,7 @@ import (
 	"strings"
 
 	"github.com/bulkhead-edge/bulkhead/cross"
+	"github.com/bulkhead-edge/bulkhead/installer"
 )
 
 func main() {
@@ -57,6 +59,10 @@ func run(out, version string, check bool) error {
 		}
 	}
 	if err := os.WriteFile(filepath.Join(out, "SHA256SUMS"), []byte(sums.String()), 0o644); err != nil {
+		return err
+	}
+	// The unit the packages ship, for the binary where they put it.
+	if err := os.WriteFile(filepath.Join(out, "bulkhead.service"), []byte(installer.SystemdUnit(installer.PackagedBinary)), 0o644); err != nil {
 		return err
 	}
 	if len(failed) > 0 {
