@@ -56,6 +56,7 @@ PrivateTmp=yes
 DevicePolicy=closed
 DeviceAllow=/dev/net/tun rw
 ProtectKernelTunables=yes
+ProtectKernelLogs=yes
 ProtectControlGroups=yes
 ProtectClock=yes
 ProtectHostname=yes
@@ -65,7 +66,8 @@ RestrictRealtime=yes
 RestrictSUIDSGID=yes
 RestrictNamespaces=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
-SystemCallArchitectures=native
+# No SystemCallArchitectures=native: an armhf agent on a 64-bit kernel (a
+# Raspberry Pi running 32-bit Raspberry Pi OS) would be killed by it.
 UMask=0077
 
 [Install]
