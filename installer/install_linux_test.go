@@ -65,21 +65,27 @@ func (s *site) install(t *testing.T, extra ...string) (string, error) {
 	return s.host.Run(argv...)
 }
 
-// pushPolicy signs and pushes, as an operator would, a policy for
-// scanners that opens nothing but the control server.
-func (s *site) pushPolicy(t *testing.T, version int) {
-	t.Helper()
-	dir := t.TempDir()
-	doc := filepath.Join(dir, "policy.json")
-	if err := os.WriteFile(doc, []byte(`{
+// scannerPolicy is a policy whose scanners may reach only the control
+// server, judged by the posture checks given (a JSON list).
+func scannerPolicy(checks string) string {
+	return `{
   "schema": "bulkhead.policy/v1",
   "control": [{"address": "10.99.0.1", "port": 8443}],
   "validity": {"max_offline": "72h"},
   "segments": [{"name": "wms", "data_class": "operational", "tier": 0,
     "destinations": [{"cidr": "10.20.1.0/24", "protocol": "tcp", "ports": ["443"]}],
     "gateway": {"public_key": "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=", "endpoint": "192.0.2.1:51820"}}],
-  "classes": {"scanner": {"rules": []}}
-}`), 0o644); err != nil {
+  "classes": {"scanner": {"rules": [], "checks": ` + checks + `}}
+}`
+}
+
+// pushPolicy signs and pushes, as an operator would, a policy for
+// scanners that opens nothing but the control server.
+func (s *site) pushPolicy(t *testing.T, version int) {
+	t.Helper()
+	dir := t.TempDir()
+	doc := filepath.Join(dir, "policy.json")
+	if err := os.WriteFile(doc, []byte(scannerPolicy(`[]`)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	out := filepath.Join(dir, "policy.dsse")
@@ -385,15 +391,7 @@ func TestAgentNeedsItsCapabilities(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { sleeper.Process.Kill(); sleeper.Wait() }()
-	doc, err := policy.Parse([]byte(fmt.Sprintf(`{
-  "schema": "bulkhead.policy/v1",
-  "control": [{"address": "10.99.0.1", "port": 8443}],
-  "validity": {"max_offline": "72h"},
-  "segments": [{"name": "wms", "data_class": "operational", "tier": 0,
-    "destinations": [{"cidr": "10.20.1.0/24", "protocol": "tcp", "ports": ["443"]}],
-    "gateway": {"public_key": "HIgo9xNzJMWLKASShiTqIybxZ0U3wGLiUeJ1PKf8ykw=", "endpoint": "192.0.2.1:51820"}}],
-  "classes": {"scanner": {"rules": [], "checks": [{"id": "edr", "process": {"name": "sleep", "sha256": "%x"}}]}}
-}`, sha256.Sum256(data))))
+	doc, err := policy.Parse([]byte(scannerPolicy(fmt.Sprintf(`[{"id": "edr", "process": {"name": "sleep", "sha256": "%x"}}]`, sha256.Sum256(data)))))
 	if err != nil {
 		t.Fatal(err)
 	}
