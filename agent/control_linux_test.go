@@ -200,15 +200,7 @@ func (s *controlSite) signed(t *testing.T, c command.Command, key ed25519.Privat
 
 func (s *controlSite) deliver(t *testing.T, raw []byte) {
 	t.Helper()
-	body, _ := json.Marshal(controlapi.CommandRequest{Signed: raw})
-	path := filepath.Join(t.TempDir(), "cmd.json")
-	os.WriteFile(path, body, 0o600)
-	out := s.ctl.NS.MustRun(t, "curl", "-sS", "--fail-with-body", "--cacert", filepath.Join(s.ctl.Data, pki.CertFile),
-		"--cert", filepath.Join(s.ctl.Data, server.AdminDir, server.AdminCert), "--key", filepath.Join(s.ctl.Data, server.AdminDir, server.AdminKey),
-		"-H", "Content-Type: application/json", "--data-binary", "@"+path, s.ctl.URL+controlapi.PathAdminCommands)
-	if !strings.Contains(out, `"seq"`) {
-		t.Fatalf("delivering a command: %s", out)
-	}
+	s.ctl.Deliver(t, raw)
 }
 
 func (s *controlSite) controlKey(t *testing.T) ed25519.PrivateKey {

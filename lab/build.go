@@ -5,7 +5,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
-	"testing"
 
 	"github.com/bulkhead-edge/bulkhead/cross"
 )
@@ -22,9 +21,20 @@ var builds struct {
 // cannot speak it).
 const AgentTags = cross.AgentTags
 
+// UsePrebuilt makes Binary answer pkg with a binary built beforehand (as
+// `make build` leaves them in bin/), instead of building it.
+func UsePrebuilt(pkg, path string) {
+	builds.Lock()
+	defer builds.Unlock()
+	if builds.bins == nil {
+		builds.bins = map[string]string{}
+	}
+	builds.bins[pkg] = path
+}
+
 // Binary builds a command of this module (such as "cmd/bulkhead") once
 // per process, static, stripped and tagged as releases are, and returns its path.
-func Binary(t testing.TB, pkg string) string {
+func Binary(t T, pkg string) string {
 	t.Helper()
 	builds.Lock()
 	defer builds.Unlock()
@@ -36,7 +46,10 @@ func Binary(t testing.TB, pkg string) string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		builds.dir, builds.bins = dir, map[string]string{}
+		builds.dir = dir
+		if builds.bins == nil {
+			builds.bins = map[string]string{}
+		}
 	}
 	bin := filepath.Join(builds.dir, filepath.Base(pkg))
 	tags := ""

@@ -2,15 +2,25 @@ package lab
 
 import (
 	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"testing"
 	"time"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/control/pki"
+	"github.com/bulkhead-edge/bulkhead/control/server"
 )
 
 // Control is the real bulkhead-control server running in a namespace.
@@ -30,7 +40,7 @@ type Control struct {
 // in a fresh directory, and waits until it prints its CA fingerprint.
 // keepAlive 0 keeps the server's default; opsPub are ops.pub files it
 // publishes to enrolling devices, for their installer to pin.
-func StartControl(t testing.TB, ns *NS, addr netip.AddrPort, keepAlive time.Duration, opsPub ...string) *Control {
+func StartControl(t T, ns *NS, addr netip.AddrPort, keepAlive time.Duration, opsPub ...string) *Control {
 	t.Helper()
 	c := &Control{NS: ns, URL: "https://" + addr.String(), Data: t.TempDir(), addr: addr,
 		bin: Binary(t, "cmd/bulkhead-control"), keepAlive: keepAlive, opsPub: opsPub}
@@ -40,7 +50,7 @@ func StartControl(t testing.TB, ns *NS, addr netip.AddrPort, keepAlive time.Dura
 }
 
 // Start (re)starts the server on the same data.
-func (c *Control) Start(t testing.TB) {
+func (c *Control) Start(t T) {
 	t.Helper()
 	argv := []string{c.bin, "serve", "--data", c.Data, "--listen", c.addr.String(), "--name", c.addr.Addr().String()}
 	if c.keepAlive > 0 {
@@ -115,11 +125,51 @@ func (c *Control) CLI(args ...string) (string, error) {
 }
 
 // MustCLI is CLI failing the test on error.
-func (c *Control) MustCLI(t testing.TB, args ...string) string {
+func (c *Control) MustCLI(t T, args ...string) string {
 	t.Helper()
 	out, err := c.CLI(args...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// Deliver hands a signed command envelope to the server as the first
+// operator, for it to route unchanged: a command signed elsewhere (an
+// ops laptop) or one captured and replayed.
+func (c *Control) Deliver(t T, signed []byte) {
+	t.Helper()
+	dir := filepath.Join(c.Data, server.AdminDir)
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, server.AdminCert), filepath.Join(dir, server.AdminKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	caPEM, err := os.ReadFile(filepath.Join(c.Data, pki.CertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	body, _ := json.Marshal(controlapi.CommandRequest{Signed: signed})
+	// The transport dials on goroutines of its own: open the socket in
+	// the server's namespace explicitly.
+	dial := func(ctx context.Context, network, addr string) (conn net.Conn, err error) {
+		err = c.NS.Do(func() error {
+			var err error
+			conn, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+			return err
+		})
+		return conn, err
+	}
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: dial, DisableKeepAlives: true,
+		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, RootCAs: roots}}}
+	resp, err := client.Post(c.URL+controlapi.PathAdminCommands, "application/json", bytes.NewReader(body))
+	if err != nil {
+		t.Fatalf("delivering a command: %v", err)
+	}
+	defer resp.Body.Close()
+	out, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("delivering a command: %s: %s", resp.Status, out)
+	}
 }

@@ -7,7 +7,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"testing"
 	"time"
 )
 
@@ -43,7 +42,7 @@ type Gateway struct {
 // (such as 100.64.0.1/24) on its interface. The interface is named after
 // the namespace, because the UAPI socket (/var/run/wireguard/NAME.sock) is
 // shared by all namespaces.
-func StartGateway(t testing.TB, ns *NS, impl WireGuardImpl, uplink netip.Addr, port uint16, tunAddr string) *Gateway {
+func StartGateway(t T, ns *NS, impl WireGuardImpl, uplink netip.Addr, port uint16, tunAddr string) *Gateway {
 	t.Helper()
 	RequirePrivileged(t, "wg")
 	g := &Gateway{NS: ns, Iface: "wg-" + ns.Name[len(ns.Name)-6:], Endpoint: netip.AddrPortFrom(uplink, port)}
@@ -99,7 +98,7 @@ func StartGateway(t testing.TB, ns *NS, impl WireGuardImpl, uplink netip.Addr, p
 
 // Serve puts a segment host address on the gateway's loopback with TCP
 // and UDP echo services on each port.
-func (g *Gateway) Serve(t testing.TB, addr netip.Addr, ports ...uint16) {
+func (g *Gateway) Serve(t T, addr netip.Addr, ports ...uint16) {
 	t.Helper()
 	g.NS.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(addr, addr.BitLen()).String(), "dev", "lo")
 	for _, p := range ports {
@@ -112,7 +111,7 @@ func (g *Gateway) Serve(t testing.TB, addr netip.Addr, ports ...uint16) {
 // first handshake, as kernel WireGuard and Debian's wireguard-go do for
 // devices behind NAT; tailscale/wireguard-go does not roam, so a gateway
 // built on it must be given the device's endpoint.
-func (g *Gateway) AllowPeer(t testing.TB, publicKey string, endpoint netip.AddrPort, allowedIPs ...string) {
+func (g *Gateway) AllowPeer(t T, publicKey string, endpoint netip.AddrPort, allowedIPs ...string) {
 	t.Helper()
 	argv := []string{"wg", "set", g.Iface, "peer", publicKey, "allowed-ips", strings.Join(allowedIPs, ",")}
 	if endpoint.IsValid() {
@@ -122,14 +121,14 @@ func (g *Gateway) AllowPeer(t testing.TB, publicKey string, endpoint netip.AddrP
 }
 
 // RemovePeer forgets a device key.
-func (g *Gateway) RemovePeer(t testing.TB, publicKey string) {
+func (g *Gateway) RemovePeer(t T, publicKey string) {
 	t.Helper()
 	g.NS.MustRun(t, "wg", "set", g.Iface, "peer", publicKey, "remove")
 }
 
 // LatestHandshake is when the gateway last completed a handshake with the
 // device key (zero if never), as `wg show latest-handshakes` says.
-func (g *Gateway) LatestHandshake(t testing.TB, publicKey string) time.Time {
+func (g *Gateway) LatestHandshake(t T, publicKey string) time.Time {
 	t.Helper()
 	for _, line := range strings.Split(g.NS.MustRun(t, "wg", "show", g.Iface, "latest-handshakes"), "\n") {
 		f := strings.Fields(line)
@@ -156,7 +155,7 @@ func BareWireGuard(bin string) WireGuardImpl {
 
 // RouteVia makes g a client of another node: the peer publicKey at
 // endpoint carries prefixes, and routes for them go through g's interface.
-func (g *Gateway) RouteVia(t testing.TB, publicKey string, endpoint netip.AddrPort, prefixes ...string) {
+func (g *Gateway) RouteVia(t T, publicKey string, endpoint netip.AddrPort, prefixes ...string) {
 	t.Helper()
 	g.NS.MustRun(t, "wg", "set", g.Iface, "peer", publicKey, "endpoint", endpoint.String(), "allowed-ips", strings.Join(prefixes, ","))
 	for _, p := range prefixes {

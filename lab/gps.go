@@ -8,7 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"testing"
+	"sync"
+	"syscall"
 	"time"
 )
 
@@ -54,7 +55,18 @@ func sentence(b *strings.Builder, body string) {
 // GPSFake replays an NMEA log through a real gpsd (Debian's gpsfake
 // starts one on a pty), one sentence every cycle, once. It returns
 // gpsd's address; gpsd and gpsfake are stopped at cleanup.
-func GPSFake(t testing.TB, log []byte, cycle time.Duration) string {
+func GPSFake(t T, log []byte, cycle time.Duration) string {
+	t.Helper()
+	port := freeTCPPort(t)
+	GPSFakeIn(t, nil, port, log, cycle, true)
+	return fmt.Sprintf("127.0.0.1:%d", port)
+}
+
+// GPSFakeIn is GPSFake inside ns (nil: the test's own namespace), with
+// gpsd on 127.0.0.1:port, playing the log once or in a loop. It returns
+// a function that stops gpsfake and its gpsd early (a receiver
+// unplugged); they are stopped at cleanup either way.
+func GPSFakeIn(t T, ns *NS, port int, log []byte, cycle time.Duration, once bool) (stop func()) {
 	t.Helper()
 	RequirePrivileged(t, "gpsfake", "gpsd")
 	dir := t.TempDir()
@@ -62,11 +74,19 @@ func GPSFake(t testing.TB, log []byte, cycle time.Duration) string {
 	if err := os.WriteFile(file, log, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	port := freeTCPPort(t)
 	// -1: play once; -c: seconds between sentences; -q: quiet;
 	// -P: gpsd's port. gpsfake waits for a client before it feeds.
-	cmd := exec.Command("gpsfake", "-1", "-q", "-c", fmt.Sprintf("%.3f", cycle.Seconds()), "-P", fmt.Sprint(port), file)
+	argv := []string{"gpsfake", "-q", "-c", fmt.Sprintf("%.3f", cycle.Seconds()), "-P", fmt.Sprint(port), file}
+	if once {
+		argv = append(argv[:1], append([]string{"-1"}, argv[1:]...)...)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	if ns != nil {
+		cmd = ns.Command(argv...)
+	}
 	cmd.Env = append(os.Environ(), "PATH=/usr/sbin:/usr/bin:/sbin:/bin:"+os.Getenv("PATH"))
+	// Its own process group: gpsfake's gpsd is stopped with it.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	out, err := os.Create(filepath.Join(dir, "gpsfake.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -75,19 +95,35 @@ func GPSFake(t testing.TB, log []byte, cycle time.Duration) string {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	var stopped sync.Once
+	stop = func() {
+		stopped.Do(func() {
+			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			cmd.Wait()
+		})
+	}
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
+		stop()
 		if t.Failed() {
 			b, _ := os.ReadFile(out.Name())
 			t.Logf("gpsfake: %s", b)
 		}
 	})
 	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		if c, err := net.Dial("tcp", addr); err == nil {
+	dial := func() error {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
 			c.Close()
-			return addr
+		}
+		return err
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		err := dial()
+		if ns != nil {
+			err = ns.Do(dial)
+		}
+		if err == nil {
+			return stop
 		}
 		if time.Now().After(deadline) {
 			b, _ := os.ReadFile(out.Name())
@@ -96,7 +132,7 @@ func GPSFake(t testing.TB, log []byte, cycle time.Duration) string {
 	}
 }
 
-func freeTCPPort(t testing.TB) int {
+func freeTCPPort(t T) int {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

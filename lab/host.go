@@ -10,7 +10,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"testing"
 	"time"
 )
 
@@ -31,7 +30,7 @@ type Host struct {
 var overlaid = []string{"/etc", "/usr/local", "/var"}
 
 // NewHost starts a Host in ns.
-func NewHost(t testing.TB, ns *NS) *Host {
+func NewHost(t T, ns *NS) *Host {
 	t.Helper()
 	h := &Host{NS: ns, Dir: t.TempDir()}
 	var setup strings.Builder
@@ -94,7 +93,7 @@ func (h *Host) Run(argv ...string) (string, error) {
 }
 
 // MustRun is Run that fails t on error.
-func (h *Host) MustRun(t testing.TB, argv ...string) string {
+func (h *Host) MustRun(t T, argv ...string) string {
 	t.Helper()
 	out, err := h.Run(argv...)
 	if err != nil {
@@ -105,7 +104,7 @@ func (h *Host) MustRun(t testing.TB, argv ...string) string {
 
 // HideTUN makes /dev/net/tun absent inside the host, as on a kernel or a
 // container without it.
-func (h *Host) HideTUN(t testing.TB) {
+func (h *Host) HideTUN(t T) {
 	t.Helper()
 	h.MustRun(t, "mount", "-t", "tmpfs", "tmpfs", "/dev/net")
 }

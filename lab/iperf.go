@@ -4,11 +4,10 @@ import (
 	"encoding/json"
 	"net/netip"
 	"strconv"
-	"testing"
 )
 
 // Iperf3Server runs `iperf3 -s` in ns on ap until the test ends.
-func Iperf3Server(t testing.TB, ns *NS, ap netip.AddrPort) {
+func Iperf3Server(t T, ns *NS, ap netip.AddrPort) {
 	t.Helper()
 	srv := ns.Command("iperf3", "-s", "-B", ap.Addr().String(), "-p", strconv.Itoa(int(ap.Port())))
 	if err := srv.Start(); err != nil {
@@ -20,7 +19,7 @@ func Iperf3Server(t testing.TB, ns *NS, ap netip.AddrPort) {
 // Iperf3 runs one iperf3 TCP test of secs seconds from ns to the server
 // at ap, with extra iperf3 options (-R: from the server to ns), and
 // returns the rate the receiver saw, in bits per second.
-func Iperf3(t testing.TB, ns *NS, ap netip.AddrPort, secs int, extra ...string) float64 {
+func Iperf3(t T, ns *NS, ap netip.AddrPort, secs int, extra ...string) float64 {
 	t.Helper()
 	argv := append([]string{"iperf3", "-c", ap.Addr().String(), "-p", strconv.Itoa(int(ap.Port())), "-t", strconv.Itoa(secs), "-J"}, extra...)
 	out, err := ns.Command(argv...).Output()

@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"testing"
 )
 
 // NS is a network namespace made for one test and deleted after it.
@@ -20,7 +19,7 @@ type NS struct {
 
 // NewNS creates a fresh namespace with loopback up; it is removed when t
 // ends, pass or fail.
-func NewNS(t testing.TB, prefix string) *NS {
+func NewNS(t T, prefix string) *NS {
 	t.Helper()
 	suffix := make([]byte, 3)
 	rand.Read(suffix)
@@ -65,7 +64,7 @@ func (ns *NS) Run(argv ...string) (string, error) {
 }
 
 // MustRun is Run that fails t on error.
-func (ns *NS) MustRun(t testing.TB, argv ...string) string {
+func (ns *NS) MustRun(t T, argv ...string) string {
 	t.Helper()
 	out, err := ns.Run(argv...)
 	if err != nil {

@@ -7,7 +7,6 @@ package lab
 import (
 	"os"
 	"os/exec"
-	"testing"
 )
 
 // RequireEnv is the variable CI sets so that privileged tests fail instead
@@ -17,7 +16,7 @@ const RequireEnv = "BULKHEAD_REQUIRE_PRIVILEGED"
 // RequirePrivileged skips t unless it runs as root with the tools named
 // (ip and nft, say) on PATH. With BULKHEAD_REQUIRE_PRIVILEGED=1 a missing
 // prerequisite fails the test instead, so CI cannot pass by skipping.
-func RequirePrivileged(t testing.TB, tools ...string) {
+func RequirePrivileged(t T, tools ...string) {
 	t.Helper()
 	why := ""
 	if os.Geteuid() != 0 {

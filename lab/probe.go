@@ -11,7 +11,6 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
-	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -52,7 +51,7 @@ var links atomic.Int32
 // commas). It returns the interface names in a and in b: "to-" and the
 // other side's namespace suffix, numbered so that two namespaces can be
 // joined more than once.
-func Link(t testing.TB, a *NS, aAddr string, b *NS, bAddr string) (ifA, ifB string) {
+func Link(t T, a *NS, aAddr string, b *NS, bAddr string) (ifA, ifB string) {
 	t.Helper()
 	n := links.Add(1)
 	ifA, ifB = fmt.Sprintf("to-%s-%d", b.Name[len(b.Name)-6:], n), fmt.Sprintf("to-%s-%d", a.Name[len(a.Name)-6:], n)
@@ -90,7 +89,7 @@ func splitComma(s string) []string {
 
 // Echo starts TCP and UDP echo servers on addr:port inside ns for the rest
 // of the test.
-func Echo(t testing.TB, ns *NS, ap netip.AddrPort) {
+func Echo(t T, ns *NS, ap netip.AddrPort) {
 	t.Helper()
 	var tl net.Listener
 	var uc net.PacketConn
@@ -148,7 +147,7 @@ func Reachable(ns *NS, proto string, ap netip.AddrPort, timeout time.Duration) (
 }
 
 // Conn opens a TCP connection from ns to ap and keeps it for the test.
-func Conn(t testing.TB, ns *NS, ap netip.AddrPort) net.Conn {
+func Conn(t T, ns *NS, ap netip.AddrPort) net.Conn {
 	t.Helper()
 	var c net.Conn
 	err := ns.Do(func() error {
@@ -181,7 +180,7 @@ func roundTrip(c net.Conn, timeout time.Duration) bool {
 // every interval until the returned stop is called; stop reports how many
 // were sent and how many never came back. A reconfiguration that drops
 // even one packet of a running flow shows up as lost > 0.
-func Stream(t testing.TB, ns *NS, ap netip.AddrPort, interval time.Duration) (stop func() (sent, lost int)) {
+func Stream(t T, ns *NS, ap netip.AddrPort, interval time.Duration) (stop func() (sent, lost int)) {
 	t.Helper()
 	var c net.Conn
 	if err := ns.Do(func() error {
@@ -238,7 +237,7 @@ func Stream(t testing.TB, ns *NS, ap netip.AddrPort, interval time.Duration) (st
 
 // Reaches is Reachable for a test: a round trip with a 2 s timeout, the
 // test failing only if the probe itself cannot run.
-func Reaches(t testing.TB, ns *NS, proto string, ap netip.AddrPort) bool {
+func Reaches(t T, ns *NS, proto string, ap netip.AddrPort) bool {
 	t.Helper()
 	ok, err := Reachable(ns, proto, ap, 2*time.Second)
 	if err != nil {
@@ -250,7 +249,7 @@ func Reaches(t testing.TB, ns *NS, proto string, ap netip.AddrPort) bool {
 // ReachesWithin retries Reaches until it succeeds or d has passed; for
 // paths that come up on a protocol timer (a WireGuard handshake that
 // failed is retried only after 5 s).
-func ReachesWithin(t testing.TB, ns *NS, proto string, ap netip.AddrPort, d time.Duration) bool {
+func ReachesWithin(t T, ns *NS, proto string, ap netip.AddrPort, d time.Duration) bool {
 	t.Helper()
 	deadline := time.Now().Add(d)
 	for !Reaches(t, ns, proto, ap) {

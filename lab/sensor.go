@@ -4,7 +4,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"testing"
 )
 
 // Sensor stands in for a security daemon a posture check requires: a copy
@@ -12,7 +11,7 @@ import (
 // the namespace ns so no other test or host process shares it). It
 // returns the name and a function starting one more instance, killed at
 // cleanup.
-func Sensor(t testing.TB, ns *NS) (name string, run func() *exec.Cmd) {
+func Sensor(t T, ns *NS) (name string, run func() *exec.Cmd) {
 	t.Helper()
 	name = "edr-" + ns.Name[len(ns.Name)-6:]
 	bin := filepath.Join(t.TempDir(), name)

@@ -3,7 +3,6 @@ package lab
 import (
 	"fmt"
 	"net/netip"
-	"testing"
 )
 
 // Telematics is a truck's in-cab network: the vehicle safety controller,
@@ -22,7 +21,7 @@ const ModbusPort = 502
 
 // StartTelematics links dev to a new namespace on network (at least a
 // /30): the device takes its first address, the controller the second.
-func StartTelematics(t testing.TB, dev *NS, network netip.Prefix) *Telematics {
+func StartTelematics(t T, dev *NS, network netip.Prefix) *Telematics {
 	t.Helper()
 	network = network.Masked()
 	devAddr := network.Addr().Next()
