@@ -64,6 +64,8 @@ type Status struct {
 	Control *ControlStatus `json:"control,omitempty"`
 	// Monitor is the monitor in force, or the flows the last one saw.
 	Monitor *MonitorStatus `json:"monitor,omitempty"`
+	// Refused is what the table refused since the agent started.
+	Refused *RefusedStatus `json:"refused,omitempty"`
 }
 
 // TunnelStatus is the WireGuard device and its peers. The private key is
@@ -137,7 +139,7 @@ func (a *Agent) status() *Status {
 		s.Open = append(s.Open, seg.Segment)
 	}
 	s.Tunnel = a.tunnelStatus()
-	s.Monitor = a.monitorStatus()
+	s.Monitor, s.Refused = a.monitorStatus(), a.refusedStatus()
 	s.Control = a.ch.status.Load()
 	if a.ch.rec != nil {
 		s.DeviceID = a.ch.rec.DeviceID

@@ -311,6 +311,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	for {
 		select {
 		case <-ctx.Done():
+			a.reportFlows() // what was logged since the last report
 			if a.store != nil {
 				a.store.Close()
 			}
@@ -351,7 +352,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-drop.C:
 			a.scanDropDir()
 		case f := <-a.mon.flows:
-			a.mon.log.Add(f, a.clock.Now())
+			a.logged(f)
 		case <-flows.C:
 			a.reportFlows()
 		}

@@ -10,16 +10,31 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 )
 
-// flowReportEvery is how often the flows seen in monitor mode since the
-// last report are reported, when there are any.
+// flowReportEvery is how often the flows seen in monitor mode, and the
+// connections refused, since the last report are reported, when there
+// are any.
 const flowReportEvery = 5 * time.Second
 
-// monitorState is what the event loop holds for monitor mode.
+// monitorState is what the event loop holds of the table's log: the
+// flows monitor mode passed, and the connections the table refused.
 type monitorState struct {
-	log    flowlog.Log
-	reader *flowlog.Reader // bound while a monitor is in force
-	err    string          // why the group could not be bound
-	flows  chan controlapi.Flow
+	log     flowlog.Log // monitored segments' flows
+	refused flowlog.Log // refused connections, by direction
+	reader  *flowlog.Reader
+	err     string // why the group could not be bound
+	flows   chan controlapi.Flow
+	// monitoring is whether a monitor was in force at the last sync.
+	monitoring bool
+}
+
+// RefusedStatus is what the table refused since the agent started: the
+// first packets of refused connections, at a bounded rate, aggregated.
+type RefusedStatus struct {
+	// Error says why refused connections cannot be read (they are still
+	// refused, and counted by the table's default drop).
+	Error    string                    `json:"error,omitempty"`
+	Flows    []controlapi.ObservedFlow `json:"flows"`
+	Overflow uint64                    `json:"overflow,omitempty"`
 }
 
 // MonitorStatus is the monitor in force and what it has seen.
@@ -36,61 +51,82 @@ type MonitorStatus struct {
 	Lost     uint64 `json:"lost,omitempty"`
 }
 
-// syncFlowLog binds the NFLOG group before a monitor's rules are applied
-// (so no logged packet goes unread) and unbinds it once no monitor is in
-// force, reporting what was seen last. Outside Run (at boot) it waits
-// for Run.
+// syncFlowLog binds the NFLOG group once the agent runs, and again after
+// its reading failed: the table always logs refused connections, and
+// monitored segments' flows while a monitor is in force. Outside Run (at
+// boot) it waits for Run.
 func (a *Agent) syncFlowLog() {
-	want := a.desired.Monitor != nil && a.ch.runCtx != nil
 	m := &a.mon
+	if a.desired.Monitor == nil && m.monitoring {
+		a.reportFlows() // what the monitor saw last, at its end
+	}
+	m.monitoring = a.desired.Monitor != nil
 	if m.reader != nil && m.reader.Closed() { // its reading failed: bind afresh
 		m.reader = nil
 	}
-	switch {
-	case want && m.reader == nil:
-		r, err := flowlog.Open(a.enforcer.NetNS(), nft.LogGroup)
-		if err != nil {
-			if err.Error() != m.err { // retried with every tunnel check; say it once
-				a.log.Error("monitor mode: cannot read logged flows; they still pass, and are counted in the table", "err", err)
-			}
-			m.err = err.Error()
-			return
+	if a.ch.runCtx == nil || m.reader != nil {
+		return
+	}
+	r, err := flowlog.Open(a.enforcer.NetNS(), nft.LogGroup)
+	if err != nil {
+		if err.Error() != m.err { // retried with every tunnel check; say it once
+			a.log.Error("cannot read the table's log: refused connections go unreported, monitored flows still pass; both are counted in the table", "err", err)
 		}
-		m.reader, m.err = r, ""
-		ctx, flows := a.ch.runCtx, m.flows
-		go func() {
-			err := r.Read(func(f controlapi.Flow) {
-				select {
-				case flows <- f:
-				case <-ctx.Done():
-				}
-			})
-			if err != nil {
-				a.log.Error("monitor mode: reading logged flows stopped; binding again at the next tunnel check", "err", err)
-				r.Close()
+		m.err = err.Error()
+		return
+	}
+	m.reader, m.err = r, ""
+	ctx, flows := a.ch.runCtx, m.flows
+	go func() {
+		err := r.Read(func(f controlapi.Flow) {
+			select {
+			case flows <- f:
+			case <-ctx.Done():
 			}
-		}()
-	case !want && m.reader != nil:
-		m.reader.Close()
-		m.reader = nil
-		a.reportFlows()
-	case !want:
-		m.err = ""
+		})
+		if err != nil {
+			a.log.Error("reading the table's log stopped; binding again at the next tunnel check", "err", err)
+			r.Close()
+		}
+	}()
+}
+
+// logged files a flow the table logged: a refused connection has a
+// direction, a monitored one a segment.
+func (a *Agent) logged(f controlapi.Flow) {
+	if f.Direction != "" {
+		a.mon.refused.Add(f, a.clock.Now())
+		return
+	}
+	a.mon.log.Add(f, a.clock.Now())
+}
+
+// reportFlows reports the monitored flows and the refused connections
+// seen since the last report, if any.
+func (a *Agent) reportFlows() {
+	for _, r := range []struct {
+		kind string
+		log  *flowlog.Log
+	}{{controlapi.EventFlows, &a.mon.log}, {controlapi.EventRefused, &a.mon.refused}} {
+		taken := r.log.Take()
+		if len(taken) == 0 {
+			continue
+		}
+		detail, err := json.Marshal(taken)
+		if err != nil {
+			a.log.Error("flows report", "err", err)
+			continue
+		}
+		a.audit(r.kind, string(detail))
 	}
 }
 
-// reportFlows reports the flows seen since the last report, if any.
-func (a *Agent) reportFlows() {
-	taken := a.mon.log.Take()
-	if len(taken) == 0 {
-		return
+func (a *Agent) refusedStatus() *RefusedStatus {
+	flows := a.mon.refused.All()
+	if len(flows) == 0 && a.mon.err == "" {
+		return nil
 	}
-	detail, err := json.Marshal(taken)
-	if err != nil {
-		a.log.Error("flows report", "err", err)
-		return
-	}
-	a.audit(controlapi.EventFlows, string(detail))
+	return &RefusedStatus{Error: a.mon.err, Flows: flows, Overflow: a.mon.refused.Overflow}
 }
 
 func (a *Agent) monitorStatus() *MonitorStatus {

@@ -86,8 +86,8 @@ func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 	// The kernel's own count of what it logged agrees.
 	counts := logCounters(t, s.ns)
 	for _, f := range seen {
-		if counts[f.Segment] != f.Count {
-			t.Errorf("%s: the agent read %d connections, nft counted %d", f.Segment, f.Count, counts[f.Segment])
+		if n := counts["output monitor "+f.Segment+" logged"]; n != f.Count {
+			t.Errorf("%s: the agent read %d connections, nft counted %d", f.Segment, f.Count, n)
 		}
 	}
 
@@ -106,15 +106,81 @@ func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 		t.Error("wms tcp stopped with the monitor")
 	}
 	out := s.ns.MustRun(t, "nft", "list", "table", "inet", "bulkhead")
-	if strings.Contains(out, "log ") || strings.Contains(out, "mon_") {
+	if strings.Contains(out, `log prefix "wms"`) || strings.Contains(out, `log prefix "finance"`) || strings.Contains(out, "mon_") {
 		t.Errorf("monitor rules left in the table after the end:\n%s", out)
 	}
 
 	// Everything seen was reported, through the audit log.
 	s.stop()
+	reported := reportedFlows(t, s.auditLog(), controlapi.EventFlows)
+	for _, f := range want {
+		if !reported[f] {
+			t.Errorf("flow %+v never reported (audit: %v)", f, kinds(s.auditLog()))
+		}
+	}
+}
+
+// What the table refuses is reported, by direction: a connection the
+// device tried to a segment it has no rule for (lateral movement out),
+// and one a neighbour tried to the device (a scan in), each with the
+// attempts the kernel counted; a connection the policy opens is not.
+func TestRefusedConnectionsAreReported(t *testing.T) {
+	s := newTunnelSite(t)
+	s.start()
+	pub := s.call(Request{Op: "status"}).Status.Tunnel.PublicKey
+	s.gw1.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
+	s.apply(t, s.policy(t, 1, "wms"))
+	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, 10*time.Second) {
+		t.Fatal("wms unreachable through its tunnel")
+	}
+	for range 3 {
+		if lab.Reaches(t, s.ns, "tcp", financeSide) {
+			t.Fatal("a finance host no rule opens answered")
+		}
+	}
+	scan := netip.MustParseAddrPort("192.0.2.2:2222")
+	if lab.Reaches(t, s.gw1.NS, "tcp", scan) {
+		t.Fatal("the device answered a neighbour's connection to a port nothing opens")
+	}
+	out := controlapi.Flow{Direction: "out", Protocol: policy.TCP, Address: financeSide.Addr(), Port: financeSide.Port()}
+	in := controlapi.Flow{Direction: "in", Protocol: policy.TCP, Address: netip.MustParseAddr("192.0.2.1"), Port: scan.Port()}
+	// Every packet logged is read: the agent's counts come to the
+	// kernel's. (A refused connect is several SYNs: the kernel
+	// retransmits, a second apart.)
+	var seen map[controlapi.Flow]uint64
+	var byDir, counts map[string]uint64
+	waitFor(t, "the refused connections in status, as the kernel counted them", func() bool {
+		seen, byDir = map[controlapi.Flow]uint64{}, map[string]uint64{}
+		if r := s.call(Request{Op: "status"}).Status.Refused; r != nil {
+			for _, f := range r.Flows {
+				seen[f.Flow] = f.Count
+				byDir[f.Direction] += f.Count
+			}
+		}
+		counts = logCounters(t, s.ns)
+		return seen[out] > 0 && seen[in] > 0 && byDir["out"] == counts["output refused logged"] && byDir["in"] == counts["input refused logged"]
+	})
+	if seen[out] < 3 {
+		t.Errorf("three refused connections to finance counted as %d attempts", seen[out])
+	}
+	for f := range seen {
+		if f.Address == wmsHost.Addr() {
+			t.Errorf("a connection the policy opens was reported refused: %+v", f)
+		}
+	}
+	s.stop()
+	reported := reportedFlows(t, s.auditLog(), controlapi.EventRefused)
+	if !reported[out] || !reported[in] {
+		t.Errorf("refused connections reported %v, want %+v and %+v", reported, out, in)
+	}
+}
+
+// reportedFlows is every flow the events of kind report.
+func reportedFlows(t *testing.T, events []store.Event, kind string) map[controlapi.Flow]bool {
+	t.Helper()
 	reported := map[controlapi.Flow]bool{}
-	for _, e := range s.auditLog() {
-		if e.Kind != controlapi.EventFlows {
+	for _, e := range events {
+		if e.Kind != kind {
 			continue
 		}
 		var flows []controlapi.ObservedFlow
@@ -125,20 +191,17 @@ func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 			reported[f.Flow] = true
 		}
 	}
-	for _, f := range want {
-		if !reported[f] {
-			t.Errorf("flow %+v never reported (audit: %v)", f, kinds(s.auditLog()))
-		}
-	}
+	return reported
 }
 
-// logCounters reads, through nft -j, the packets each monitor's log rule
-// counted, by segment.
+// logCounters reads, through nft -j, the packets each logging rule
+// counted, by chain and comment ("output monitor wms logged").
 func logCounters(t *testing.T, ns *lab.NS) map[string]uint64 {
 	t.Helper()
 	var doc struct {
 		Nftables []struct {
 			Rule *struct {
+				Chain   string            `json:"chain"`
 				Comment string            `json:"comment"`
 				Expr    []json.RawMessage `json:"expr"`
 			} `json:"rule"`
@@ -149,11 +212,7 @@ func logCounters(t *testing.T, ns *lab.NS) map[string]uint64 {
 	}
 	out := map[string]uint64{}
 	for _, o := range doc.Nftables {
-		if o.Rule == nil {
-			continue
-		}
-		seg, ok := strings.CutPrefix(o.Rule.Comment, "monitor ")
-		if seg, ok = strings.CutSuffix(seg, " logged"); !ok {
+		if o.Rule == nil || !strings.HasSuffix(o.Rule.Comment, " logged") {
 			continue
 		}
 		for _, e := range o.Rule.Expr {
@@ -161,7 +220,7 @@ func logCounters(t *testing.T, ns *lab.NS) map[string]uint64 {
 				Counter *struct{ Packets uint64 } `json:"counter"`
 			}
 			if json.Unmarshal(e, &c) == nil && c.Counter != nil {
-				out[seg] += c.Counter.Packets
+				out[o.Rule.Chain+" "+o.Rule.Comment] += c.Counter.Packets
 			}
 		}
 	}

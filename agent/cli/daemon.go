@@ -153,6 +153,7 @@ func printStatus(env *subcmd.Env, s *agent.Status) {
 	}
 	printTunnel(env, s.Tunnel)
 	printMonitor(env, s.Monitor)
+	printRefused(env, s.Refused)
 	switch c := s.Control; {
 	case c == nil:
 		fmt.Fprintf(w, "control   not enrolled (bulkhead enroll)\n")
@@ -182,6 +183,27 @@ func printMonitor(env *subcmd.Env, m *agent.MonitorStatus) {
 	}
 	for _, f := range m.Flows {
 		fmt.Fprintf(w, "  flow %s %s %s: %d connections, last %s\n", f.Segment, f.Protocol, f.Target(), f.Count, f.Last.UTC().Format(time.RFC3339))
+	}
+}
+
+func printRefused(env *subcmd.Env, r *agent.RefusedStatus) {
+	if r == nil {
+		return
+	}
+	w := env.Stdout
+	fmt.Fprintf(w, "refused   %d flows since start (reported to control)\n", len(r.Flows))
+	if r.Error != "" {
+		fmt.Fprintf(w, "  REFUSED NOT READ %s (still refused, counted by the default drop)\n", r.Error)
+	}
+	if r.Overflow > 0 {
+		fmt.Fprintf(w, "  %d attempts beyond the flow table's size not itemized\n", r.Overflow)
+	}
+	for _, f := range r.Flows {
+		what := fmt.Sprintf("out %s to %s", f.Protocol, f.Target())
+		if f.Direction == "in" {
+			what = fmt.Sprintf("in  %s from %s to port %d", f.Protocol, f.Address, f.Port)
+		}
+		fmt.Fprintf(w, "  %s: %d attempts, last %s\n", what, f.Count, f.Last.UTC().Format(time.RFC3339))
 	}
 }
 

@@ -212,14 +212,25 @@ type Device struct {
 // report, with the connections counted in that time.
 const EventFlows = "flows-observed"
 
+// EventRefused is the report kind whose detail is a JSON array of
+// ObservedFlow with a Direction: the connections the device's table
+// refused since its previous such report (their first packets, at most
+// 20 a second per direction), with the attempts counted in that time.
+const EventRefused = "flows-refused"
+
 // Flow is a connection a device opened in monitor mode that no rule of its
 // class opened: to Address on Port (0 for protocols without ports) over
 // Protocol (tcp, udp, icmp; any for others) in Segment.
 type Flow struct {
-	Segment  string          `json:"segment"`
-	Protocol policy.Protocol `json:"protocol"`
-	Address  netip.Addr      `json:"address"`
-	Port     uint16          `json:"port,omitzero"`
+	// Segment is the monitored segment a flow went to; empty for a
+	// refused connection.
+	Segment string `json:"segment,omitempty"`
+	// Direction is set for a connection the table refused: "out" to
+	// Address (and Port), or "in" from Address to the device's Port.
+	Direction string          `json:"direction,omitempty"`
+	Protocol  policy.Protocol `json:"protocol"`
+	Address   netip.Addr      `json:"address"`
+	Port      uint16          `json:"port,omitzero"`
 }
 
 // Target is where the flow went: address:port, or the address alone.

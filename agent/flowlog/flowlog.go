@@ -1,8 +1,9 @@
-// Package flowlog owns the discovery half of monitor mode: it reads what
-// the agent's table logs to NFLOG (nft.LogGroup, a monitored segment's new
-// connections) and aggregates it into observed flows (segment, protocol,
-// destination address and port) with counts. Parse and Log are pure;
-// Listen is the netlink edge.
+// Package flowlog reads what the agent's table logs to NFLOG
+// (nft.LogGroup): a monitored segment's new connections (the discovery
+// half of monitor mode) and the connections the table refused. It
+// aggregates them into flows (segment or direction, protocol, remote
+// address and port) with counts. Parse and Log are pure; Open and Read
+// are the netlink edge.
 package flowlog
 
 import (
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
@@ -24,8 +26,11 @@ const (
 
 // Parse reads one NFLOG packet message (the body after the netlink
 // header: struct nfgenmsg, then attributes) as the flow it starts: the
-// prefix names the segment, the payload's headers the rest. ok is false
-// for a message without both, or a packet too short to read.
+// prefix names the segment (or, nft.DeniedOut and nft.DeniedIn, a
+// refused connection's direction), the payload's headers the rest. The
+// remote end of an inbound connection is its source; the port is always
+// the destination's. ok is false for a message without both, or a
+// packet too short to read.
 func Parse(msg []byte) (f controlapi.Flow, ok bool) {
 	if len(msg) < 4 {
 		return f, false
@@ -48,8 +53,13 @@ func Parse(msg []byte) (f controlapi.Flow, ok bool) {
 		}
 		a = a[min((l+3)&^3, len(a)):]
 	}
-	if f.Segment == "" {
+	switch f.Segment {
+	case "":
 		return f, false
+	case nft.DeniedOut:
+		f.Segment, f.Direction = "", "out"
+	case nft.DeniedIn:
+		f.Segment, f.Direction = "", "in"
 	}
 	return parsePacket(f, payload)
 }
@@ -68,9 +78,15 @@ func parsePacket(f controlapi.Flow, p []byte) (controlapi.Flow, bool) {
 		}
 		proto, l4 = p[9], p[ihl:]
 		f.Address = netip.AddrFrom4([4]byte(p[16:20]))
+		if f.Direction == "in" {
+			f.Address = netip.AddrFrom4([4]byte(p[12:16]))
+		}
 	case len(p) >= 40 && p[0]>>4 == 6:
 		proto, l4 = p[6], p[40:]
 		f.Address = netip.AddrFrom16([16]byte(p[24:40]))
+		if f.Direction == "in" {
+			f.Address = netip.AddrFrom16([16]byte(p[8:24]))
+		}
 	default:
 		return f, false
 	}
@@ -141,8 +157,8 @@ func sorted(m map[controlapi.Flow]*controlapi.ObservedFlow) []controlapi.Observe
 	return out
 }
 
-// Compare orders flows by segment, address, protocol and port.
+// Compare orders flows by segment, direction, address, protocol and port.
 func Compare(a, b controlapi.Flow) int {
-	return cmp.Or(cmp.Compare(a.Segment, b.Segment), a.Address.Compare(b.Address),
+	return cmp.Or(cmp.Compare(a.Segment, b.Segment), cmp.Compare(a.Direction, b.Direction), a.Address.Compare(b.Address),
 		cmp.Compare(a.Protocol, b.Protocol), cmp.Compare(a.Port, b.Port))
 }

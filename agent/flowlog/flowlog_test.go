@@ -32,8 +32,13 @@ func message(prefix string, payload []byte) []byte {
 }
 
 func ipv4(proto byte, dst string, l4 ...byte) []byte {
+	return ipv4From(proto, "192.0.2.99", dst, l4...)
+}
+
+func ipv4From(proto byte, src, dst string, l4 ...byte) []byte {
 	p := make([]byte, 24, 24+len(l4))
 	p[0], p[9] = 0x46, proto // IHL 6: one word of options
+	copy(p[12:16], netip.MustParseAddr(src).AsSlice())
 	copy(p[16:20], netip.MustParseAddr(dst).AsSlice())
 	return append(p, l4...)
 }
@@ -42,6 +47,7 @@ func TestParse(t *testing.T) {
 	v6 := make([]byte, 40, 48)
 	v6[0], v6[6] = 0x60, 17
 	copy(v6[24:], netip.MustParseAddr("fd00:20:1::7").AsSlice())
+	copy(v6[8:], netip.MustParseAddr("fd00:10::6").AsSlice())
 	v6 = append(v6, 0x13, 0x88, 0x12, 0xb5, 0, 8, 0, 0)
 	tests := []struct {
 		name string
@@ -53,6 +59,11 @@ func TestParse(t *testing.T) {
 		{"udp v6", message("telemetry", v6), controlapi.Flow{Segment: "telemetry", Protocol: policy.UDP, Address: netip.MustParseAddr("fd00:20:1::7"), Port: 4789}, true},
 		{"icmp has no port", message("diagnostics", ipv4(1, "10.50.0.3", 8, 0, 0, 0)), controlapi.Flow{Segment: "diagnostics", Protocol: policy.ICMP, Address: netip.MustParseAddr("10.50.0.3")}, true},
 		{"gre is any", message("wms", ipv4(47, "10.20.1.7")), controlapi.Flow{Segment: "wms", Protocol: policy.Any, Address: netip.MustParseAddr("10.20.1.7")}, true},
+		// Refused connections: outbound by where they went, inbound by
+		// where they came from, both with the port they were aimed at.
+		{"refused out", message("denied:out", ipv4From(6, "10.10.1.6", "10.30.0.10", 0xc3, 0x50, 0x01, 0xbb)), controlapi.Flow{Direction: "out", Protocol: policy.TCP, Address: netip.MustParseAddr("10.30.0.10"), Port: 443}, true},
+		{"refused in", message("denied:in", ipv4From(6, "10.10.1.6", "10.10.1.2", 0xc3, 0x50, 0, 22)), controlapi.Flow{Direction: "in", Protocol: policy.TCP, Address: netip.MustParseAddr("10.10.1.6"), Port: 22}, true},
+		{"refused in v6", message("denied:in", v6), controlapi.Flow{Direction: "in", Protocol: policy.UDP, Address: netip.MustParseAddr("fd00:10::6"), Port: 4789}, true},
 		{"no prefix", message("", ipv4(6, "10.20.1.7", 0, 0, 1, 187)), controlapi.Flow{}, false},
 		{"no payload", message("wms", nil), controlapi.Flow{}, false},
 		{"ports cut off", message("wms", ipv4(6, "10.20.1.7", 0, 0)), controlapi.Flow{}, false},

@@ -618,11 +618,17 @@ func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, er
 	if r.Over != nil {
 		ex = append(ex, &expr.Limit{Type: expr.LimitTypePktBytes, Rate: r.Over.PerSecond, Over: true, Unit: expr.LimitTimeSecond, Burst: r.Over.Burst})
 	}
+	if r.Limit > 0 {
+		ex = append(ex, &expr.Limit{Type: expr.LimitTypePkts, Rate: uint64(r.Limit), Unit: expr.LimitTimeSecond, Burst: r.Limit})
+	}
 	if r.Log != "" {
 		ex = append(ex, &expr.Log{Key: 1<<unix.NFTA_LOG_GROUP | 1<<unix.NFTA_LOG_PREFIX, Group: LogGroup, Data: []byte(r.Log)}, &expr.Counter{})
 	}
 	if r.Drop {
-		return append(ex, &expr.Counter{}, &expr.Verdict{Kind: expr.VerdictDrop}), nil
+		if r.Log == "" {
+			ex = append(ex, &expr.Counter{})
+		}
+		return append(ex, &expr.Verdict{Kind: expr.VerdictDrop}), nil
 	}
 	return append(ex, &expr.Verdict{Kind: expr.VerdictAccept}), nil
 }

@@ -69,15 +69,32 @@ type Rule struct {
 	// Over narrows a rule to the packets above a byte rate: the rate
 	// limit's drop, placed just before the accept it polices.
 	Over *Rate
+	// Limit narrows a rule to at most this many packets a second (and
+	// as many again in a burst): a flood of refused connections costs
+	// the log no more than that.
+	Limit uint32
 	// Log sends each matching packet's headers to NFLOG group LogGroup
-	// with this prefix (a monitored segment's name), and counts it.
+	// with this prefix (a monitored segment's name, or DeniedOut or
+	// DeniedIn), and counts it.
 	Log  string
 	Drop bool
 }
 
-// LogGroup is the NFLOG group monitor rules log to; the agent reads it
-// (package flowlog) in the table's namespace.
+// LogGroup is the NFLOG group the table logs to: monitored segments'
+// new connections and refused ones. The agent reads it (package
+// flowlog) in the table's namespace.
 const LogGroup = 4242
+
+// The log prefixes of refused new connections, outbound and inbound.
+// A colon is never part of a segment name, so they cannot collide.
+const (
+	DeniedOut = "denied:out"
+	DeniedIn  = "denied:in"
+)
+
+// deniedPerSecond bounds the refused connections logged per chain: a
+// scan of a /16 is reported by its first packets, not all of them.
+const deniedPerSecond = 20
 
 // Rate is nftables' byte limit: refilled at PerSecond, holding one second
 // of that plus Burst.
@@ -227,11 +244,23 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 	lay(tunnel)
 	in.Rules, out.Rules = linkLocal(in.Rules, out.Rules, opt.DHCP)
 	lay(fixed)
+	// What reaches the end was refused: its first packet is logged (at
+	// a bounded rate), so the device reports what it was asked to do and
+	// refused (lateral movement out, a scan in). Forwarding is not a
+	// device's business and is only counted.
+	in.Rules = append(in.Rules, deniedLogged(DeniedIn))
+	out.Rules = append(out.Rules, deniedLogged(DeniedOut))
 	for _, c := range []*Chain{&in, &out, &fwd} {
 		c.Rules = append(c.Rules, Rule{Comment: "default drop", Drop: true})
 	}
 	rs.Chains = []Chain{in, out, fwd}
 	return rs
+}
+
+// deniedLogged logs and drops a refused connection's first packet, up to
+// deniedPerSecond a second; the rest fall through to the default drop.
+func deniedLogged(prefix string) Rule {
+	return Rule{Comment: "refused logged", New: true, Limit: deniedPerSecond, Log: prefix, Drop: true}
 }
 
 // rules holds one group's rules per chain.
@@ -485,12 +514,18 @@ func (r Rule) text(chain string) string {
 			parts = append(parts, fmt.Sprintf("burst %d bytes", r.Over.Burst))
 		}
 	}
+	if r.Limit > 0 {
+		parts = append(parts, fmt.Sprintf("limit rate %d/second burst %d packets", r.Limit, r.Limit))
+	}
 	if r.Log != "" {
 		parts = append(parts, fmt.Sprintf("log prefix %q group %d counter", r.Log, LogGroup))
 	}
-	if r.Drop {
+	switch {
+	case r.Drop && r.Log != "": // counted once, by the log's counter
+		parts = append(parts, "drop")
+	case r.Drop:
 		parts = append(parts, "counter drop")
-	} else {
+	default:
 		parts = append(parts, "accept")
 	}
 	return strings.Join(parts, " ")

@@ -123,6 +123,19 @@ func TestBuildOrder(t *testing.T) {
 		if !slices.IsSortedFunc(order, func(a, b string) int { return rank[a] - rank[b] }) || order[len(order)-1] != "drop" {
 			t.Errorf("chain %s order %v", c.Name, order)
 		}
+		// Input and output log the refused (a first packet each, at a
+		// bounded rate) just before the default drop; forward only counts.
+		want := map[string]string{"input": DeniedIn, "output": DeniedOut}[c.Name]
+		last := c.Rules[len(c.Rules)-1]
+		if last.Log != "" || last.Limit != 0 || last.New {
+			t.Errorf("chain %s: the default drop is narrowed: %+v", c.Name, last)
+		}
+		if want == "" {
+			continue
+		}
+		if r := c.Rules[len(c.Rules)-2]; r.Log != want || !r.New || !r.Drop || r.Limit == 0 || r.Lookup != nil {
+			t.Errorf("chain %s: before the default drop %+v, want new connections logged as %q at a bounded rate", c.Name, r, want)
+		}
 	}
 	quarantined := Build(desired(t, "dock-gateway", localpolicy.Sticky{Mode: localpolicy.Quarantine}), Options{Tunnel: "bh0"})
 	for _, s := range quarantined.Sets {
