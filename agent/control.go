@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -50,6 +51,9 @@ type channel struct {
 	synced chan syncResult
 	// kick makes the syncer start over: the state changed or events wait.
 	kick chan struct{}
+	// refused are the digests of bundles control offered and the agent
+	// refused (controlapi.MaxRefused, newest last).
+	refused []string
 	// status is the syncer's last outcome, for `bulkhead status`.
 	status atomic.Pointer[ControlStatus]
 	runCtx context.Context
@@ -170,14 +174,15 @@ func (a *Agent) publish() {
 	if len(a.desired.Why) > 0 {
 		st.Why = a.desired.Why[0]
 	}
-	next := &controlapi.SyncRequest{PolicyVersion: a.highest(), Cursor: a.ch.cursor, WaitSeconds: int(syncWait / time.Second), State: st}
+	next := &controlapi.SyncRequest{PolicyVersion: a.highest(), Cursor: a.ch.cursor, WaitSeconds: int(syncWait / time.Second), State: st,
+		Refused: slices.Clone(a.ch.refused)}
 	if prev := a.ch.snapshot.Swap(next); prev != nil && !sameRequest(prev, next) {
 		a.kickSync()
 	}
 }
 
 func sameRequest(a, b *controlapi.SyncRequest) bool {
-	return a.PolicyVersion == b.PolicyVersion && a.Cursor == b.Cursor && a.State.Mode == b.State.Mode &&
+	return a.PolicyVersion == b.PolicyVersion && a.Cursor == b.Cursor && slices.Equal(a.Refused, b.Refused) && a.State.Mode == b.State.Mode &&
 		a.State.Why == b.State.Why && a.State.PolicyVersion == b.State.PolicyVersion && maps.Equal(a.State.Revoked, b.State.Revoked)
 }
 
@@ -300,7 +305,14 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) {
 	a.clock.Observe(resp.ServerTime)
 	a.ctlTime, a.ctlAt = resp.ServerTime, a.wall()
 	if resp.Bundle != nil {
-		a.install(resp.Bundle) // the store audits either verdict
+		// The store audits either verdict; a refused bundle is named in
+		// every later sync, so the server stops offering it.
+		if _, err := a.install(resp.Bundle); err != nil {
+			if d := controlapi.BundleDigest(resp.Bundle); !slices.Contains(a.ch.refused, d) {
+				a.ch.refused = append(a.ch.refused, d)[max(0, len(a.ch.refused)+1-controlapi.MaxRefused):]
+			}
+			a.publish()
+		}
 	}
 	for _, raw := range resp.Commands {
 		a.obey(raw)

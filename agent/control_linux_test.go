@@ -211,6 +211,20 @@ func (s *controlSite) controlKey(t *testing.T) ed25519.PrivateKey {
 	return k.(ed25519.PrivateKey)
 }
 
+// enrolledOnV1 starts and enrols agent a, admits it at the wms gateway,
+// pushes policy v1 and waits for it; it returns the device id.
+func (s *controlSite) enrolledOnV1(t *testing.T) string {
+	t.Helper()
+	s.a.start(t)
+	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+		t.Fatalf("enroll: %v %s", err, out)
+	}
+	s.gw1.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1))
+	waitLong(t, "policy v1", func() bool { return s.a.status(t).PolicyVersion == 1 })
+	return s.a.status(t).DeviceID
+}
+
 func releaseCmd(id, dev string) command.Command {
 	now := time.Now().UTC().Truncate(time.Second)
 	return command.Command{ID: id, Kind: command.Release, Target: command.Target{Devices: []string{dev}},
@@ -461,19 +475,44 @@ func auditHas(t *testing.T, s *controlSite, dev, kind, text string) bool {
 	return false
 }
 
+// A bundle signed by a key the device does not trust, handed out by a
+// compromised control server, is refused and audited once: the device
+// names it in its syncs and the server stops offering it, instead of the
+// two trading it back and forth, each refusal audited, until the outbox
+// overflows and drops the evidence. A valid bundle after it still lands.
+func TestForgedBundleIsRefusedOnce(t *testing.T) {
+	s := newControlSite(t)
+	dev := s.enrolledOnV1(t)
+
+	attacker := newOpsKey(t, t.TempDir())
+	forged := filepath.Join(t.TempDir(), "forged.dsse")
+	writeFile(t, forged, string(signFor(t, 2, s.policyWith(t, nil), attacker)))
+	s.ctl.MustCLI(t, "policy", "push", forged)
+	waitLong(t, "the forged bundle's refusal at control", func() bool { return auditHas(t, s, dev, "bundle-rejected", "not a trusted ops key") })
+	time.Sleep(3 * time.Second) // a loop would audit thousands meanwhile
+	var d controlapi.Device
+	if err := json.Unmarshal([]byte(s.ctl.MustCLI(t, "device", "show", dev)), &d); err != nil {
+		t.Fatal(err)
+	}
+	refusals := 0
+	for _, e := range d.Reports {
+		if e.Kind == "bundle-rejected" {
+			refusals++
+		}
+	}
+	if refusals != 1 || s.a.status(t).PolicyVersion != 1 {
+		t.Errorf("forged bundle: %d refusals audited (want 1), device on v%d (want 1)", refusals, s.a.status(t).PolicyVersion)
+	}
+	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 3))
+	waitLong(t, "a valid v3 after the forged v2", func() bool { return s.a.status(t).PolicyVersion == 3 })
+}
+
 // With control down the agent restarts into its cached bundle, and what
 // it reports meanwhile reaches control after the outage: every event
 // once, in order.
 func TestOutageLosesNoReports(t *testing.T) {
 	s := newControlSite(t)
-	s.a.start(t)
-	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
-		t.Fatalf("enroll: %v %s", err, out)
-	}
-	dev := s.a.status(t).DeviceID
-	s.gw1.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
-	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1))
-	waitLong(t, "policy v1", func() bool { return s.a.status(t).PolicyVersion == 1 })
+	dev := s.enrolledOnV1(t)
 
 	s.ctl.Stop()
 	s.a.kill()

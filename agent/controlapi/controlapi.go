@@ -127,6 +127,20 @@ type SyncRequest struct {
 	Cursor        uint64      `json:"cursor"`
 	WaitSeconds   int         `json:"wait_seconds"`
 	State         DeviceState `json:"state"`
+	// Refused are the digests (BundleDigest) of bundles the device
+	// refused, newest last, at most MaxRefused: the server offers none of
+	// them again, so a forged bundle in its store cannot hold the device
+	// in a loop of refusals (each one audited, flooding its outbox).
+	Refused []string `json:"refused,omitzero"`
+}
+
+// MaxRefused is how many refused bundle digests a device remembers.
+const MaxRefused = 8
+
+// BundleDigest names a bundle by its bytes: sha256, hex.
+func BundleDigest(raw []byte) string {
+	sum := sha256.Sum256(raw)
+	return hex.EncodeToString(sum[:])
 }
 
 // SyncResponse carries a newer bundle for this device (if any) and the

@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -399,7 +400,7 @@ func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (control
 	resp := controlapi.SyncResponse{ServerTime: now.UTC()}
 	raw, err := s.db.newestBundle(req.PolicyVersion, func(raw []byte) bool {
 		p, err := bundle.Peek(raw)
-		return err == nil && p.Target.Matches(dev)
+		return err == nil && p.Target.Matches(dev) && !slices.Contains(req.Refused, controlapi.BundleDigest(raw))
 	})
 	if err != nil {
 		return resp, err
