@@ -333,7 +333,10 @@ func TestInstallFieldMistakes(t *testing.T) {
 func TestReadyOnlyOnceEnforcing(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	ns, dir := lab.NewNS(t, "ready"), t.TempDir()
-	t.Cleanup(func() { ns.Run("nft", "delete", "table", "inet", "bulkhead") })
+	t.Cleanup(func() {
+		ns.Run("nft", "delete", "table", "inet", "bulkhead")
+		os.Remove("/var/run/wireguard/bh-ready.sock") // a killed agent leaves it
+	})
 	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
 		t.Fatal(err)
 	}
@@ -414,6 +417,7 @@ func TestAgentNeedsItsCapabilities(t *testing.T) {
 	run := func(caps []string) (string, error) {
 		ns, dir := lab.NewNS(t, "caps"), t.TempDir()
 		defer ns.Run("nft", "delete", "table", "inet", "bulkhead")
+		defer os.Remove("/var/run/wireguard/bh-caps.sock") // a killed agent leaves it
 		cfg, sock, bundlePath := filepath.Join(dir, "config.json"), filepath.Join(dir, "admin.sock"), filepath.Join(dir, "b.dsse")
 		os.WriteFile(bundlePath, signed, 0o600)
 		os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": "scanner"}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q, "tunnel": {"interface": "bh-caps"}}`,
