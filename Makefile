@@ -86,8 +86,12 @@ cross-test: deps
 	GOARCH=arm64 CGO_ENABLED=0 go test -count=1 -exec qemu-aarch64-static -skip TestGatherReadsThisHost $(CROSS_TEST_PKGS)
 	GOARCH=arm GOARM=7 CGO_ENABLED=0 go test -count=1 -exec qemu-arm-static -skip TestGatherReadsThisHost $(CROSS_TEST_PKGS)
 
+# A whole logistics site in network namespaces, the article's seven
+# scenarios run against it (bulkhead-lab demo --help). Root.
 demo: build
-	@lab/demo-policy.sh bin
+	@.ci/ensure-debs $(TEST_DEBS)
+	$(GOBUILD) -o bin/bulkhead-lab ./cmd/bulkhead-lab
+	bin/bulkhead-lab demo --bin bin $(DEMO_FLAGS)
 
 clean:
 	rm -rf bin dist

@@ -41,8 +41,7 @@ type binAgent struct {
 	cfg    string
 	socket string
 	iface  string
-	proc   *os.Process
-	done   chan struct{}
+	proc   *lab.Process
 }
 
 func newControlSite(t *testing.T) *controlSite {
@@ -96,26 +95,17 @@ func (s *controlSite) newAgent(t *testing.T, ns *lab.NS, tunAddr, floor string) 
 
 func (a *binAgent) start(t *testing.T) {
 	t.Helper()
-	cmd := a.ns.Command(lab.Binary(t, "cmd/bulkhead"), "run", "--config", a.cfg)
-	logf, err := os.OpenFile(filepath.Join(a.dir, "agent.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	p, err := lab.StartProcess(a.ns, filepath.Join(a.dir, "agent.log"), lab.Binary(t, "cmd/bulkhead"), "run", "--config", a.cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	a.proc, a.done = cmd.Process, make(chan struct{})
-	go func() { cmd.Wait(); logf.Close(); close(a.done) }()
+	a.proc = p
 	waitFor(t, "the agent's admin socket", func() bool { _, err := Call(a.socket, Request{Op: "status"}); return err == nil })
 }
 
 func (a *binAgent) kill() {
-	if a.proc != nil {
-		a.proc.Kill()
-		<-a.done
-		a.proc = nil
-	}
+	a.proc.Kill()
+	a.proc = nil
 }
 
 func (a *binAgent) status(t *testing.T) *Status {

@@ -1,5 +1,8 @@
-// Command bulkhead-lab is the lab's tool: it runs the pieces of a test
-// site that are not the agent: the bare-library WireGuard daemon
+// Command bulkhead-lab is the lab's tool. `bulkhead-lab demo` builds a
+// whole logistics site in network namespaces and runs the article's
+// scenarios against it (package lab/site; `make demo`). The other
+// commands run the pieces of a test site that are not the agent: the
+// bare-library WireGuard daemon
 // (`bulkhead-lab wireguard IFACE`), used as a gateway and as the data-path
 // reference in benchmarks, and a crowd of long-polling devices
 // (`bulkhead-lab crowd`), the control server's fan-out load.
@@ -25,7 +28,7 @@ func main() {
 	os.Exit(subcmd.Main(&subcmd.Command{
 		Name:    "bulkhead-lab",
 		Summary: "bulkhead-lab: pieces of a Bulkhead test site.",
-		Sub: []*subcmd.Command{crowdCmd(), {
+		Sub: []*subcmd.Command{demoCmd(), crowdCmd(), {
 			Name: "wireguard", Args: "IFACE",
 			Summary: "Run the bare tailscale/wireguard-go library on a new TUN interface, in the\n" +
 				"foreground, configured with wg through /var/run/wireguard/IFACE.sock.",

@@ -1,0 +1,502 @@
+package site
+
+import (
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+)
+
+// Scenarios are the article's scenarios, in the order the demo runs
+// them; each leaves the site as it found it.
+func Scenarios() []Scenario {
+	return []Scenario{
+		{"Baseline: each device reaches exactly its authorized segments", baseline},
+		{"Compromised scanner: lateral movement is blocked and reported", compromisedScanner},
+		{"Partner disconnect: the tier-1 carrier is revoked fleet-wide, then reinstated", partnerDisconnect},
+		{"Telematics quarantine: data stops, the safety controller stays reachable", telematicsQuarantine},
+		{"Ransomware drill: control and uplink cut, agents restarted, nothing lost", ransomwareDrill},
+		{"Context: geofence, shift end, a required process dies", context},
+		{"Attacks: forged bundle, rolled-back bundle, replayed release", attacks},
+	}
+}
+
+// target is a column of the reachability matrix.
+type target struct {
+	name string
+	ap   netip.AddrPort
+}
+
+func (s *Site) targets() []target {
+	var ts []target
+	for _, seg := range s.Segments {
+		ts = append(ts, target{seg.Name, seg.Host})
+	}
+	return append(ts, target{"safety-ctl", s.Truck.Controller}, target{"dock-ssh", s.DockSSH})
+}
+
+// authorized is what the site's policy opens to a device in normal mode:
+// its class's segments, and the safety controller for the truck.
+func (s *Site) authorized(a *Agent, t string) bool {
+	if t == "safety-ctl" {
+		return a == s.Tele
+	}
+	return slices.Contains(classSegments[a.Class], t)
+}
+
+// matrix probes every device against every target at once.
+func (s *Site) matrix() map[*Agent]map[string]bool {
+	got := map[*Agent]map[string]bool{}
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for _, a := range s.Agents() {
+		got[a] = map[string]bool{}
+		for _, t := range s.targets() {
+			if a == s.Dock && t.name == "dock-ssh" {
+				continue // itself
+			}
+			wg.Go(func() {
+				// Twenty probes share two cores with five WireGuard
+				// gateways: an open cell gets a second chance.
+				tries := map[bool]int{true: 3, false: 1}[s.authorized(a, t.name)]
+				ok, err := false, error(nil)
+				for range tries {
+					if ok, err = lab.Reachable(a.NS, "tcp", t.ap, 2*time.Second); ok {
+						break
+					}
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				got[a][t.name] = ok && err == nil
+			})
+		}
+	}
+	wg.Wait()
+	return got
+}
+
+func baseline(s *Site, r *Result) {
+	got := s.matrix()
+	var b strings.Builder
+	fmt.Fprintf(&b, "    %-16s", "")
+	for _, t := range s.targets() {
+		fmt.Fprintf(&b, "%-15s", t.name)
+	}
+	b.WriteString("\n")
+	wrong := 0
+	for _, a := range s.Agents() {
+		fmt.Fprintf(&b, "    %-16s", a.Name)
+		for _, t := range s.targets() {
+			cell := "-"
+			if o, ok := got[a][t.name]; ok {
+				cell = yesno(o)
+				if o != s.authorized(a, t.name) {
+					cell, wrong = strings.ToUpper(cell)+"(!)", wrong+1
+				}
+			}
+			fmt.Fprintf(&b, "%-15s", cell)
+		}
+		b.WriteString("\n")
+	}
+	fmt.Fprint(r.out, b.String())
+	cells := 0
+	for _, row := range got {
+		cells += len(row)
+	}
+	r.Check(Check{What: "reachability matrix (TCP echo from each device to each target)",
+		Expected: "open exactly where the policy's class rules (or the truck's safety floor) open it",
+		Observed: fmt.Sprintf("%d of %d cells as the policy says", cells-wrong, cells), Pass: wrong == 0})
+
+	// The tier-3 broker is rate-limited by the policy: 125 kB/s, with a
+	// bucket of one second of that plus a 125 kB burst. Three seconds of
+	// iperf3 may pass at most the rate for four seconds and the burst.
+	const secs, rate, burst = 3, 125000.0, 125000.0
+	bound := (rate*(secs+1) + burst) * 8 / secs / 1e6
+	bps := lab.Iperf3(s.t, s.Dock.NS, netip.AddrPortFrom(s.Segment("broker-portal").Host.Addr(), brokerFeed), secs)
+	r.Check(Check{What: "tier-3 broker feed is rate-limited (iperf3 from the dock gateway, 3 s)",
+		Expected: fmt.Sprintf("at most %.2f Mbit/s (125 kB/s for 3 s, and a full bucket: 1 s of rate plus a 125 kB burst)", bound),
+		Observed: fmt.Sprintf("%.2f Mbit/s", bps/1e6), Pass: bps > 0 && bps/1e6 <= bound})
+}
+
+func compromisedScanner(s *Site, r *Result) {
+	fin := s.Segment("finance").Host
+	start := time.Now()
+	for _, t := range []target{{"finance", fin}, {"the dock gateway's ssh", s.DockSSH}} {
+		open := s.reach(s.Scanner, t.ap)
+		r.Check(Check{What: "the scanner tries " + t.name + " (" + t.ap.String() + ")",
+			Expected: "refused by the scanner's own table (it was reachable before Bulkhead)", Observed: yesno(open), Pass: !open})
+	}
+	for _, t := range []netip.AddrPort{fin, s.DockSSH} {
+		lat, ok := timeUntil(start, 20*time.Second, func() bool {
+			_, ok := s.reported(s.Scanner, "flows-refused", `"direction":"out"`, `"address":"`+t.Addr().String()+`"`, fmt.Sprintf(`"port":%d`, t.Port()))
+			return ok
+		})
+		r.Check(Check{What: "control hears of the attempt on " + t.String(),
+			Expected: "a flows-refused report from the scanner naming it", Observed: found(ok, "reported"),
+			Latency: lat, Of: "attempt -> in control's device record", Pass: ok})
+	}
+
+	r.Note("the attacker is root on the scanner: kills the agent and deletes its table")
+	s.Scanner.Kill()
+	s.Scanner.NS.MustRun(s.t, "nft", "delete", "table", "inet", "bulkhead")
+	start = time.Now()
+	open := s.reach(s.Scanner, s.DockSSH)
+	r.Check(Check{What: "the scanner, its own enforcement gone, tries the dock gateway's ssh",
+		Expected: "refused by the dock gateway's table", Observed: yesno(open), Pass: !open})
+	lat, ok := timeUntil(start, 20*time.Second, func() bool {
+		_, ok := s.reported(s.Dock, "flows-refused", `"direction":"in"`, `"address":"`+s.Scanner.LAN.String()+`"`, `"port":22`)
+		return ok
+	})
+	r.Check(Check{What: "the dock gateway reports who knocked",
+		Expected: "a flows-refused report from the dock gateway naming the scanner " + s.Scanner.LAN.String(), Observed: found(ok, "reported"),
+		Latency: lat, Of: "attempt -> in control's device record", Pass: ok})
+	start = time.Now()
+	s.Scanner.Start(s.t)
+	lat, ok = timeUntil(start, 10*time.Second, func() bool { return !s.reach(s.Scanner, fin) && s.Scanner.Status(s.t).Mode == "normal" })
+	r.Check(Check{What: "the scanner's agent restarts from its cache",
+		Expected: "policy v" + fmt.Sprint(s.Version) + " enforced again, finance refused", Observed: fmt.Sprintf("v%d, %s", s.Scanner.Status(s.t).PolicyVersion, s.Scanner.Status(s.t).Mode),
+		Latency: lat, Of: "agent start -> table back", Pass: ok})
+}
+
+func found(ok bool, what string) string {
+	if ok {
+		return what
+	}
+	return "not " + what
+}
+
+func partnerDisconnect(s *Site, r *Result) {
+	edi, wms := s.Segment("carrier-edi").Host, s.Segment("wms").Host
+	flows := map[*Agent]*flow{s.Dock: s.openFlow(s.Dock, edi), s.Tele: s.openFlow(s.Tele, edi)}
+	r.Note("live EDI connections from the dock gateway and the telematics box; revoking northline-freight")
+	start := time.Now()
+	out := s.Ctl.MustCLI(s.t, "revoke-partner", "northline-freight", "--reason", "INC-231 partner breach")
+	r.Note("%s", strings.TrimSpace(out))
+	for _, a := range []*Agent{s.Dock, s.Tele} {
+		lat, ok := flows[a].diesAfter(start, 15*time.Second)
+		r.Check(Check{What: "the " + a.Name + "'s established EDI connection",
+			Expected: "cut", Observed: found(ok, "cut") + fmt.Sprintf(", last echo %s after the command", ms(lat)),
+			Latency: lat, Of: "revoke-partner -> last echo", Pass: ok})
+	}
+	for _, a := range []*Agent{s.Dock, s.Tele} {
+		open := s.reach(a, edi)
+		r.Check(Check{What: "a new EDI connection from the " + a.Name, Expected: "shut", Observed: yesno(open), Pass: !open})
+	}
+	open := s.reach(s.Dock, wms)
+	r.Check(Check{What: "the dock gateway's WMS (not the partner's)", Expected: "open", Observed: yesno(open), Pass: open})
+
+	start = time.Now()
+	s.Ctl.MustCLI(s.t, "reinstate-partner", "northline-freight", "--reason", "INC-231 closed", "--key", s.OpsKey)
+	for _, a := range []*Agent{s.Dock, s.Tele} {
+		lat, ok := timeUntil(start, 20*time.Second, func() bool { return s.reach(a, edi) })
+		r.Check(Check{What: "reinstated (ops-signed): EDI from the " + a.Name, Expected: "open", Observed: yesno(ok),
+			Latency: lat, Of: "reinstate-partner -> first echo", Pass: ok})
+	}
+}
+
+func telematicsQuarantine(s *Site, r *Result) {
+	edi, diag := s.Segment("carrier-edi").Host, s.Segment("diagnostics").Host
+	data, safety := s.openFlow(s.Tele, edi), s.openFlow(s.Tele, s.Truck.Controller)
+	start := time.Now()
+	s.Ctl.MustCLI(s.t, "quarantine", s.Tele.ID, "--reason", "INC-232 tampered telematics box")
+	lat, ok := data.diesAfter(start, 15*time.Second)
+	r.Check(Check{What: "the truck's live EDI upload", Expected: "cut", Observed: found(ok, "cut"),
+		Latency: lat, Of: "quarantine -> last echo", Pass: ok})
+	st := s.Tele.Status(s.t)
+	var opened []string
+	for _, t := range []target{{"carrier-edi", edi}, {"diagnostics", diag}} {
+		if s.reach(s.Tele, t.ap) {
+			opened = append(opened, t.name)
+		}
+	}
+	r.Check(Check{What: "all data transmission", Expected: "mode quarantine, no segment, no tunnel peer",
+		Observed: fmt.Sprintf("mode %s, segments reachable: %s, %d peers", st.Mode, list(opened), len(st.Tunnel.Peers)),
+		Pass:     st.Mode == "quarantine" && len(opened) == 0 && len(st.Tunnel.Peers) == 0})
+	r.Check(Check{What: "the vehicle safety controller (safety floor), on a connection open throughout",
+		Expected: "still answering", Observed: map[bool]string{true: "answering", false: "SILENT"}[safety.alive()], Pass: safety.alive()})
+	c := st.Control
+	r.Check(Check{What: "the control channel", Expected: "connected, so ops can release it",
+		Observed: map[bool]string{true: "connected", false: "not connected"}[c != nil && c.Connected], Pass: c != nil && c.Connected})
+
+	start = time.Now()
+	s.Ctl.MustCLI(s.t, "release", s.Tele.ID, "--reason", "INC-232 box replaced", "--key", s.OpsKey)
+	lat, ok = timeUntil(start, 20*time.Second, func() bool { return s.reach(s.Tele, edi) })
+	r.Check(Check{What: "release (ops-signed)", Expected: "EDI open again", Observed: yesno(ok),
+		Latency: lat, Of: "release -> first echo", Pass: ok})
+}
+
+func ransomwareDrill(s *Site, r *Result) {
+	wms, fin := s.Segment("wms").Host, s.Segment("finance").Host
+	before := map[*Agent]uint64{}
+	for _, a := range s.Agents() {
+		d, _ := s.device(a)
+		before[a] = lastSeq(d)
+	}
+	r.Note("ransomware on the corporate side: control server down, corporate uplink cut")
+	s.Ctl.Stop()
+	s.setUplink(false)
+	r.Note("every device reboots")
+	for _, a := range s.Agents() {
+		a.Kill()
+	}
+	for _, a := range s.Agents() {
+		start := time.Now()
+		a.Start(s.t)
+		st := a.Status(s.t)
+		r.Check(Check{What: "the " + a.Name + " boots with no control server",
+			Expected: fmt.Sprintf("policy v%d from the cache, mode normal", s.Version),
+			Observed: fmt.Sprintf("v%d, mode %s", st.PolicyVersion, st.Mode), Latency: time.Since(start), Of: "start -> enforcing",
+			Pass: st.PolicyVersion == s.Version && st.Mode == "normal"})
+	}
+	checks := []struct {
+		what string
+		a    *Agent
+		ap   netip.AddrPort
+		want bool
+	}{
+		{"on-site WMS from the scanner", s.Scanner, wms, true},
+		{"on-site WMS from the dock gateway", s.Dock, wms, true},
+		{"lateral: the scanner to finance", s.Scanner, fin, false},
+		{"lateral: the scanner to the dock gateway's ssh", s.Scanner, s.DockSSH, false},
+		{"the truck's safety controller", s.Tele, s.Truck.Controller, true},
+	}
+	for _, c := range checks {
+		got := lab.ReachesWithin(s.t, c.a.NS, "tcp", c.ap, map[bool]time.Duration{true: 10 * time.Second, false: 0}[c.want])
+		r.Check(Check{What: c.what + ", isolated", Expected: yesno(c.want), Observed: yesno(got), Pass: got == c.want})
+	}
+	r.Note("the ransomware flushes the dock gateway's firewall")
+	start := time.Now()
+	s.Dock.NS.MustRun(s.t, "nft", "flush", "ruleset")
+	lat, ok := timeUntil(start, 5*time.Second, func() bool { return s.Dock.Status(s.t).DriftRepairs > 0 })
+	r.Check(Check{What: "the dock gateway's table, flushed offline", Expected: "restored", Observed: found(ok, "restored"),
+		Latency: lat, Of: "flush -> restored", Pass: ok})
+
+	r.Note("recovery: uplink and control back")
+	s.setUplink(true)
+	s.Ctl.Start(s.t)
+	start = time.Now()
+	for _, a := range s.Agents() {
+		lat, ok := timeUntil(start, 100*time.Second, func() bool { c := a.Status(s.t).Control; return c != nil && c.Connected })
+		r.Check(Check{What: "the " + a.Name + " reconnects", Expected: "connected", Observed: found(ok, "connected"),
+			Latency: lat, Of: "control back -> connected (backoff since boot)", Pass: ok})
+	}
+	for _, a := range s.Agents() {
+		var d controlapi.Device
+		var gaps []uint64
+		ok := eventually(20*time.Second, func() bool {
+			d, _ = s.device(a)
+			gaps = missing(d, before[a])
+			_, drift := s.reported(a, "drift-repaired")
+			return len(gaps) == 0 && lastSeq(d) > before[a] && (a != s.Dock || drift)
+		})
+		want := "every event since before the outage, in order, none dropped"
+		if a == s.Dock {
+			want += ", the offline drift repair among them"
+		}
+		r.Check(Check{What: "the " + a.Name + "'s reports from the outage at control", Expected: want,
+			Observed: fmt.Sprintf("events %d-%d, missing %v, %d dropped", before[a]+1, lastSeq(d), gaps, d.ReportsDropped),
+			Pass:     ok && d.ReportsDropped == 0})
+	}
+}
+
+func lastSeq(d controlapi.Device) uint64 {
+	if len(d.Reports) == 0 {
+		return 0
+	}
+	return d.Reports[len(d.Reports)-1].Seq
+}
+
+// missing is the sequence numbers above from that the device's reports
+// skip.
+func missing(d controlapi.Device, from uint64) []uint64 {
+	var gaps []uint64
+	want := from + 1
+	for _, e := range d.Reports {
+		if e.Seq <= from {
+			continue
+		}
+		for ; want < e.Seq; want++ {
+			gaps = append(gaps, want)
+		}
+		want = e.Seq + 1
+	}
+	return gaps
+}
+
+func context(s *Site, r *Result) {
+	wms, edi, diag := s.Segment("wms").Host, s.Segment("carrier-edi").Host, s.Segment("diagnostics").Host
+
+	// A shift ending at the next minute (at least 20 s away), pushed
+	// now; the other two changes are made while it runs out.
+	now := time.Now().UTC()
+	end := now.Truncate(time.Minute).Add(time.Minute)
+	if end.Sub(now) < 20*time.Second {
+		end = end.Add(time.Minute)
+	}
+	shift := [2]string{end.Add(-8 * time.Hour).Format("15:04"), end.Format("15:04")}
+	s.Push(&shift)
+	s.WaitVersion(s.Version, 20*time.Second)
+	r.Note("policy v%d: scanners reach WMS only during the shift %s-%s UTC", s.Version, shift[0], shift[1])
+
+	r.Note("the truck drives out of its service area (gpsfake replays the track through gpsd)")
+	s.gpsStop()
+	var track []lab.Point
+	for i := range 40 {
+		p := yard
+		if i >= 3 {
+			p.Lat += 0.009 // 1 km north
+		}
+		track = append(track, p)
+	}
+	start := time.Now()
+	s.gpsStop = lab.GPSFakeIn(s.t, s.Tele.NS, s.gpsPort, lab.NMEA(track, time.Now()), 200*time.Millisecond, true)
+	lat, ok := timeUntil(start, 30*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "restricted" })
+	st := s.Tele.Status(s.t)
+	r.Check(Check{What: "the telematics box outside its geofence", Expected: "mode restricted: its profile keeps diagnostics only",
+		Observed: fmt.Sprintf("mode %s, open %s (%s)", st.Mode, list(st.Open), strings.Join(st.Why, "; ")),
+		Latency:  lat, Of: "replay start -> restricted (includes gpsd reconnect)", Pass: ok && slices.Equal(st.Open, []string{"diagnostics"})})
+	ediOpen, diagOpen := s.reach(s.Tele, edi), lab.ReachesWithin(s.t, s.Tele.NS, "tcp", diag, 10*time.Second)
+	r.Check(Check{What: "the truck's EDI and diagnostics outside the fence", Expected: "EDI shut, diagnostics open",
+		Observed: fmt.Sprintf("EDI %s, diagnostics %s", yesno(ediOpen), yesno(diagOpen)), Pass: !ediOpen && diagOpen})
+	s.gpsStop()
+	start = time.Now()
+	s.gpsStop = lab.GPSFakeIn(s.t, s.Tele.NS, s.gpsPort, parked(), 200*time.Millisecond, false)
+	lat, ok = timeUntil(start, 30*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "normal" })
+	r.Check(Check{What: "back in the yard", Expected: "mode normal", Observed: "mode " + s.Tele.Status(s.t).Mode,
+		Latency: lat, Of: "replay start -> normal", Pass: ok})
+
+	r.Note("the dock gateway's EDR sensor (%s) dies", s.SensorName)
+	start = time.Now()
+	s.sensor.Process.Kill()
+	s.sensor.Wait()
+	lat, ok = timeUntil(start, 10*time.Second, func() bool { return !s.reach(s.Dock, edi) })
+	st = s.Dock.Status(s.t)
+	r.Check(Check{What: "the dock gateway without its required process", Expected: "mode restricted: WMS only",
+		Observed: fmt.Sprintf("mode %s, open %s", st.Mode, list(st.Open)),
+		Latency:  lat, Of: "kill -> EDI refused", Pass: ok && st.Mode == "restricted" && slices.Equal(st.Open, []string{"wms"})})
+	start = time.Now()
+	s.sensor = s.runSensor()
+	lat, ok = timeUntil(start, 10*time.Second, func() bool { return s.Dock.Status(s.t).Mode == "normal" })
+	r.Check(Check{What: "the sensor restarted", Expected: "mode normal", Observed: "mode " + s.Dock.Status(s.t).Mode,
+		Latency: lat, Of: "restart -> normal", Pass: ok})
+
+	open := s.reach(s.Scanner, wms)
+	r.Check(Check{What: "the scanner during its shift", Expected: "WMS open", Observed: "WMS " + yesno(open), Pass: open})
+	r.Note("waiting for the shift to end at %s UTC (%s from now)", end.Format("15:04:05"), time.Until(end).Round(time.Second))
+	time.Sleep(time.Until(end))
+	lat, ok = timeUntil(end, 10*time.Second, func() bool { return !s.reach(s.Scanner, wms) })
+	st = s.Scanner.Status(s.t)
+	r.Check(Check{What: "the scanner once the shift has ended", Expected: "WMS shut, diagnostics still open",
+		Observed: fmt.Sprintf("open %s", list(st.Open)), Latency: lat, Of: "shift end -> WMS refused",
+		Pass: ok && slices.Equal(st.Open, []string{"diagnostics"})})
+	s.Push(nil) // the next scenarios start from the site's usual policy
+	s.WaitVersion(s.Version, 20*time.Second)
+}
+
+func attacks(s *Site, r *Result) {
+	fin := s.Segment("finance").Host
+
+	// A compromised control server forwards a bundle that opens finance
+	// to scanners, signed by a key no device trusts.
+	forged := s.Version + 1
+	doc := filepath.Join(s.dir, "forged.json")
+	if err := os.WriteFile(doc, []byte(strings.Replace(s.policyJSON(nil), `{"segment": "diagnostics"}],
+      "profiles": {"restricted": ["wms"], "diagnostic": ["diagnostics"]}`, `{"segment": "diagnostics"}, {"segment": "finance"}],
+      "profiles": {"restricted": ["wms"], "diagnostic": ["diagnostics"]}`, 1)), 0o600); err != nil {
+		s.t.Fatal(err)
+	}
+	start := time.Now()
+	s.Ctl.MustCLI(s.t, "policy", "push", s.Sign(forged, doc, s.AttackerKy))
+	lat, ok := timeUntil(start, 20*time.Second, func() bool {
+		for _, a := range s.Agents() {
+			if _, ok := s.reported(a, "bundle-rejected", "not a trusted ops key"); !ok {
+				return false
+			}
+		}
+		return true
+	})
+	var versions []string
+	for _, a := range s.Agents() {
+		versions = append(versions, fmt.Sprintf("v%d", a.Status(s.t).PolicyVersion))
+	}
+	open := s.reach(s.Scanner, fin)
+	r.Check(Check{What: fmt.Sprintf("forged bundle v%d (attacker's key) pushed through control", forged),
+		Expected: fmt.Sprintf("rejected by all three devices and audited; they stay on v%d; finance stays shut to the scanner", s.Version),
+		Observed: fmt.Sprintf("%s audited; versions %s; finance %s", found(ok, "rejection"), strings.Join(versions, " "), yesno(open)),
+		Latency:  lat, Of: "push -> every rejection at control", Pass: ok && !open && !slices.ContainsFunc(versions, func(v string) bool { return v != fmt.Sprintf("v%d", s.Version) })})
+
+	// An old bundle, validly signed, dropped on the scanner (a USB stick
+	// from last month, or a network replaying it).
+	old := filepath.Join(s.Scanner.Dir, "inbox", "policy-v1.dsse")
+	raw, err := os.ReadFile(s.Bundles[1])
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	start = time.Now()
+	if err := os.WriteFile(old, raw, 0o600); err != nil {
+		s.t.Fatal(err)
+	}
+	lat, ok = timeUntil(start, 20*time.Second, func() bool {
+		_, ok := s.reported(s.Scanner, "bundle-rejected", "version 1")
+		return ok
+	})
+	_, renamed := os.Stat(old + ".rejected")
+	v := s.Scanner.Status(s.t).PolicyVersion
+	r.Check(Check{What: "rolled-back bundle: a validly signed v1 dropped into the scanner's inbox",
+		Expected: fmt.Sprintf("rejected, audited, file renamed .rejected; the scanner stays on v%d", s.Version),
+		Observed: fmt.Sprintf("%s; %s; v%d", found(ok, "rejection reported"), found(renamed == nil, "renamed"), v),
+		Latency:  lat, Of: "drop -> rejection at control", Pass: ok && renamed == nil && v == s.Version})
+
+	// A release an operator signed is captured and replayed.
+	key, err := opskey.LoadPrivate(s.OpsKey)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	release := func(id string) []byte {
+		now := time.Now().UTC().Truncate(time.Second)
+		raw, err := command.Sign(command.Command{ID: id, Kind: command.Release, Target: command.Target{Devices: []string{s.Scanner.ID}},
+			Reason: "INC-233 cleared", IssuedAt: now, ExpiresAt: now.Add(10 * time.Minute)}, key)
+		if err != nil {
+			s.t.Fatal(err)
+		}
+		return raw
+	}
+	mode := func(m string) bool { return s.Scanner.Status(s.t).Mode == m }
+	s.Ctl.MustCLI(s.t, "quarantine", s.Scanner.ID, "--reason", "INC-233 scanner beaconing")
+	if !eventually(20*time.Second, func() bool { return mode("quarantine") }) {
+		s.t.Fatalf("the scanner was never quarantined")
+	}
+	captured := release("cmd-release-233a")
+	s.Ctl.Deliver(s.t, captured)
+	if !eventually(20*time.Second, func() bool { return mode("normal") }) {
+		s.t.Fatalf("the ops-signed release was not obeyed")
+	}
+	s.Ctl.MustCLI(s.t, "quarantine", s.Scanner.ID, "--reason", "INC-234 beaconing again")
+	if !eventually(20*time.Second, func() bool { return mode("quarantine") }) {
+		s.t.Fatalf("the scanner was never quarantined again")
+	}
+	start = time.Now()
+	s.Ctl.Deliver(s.t, captured)
+	lat, ok = timeUntil(start, 20*time.Second, func() bool {
+		_, ok := s.reported(s.Scanner, "command-rejected", "cmd-release-233a", "already")
+		return ok
+	})
+	m := s.Scanner.Status(s.t).Mode
+	r.Check(Check{What: "replayed release: the captured, ops-signed release delivered again",
+		Expected: "rejected as already used, audited; the scanner stays quarantined",
+		Observed: fmt.Sprintf("%s; mode %s", found(ok, "rejection reported"), m), Latency: lat, Of: "delivery -> rejection at control",
+		Pass: ok && m == "quarantine"})
+	s.Ctl.Deliver(s.t, release("cmd-release-234"))
+	if !eventually(20*time.Second, func() bool { return mode("normal") }) {
+		s.t.Fatalf("a fresh release was not obeyed")
+	}
+}

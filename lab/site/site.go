@@ -1,0 +1,337 @@
+// Package site is the logistics site of `make demo` (`bulkhead-lab
+// demo`): a control server, segment gateways, three devices running the
+// real agent and a truck's safety controller, each in a network
+// namespace, joined by a flat network the way warehouses are wired; and
+// the scenarios of the article run against it (scenarios.go), each
+// judged by what the site's policy says should happen.
+package site
+
+import (
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/lab"
+)
+
+// Segment is one segment of the site: an echo service on a host behind
+// its gateway.
+type Segment struct {
+	Name    string
+	Partner string
+	Host    netip.AddrPort
+	GW      *lab.Gateway
+	// Local is whether the gateway is on the site's own network; the
+	// others are reached over the corporate uplink.
+	Local bool
+}
+
+// Site is the whole site, built by Build.
+type Site struct {
+	t        lab.T
+	progress io.Writer
+	dir      string
+
+	Ctl        *lab.Control
+	ControlBin string
+	OpsKey     string // the ops signing key (ops.key); its ops.pub is pinned by every agent
+	AttackerKy string // a key no device trusts
+	Router     *lab.NS
+	WAN        *lab.NS
+	uplink     string // the router's interface to the corporate uplink
+	ctlNS      *lab.NS
+
+	Segments []*Segment
+	Dock     *Agent
+	Scanner  *Agent
+	Tele     *Agent
+	Truck    *lab.Telematics
+	// DockSSH is a service on the dock gateway itself: what lateral
+	// movement from a compromised scanner aims at.
+	DockSSH netip.AddrPort
+
+	SensorName string // the process the dock gateway's EDR check requires
+	sensor     *exec.Cmd
+	runSensor  func() *exec.Cmd
+	gpsPort    int
+	gpsStop    func()
+
+	// Version is the newest policy version pushed; Bundles the files.
+	Version uint64
+	Bundles map[uint64]string
+	// Shift is the scanners' shift [start, end) (HH:MM UTC) in the
+	// policy in force, if any.
+	Shift *[2]string
+}
+
+// The site's addresses. Devices and local gateways hang off the site
+// router (10.10.0.0/16); control and the corporate gateways are behind
+// the corporate uplink.
+var (
+	controlAddr = netip.MustParseAddrPort("10.99.0.2:8443")
+	truckNet    = netip.MustParsePrefix("192.168.50.0/29")
+	yard        = lab.Point{Lat: 41.5250, Lon: -88.0817} // the depot: a 500 m geofence
+)
+
+// segmentPlan is the site's segments: name, partner, host, local.
+var segmentPlan = []Segment{
+	{Name: "wms", Host: netip.MustParseAddrPort("10.20.1.10:443"), Local: true},
+	{Name: "finance", Host: netip.MustParseAddrPort("10.30.0.10:443")},
+	{Name: "carrier-edi", Partner: "northline-freight", Host: netip.MustParseAddrPort("10.60.0.10:443")},
+	{Name: "broker-portal", Partner: "spotload-brokers", Host: netip.MustParseAddrPort("10.70.0.10:443")},
+	{Name: "diagnostics", Host: netip.MustParseAddrPort("10.50.0.10:22"), Local: true},
+}
+
+// brokerFeed is the broker's bulk feed (iperf3), on its host.
+const brokerFeed = 5201
+
+// classSegments is which segments each class's rules open.
+var classSegments = map[string][]string{
+	"dock-gateway": {"wms", "finance", "carrier-edi", "broker-portal", "diagnostics"},
+	"scanner":      {"wms", "diagnostics"},
+	"telematics":   {"carrier-edi", "diagnostics"},
+}
+
+// Build makes the site and brings every device to policy version 1,
+// printing what it does to progress.
+func Build(t lab.T, progress io.Writer) *Site {
+	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go", "iperf3", "gpsfake", "gpsd")
+	s := &Site{t: t, progress: progress, dir: t.TempDir(), Bundles: map[uint64]string{}}
+	s.step("network: site router, corporate uplink, 3 devices, 5 segment gateways, a truck")
+	s.network()
+	s.detail("namespaces: %s", strings.Join(s.namespaces(), " "))
+	s.step("before Bulkhead: the network is flat")
+	flat := []struct {
+		what string
+		ap   netip.AddrPort
+	}{{"finance", s.Segment("finance").Host}, {"the dock gateway's ssh", s.DockSSH}}
+	for _, f := range flat {
+		if !lab.Reaches(t, s.Scanner.NS, "tcp", f.ap) {
+			t.Fatalf("without agents the scanner does not reach %s (%s); the demo would prove nothing", f.what, f.ap)
+		}
+		s.detail("the scanner reaches %s at %s", f.what, f.ap)
+	}
+
+	s.step("control server with the ops trust root; ops and attacker keys")
+	opsDir, attacker := filepath.Join(s.dir, "ops"), filepath.Join(s.dir, "attacker")
+	s.ControlBin = lab.Binary(t, "cmd/bulkhead-control")
+	for _, dir := range []string{opsDir, attacker} {
+		if out, err := exec.Command(s.ControlBin, "keygen", "--out", dir).CombinedOutput(); err != nil {
+			t.Fatalf("keygen: %v: %s", err, out)
+		}
+	}
+	s.OpsKey, s.AttackerKy = filepath.Join(opsDir, "ops.key"), filepath.Join(attacker, "ops.key")
+	s.Ctl = lab.StartControl(t, s.ctlNS, controlAddr, 0, filepath.Join(opsDir, "ops.pub"))
+	s.detail("control at %s, CA %s", s.Ctl.URL, s.Ctl.Fingerprint)
+
+	s.step("agents: enrol with one-time tokens (they boot in lockdown)")
+	for _, a := range s.Agents() {
+		a.Start(t)
+		a.Enroll(t, s.Ctl, strings.Fields(s.Ctl.MustCLI(t, "token", "create", "--class", a.Class, "--ttl", "10m"))[0])
+		s.detail("%-14s %s, class %s, tunnel key %s", a.Name, a.ID, a.Class, a.Status(t).Tunnel.PublicKey)
+	}
+	s.step("gateways admit the devices whose class uses them")
+	for _, a := range s.Agents() {
+		pub := a.Status(t).Tunnel.PublicKey
+		for _, seg := range classSegments[a.Class] {
+			s.Segment(seg).GW.AllowPeer(t, pub, netip.AddrPort{}, a.Tunnel)
+		}
+	}
+	s.step("policy v1 signed by the ops key, pushed through control")
+	s.Push(nil)
+	s.WaitVersion(s.Version, 30*time.Second)
+	for _, a := range s.Agents() { // the truck's first fix may take a second
+		if !eventually(20*time.Second, func() bool { return a.Status(t).Mode == "normal" }) {
+			st := a.Status(t)
+			t.Fatalf("the %s stays in mode %s: %s", a.Name, st.Mode, strings.Join(st.Why, "; "))
+		}
+	}
+	// Tunnels come up on the first packet; wait for each device's first.
+	for _, a := range s.Agents() {
+		first := s.Segment(classSegments[a.Class][0]).Host
+		if !lab.ReachesWithin(t, a.NS, "tcp", first, 15*time.Second) {
+			st, _ := a.CLI("status")
+			t.Fatalf("the %s never reached %s through its tunnel:\n%s\n%s", a.Name, first, st, a.LogTail(20))
+		}
+	}
+	return s
+}
+
+// network builds the namespaces, links, routes and services.
+func (s *Site) network() {
+	t := s.t
+	s.Router, s.WAN = lab.NewNS(t, "site"), lab.NewNS(t, "wan")
+	for _, ns := range []*lab.NS{s.Router, s.WAN} {
+		ns.MustRun(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	}
+	s.uplink, _ = lab.Link(t, s.Router, "10.200.0.1/30", s.WAN, "10.200.0.2/30")
+	s.setUplink(true)
+
+	// hang links a new namespace to the router (local) or the uplink
+	// on the n-th /30 of base, with a default route back.
+	hang := func(prefix string, local bool, base string, n int) (*lab.NS, netip.Addr) {
+		ns := lab.NewNS(t, prefix)
+		up := s.WAN
+		if local {
+			up = s.Router
+		}
+		p := netip.MustParsePrefix(base)
+		b := p.Addr().As4()
+		b[3] = byte(4 * n)
+		gw, me := netip.AddrFrom4(b).Next(), netip.AddrFrom4(b).Next().Next()
+		lab.Link(t, up, gw.String()+"/30", ns, me.String()+"/30")
+		ns.MustRun(t, "ip", "route", "add", "default", "via", gw.String())
+		return ns, me
+	}
+	devs := []AgentConfig{
+		{Name: "dock gateway", Class: "dock-gateway", Tunnel: "100.64.0.2/32"},
+		{Name: "scanner", Class: "scanner", Tunnel: "100.64.0.3/32"},
+		{Name: "telematics box", Class: "telematics", Tunnel: "100.64.0.4/32"},
+	}
+	s.ctlNS, _ = hang("ctl", false, "10.99.0.0/24", 0)
+	control := map[string]any{"address": controlAddr.Addr().String(), "port": controlAddr.Port()}
+	opsPub := filepath.Join(s.dir, "ops", "ops.pub")
+	var agents []*Agent
+	for i, c := range devs {
+		ns, addr := hang([]string{"dock", "scan", "tele"}[i], true, "10.10.1.0/24", i)
+		if i == 2 {
+			s.Truck = lab.StartTelematics(t, ns, truckNet)
+			c.Floor = []map[string]any{{"name": "vehicle safety controller", "cidr": truckNet.String(), "protocol": "tcp", "ports": []string{fmt.Sprint(lab.ModbusPort)}}}
+			s.gpsPort = 2947
+			c.GPSD = fmt.Sprintf("127.0.0.1:%d", s.gpsPort)
+		}
+		if i == 0 {
+			s.DockSSH = netip.AddrPortFrom(addr, 22)
+			lab.Echo(t, ns, s.DockSSH)
+			s.SensorName, s.runSensor = lab.Sensor(t, ns)
+			s.sensor = s.runSensor()
+		}
+		a := newAgent(t, ns, c, opsPub, control)
+		a.LAN = addr
+		agents = append(agents, a)
+	}
+	s.Dock, s.Scanner, s.Tele = agents[0], agents[1], agents[2]
+	s.gpsStop = lab.GPSFakeIn(t, s.Tele.NS, s.gpsPort, parked(), 200*time.Millisecond, false)
+
+	for i, plan := range segmentPlan {
+		seg := plan
+		ns, addr := hang("gw"+fmt.Sprint(i), seg.Local, map[bool]string{true: "10.10.2.0/24", false: "10.201.0.0/24"}[seg.Local], i)
+		seg.GW = lab.StartGateway(t, ns, lab.DebianWireGuard, addr, 51820, "100.64.0.1/24")
+		seg.GW.Serve(t, seg.Host.Addr(), seg.Host.Port())
+		// The flat network: the host is routed to without any tunnel,
+		// as warehouses are wired before segmentation.
+		up := map[bool]*lab.NS{true: s.Router, false: s.WAN}[seg.Local]
+		up.MustRun(t, "ip", "route", "add", seg.Host.Addr().String()+"/32", "via", addr.String())
+		if seg.Name == "broker-portal" {
+			lab.Iperf3Server(t, ns, netip.AddrPortFrom(seg.Host.Addr(), brokerFeed))
+		}
+		s.Segments = append(s.Segments, &seg)
+	}
+}
+
+// setUplink connects or cuts the corporate uplink. A link going down
+// takes its routes with it; up, they are put back.
+func (s *Site) setUplink(up bool) {
+	if !up {
+		s.Router.MustRun(s.t, "ip", "link", "set", s.uplink, "down")
+		return
+	}
+	s.Router.MustRun(s.t, "ip", "link", "set", s.uplink, "up")
+	s.Router.MustRun(s.t, "ip", "route", "replace", "default", "via", "10.200.0.2")
+	s.WAN.MustRun(s.t, "ip", "route", "replace", "10.10.0.0/16", "via", "10.200.0.1")
+}
+
+// parked is a truck standing in its yard: a few fixes within 50 m of the
+// centre, replayed in a loop.
+func parked() []byte {
+	var track []lab.Point
+	for i := range 5 {
+		track = append(track, lab.Point{Lat: yard.Lat + 0.0001*float64(i), Lon: yard.Lon})
+	}
+	return lab.NMEA(track, time.Now())
+}
+
+// namespaces are the names of every namespace of the site.
+func (s *Site) namespaces() []string {
+	names := []string{s.Router.Name, s.WAN.Name, s.ctlNS.Name, s.Truck.NS.Name}
+	for _, a := range s.Agents() {
+		names = append(names, a.NS.Name)
+	}
+	for _, seg := range s.Segments {
+		names = append(names, seg.GW.NS.Name)
+	}
+	return names
+}
+
+// Agents are the three devices.
+func (s *Site) Agents() []*Agent { return []*Agent{s.Dock, s.Scanner, s.Tele} }
+
+// Segment is the segment called name.
+func (s *Site) Segment(name string) *Segment {
+	for _, seg := range s.Segments {
+		if seg.Name == name {
+			return seg
+		}
+	}
+	s.t.Fatalf("site: no segment %q", name)
+	return nil
+}
+
+// step and detail print progress.
+func (s *Site) step(format string, args ...any) {
+	fmt.Fprintf(s.progress, "  > "+format+"\n", args...)
+}
+
+func (s *Site) detail(format string, args ...any) {
+	fmt.Fprintf(s.progress, "      "+format+"\n", args...)
+}
+
+// WaitVersion waits until every agent runs policy version v.
+func (s *Site) WaitVersion(v uint64, d time.Duration) {
+	for _, a := range s.Agents() {
+		if !eventually(d, func() bool { return a.Status(s.t).PolicyVersion == v }) {
+			st := a.Status(s.t)
+			s.t.Fatalf("the %s runs policy v%d in mode %s, not v%d (%s)", a.Name, st.PolicyVersion, st.Mode, v, strings.Join(st.Why, "; "))
+		}
+	}
+}
+
+// Push signs the site's policy (with shift as the scanners' shift, if
+// not nil) as the next version with the ops key, through the real CLI,
+// and pushes it through control.
+func (s *Site) Push(shift *[2]string) string {
+	s.Version++
+	s.Shift = shift
+	doc := filepath.Join(s.dir, fmt.Sprintf("policy-v%d.json", s.Version))
+	if err := os.WriteFile(doc, []byte(s.policyJSON(shift)), 0o600); err != nil {
+		s.t.Fatal(err)
+	}
+	out := s.Sign(s.Version, doc, s.OpsKey)
+	s.Ctl.MustCLI(s.t, "policy", "push", out)
+	return out
+}
+
+// Sign signs the policy document at doc as version v with key, for
+// every class of the site, and returns the bundle's path.
+func (s *Site) Sign(v uint64, doc, key string) string {
+	out := filepath.Join(s.dir, fmt.Sprintf("v%d-%s.dsse", v, filepath.Base(filepath.Dir(key))))
+	args := []string{"policy", "sign", "--key", key, "--in", doc, "--version", fmt.Sprint(v), "--valid-for", "720h", "--out", out}
+	for _, c := range []string{"dock-gateway", "scanner", "telematics"} {
+		args = append(args, "--target", c)
+	}
+	s.Ctl.MustCLI(s.t, args...)
+	if key == s.OpsKey {
+		s.Bundles[v] = out
+	}
+	return out
+}
+
+// PolicyFile is the policy document of version v.
+func (s *Site) PolicyFile(v uint64) string {
+	return filepath.Join(s.dir, fmt.Sprintf("policy-v%d.json", v))
+}
