@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
@@ -24,7 +25,7 @@ import (
 type Request struct {
 	Op     string `json:"op"`               // status, explain, apply, ruleset, rotate-key, enroll
 	To     string `json:"to,omitempty"`     // explain: ADDR:PORT[/tcp|udp]
-	Bundle []byte `json:"bundle,omitempty"` // apply: the envelope bytes
+	Bundle []byte `json:"bundle,omitempty"` // apply: the envelope bytes (a bundle or a trust-root rotation)
 	// enroll: the control server, a one-time token, the pinned CA.
 	URL         string `json:"url,omitempty"`
 	Token       string `json:"token,omitempty"`
@@ -44,19 +45,22 @@ type Response struct {
 
 // Status is what `bulkhead status` shows.
 type Status struct {
-	DeviceID      string                 `json:"device_id,omitempty"`
-	DeviceClass   string                 `json:"device_class,omitempty"`
-	Mode          string                 `json:"mode"`
-	Why           []string               `json:"why,omitempty"`
-	PolicyVersion uint64                 `json:"policy_version"`
-	PolicyExpires time.Time              `json:"policy_expires,omitzero"`
-	TrustedTime   time.Time              `json:"trusted_time"`
-	LastApply     time.Time              `json:"last_apply,omitzero"`
-	ApplyError    string                 `json:"apply_error,omitempty"`
-	DriftRepairs  int                    `json:"drift_repairs"`
-	NextChange    time.Time              `json:"next_change,omitzero"`
-	Open          []string               `json:"open_segments"`
-	Decisions     []localpolicy.Decision `json:"decisions,omitempty"`
+	DeviceID      string    `json:"device_id,omitempty"`
+	DeviceClass   string    `json:"device_class,omitempty"`
+	Mode          string    `json:"mode"`
+	Why           []string  `json:"why,omitempty"`
+	PolicyVersion uint64    `json:"policy_version"`
+	PolicyExpires time.Time `json:"policy_expires,omitzero"`
+	// RootsVersion is the version of the ops trust-root set in force (1:
+	// the keys pinned at install).
+	RootsVersion uint64                 `json:"roots_version"`
+	TrustedTime  time.Time              `json:"trusted_time"`
+	LastApply    time.Time              `json:"last_apply,omitzero"`
+	ApplyError   string                 `json:"apply_error,omitempty"`
+	DriftRepairs int                    `json:"drift_repairs"`
+	NextChange   time.Time              `json:"next_change,omitzero"`
+	Open         []string               `json:"open_segments"`
+	Decisions    []localpolicy.Decision `json:"decisions,omitempty"`
 	// Checks are the policy's posture checks after the latest sample.
 	Checks []localpolicy.Check `json:"checks,omitempty"`
 	Tunnel TunnelStatus        `json:"tunnel"`
@@ -117,6 +121,9 @@ func (a *Agent) handle(r request) Response {
 		return a.enroll(r.Request)
 	case "apply":
 		if _, err := a.install(r.Bundle); err != nil {
+			if _, rot := bundle.PeekRotation(r.Bundle); rot == nil {
+				return Response{Error: err.Error() + "; the trust roots in force are unchanged"}
+			}
 			return Response{Error: "bundle rejected, previous policy still enforced: " + err.Error()}
 		}
 		return Response{Status: a.status()}
@@ -127,7 +134,7 @@ func (a *Agent) handle(r request) Response {
 func (a *Agent) status() *Status {
 	s := &Status{
 		DeviceID: a.cfg.Device.ID, DeviceClass: a.cfg.Device.Class,
-		Mode: a.desired.Mode.String(), Why: a.desired.Why, PolicyVersion: a.desired.PolicyVersion,
+		Mode: a.desired.Mode.String(), Why: a.desired.Why, PolicyVersion: a.desired.PolicyVersion, RootsVersion: a.rootsVersion,
 		TrustedTime: a.clock.Now().UTC(), LastApply: a.lastApply, ApplyError: a.applyErr,
 		DriftRepairs: a.repairs, NextChange: a.desired.NextChange, Decisions: a.desired.Decisions, Checks: a.currentChecks(),
 		Open: []string{},

@@ -51,26 +51,29 @@ type Agent struct {
 	reqs       chan request
 
 	// Owned by the event loop.
-	store     *store.Store // nil when the cache cannot be opened
-	roots     opskey.Roots
-	clock     *trustedtime.Clock
-	bundle    *bundle.Bundle
-	noPolicy  string
-	sticky    localpolicy.Sticky
-	desired   localpolicy.Desired
-	evaluated bool // desired holds an evaluation (false until the boot apply)
-	ruleset   nft.Ruleset
-	lastApply time.Time
-	repairs   int
-	applyErr  string
-	tun       *tunnel.Tunnel // nil until the tunnel is up
-	tunErr    string         // why the tunnel is not up, or its last failed apply
-	traffic   []tunnel.PeerState
-	ch        channel
-	sample    sampler
-	fixes     chan gpsd.Position
-	tracker   posture.Tracker
-	checks    []localpolicy.Check // every check's state after the latest sample
+	store *store.Store // nil when the cache cannot be opened
+	roots opskey.Roots
+	// rootsVersion is the version of the trust-root set in force (1: the
+	// keys pinned at install).
+	rootsVersion uint64
+	clock        *trustedtime.Clock
+	bundle       *bundle.Bundle
+	noPolicy     string
+	sticky       localpolicy.Sticky
+	desired      localpolicy.Desired
+	evaluated    bool // desired holds an evaluation (false until the boot apply)
+	ruleset      nft.Ruleset
+	lastApply    time.Time
+	repairs      int
+	applyErr     string
+	tun          *tunnel.Tunnel // nil until the tunnel is up
+	tunErr       string         // why the tunnel is not up, or its last failed apply
+	traffic      []tunnel.PeerState
+	ch           channel
+	sample       sampler
+	fixes        chan gpsd.Position
+	tracker      posture.Tracker
+	checks       []localpolicy.Check // every check's state after the latest sample
 	// ctlTime is control's time in its latest answer, and ctlAt the
 	// wall() reading (with its monotonic part) when it arrived.
 	ctlTime, ctlAt time.Time
@@ -205,7 +208,7 @@ func (a *Agent) openStore() error {
 			return err
 		}
 	}
-	if a.roots, _, err = st.CurrentRoots(); err != nil {
+	if a.roots, a.rootsVersion, err = st.CurrentRoots(); err != nil {
 		return err
 	}
 	if a.sticky, err = st.Sticky(); err != nil {
@@ -399,6 +402,9 @@ func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
 	if a.store == nil {
 		return nil, fmt.Errorf("policy cache unusable (%s); no bundle can be accepted safely", a.noPolicy)
 	}
+	if _, err := bundle.PeekRotation(raw); err == nil {
+		return a.bundle, a.rotateRoots(raw)
+	}
 	b, err := a.store.Install(bytes.NewReader(raw), a.roots, a.clock.Now(), a.device())
 	if err != nil {
 		a.log.Warn("bundle rejected", "err", err)
@@ -415,6 +421,27 @@ func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
 	// collection costs milliseconds.
 	debug.FreeOSMemory()
 	return b, err
+}
+
+// rotateRoots replaces the ops trust roots with a rotation signed by a
+// threshold of the current keys and of the new ones (the store audits
+// either verdict). Bundles and commands are judged by the new keys from
+// then on, including the cached bundle at the next start: ops push the
+// policy signed by the new keys with the rotation (docs/runbooks.md).
+func (a *Agent) rotateRoots(raw []byte) error {
+	roots, err := a.store.Rotate(raw, a.clock.Now())
+	if err != nil {
+		a.log.Warn("trust-root rotation rejected", "err", err)
+		return fmt.Errorf("trust-root rotation rejected: %w", err)
+	}
+	_, v, err := a.store.CurrentRoots()
+	if err != nil {
+		return err
+	}
+	a.roots, a.rootsVersion = roots, v
+	a.log.Info("trust roots rotated", "version", v, "keys", roots.Len(), "threshold", roots.Threshold)
+	a.publish()
+	return nil
 }
 
 // scanDropDir installs *.dsse files dropped into the directory. Each is

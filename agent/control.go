@@ -175,14 +175,14 @@ func (a *Agent) publish() {
 		st.Why = a.desired.Why[0]
 	}
 	next := &controlapi.SyncRequest{PolicyVersion: a.highest(), Cursor: a.ch.cursor, WaitSeconds: int(syncWait / time.Second), State: st,
-		Refused: slices.Clone(a.ch.refused)}
+		RootsVersion: a.rootsVersion, Refused: slices.Clone(a.ch.refused)}
 	if prev := a.ch.snapshot.Swap(next); prev != nil && !sameRequest(prev, next) {
 		a.kickSync()
 	}
 }
 
 func sameRequest(a, b *controlapi.SyncRequest) bool {
-	return a.PolicyVersion == b.PolicyVersion && a.Cursor == b.Cursor && slices.Equal(a.Refused, b.Refused) && a.State.Mode == b.State.Mode &&
+	return a.PolicyVersion == b.PolicyVersion && a.Cursor == b.Cursor && a.RootsVersion == b.RootsVersion && slices.Equal(a.Refused, b.Refused) && a.State.Mode == b.State.Mode &&
 		a.State.Why == b.State.Why && a.State.PolicyVersion == b.State.PolicyVersion && maps.Equal(a.State.Revoked, b.State.Revoked)
 }
 
@@ -304,11 +304,15 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) {
 	// The answer came over the pinned, mutually authenticated channel.
 	a.clock.Observe(resp.ServerTime)
 	a.ctlTime, a.ctlAt = resp.ServerTime, a.wall()
-	if resp.Bundle != nil {
-		// The store audits either verdict; a refused bundle is named in
-		// every later sync, so the server stops offering it.
-		if _, err := a.install(resp.Bundle); err != nil {
-			if d := controlapi.BundleDigest(resp.Bundle); !slices.Contains(a.ch.refused, d) {
+	// Rotations first: the bundle may be signed by the new keys. The
+	// store audits every verdict; what is refused is named in every later
+	// sync, so the server stops offering it.
+	for _, raw := range append(slices.Clone(resp.Roots), resp.Bundle) {
+		if raw == nil {
+			continue
+		}
+		if _, err := a.install(raw); err != nil {
+			if d := controlapi.BundleDigest(raw); !slices.Contains(a.ch.refused, d) {
 				a.ch.refused = append(a.ch.refused, d)[max(0, len(a.ch.refused)+1-controlapi.MaxRefused):]
 			}
 			a.publish()

@@ -15,6 +15,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/control/pki"
 	"github.com/bulkhead-edge/bulkhead/control/server"
 	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -495,6 +496,50 @@ func TestForgedBundleIsRefusedOnce(t *testing.T) {
 	}
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 3))
 	waitLong(t, "a valid v3 after the forged v2", func() bool { return s.a.status(t).PolicyVersion == 3 })
+}
+
+// The ops keys are rotated through control: the rotation (signed by the
+// old key and the new) reaches the device, which from then on trusts only
+// the new key, across a restart; a replay of the rotation is refused.
+func TestTrustRootRotationThroughControl(t *testing.T) {
+	s := newControlSite(t)
+	dev := s.enrolledOnV1(t)
+	dir := t.TempDir()
+	newKey := newOpsKey(t, dir)
+	next, err := opskey.NewRoots(1, newKey.Public().(ed25519.PublicKey))
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := bundle.SignRoots(bundle.NewRootSet(2, next), s.opsKey, newKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rotation := filepath.Join(dir, "roots-v2.dsse")
+	writeFile(t, rotation, string(raw))
+	if out := s.ctl.MustCLI(t, "policy", "push", rotation); !strings.Contains(out, "pushed trust-root rotation version 2") {
+		t.Fatalf("push of a rotation printed %q", out)
+	}
+	waitLong(t, "the rotation on the device", func() bool { return s.a.status(t).RootsVersion == 2 })
+	waitLong(t, "the rotation audited at control", func() bool { return auditHas(t, s, dev, "roots-rotated", "1 keys") })
+
+	old := filepath.Join(dir, "old-key-v2.dsse")
+	writeFile(t, old, string(signFor(t, 2, s.policyWith(t, nil), s.opsKey)))
+	s.ctl.MustCLI(t, "policy", "push", old)
+	waitLong(t, "the old key's bundle refused", func() bool { return auditHas(t, s, dev, "bundle-rejected", "not a trusted ops key") })
+	fresh := filepath.Join(dir, "new-key-v3.dsse")
+	writeFile(t, fresh, string(signFor(t, 3, s.policyWith(t, nil), newKey)))
+	s.ctl.MustCLI(t, "policy", "push", fresh)
+	waitLong(t, "the new key's bundle", func() bool { return s.a.status(t).PolicyVersion == 3 })
+
+	s.a.kill()
+	s.a.start(t)
+	if st := s.a.status(t); st.RootsVersion != 2 || st.PolicyVersion != 3 || st.Mode != "normal" {
+		t.Errorf("after a restart: roots v%d, policy v%d, mode %s; want roots v2, policy v3, normal", st.RootsVersion, st.PolicyVersion, st.Mode)
+	}
+	out, err := s.a.ns.Command(lab.Binary(t, "cmd/bulkhead"), "policy", "apply", "--socket", s.a.socket, rotation).CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "root set version 2 is not above the current 2") {
+		t.Errorf("a replayed rotation: %v %s", err, out)
+	}
 }
 
 // With control down the agent restarts into its cached bundle, and what

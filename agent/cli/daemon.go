@@ -17,6 +17,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 	"github.com/bulkhead-edge/bulkhead/installer"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 )
@@ -133,6 +134,7 @@ func printStatus(env *subcmd.Env, s *agent.Status) {
 	} else {
 		fmt.Fprintf(w, "policy    none\n")
 	}
+	fmt.Fprintf(w, "roots     ops trust roots version %d\n", s.RootsVersion)
 	fmt.Fprintf(w, "open      %s\n", strings.Join(append([]string{"safety floor", "control"}, s.Open...), ", "))
 	if !s.LastApply.IsZero() {
 		fmt.Fprintf(w, "applied   %s\n", s.LastApply.UTC().Format(time.RFC3339))
@@ -281,7 +283,8 @@ func explainCmd() *subcmd.Command {
 func applyCmd() *subcmd.Command {
 	return &subcmd.Command{
 		Name: "apply", Args: "BUNDLE",
-		Summary: "Hand a signed bundle to the running agent. A rejected bundle changes nothing.",
+		Summary: "Hand a signed bundle, or a trust-root rotation (bulkhead-control roots sign), to the\n" +
+			"running agent. A rejected one changes nothing.",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
 			socket := socketFlag(fs)
 			return func(env *subcmd.Env, args []string) error {
@@ -295,6 +298,10 @@ func applyCmd() *subcmd.Command {
 				resp, err := call(*socket, agent.Request{Op: "apply", Bundle: raw})
 				if err != nil {
 					return err
+				}
+				if _, err := bundle.PeekRotation(raw); err == nil {
+					fmt.Fprintf(env.Stdout, "trust roots rotated to version %d; policy version %d, mode %s\n", resp.Status.RootsVersion, resp.Status.PolicyVersion, resp.Status.Mode)
+					return nil
 				}
 				fmt.Fprintf(env.Stdout, "applied: policy version %d, mode %s\n", resp.Status.PolicyVersion, resp.Status.Mode)
 				return nil

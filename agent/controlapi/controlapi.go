@@ -127,7 +127,10 @@ type SyncRequest struct {
 	Cursor        uint64      `json:"cursor"`
 	WaitSeconds   int         `json:"wait_seconds"`
 	State         DeviceState `json:"state"`
-	// Refused are the digests (BundleDigest) of bundles the device
+	// RootsVersion is the version of the device's trust-root set: the
+	// server sends the rotations above it.
+	RootsVersion uint64 `json:"roots_version,omitzero"`
+	// Refused are the digests (BundleDigest) of bundles (and rotations) the device
 	// refused, newest last, at most MaxRefused: the server offers none of
 	// them again, so a forged bundle in its store cannot hold the device
 	// in a loop of refusals (each one audited, flooding its outbox).
@@ -146,6 +149,9 @@ func BundleDigest(raw []byte) string {
 // SyncResponse carries a newer bundle for this device (if any) and the
 // commands for it after Cursor, as signed envelopes the agent verifies.
 type SyncResponse struct {
+	// Roots are trust-root rotations above the device's RootsVersion,
+	// oldest first; the device applies them before Bundle.
+	Roots      [][]byte  `json:"roots,omitzero"`
 	Bundle     []byte    `json:"bundle,omitzero"`
 	Commands   [][]byte  `json:"commands,omitzero"`
 	Cursor     uint64    `json:"cursor"`

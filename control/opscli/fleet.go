@@ -145,7 +145,8 @@ func tokenCmd() *subcmd.Command {
 func pushCmd() *subcmd.Command {
 	return &subcmd.Command{
 		Name: "push", Args: "BUNDLE",
-		Summary: "Hand a signed bundle to the control server, which forwards it unchanged to its target devices.",
+		Summary: "Hand a signed bundle, or a trust-root rotation (roots sign), to the control server,\n" +
+			"which forwards it unchanged to its target devices (a rotation: to every device).",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
 			connect := adminFlags(fs)
 			return func(env *subcmd.Env, args []string) error {
@@ -161,10 +162,15 @@ func pushCmd() *subcmd.Command {
 					return err
 				}
 				var out struct {
-					Version uint64 `json:"version"`
+					Version      uint64 `json:"version"`
+					RootsVersion uint64 `json:"roots_version"`
 				}
 				if err := a.call("POST", controlapi.PathAdminBundles, raw, &out); err != nil {
 					return err
+				}
+				if out.RootsVersion > 0 {
+					fmt.Fprintf(env.Stdout, "pushed trust-root rotation version %d\n", out.RootsVersion)
+					return nil
 				}
 				fmt.Fprintf(env.Stdout, "pushed policy version %d\n", out.Version)
 				return nil

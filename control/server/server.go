@@ -372,7 +372,7 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 			s.log.Error("sync", "device", id, "err", err)
 			panic(http.ErrAbortHandler)
 		}
-		if resp.Bundle != nil || len(resp.Commands) > 0 {
+		if resp.Bundle != nil || len(resp.Roots) > 0 || len(resp.Commands) > 0 {
 			reply(w, resp)
 			return
 		}
@@ -406,6 +406,11 @@ func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (control
 		return resp, err
 	}
 	resp.Bundle = raw
+	if resp.Roots, err = s.db.rootsAbove(req.RootsVersion, func(raw []byte) bool {
+		return slices.Contains(req.Refused, controlapi.BundleDigest(raw))
+	}); err != nil {
+		return resp, err
+	}
 	resp.Commands, resp.Cursor, err = s.db.commandsAfter(req.Cursor, dev.ID, now)
 	return resp, err
 }
@@ -487,9 +492,21 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 		fail(w, http.StatusRequestEntityTooLarge, err.Error())
 		return
 	}
+	if rs, err := bundle.PeekRotation(raw); err == nil {
+		// A trust-root rotation travels the same way; devices verify it
+		// against their own roots.
+		if err := s.db.pushRoots(rs.Version, raw, time.Now(), actor); err != nil {
+			fail(w, http.StatusConflict, err.Error())
+			return
+		}
+		s.log.Info("trust-root rotation pushed", "version", rs.Version, "by", actor)
+		s.notify()
+		reply(w, map[string]any{"roots_version": rs.Version})
+		return
+	}
 	p, err := bundle.Peek(raw)
 	if err != nil {
-		fail(w, http.StatusBadRequest, "not a policy bundle: "+err.Error())
+		fail(w, http.StatusBadRequest, "neither a policy bundle nor a trust-root rotation: "+err.Error())
 		return
 	}
 	if p.Version == 0 || (len(p.Target.Classes) == 0 && len(p.Target.Devices) == 0) {

@@ -25,6 +25,7 @@ var (
 	bucketReports  = []byte("reports")  // id 0x00 seq -> event
 	bucketAudit    = []byte("audit")    // seq -> audit entry
 	bucketFlows    = []byte("flows")    // class 0x00 flow -> observed flow
+	bucketRoots    = []byte("roots")    // version -> signed trust-root rotation
 )
 
 // flowsKept bounds the observed flows kept, all classes together: what
@@ -67,7 +68,7 @@ func openDB(path string) (*db, error) {
 		return nil, fmt.Errorf("open %s: %w (is another bulkhead-control serve using it?)", path, err)
 	}
 	err = b.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketCommands, bucketReports, bucketAudit, bucketFlows} {
+		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketCommands, bucketReports, bucketAudit, bucketFlows, bucketRoots} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -215,16 +216,43 @@ func (d *db) updateDevice(id string, fn func(*controlapi.Device)) error {
 // pushBundle stores a signed bundle under its version; the same version
 // twice is refused, as a device would refuse it.
 func (d *db) pushBundle(version uint64, raw []byte, now time.Time, actor, target string) error {
+	return d.pushVersioned(bucketBundles, "bundle", version, raw, now, actor, "policy-pushed", fmt.Sprintf("version %d for %s", version, target))
+}
+
+// pushRoots stores a signed trust-root rotation under its version; the
+// same version twice is refused.
+func (d *db) pushRoots(version uint64, raw []byte, now time.Time, actor string) error {
+	return d.pushVersioned(bucketRoots, "trust-root rotation", version, raw, now, actor, "roots-pushed", fmt.Sprintf("version %d", version))
+}
+
+func (d *db) pushVersioned(bucket []byte, what string, version uint64, raw []byte, now time.Time, actor, action, detail string) error {
 	return d.bolt.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketBundles)
+		b := tx.Bucket(bucket)
 		if b.Get(u64(version)) != nil {
-			return fmt.Errorf("bundle version %d was already pushed; sign a higher version", version)
+			return fmt.Errorf("%s version %d was already pushed; sign a higher version", what, version)
 		}
 		if err := b.Put(u64(version), raw); err != nil {
 			return err
 		}
-		return audit(tx, now, actor, "policy-pushed", fmt.Sprintf("version %d for %s", version, target))
+		return audit(tx, now, actor, action, detail)
 	})
+}
+
+// rootsAbove returns the rotations above have, oldest first, leaving out
+// those skip rejects: each is signed by the set before it, so a device
+// applies them in order.
+func (d *db) rootsAbove(have uint64, skip func(raw []byte) bool) ([][]byte, error) {
+	var out [][]byte
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		c := tx.Bucket(bucketRoots).Cursor()
+		for k, v := c.Seek(u64(have + 1)); k != nil; k, v = c.Next() {
+			if !skip(v) {
+				out = append(out, append([]byte(nil), v...))
+			}
+		}
+		return nil
+	})
+	return out, err
 }
 
 // newestBundle returns the highest-version bundle above have that match

@@ -62,20 +62,31 @@ func SignRoots(s RootSet, keys ...ed25519.PrivateKey) ([]byte, error) {
 	return envelope.Sign(RootsPayloadType, body, keys...)
 }
 
+// PeekRotation reads a trust-root rotation without verifying it: for a
+// control server routing it, or an agent telling it from a bundle. Nothing
+// it returns may be trusted.
+func PeekRotation(raw []byte) (RootSet, error) {
+	var s RootSet
+	unverified, err := envelope.PeekUnverified(raw, RootsPayloadType)
+	if err != nil {
+		return s, err
+	}
+	if err := strictjson.Unmarshal(unverified, &s); err != nil {
+		return s, fmt.Errorf("root set: %w", err)
+	}
+	return s, nil
+}
+
 // VerifyRotation accepts a new trust-root set only when a threshold of the
 // current roots and a threshold of the new roots both signed it, and its
 // version is above the current one. A thief holding only old keys, or only
 // new ones, cannot rotate.
 func VerifyRotation(raw []byte, current opskey.Roots, currentVersion uint64) (opskey.Roots, RootSet, error) {
-	var s RootSet
 	// The new set is only known after reading the payload, so it is read
 	// first and trusted only once both sets' signatures check out.
-	unverified, err := envelope.PeekUnverified(raw, RootsPayloadType)
+	s, err := PeekRotation(raw)
 	if err != nil {
 		return opskey.Roots{}, s, err
-	}
-	if err := strictjson.Unmarshal(unverified, &s); err != nil {
-		return opskey.Roots{}, s, fmt.Errorf("root set: %w", err)
 	}
 	next, err := s.Roots()
 	if err != nil {
