@@ -30,7 +30,7 @@ func TestCasesRun(t *testing.T) {
 	}
 	Quick = true
 	for _, c := range All() {
-		r := testing.Benchmark(c.Run)
+		r := Benchmark(c)
 		if r.N == 0 {
 			t.Errorf("%s did not run", c.Name)
 		}

@@ -32,7 +32,7 @@ const crowdSize = 1000
 // the last packet of its flow reached the segment host (agents). An
 // ops-signed reinstate-partner goes between trials, and every poll is
 // held again before the next.
-func benchFanOut(b *testing.B) {
+func benchFanOut(b B) {
 	lab.RequirePrivileged(b, "nft", "wg", "wireguard-go")
 	size, trials := crowdSize, 5
 	if Quick {

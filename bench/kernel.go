@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"testing"
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/lab"
@@ -28,9 +27,9 @@ func kernelCases() []Case {
 		cs = append(cs,
 			Case{Name: fmt.Sprintf("apply via netlink, %d destinations", n), Target: target, Privileged: true,
 				NoSlowerThan: fmt.Sprintf("nft -f of the same ruleset, %d destinations", n),
-				Run:          func(b *testing.B) { benchApply(b, n) }, Note: "whole table replaced in one transaction"},
+				Run:          func(b B) { benchApply(b, n) }, Note: "whole table replaced in one transaction"},
 			Case{Name: fmt.Sprintf("nft -f of the same ruleset, %d destinations", n), Privileged: true,
-				Run: func(b *testing.B) { benchNftF(b, n) }, Note: "reference: the nft binary loading Text()"},
+				Run: func(b B) { benchNftF(b, n) }, Note: "reference: the nft binary loading Text()"},
 		)
 	}
 	cs = append(cs, Case{Name: "start to enforced, from the cache", Target: 50 * time.Millisecond, Privileged: true,
@@ -61,7 +60,7 @@ func rulesets(n int) [2]nft.Ruleset {
 	return out
 }
 
-func benchApply(b *testing.B, n int) {
+func benchApply(b B, n int) {
 	lab.RequirePrivileged(b, "nft")
 	ns := lab.NewNS(b, "bench")
 	e := nft.NewEnforcer(nft.WithNetNS(ns.FD()))
@@ -75,7 +74,7 @@ func benchApply(b *testing.B, n int) {
 	}
 }
 
-func benchNftF(b *testing.B, n int) {
+func benchNftF(b B, n int) {
 	lab.RequirePrivileged(b, "nft")
 	ns := lab.NewNS(b, "bench")
 	rs := rulesets(n)
@@ -98,7 +97,7 @@ func benchNftF(b *testing.B, n int) {
 
 // benchStart measures a cold start of the real agent binary with a cached
 // 1,000-destination bundle: exec until the boot apply is logged.
-func benchStart(b *testing.B) {
+func benchStart(b B) {
 	lab.RequirePrivileged(b, "nft")
 	ns := lab.NewNS(b, "start")
 	dir := b.TempDir()

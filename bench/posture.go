@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"testing"
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/lab"
@@ -26,7 +25,7 @@ func postureCases() []Case {
 
 // benchPostureSample is what one posture sample costs the device: every
 // fact the agent gathers each interval, on this machine's process table.
-func benchPostureSample(b *testing.B) {
+func benchPostureSample(b B) {
 	ctx := context.Background()
 	b.ReportAllocs()
 	for b.Loop() {
@@ -43,7 +42,7 @@ func benchPostureSample(b *testing.B) {
 // notes when each packet of a 1 ms UDP stream arrives. Between trials the
 // process is started again and the check's pinned file rewritten, which
 // wakes a sample that sees both.
-func benchPostureChange(b *testing.B) {
+func benchPostureChange(b B) {
 	lab.RequirePrivileged(b, "nft", "wg", "wireguard-go")
 	devNS, gwNS := lab.NewNS(b, "dev"), lab.NewNS(b, "gw")
 	lab.Link(b, devNS, "192.0.2.2/30", gwNS, "192.0.2.1/30")
