@@ -27,7 +27,8 @@ func demoCmd() *subcmd.Command {
 	}
 	summary.WriteString("Each check prints what was expected, what was observed, the latency and PASS or\n" +
 		"FAIL; any FAIL makes the exit status 1. Everything (namespaces, processes,\n" +
-		"tables, files) is removed at the end, or on Ctrl-C. Needs root and Debian's\n" +
+		"tables, files) is removed at the end, or on Ctrl-C; what a demo killed with\n" +
+		"SIGKILL left, the next one removes first. Needs root and Debian's\n" +
 		"nftables, wireguard-tools, wireguard-go, iperf3, gpsd and gpsd-clients.")
 	return &subcmd.Command{
 		Name: "demo", Summary: summary.String(),
@@ -69,6 +70,7 @@ func demoCmd() *subcmd.Command {
 }
 
 func runDemo(env *subcmd.Env, only []int, keep bool) error {
+	sweep(env) // what a demo killed with SIGKILL left
 	dir, err := os.MkdirTemp("", "bulkhead-demo-")
 	if err != nil {
 		return err
@@ -78,10 +80,12 @@ func runDemo(env *subcmd.Env, only []int, keep bool) error {
 		os.RemoveAll(dir)
 		return err
 	}
+	m := newManifest(dir)
 	teardown := func() {
 		fmt.Fprintf(env.Stdout, "Tearing the site down: processes, namespaces, tables, %s\n", dir)
 		r.Close()
 		os.RemoveAll(dir)
+		m.remove()
 	}
 	// An interruption at any point tears down what exists so far.
 	sigs := make(chan os.Signal, 1)
@@ -96,7 +100,7 @@ func runDemo(env *subcmd.Env, only []int, keep bool) error {
 	}()
 
 	start := time.Now()
-	s, outcomes := site.Run(r, env.Stdout, only)
+	s, outcomes := site.Run(r, env.Stdout, only, func(s *site.Site) { m.record(s.Namespaces()) })
 	site.Summary(env.Stdout, outcomes, time.Since(start))
 	failed := r.Failed()
 	if keep && s != nil {

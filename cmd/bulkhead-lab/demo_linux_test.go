@@ -19,42 +19,14 @@ import (
 // WireGuard sockets and its files; and it exits 130.
 func TestInterruptedDemoLeavesNothing(t *testing.T) {
 	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go", "iperf3", "gpsfake", "gpsd")
-	cmd := exec.Command(lab.Binary(t, "cmd/bulkhead-lab"), "demo", "--only", "1")
-	cmd.Env = append(os.Environ(), "PATH="+os.Getenv("PATH"))
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cmd.Stderr = cmd.Stdout
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { cmd.Process.Kill() })
-	var namespaces []string
-	var dir string
-	var log strings.Builder
-	sc := bufio.NewScanner(out)
-	dirRE := regexp.MustCompile(`/tmp/bulkhead-demo-[0-9]+`)
-	for sc.Scan() {
-		line := sc.Text()
-		log.WriteString(line + "\n")
-		if ns, ok := strings.CutPrefix(strings.TrimSpace(line), "namespaces: "); ok {
-			namespaces = strings.Fields(ns)
-		}
-		if dir == "" {
-			dir = dirRE.FindString(line)
-		}
-		if strings.HasPrefix(line, "[1/") { // the site is up; scenario 1 starts
-			cmd.Process.Signal(os.Interrupt)
-		}
-	}
-	err = cmd.Wait()
+	cmd, namespaces, dir, log := demoUntilUp(t, func(p *os.Process) { p.Signal(os.Interrupt) })
+	err := cmd.Wait()
 	var exit *exec.ExitError
 	if !errors.As(err, &exit) || exit.Sys().(syscall.WaitStatus).ExitStatus() != 130 {
-		t.Fatalf("demo after Ctrl-C: %v, want exit status 130:\n%s", err, log.String())
+		t.Fatalf("demo after Ctrl-C: %v, want exit status 130:\n%s", err, log)
 	}
 	if len(namespaces) < 10 || dir == "" {
-		t.Fatalf("the demo did not print its namespaces and directory:\n%s", log.String())
+		t.Fatalf("the demo did not print its namespaces and directory:\n%s", log)
 	}
 	time.Sleep(200 * time.Millisecond)
 	netns, _ := exec.Command("ip", "netns", "list").Output()
@@ -76,4 +48,65 @@ func TestInterruptedDemoLeavesNothing(t *testing.T) {
 	if _, err := os.Stat(dir); err == nil {
 		t.Errorf("%s left behind", dir)
 	}
+}
+
+// A demo killed with SIGKILL cannot tear its site down; the next demo
+// does, before it builds its own.
+func TestKilledDemoIsSweptByTheNext(t *testing.T) {
+	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go", "iperf3", "gpsfake", "gpsd")
+	first, namespaces, _, _ := demoUntilUp(t, func(p *os.Process) { p.Kill() })
+	first.Wait()
+	listed := func() string { out, _ := exec.Command("ip", "netns", "list").Output(); return string(out) }
+	if len(namespaces) == 0 || !strings.Contains(listed(), namespaces[0]) {
+		t.Fatalf("a SIGKILLed demo left no namespace to sweep (%v); the test would prove nothing", namespaces)
+	}
+	second, err := exec.Command(lab.Binary(t, "cmd/bulkhead-lab"), "demo", "--only", "1").CombinedOutput()
+	if err != nil || !strings.Contains(string(second), "Removed what an earlier demo") {
+		t.Fatalf("the next demo: %v\n%s", err, second)
+	}
+	for _, ns := range namespaces {
+		if strings.Contains(listed(), ns) {
+			t.Errorf("namespace %s of the killed demo still there", ns)
+		}
+		if gw, _ := exec.Command("pgrep", "-af", "wireguard-go -f wg-"+ns[len(ns)-6:]).Output(); len(gw) > 0 {
+			t.Errorf("gateway of %s still running: %s", ns, gw)
+		}
+	}
+}
+
+// demoUntilUp starts `bulkhead-lab demo --only 1`, calls stop once the
+// site is up (scenario 1 starts), and reads the rest of what it prints.
+// It returns the process (to Wait for), the namespaces and the directory
+// the demo named, and everything it printed.
+func demoUntilUp(t *testing.T, stop func(*os.Process)) (*exec.Cmd, []string, string, string) {
+	t.Helper()
+	cmd := exec.Command(lab.Binary(t, "cmd/bulkhead-lab"), "demo", "--only", "1")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = cmd.Stdout
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill() })
+	var namespaces []string
+	var dir string
+	var log strings.Builder
+	dirRE := regexp.MustCompile(`/tmp/bulkhead-demo-[0-9]+`)
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		line := sc.Text()
+		log.WriteString(line + "\n")
+		if ns, ok := strings.CutPrefix(strings.TrimSpace(line), "namespaces: "); ok {
+			namespaces = strings.Fields(ns)
+		}
+		if dir == "" {
+			dir = dirRE.FindString(line)
+		}
+		if strings.HasPrefix(line, "[1/") {
+			stop(cmd.Process)
+		}
+	}
+	return cmd, namespaces, dir, log.String()
 }

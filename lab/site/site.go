@@ -104,7 +104,7 @@ func Build(t lab.T, progress io.Writer) *Site {
 	s := &Site{t: t, progress: progress, dir: t.TempDir(), Bundles: map[uint64]string{}}
 	s.step("network: site router, corporate uplink, 3 devices, 5 segment gateways, a truck")
 	s.network()
-	s.detail("namespaces: %s", strings.Join(s.namespaces(), " "))
+	s.detail("namespaces: %s", strings.Join(s.Namespaces(), " "))
 	s.step("before Bulkhead: the network is flat")
 	flat := []struct {
 		what string
@@ -256,8 +256,8 @@ func parked() []byte {
 	return lab.NMEA(track, time.Now())
 }
 
-// namespaces are the names of every namespace of the site.
-func (s *Site) namespaces() []string {
+// Namespaces are the names of every namespace of the site.
+func (s *Site) Namespaces() []string {
 	names := []string{s.Router.Name, s.WAN.Name, s.ctlNS.Name, s.Truck.NS.Name}
 	for _, a := range s.Agents() {
 		names = append(names, a.NS.Name)
