@@ -415,7 +415,7 @@ func attacks(s *Site, r *Result) {
 		s.t.Fatal(err)
 	}
 	start := time.Now()
-	s.Ctl.MustCLI(s.t, "policy", "push", s.Sign(forged, doc, s.AttackerKy))
+	s.Ctl.MustCLI(s.t, "policy", "push", s.Sign(forged, doc, s.AttackerKey))
 	lat, ok := timeUntil(start, 20*time.Second, func() bool {
 		for _, a := range s.Agents() {
 			if _, ok := s.reported(a, "bundle-rejected", "not a trusted ops key"); !ok {

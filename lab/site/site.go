@@ -40,7 +40,7 @@ type Site struct {
 	Ctl        *lab.Control
 	ControlBin string
 	OpsKey     string // the ops signing key (ops.key); its ops.pub is pinned by every agent
-	AttackerKy string // a key no device trusts
+	AttackerKey string // a key no device trusts
 	Router     *lab.NS
 	WAN        *lab.NS
 	uplink     string // the router's interface to the corporate uplink
@@ -125,7 +125,7 @@ func Build(t lab.T, progress io.Writer) *Site {
 			t.Fatalf("keygen: %v: %s", err, out)
 		}
 	}
-	s.OpsKey, s.AttackerKy = filepath.Join(opsDir, "ops.key"), filepath.Join(attacker, "ops.key")
+	s.OpsKey, s.AttackerKey = filepath.Join(opsDir, "ops.key"), filepath.Join(attacker, "ops.key")
 	s.Ctl = lab.StartControl(t, s.ctlNS, controlAddr, 0, filepath.Join(opsDir, "ops.pub"))
 	s.detail("control at %s, CA %s", s.Ctl.URL, s.Ctl.Fingerprint)
 
