@@ -37,14 +37,14 @@ type Site struct {
 	progress io.Writer
 	dir      string
 
-	Ctl        *lab.Control
-	ControlBin string
-	OpsKey     string // the ops signing key (ops.key); its ops.pub is pinned by every agent
+	Ctl         *lab.Control
+	ControlBin  string
+	OpsKey      string // the ops signing key (ops.key); its ops.pub is pinned by every agent
 	AttackerKey string // a key no device trusts
-	Router     *lab.NS
-	WAN        *lab.NS
-	uplink     string // the router's interface to the corporate uplink
-	ctlNS      *lab.NS
+	Router      *lab.NS
+	WAN         *lab.NS
+	uplink      string // the router's interface to the corporate uplink
+	ctlNS       *lab.NS
 
 	Segments []*Segment
 	Dock     *Agent
