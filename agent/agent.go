@@ -425,9 +425,10 @@ func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
 
 // rotateRoots replaces the ops trust roots with a rotation signed by a
 // threshold of the current keys and of the new ones (the store audits
-// either verdict). Bundles and commands are judged by the new keys from
-// then on, including the cached bundle at the next start: ops push the
-// policy signed by the new keys with the rotation (docs/runbooks.md).
+// either verdict). New bundles and commands are judged by the new keys;
+// the bundle in force stays valid (the store verifies it against the
+// roots it was accepted under) until one signed by the new keys replaces
+// it.
 func (a *Agent) rotateRoots(raw []byte) error {
 	roots, err := a.store.Rotate(raw, a.clock.Now())
 	if err != nil {

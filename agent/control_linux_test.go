@@ -500,7 +500,8 @@ func TestForgedBundleIsRefusedOnce(t *testing.T) {
 
 // The ops keys are rotated through control: the rotation (signed by the
 // old key and the new) reaches the device, which from then on trusts only
-// the new key, across a restart; a replay of the rotation is refused.
+// the new key for what it is sent, across a restart, while the policy it
+// accepted before keeps running; a replay of the rotation is refused.
 func TestTrustRootRotationThroughControl(t *testing.T) {
 	s := newControlSite(t)
 	dev := s.enrolledOnV1(t)
@@ -521,6 +522,13 @@ func TestTrustRootRotationThroughControl(t *testing.T) {
 	}
 	waitLong(t, "the rotation on the device", func() bool { return s.a.status(t).RootsVersion == 2 })
 	waitLong(t, "the rotation audited at control", func() bool { return auditHas(t, s, dev, "roots-rotated", "1 keys") })
+	// Restarted before any bundle from the new keys, the device still
+	// runs the policy it accepted under the old ones.
+	s.a.kill()
+	s.a.start(t)
+	if st := s.a.status(t); st.RootsVersion != 2 || st.PolicyVersion != 1 || st.Mode != "normal" {
+		t.Fatalf("restarted after the rotation: roots v%d, policy v%d, mode %s (%v); want roots v2, policy v1, normal", st.RootsVersion, st.PolicyVersion, st.Mode, st.Why)
+	}
 
 	old := filepath.Join(dir, "old-key-v2.dsse")
 	writeFile(t, old, string(signFor(t, 2, s.policyWith(t, nil), s.opsKey)))

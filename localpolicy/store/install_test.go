@@ -103,3 +103,47 @@ func TestRotate(t *testing.T) {
 		t.Errorf("replaying the rotation = %v, want ErrRollback", err)
 	}
 }
+
+// A rotation does not lock the device out of the policy it runs: the
+// cached bundle, accepted under the old keys, still loads (it is verified
+// against the roots it was accepted under) after a restart with only the
+// new keys in force; a new bundle from the old keys is refused.
+func TestRotationKeepsTheCachedBundle(t *testing.T) {
+	f := newFixture(t)
+	path := filepath.Join(t.TempDir(), "cache.db")
+	s := open(t, path)
+	if _, err := s.SetRoots(bundle.NewRootSet(1, f.roots)); err != nil {
+		t.Fatal(err)
+	}
+	dev := scanner
+	if _, err := s.Install(bytes.NewReader(f.bundle(t, 1, time.Hour).Raw), f.roots, t0, dev); err != nil {
+		t.Fatal(err)
+	}
+	newPub, newPriv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, err := opskey.NewRoots(1, newPub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rotation, err := bundle.SignRoots(bundle.NewRootSet(2, next), f.key, newPriv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Rotate(rotation, t0); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s = open(t, path)
+	current, _, err := s.CurrentRoots()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, err := s.Load(current, dev); err != nil || b.Version != 1 {
+		t.Fatalf("the cached bundle after a rotation and a restart: %v", err)
+	}
+	if _, err := s.Install(bytes.NewReader(f.bundle(t, 2, time.Hour).Raw), current, t0, dev); !errors.Is(err, envelope.ErrUnknownSigner) {
+		t.Errorf("a new bundle from the retired key = %v, want refused", err)
+	}
+}

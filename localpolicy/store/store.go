@@ -38,14 +38,18 @@ var (
 	bucketCommands = []byte("commands")
 	bucketAudit    = []byte("audit")
 
-	keySchema   = []byte("schema")
-	keyBundle   = []byte("bundle")
-	keyHighest  = []byte("highest_version")
-	keyTrusted  = []byte("trusted_time")
-	keySticky   = []byte("sticky")
-	keyRoots    = []byte("roots")
-	keyAuditSeq = []byte("audit_seq")
-	keyAuditTop = []byte("audit_head")
+	keySchema  = []byte("schema")
+	keyBundle  = []byte("bundle")
+	keyHighest = []byte("highest_version")
+	keyTrusted = []byte("trusted_time")
+	keySticky  = []byte("sticky")
+	keyRoots   = []byte("roots")
+	// keyBundleRoots is the root set the cached bundle was accepted
+	// under: Load verifies it against that set, so a rotation does not
+	// lock a device out of the policy it already runs.
+	keyBundleRoots = []byte("bundle_roots")
+	keyAuditSeq    = []byte("audit_seq")
+	keyAuditTop    = []byte("audit_head")
 )
 
 // Store is the open cache. Its methods are safe for concurrent use.
@@ -164,6 +168,11 @@ func (s *Store) Accept(b *bundle.Bundle, now time.Time) error {
 		if err := meta.Put(keyBundle, b.Raw); err != nil {
 			return err
 		}
+		if roots := meta.Get(keyRoots); roots != nil {
+			if err := meta.Put(keyBundleRoots, bytes.Clone(roots)); err != nil {
+				return err
+			}
+		}
 		if err := meta.Put(keyHighest, u64(b.Version)); err != nil {
 			return err
 		}
@@ -177,20 +186,33 @@ func (s *Store) Accept(b *bundle.Bundle, now time.Time) error {
 }
 
 // Load reads the cached bundle back and verifies it again from its signed
-// bytes against roots. ErrNoBundle means the device never accepted one;
-// anything else means the cache cannot be trusted and the device belongs in
-// lockdown.
+// bytes: against the root set it was accepted under, when the store
+// recorded one, else against roots. A trust-root rotation therefore leaves
+// the running policy valid until a bundle signed by the new keys replaces
+// it, across restarts. ErrNoBundle means the device never accepted one;
+// anything else means the cache cannot be trusted and the device belongs
+// in lockdown.
 func (s *Store) Load(roots opskey.Roots, dev bundle.Device) (*bundle.Bundle, error) {
-	var raw []byte
+	var raw, acceptedUnder []byte
 	var highest uint64
 	err := s.view(func(meta *bolt.Bucket, _ *bolt.Tx) error {
 		raw = bytes.Clone(meta.Get(keyBundle))
+		acceptedUnder = bytes.Clone(meta.Get(keyBundleRoots))
 		var err error
 		highest, err = getU64(meta, keyHighest)
 		return err
 	})
 	if err != nil {
 		return nil, err
+	}
+	if acceptedUnder != nil {
+		var set bundle.RootSet
+		if err := json.Unmarshal(acceptedUnder, &set); err != nil {
+			return nil, fmt.Errorf("%w: the cached bundle's trust roots: %v", ErrCorrupt, err)
+		}
+		if roots, err = set.Roots(); err != nil {
+			return nil, fmt.Errorf("%w: the cached bundle's trust roots: %w", ErrCorrupt, err)
+		}
 	}
 	if raw == nil {
 		if highest > 0 {
