@@ -70,14 +70,7 @@ func TestRotate(t *testing.T) {
 	if _, err := s.SetRoots(bundle.NewRootSet(1, f.roots)); err != nil {
 		t.Fatal(err)
 	}
-	newPub, newPriv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	next, err := opskey.NewRoots(1, newPub)
-	if err != nil {
-		t.Fatal(err)
-	}
+	newPub, newPriv, next := newKeySet(t)
 	onlyNew, err := bundle.SignRoots(bundle.NewRootSet(2, next), newPriv)
 	if err != nil {
 		t.Fatal(err)
@@ -119,14 +112,7 @@ func TestRotationKeepsTheCachedBundle(t *testing.T) {
 	if _, err := s.Install(bytes.NewReader(f.bundle(t, 1, time.Hour).Raw), f.roots, t0, dev); err != nil {
 		t.Fatal(err)
 	}
-	newPub, newPriv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	next, err := opskey.NewRoots(1, newPub)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, newPriv, next := newKeySet(t)
 	rotation, err := bundle.SignRoots(bundle.NewRootSet(2, next), f.key, newPriv)
 	if err != nil {
 		t.Fatal(err)
@@ -146,4 +132,18 @@ func TestRotationKeepsTheCachedBundle(t *testing.T) {
 	if _, err := s.Install(bytes.NewReader(f.bundle(t, 2, time.Hour).Raw), current, t0, dev); !errors.Is(err, envelope.ErrUnknownSigner) {
 		t.Errorf("a new bundle from the retired key = %v, want refused", err)
 	}
+}
+
+// newKeySet is a fresh ops key and the one-key root set it makes.
+func newKeySet(t *testing.T) (ed25519.PublicKey, ed25519.PrivateKey, opskey.Roots) {
+	t.Helper()
+	pub, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, err := opskey.NewRoots(1, pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pub, priv, roots
 }
