@@ -3,7 +3,6 @@ package store
 import (
 	"bytes"
 	"crypto/ed25519"
-	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -35,14 +34,7 @@ type fixture struct {
 
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	pub, priv, err := ed25519.GenerateKey(rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots, err := opskey.NewRoots(1, pub)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, priv, roots := newKeySet(t)
 	doc, err := policy.Parse(examples.Site())
 	if err != nil {
 		t.Fatal(err)
