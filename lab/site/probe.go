@@ -119,3 +119,27 @@ next:
 	}
 	return controlapi.Event{}, false
 }
+
+// refusedReported reports whether the device reported f among the
+// connections its table refused.
+func (s *Site) refusedReported(a *Agent, f controlapi.Flow) bool {
+	d, ok := s.device(a)
+	if !ok {
+		return false
+	}
+	for _, e := range d.Reports {
+		if e.Kind != controlapi.EventRefused {
+			continue
+		}
+		var flows []controlapi.ObservedFlow
+		if json.Unmarshal([]byte(e.Detail), &flows) != nil {
+			continue
+		}
+		for _, o := range flows {
+			if o.Flow == f {
+				return true
+			}
+		}
+	}
+	return false
+}

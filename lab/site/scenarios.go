@@ -14,6 +14,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 // Scenarios are the article's scenarios, in the order the demo runs
@@ -137,8 +138,7 @@ func compromisedScanner(s *Site, r *Result) {
 	}
 	for _, t := range []netip.AddrPort{fin, s.DockSSH} {
 		lat, ok := timeUntil(start, 20*time.Second, func() bool {
-			_, ok := s.reported(s.Scanner, "flows-refused", `"direction":"out"`, `"address":"`+t.Addr().String()+`"`, fmt.Sprintf(`"port":%d`, t.Port()))
-			return ok
+			return s.refusedReported(s.Scanner, controlapi.Flow{Direction: "out", Protocol: policy.TCP, Address: t.Addr(), Port: t.Port()})
 		})
 		r.Check(Check{What: "control hears of the attempt on " + t.String(),
 			Expected: "a flows-refused report from the scanner naming it", Observed: found(ok, "reported"),
@@ -153,8 +153,7 @@ func compromisedScanner(s *Site, r *Result) {
 	r.Check(Check{What: "the scanner, its own enforcement gone, tries the dock gateway's ssh",
 		Expected: "refused by the dock gateway's table", Observed: yesno(open), Pass: !open})
 	lat, ok := timeUntil(start, 20*time.Second, func() bool {
-		_, ok := s.reported(s.Dock, "flows-refused", `"direction":"in"`, `"address":"`+s.Scanner.LAN.String()+`"`, `"port":22`)
-		return ok
+		return s.refusedReported(s.Dock, controlapi.Flow{Direction: "in", Protocol: policy.TCP, Address: s.Scanner.LAN, Port: s.DockSSH.Port()})
 	})
 	r.Check(Check{What: "the dock gateway reports who knocked",
 		Expected: "a flows-refused report from the dock gateway naming the scanner " + s.Scanner.LAN.String(), Observed: found(ok, "reported"),
