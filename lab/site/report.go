@@ -52,16 +52,6 @@ func (r *Result) Note(format string, args ...any) {
 	fmt.Fprintf(r.out, "    . "+format+"\n", args...)
 }
 
-// Passed reports whether every check held.
-func (r *Result) Passed() bool {
-	for _, c := range r.Checks {
-		if !c.Pass {
-			return false
-		}
-	}
-	return len(r.Checks) > 0
-}
-
 func ms(d time.Duration) string {
 	if d >= 10*time.Second {
 		return fmt.Sprintf("%.1f s", d.Seconds())

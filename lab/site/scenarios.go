@@ -424,14 +424,17 @@ func attacks(s *Site, r *Result) {
 		return true
 	})
 	var versions []string
+	unchanged := true
 	for _, a := range s.Agents() {
-		versions = append(versions, fmt.Sprintf("v%d", a.Status(s.t).PolicyVersion))
+		v := a.Status(s.t).PolicyVersion
+		unchanged = unchanged && v == s.Version
+		versions = append(versions, fmt.Sprintf("v%d", v))
 	}
 	open := s.reach(s.Scanner, fin)
 	r.Check(Check{What: fmt.Sprintf("forged bundle v%d (attacker's key) pushed through control", forged),
 		Expected: fmt.Sprintf("rejected by all three devices and audited; they stay on v%d; finance stays shut to the scanner", s.Version),
 		Observed: fmt.Sprintf("%s audited; versions %s; finance %s", found(ok, "rejection"), strings.Join(versions, " "), yesno(open)),
-		Latency:  lat, Of: "push -> every rejection at control", Pass: ok && !open && !slices.ContainsFunc(versions, func(v string) bool { return v != fmt.Sprintf("v%d", s.Version) })})
+		Latency:  lat, Of: "push -> every rejection at control", Pass: ok && !open && unchanged})
 
 	// An old bundle, validly signed, dropped on the scanner (a USB stick
 	// from last month, or a network replaying it).

@@ -64,9 +64,6 @@ type Site struct {
 	// Version is the newest policy version pushed; Bundles the files.
 	Version uint64
 	Bundles map[uint64]string
-	// Shift is the scanners' shift [start, end) (HH:MM UTC) in the
-	// policy in force, if any.
-	Shift *[2]string
 }
 
 // The site's addresses. Devices and local gateways hang off the site
@@ -306,7 +303,6 @@ func (s *Site) WaitVersion(v uint64, d time.Duration) {
 // and pushes it through control.
 func (s *Site) Push(shift *[2]string) string {
 	s.Version++
-	s.Shift = shift
 	doc := filepath.Join(s.dir, fmt.Sprintf("policy-v%d.json", s.Version))
 	if err := os.WriteFile(doc, []byte(s.policyJSON(shift)), 0o600); err != nil {
 		s.t.Fatal(err)
