@@ -155,20 +155,39 @@ func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
 	}
-	// The table and its base chains stay, and so does every set whose
-	// contents are known, changed by element diffs when they are small.
-	// A set made in a transaction is empty to lookups for a moment after
-	// it commits, so deleting and re-adding everything (atomic for readers
-	// all the same) dropped packets of flows both the old and the new
-	// ruleset allow: 2-5 per 100 applies in TestReplacingTheTableDropsNothing.
-	// But element updates in an existing interval set cost the kernel time
-	// in proportion to the set's size, each (8.5 s to rewrite 10,000
-	// destinations in place, 65 ms afresh), so a set that changes a lot
-	// is made afresh: only its own flows can see that moment.
 	old, err := e.current(c)
 	if err != nil {
 		return err
 	}
+	if err := queue(c, rs, prev, old); err != nil {
+		return err
+	}
+	if err := c.Flush(); err != nil {
+		return fmt.Errorf("nftables: apply table inet %s: %w", Table, err)
+	}
+	return nil
+}
+
+// queue buffers on c the transaction that turns old (what the kernel
+// holds) into rs. It reads nothing and depends on nothing but its
+// arguments: the same rs over the same table gives the same batch.
+//
+// The table and its base chains stay, and so does every set whose
+// contents are known, changed by element diffs when they are small. A set
+// made in a transaction is empty to lookups for a moment after it
+// commits, so deleting and re-adding everything (atomic for readers all
+// the same) dropped packets of flows both the old and the new ruleset
+// allow: 2-5 per 100 applies in TestReplacingTheTableDropsNothing. But
+// element updates in an existing interval set cost the kernel time in
+// proportion to the set's size, each (8.5 s to rewrite 10,000
+// destinations in place, 65 ms afresh), so a set that changes a lot is
+// made afresh: only its own flows can see that moment.
+//
+// The order inside the batch is what the kernel's references need: rules
+// go (chains flushed) before the sets they look up, map elements before
+// the chains they jump to; chains exist before the map elements that
+// jump to them, and sets before the rules that look them up.
+func queue(c *nftables.Conn, rs Ruleset, prev *Ruleset, old contents) error {
 	known := map[string][]Element{}
 	if prev != nil {
 		for _, s := range prev.Sets {
@@ -182,9 +201,6 @@ func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 	}
 	for _, ch := range old.chains {
 		c.FlushChain(ch)
-		if !wantChain[ch.Name] {
-			c.DelChain(ch) // not ours: added by someone else
-		}
 	}
 	type diff struct{ add, del []Element }
 	keep := map[string]diff{} // sets changed in place, and how
@@ -201,8 +217,40 @@ func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 		}
 	}
 	sets := map[string]*nftables.Set{}
-	for _, s := range rs.Sets {
+	for i, s := range rs.Sets {
 		ns := nfSet(s)
+		// Set ids name sets within one transaction; numbering them here
+		// (not from the library's process-wide counter) keeps the batch
+		// a function of rs.
+		ns.ID = uint32(i + 1)
+		sets[s.Name] = ns
+		// google/nftables puts all elements of one call in a single
+		// netlink attribute, whose 16-bit length silently wraps past ~1,000
+		// elements and the kernel stores a truncated set. Chunks keep each
+		// message well under 64 KiB; they are still one transaction.
+		for chunk := range slices.Chunk(nfElements(s.Map, keep[s.Name].del), elementsPerMessage) {
+			if err := c.SetDeleteElements(ns, chunk); err != nil {
+				return fmt.Errorf("nftables: set %s: %w", s.Name, err)
+			}
+		}
+	}
+	for _, ch := range old.chains {
+		if !wantChain[ch.Name] {
+			c.DelChain(ch) // gone from rs, or added by someone else
+		}
+	}
+	chains := map[string]*nftables.Chain{}
+	for _, ch := range rs.Chains {
+		// On an existing base chain this restores hook, priority and
+		// policy should someone have changed them.
+		nc := &nftables.Chain{Name: ch.Name, Table: table}
+		if ch.Hook != "" {
+			nc.Type, nc.Hooknum, nc.Priority, nc.Policy = nftables.ChainTypeFilter, hook(ch.Hook), nftables.ChainPriorityFilter, ptr(nftables.ChainPolicyDrop)
+		}
+		chains[ch.Name] = c.AddChain(nc)
+	}
+	for _, s := range rs.Sets {
+		ns := sets[s.Name]
 		d, inPlace := keep[s.Name]
 		if !inPlace {
 			if err := c.AddSet(ns, nil); err != nil {
@@ -210,40 +258,21 @@ func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 			}
 			d.add = s.Elements
 		}
-		// google/nftables puts all elements of one call in a single
-		// netlink attribute, whose 16-bit length silently wraps past ~1,000
-		// elements and the kernel stores a truncated set. Chunks keep each
-		// message well under 64 KiB; they are still one transaction.
-		for chunk := range slices.Chunk(nfElements(d.del), elementsPerMessage) {
-			if err := c.SetDeleteElements(ns, chunk); err != nil {
-				return fmt.Errorf("nftables: set %s: %w", s.Name, err)
-			}
-		}
-		for chunk := range slices.Chunk(nfElements(d.add), elementsPerMessage) {
+		for chunk := range slices.Chunk(nfElements(s.Map, d.add), elementsPerMessage) {
 			if err := c.SetAddElements(ns, chunk); err != nil {
 				return fmt.Errorf("nftables: set %s: %w", s.Name, err)
 			}
 		}
-		sets[s.Name] = ns
 	}
 	for _, ch := range rs.Chains {
-		// On an existing chain this restores hook, priority and policy
-		// should someone have changed them.
-		chain := c.AddChain(&nftables.Chain{
-			Name: ch.Name, Table: table, Type: nftables.ChainTypeFilter,
-			Hooknum: hook(ch.Name), Priority: nftables.ChainPriorityFilter, Policy: ptr(nftables.ChainPolicyDrop),
-		})
 		for _, r := range ch.Rules {
-			exprs, err := r.exprs(ch.Name, sets)
+			exprs, err := r.exprs(ch.Hook, sets)
 			if err != nil {
 				return err
 			}
-			c.AddRule(&nftables.Rule{Table: table, Chain: chain, Exprs: exprs,
+			c.AddRule(&nftables.Rule{Table: table, Chain: chains[ch.Name], Exprs: exprs,
 				UserData: userdata.AppendString(nil, userdata.TypeComment, r.Comment)})
 		}
-	}
-	if err := c.Flush(); err != nil {
-		return fmt.Errorf("nftables: apply table inet %s: %w", Table, err)
 	}
 	return nil
 }
@@ -371,8 +400,11 @@ func (e *Enforcer) check(rs Ruleset) error {
 		if !ok {
 			return fmt.Errorf("%w: chain %s is missing", ErrDrift, want.Name)
 		}
-		if ch.Policy == nil || *ch.Policy != nftables.ChainPolicyDrop {
-			return fmt.Errorf("%w: chain %s policy is not drop", ErrDrift, want.Name)
+		if base := ch.Hooknum != nil; base != (want.Hook != "") {
+			return fmt.Errorf("%w: chain %s is a base chain: %v, want %v", ErrDrift, want.Name, base, want.Hook != "")
+		}
+		if want.Hook != "" && (*ch.Hooknum != *hook(want.Hook) || ch.Policy == nil || *ch.Policy != nftables.ChainPolicyDrop) {
+			return fmt.Errorf("%w: chain %s is not on hook %s with policy drop", ErrDrift, want.Name, want.Hook)
 		}
 		rules, err := c.GetRules(table, ch)
 		if err != nil {
@@ -394,27 +426,33 @@ func (e *Enforcer) check(rs Ruleset) error {
 	if len(have.sets) != len(rs.Sets) {
 		return fmt.Errorf("%w: %d sets, want %d", ErrDrift, len(have.sets), len(rs.Sets))
 	}
-	setNames := map[string]bool{}
+	setByName := map[string]*nftables.Set{}
 	for _, s := range have.sets {
-		setNames[s.Name] = true
+		setByName[s.Name] = s
 	}
 	for _, want := range rs.Sets {
-		if !setNames[want.Name] {
+		s, ok := setByName[want.Name]
+		if !ok {
 			return fmt.Errorf("%w: set %s is missing", ErrDrift, want.Name)
 		}
-		s, err := c.GetSetByName(table, want.Name)
-		if err != nil {
-			return fmt.Errorf("%w: set %s is missing", ErrDrift, want.Name)
+		if s.IsMap != want.Map || !s.Interval {
+			return fmt.Errorf("%w: set %s changed its kind", ErrDrift, want.Name)
 		}
 		elems, err := c.GetSetElements(s)
 		if err != nil {
 			return fmt.Errorf("nftables: list set %s: %w", want.Name, err)
 		}
-		var have []Element
+		// The kernel lists elements in an order of its own (the order
+		// they were added, for interval sets), which is not ours to
+		// decide; they are compared as sets, in the model's order. An
+		// element the model could not have made is drift, never skipped.
+		have := make([]Element, 0, len(elems))
 		for _, el := range elems {
-			if e, ok := decodeElement(el, want.V6); ok {
-				have = append(have, e)
+			e, err := decodeElement(el, want.V6, want.Map)
+			if err != nil {
+				return fmt.Errorf("%w: set %s: %v", ErrDrift, want.Name, err)
 			}
+			have = append(have, e)
 		}
 		slices.SortFunc(have, compareElements)
 		if !slices.Equal(have, want.Elements) {
@@ -441,20 +479,31 @@ func nfSet(s Set) *nftables.Set {
 	if s.V6 {
 		addrType = nftables.TypeIP6Addr
 	}
-	return &nftables.Set{
+	ns := &nftables.Set{
 		Table: table, Name: s.Name, Interval: true, Concatenation: true,
 		KeyType: nftables.MustConcatSetType(addrType, nftables.TypeInetProto, nftables.TypeInetService),
 	}
+	if s.Map {
+		ns.IsMap, ns.DataType = true, nftables.TypeVerdict
+	}
+	return ns
 }
 
-func nfElements(elements []Element) []nftables.SetElement {
+func nfElements(isMap bool, elements []Element) []nftables.SetElement {
 	out := make([]nftables.SetElement, 0, len(elements))
 	for _, e := range elements {
 		first, last := e.Prefix.Masked().Addr(), lastAddr(e.Prefix)
-		out = append(out, nftables.SetElement{
+		el := nftables.SetElement{
 			Key:    key(first, e.ProtoFrom, e.PortFrom),
 			KeyEnd: key(last, e.ProtoTo, e.PortTo),
-		})
+		}
+		if isMap {
+			el.VerdictData = &expr.Verdict{Kind: expr.VerdictAccept}
+			if e.Chain != "" {
+				el.VerdictData = &expr.Verdict{Kind: expr.VerdictJump, Chain: e.Chain}
+			}
+		}
+		out = append(out, el)
 	}
 	return out
 }
@@ -493,13 +542,17 @@ func key(a netip.Addr, proto uint8, port uint16) []byte {
 	return append(b, 0, 0)
 }
 
-func decodeElement(el nftables.SetElement, v6 bool) (Element, bool) {
+// decodeElement reads an element back as the model writes them: an
+// address prefix with protocol and port ranges, and a map element's
+// verdict. Anything else (an address range that is no prefix, a verdict
+// the model never uses) is an error.
+func decodeElement(el nftables.SetElement, v6, isMap bool) (Element, error) {
 	n := 4
 	if v6 {
 		n = 16
 	}
 	if len(el.Key) != n+8 || len(el.KeyEnd) != n+8 {
-		return Element{}, false
+		return Element{}, fmt.Errorf("element key of %d and %d bytes", len(el.Key), len(el.KeyEnd))
 	}
 	first, _ := netip.AddrFromSlice(el.Key[:n])
 	last, _ := netip.AddrFromSlice(el.KeyEnd[:n])
@@ -513,13 +566,55 @@ func decodeElement(el nftables.SetElement, v6 bool) (Element, bool) {
 	}
 	p, _ := first.Prefix(bits)
 	if lastAddr(p) != last {
-		return Element{}, false
+		return Element{}, fmt.Errorf("element %s-%s is not a prefix", first, last)
 	}
-	return Element{
+	e := Element{
 		Prefix:    p,
 		ProtoFrom: el.Key[n], ProtoTo: el.KeyEnd[n],
 		PortFrom: binary.BigEndian.Uint16(el.Key[n+4:]), PortTo: binary.BigEndian.Uint16(el.KeyEnd[n+4:]),
-	}, true
+	}
+	if !isMap {
+		if len(el.Val) != 0 {
+			return Element{}, fmt.Errorf("element %s carries data in a plain set", p)
+		}
+		return e, nil
+	}
+	chain, err := decodeVerdict(el.Val)
+	if err != nil {
+		return Element{}, fmt.Errorf("element %s: %w", p, err)
+	}
+	e.Chain = chain
+	return e, nil
+}
+
+// decodeVerdict reads a verdict map element's data (NFTA_DATA_VERDICT's
+// attributes, as google/nftables hands them over): accept, or a jump and
+// its chain.
+func decodeVerdict(b []byte) (chain string, err error) {
+	ad, err := netlink.NewAttributeDecoder(b)
+	if err != nil {
+		return "", fmt.Errorf("verdict: %w", err)
+	}
+	ad.ByteOrder = binary.BigEndian
+	code, haveCode := int32(0), false
+	for ad.Next() {
+		switch ad.Type() {
+		case unix.NFTA_VERDICT_CODE:
+			code, haveCode = int32(ad.Uint32()), true
+		case unix.NFTA_VERDICT_CHAIN:
+			chain = ad.String()
+		}
+	}
+	if err := ad.Err(); err != nil {
+		return "", fmt.Errorf("verdict: %w", err)
+	}
+	switch {
+	case haveCode && code == int32(expr.VerdictAccept) && chain == "":
+		return "", nil
+	case haveCode && code == int32(expr.VerdictJump) && chain != "":
+		return chain, nil
+	}
+	return "", fmt.Errorf("verdict %d %q is neither accept nor a jump", code, chain)
 }
 
 func lastAddr(p netip.Prefix) netip.Addr {
@@ -553,13 +648,14 @@ func ctState(mask uint32) []expr.Any {
 	}
 }
 
-// exprs compiles a rule the way nft(8) compiles the same text, so that
-// `nft list` shows our rules exactly as Text writes them.
-func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, error) {
+// exprs compiles a rule of a chain on hook (empty: a regular chain) the
+// way nft(8) compiles the same text, so that `nft list` shows our rules
+// exactly as Text writes them.
+func (r Rule) exprs(hook string, sets map[string]*nftables.Set) ([]expr.Any, error) {
 	var ex []expr.Any
 	if r.Iface != "" {
 		key := expr.MetaKeyOIFNAME
-		if chain == "input" {
+		if hook == "input" {
 			key = expr.MetaKeyIIFNAME
 		}
 		name := make([]byte, unix.IFNAMSIZ)
@@ -571,6 +667,13 @@ func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, er
 	}
 	if r.New {
 		ex = append(ex, ctState(expr.CtStateBitNEW)...)
+	}
+	if r.Direction != AnyDirection {
+		dir := byte(0) // IP_CT_DIR_ORIGINAL
+		if r.Direction == Reply {
+			dir = 1 // IP_CT_DIR_REPLY
+		}
+		ex = append(ex, &expr.Ct{Register: 1, Key: expr.CtKeyDIRECTION}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: []byte{dir}})
 	}
 	switch {
 	case r.ND:
@@ -613,7 +716,10 @@ func (r Rule) exprs(chain string, sets map[string]*nftables.Set) ([]expr.Any, er
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: protoReg},
 			&expr.Byteorder{SourceRegister: protoReg, DestRegister: protoReg, Op: expr.ByteorderHton, Len: 1, Size: 2},
 			&expr.Payload{DestRegister: portReg, Base: expr.PayloadBaseTransportHeader, Offset: portOff, Len: 2},
-			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID})
+			&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID, IsDestRegSet: l.Map, DestRegister: 0})
+		if l.Map { // the element's verdict is the rule's
+			return ex, nil
+		}
 	}
 	if r.Over != nil {
 		ex = append(ex, &expr.Limit{Type: expr.LimitTypePktBytes, Rate: r.Over.PerSecond, Over: true, Unit: expr.LimitTimeSecond, Burst: r.Over.Burst})

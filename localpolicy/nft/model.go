@@ -28,12 +28,18 @@ type Element struct {
 	Prefix             netip.Prefix
 	ProtoFrom, ProtoTo uint8
 	PortFrom, PortTo   uint16
+	// Chain is a map element's verdict: a jump to this chain, or accept
+	// when empty. Elements of a plain set have none.
+	Chain string
 }
 
 // Set is a named set of one address family.
 type Set struct {
-	Name     string
-	V6       bool
+	Name string
+	V6   bool
+	// Map makes it a verdict map: a lookup takes the matching element's
+	// verdict (Element.Chain), and falls through when nothing matches.
+	Map      bool
 	Elements []Element
 }
 
@@ -46,17 +52,31 @@ const (
 	Dst
 )
 
-// Rule is one rule of a base chain. At most one of Lookup, ND and DHCP is
-// set; Iface may narrow any of them, or stand alone (loopback); none is set
-// for the final drop.
+// Direction narrows a rule to one direction of a tracked connection.
+type Direction int
+
+// Any direction, the original one (the connection's first packet's), or
+// the replies.
+const (
+	AnyDirection Direction = iota
+	Original
+	Reply
+)
+
+// Rule is one rule of a chain. At most one of Lookup, ND and DHCP is set;
+// Iface may narrow any of them, or stand alone (loopback); none is set for
+// the final drop.
 type Rule struct {
 	Comment string
 	// Established limits the rule to packets of established or related
 	// connections (the replies of what an outbound rule allowed).
 	Established bool
 	// New limits the rule to the first packet of a connection.
-	New    bool
-	Lookup *Lookup
+	New bool
+	// Direction limits the rule to one direction of a connection: a
+	// segment's two rate limits, each with its own bucket.
+	Direction Direction
+	Lookup    *Lookup
 	// Iface matches the interface a packet arrives on (input) or leaves by
 	// (output): loopback, or the tunnel for segment traffic.
 	Iface string
@@ -110,10 +130,12 @@ func rate(l *policy.RateLimit) *Rate {
 	return &Rate{PerSecond: l.BytesPerSecond, Burst: uint32(min(l.BurstBytes, math.MaxUint32))}
 }
 
-// Lookup matches address . l4proto . port against a set.
+// Lookup matches address . l4proto . port against a set, or takes the
+// verdict of a verdict map's element.
 type Lookup struct {
 	Set  string
 	V6   bool
+	Map  bool
 	Addr Field
 	Port Field
 }
@@ -124,9 +146,13 @@ type DHCP struct {
 	Src, Dst uint16
 }
 
-// Chain is a base chain with policy drop.
+// Chain is a chain of the table: a base chain with policy drop on its
+// hook, or a regular chain that segment map elements jump to.
 type Chain struct {
-	Name  string // also the hook: input, output or forward
+	Name string
+	// Hook is input, output or forward for a base chain; empty for a
+	// regular chain.
+	Hook  string
 	Rules []Rule
 }
 
@@ -147,103 +173,75 @@ type Options struct {
 	Tunnel string
 }
 
-// Build renders d as the agent's table. Every rule but the last accepts, so
-// their order decides only what a packet costs, and the busiest come
-// first: loopback, the segments (only through the tunnel; an interface
-// compare rejects other packets before any lookup), WireGuard to the
-// authorized gateways, then neighbour discovery, DHCP, the safety floor,
-// the control endpoints, and drop.
-// Packets of live connections are matched against the same sets as new
+// Build renders d as the agent's table. Every base-chain rule but the last
+// accepts (or hands the packet to a segment's chain), so their order
+// decides only what a packet costs, and the busiest come first: loopback,
+// the segments (only through the tunnel; an interface compare rejects
+// other packets before any lookup), WireGuard to the authorized gateways,
+// then neighbour discovery, DHCP, the safety floor, the control endpoints,
+// and drop.
+//
+// Every open or monitored segment's destinations are in one verdict map
+// per address family (segments_v4, segments_v6), so a packet costs one
+// lookup however many segments there are. An element accepts, or jumps to
+// its segment's chain when the segment is rate-limited (seg_NAME) or
+// monitored (mon_NAME).
+//
+// Packets of live connections are matched against the same map as new
 // ones (there is no blanket "established accept"), so when a destination
-// leaves a set its established flows stop with the same transaction.
+// leaves it its established flows stop with the same transaction.
+//
+// The result depends on what d says, never on the order it says it in:
+// segments, destinations, peers and floor rules arriving in another order
+// give the same Ruleset, so the same netlink batch.
 func Build(d localpolicy.Desired, opt Options) Ruleset {
 	var rs Ruleset
-	var floor, control []Element
+	var floor, control, gateways []Element
 	for _, f := range d.Floor {
 		floor = append(floor, elements(f.Destination)...)
 	}
 	for _, c := range d.Control {
 		control = append(control, Element{Prefix: netip.PrefixFrom(c.Address, c.Address.BitLen()), ProtoFrom: 6, ProtoTo: 6, PortFrom: c.Port, PortTo: c.Port})
 	}
-	var gateways []Element
 	for _, p := range d.Peers {
 		if ap, err := netip.ParseAddrPort(p.Endpoint); err == nil {
 			a := ap.Addr().Unmap()
 			gateways = append(gateways, Element{Prefix: netip.PrefixFrom(a, a.BitLen()), ProtoFrom: 17, ProtoTo: 17, PortFrom: ap.Port(), PortTo: ap.Port()})
 		}
 	}
-	type group struct {
-		name, comment string
-		elems         []Element
-		via           string // the interface the group's traffic must use
-		limit         *Rate  // a cap in each direction
-	}
-	add := func(g group) (r rules) {
-		for _, v6 := range []bool{false, true} {
-			elems := normalize(family(g.elems, v6))
-			if len(elems) == 0 {
-				continue
-			}
-			name := g.name + map[bool]string{false: "_v4", true: "_v6"}[v6]
-			rs.Sets = append(rs.Sets, Set{Name: name, V6: v6, Elements: elems})
-			look := func(addr, port Field) *Lookup { return &Lookup{Set: name, V6: v6, Addr: addr, Port: port} }
-			out := Rule{Comment: g.comment, Iface: g.via, Lookup: look(Dst, Dst)}
-			in := Rule{Comment: g.comment + " replies", Established: true, Iface: g.via, Lookup: look(Src, Src)}
-			if g.name == "gateways" {
-				// A gateway may start a handshake (rekey, roaming) with no
-				// conntrack entry of ours; WireGuard authenticates it.
-				in = Rule{Comment: g.comment + " inbound", Lookup: look(Src, Src)}
-			}
-			if g.limit != nil {
-				// Each direction has its own bucket: what exceeds it
-				// is dropped before the accept sees it.
-				r.out = append(r.out, overRate(out, g.limit))
-				r.in = append(r.in, overRate(in, g.limit))
-			}
-			r.out, r.in = append(r.out, out), append(r.in, in)
-			if g.name == "floor" {
-				// The floor is symmetric: local services on the floor's
-				// ports (a PLC port) are reachable from its addresses.
-				r.out = append(r.out, Rule{Comment: g.comment + " served", Lookup: look(Dst, Src)})
-				r.in = append(r.in, Rule{Comment: g.comment + " inbound", Lookup: look(Src, Dst)})
-				r.fwd = append(r.fwd,
-					Rule{Comment: g.comment + " to", Lookup: look(Dst, Dst)},
-					Rule{Comment: g.comment + " from", Lookup: look(Src, Src)})
-			}
-		}
-		return r
-	}
-	// Sets in a fixed order (floor, control, gateways, segments); rules
-	// busiest first, as above.
-	fixed := []rules{add(group{"floor", "safety floor", floor, "", nil}), add(group{"control", "control", control, "", nil})}
-	var tunnel []rules
+	in := Chain{Name: "input", Hook: "input", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
+	out := Chain{Name: "output", Hook: "output", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
+	fwd := Chain{Name: "forward", Hook: "forward"}
+	var jumped []Chain
 	if opt.Tunnel != "" {
-		gw := add(group{"gateways", "wireguard gateways", gateways, "", nil})
-		for _, a := range d.Segments {
-			var elems []Element
-			for _, dst := range a.Destinations {
-				elems = append(elems, elements(dst)...)
-			}
-			tunnel = append(tunnel, add(group{"seg_" + a.Segment, "segment " + a.Segment, elems, opt.Tunnel, rate(a.RateLimit)}))
-		}
-		tunnel = append(tunnel, gw)
-		if m := d.Monitor; m != nil {
-			for _, a := range m.Segments {
-				tunnel = append(tunnel, monitor(&rs, a, opt.Tunnel))
-			}
-		}
+		var r rules
+		r, jumped = segments(&rs, d, opt.Tunnel)
+		gw := addSets(&rs, "gateways", gateways, func(look func(addr, port Field) *Lookup) (r rules) {
+			r.out = []Rule{{Comment: "wireguard gateways", Lookup: look(Dst, Dst)}}
+			// A gateway may start a handshake (rekey, roaming) with no
+			// conntrack entry of ours; WireGuard authenticates it.
+			r.in = []Rule{{Comment: "wireguard gateways inbound", Lookup: look(Src, Src)}}
+			return r
+		})
+		r.add(gw)
+		in.Rules, out.Rules = append(in.Rules, r.in...), append(out.Rules, r.out...)
 	}
-	in := Chain{Name: "input", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
-	out := Chain{Name: "output", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
-	fwd := Chain{Name: "forward"}
-	lay := func(groups []rules) {
-		for _, r := range groups {
-			in.Rules, out.Rules, fwd.Rules = append(in.Rules, r.in...), append(out.Rules, r.out...), append(fwd.Rules, r.fwd...)
-		}
-	}
-	lay(tunnel)
 	in.Rules, out.Rules = linkLocal(in.Rules, out.Rules, opt.DHCP)
-	lay(fixed)
+	var fixed rules
+	fixed.add(addSets(&rs, "floor", floor, func(look func(addr, port Field) *Lookup) (r rules) {
+		// The floor is symmetric: local services on the floor's ports
+		// (a PLC port) are reachable from its addresses.
+		r.out = []Rule{{Comment: "safety floor", Lookup: look(Dst, Dst)}, {Comment: "safety floor served", Lookup: look(Dst, Src)}}
+		r.in = []Rule{{Comment: "safety floor replies", Established: true, Lookup: look(Src, Src)}, {Comment: "safety floor inbound", Lookup: look(Src, Dst)}}
+		r.fwd = []Rule{{Comment: "safety floor to", Lookup: look(Dst, Dst)}, {Comment: "safety floor from", Lookup: look(Src, Src)}}
+		return r
+	}))
+	fixed.add(addSets(&rs, "control", control, func(look func(addr, port Field) *Lookup) (r rules) {
+		r.out = []Rule{{Comment: "control", Lookup: look(Dst, Dst)}}
+		r.in = []Rule{{Comment: "control replies", Established: true, Lookup: look(Src, Src)}}
+		return r
+	}))
+	in.Rules, out.Rules, fwd.Rules = append(in.Rules, fixed.in...), append(out.Rules, fixed.out...), append(fwd.Rules, fixed.fwd...)
 	// What reaches the end was refused: its first packet is logged (at
 	// a bounded rate), so the device reports what it was asked to do and
 	// refused (lateral movement out, a scan in). Forwarding is not a
@@ -253,8 +251,120 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 	for _, c := range []*Chain{&in, &out, &fwd} {
 		c.Rules = append(c.Rules, Rule{Comment: "default drop", Drop: true})
 	}
-	rs.Chains = []Chain{in, out, fwd}
+	rs.Chains = append([]Chain{in, out, fwd}, jumped...)
+	// Sets were added floor, control, gateways, segments as the groups
+	// above ran; name order makes that independent of how Build is laid
+	// out.
+	slices.SortFunc(rs.Sets, func(a, b Set) int { return strings.Compare(a.Name, b.Name) })
 	return rs
+}
+
+// addSets adds the set pair (v4, v6) of one group of elements, normalized
+// and sorted, and the rules made for each by mk; a family with no
+// elements has neither set nor rules.
+func addSets(rs *Ruleset, name string, elems []Element, mk func(look func(addr, port Field) *Lookup) rules) (r rules) {
+	for _, v6 := range []bool{false, true} {
+		elems := normalize(family(elems, v6))
+		if len(elems) == 0 {
+			continue
+		}
+		set := setName(name, v6)
+		rs.Sets = append(rs.Sets, Set{Name: set, V6: v6, Elements: elems})
+		r.add(mk(func(addr, port Field) *Lookup { return &Lookup{Set: set, V6: v6, Addr: addr, Port: port} }))
+	}
+	return r
+}
+
+func setName(name string, v6 bool) string {
+	if v6 {
+		return name + "_v6"
+	}
+	return name + "_v4"
+}
+
+// segmentsMap is the verdict map of every open and monitored segment.
+const segmentsMap = "segments"
+
+// segments adds the segments' verdict maps, the two rules that look them
+// up (outbound through the tunnel; replies arriving on it), and the
+// chains their elements jump to, in name order.
+//
+// Where segments overlap, one element can carry only one verdict, so the
+// stricter segment decides: a rate-limited segment before an unlimited
+// one (among rate-limited ones, by name), and an open segment before a
+// monitored one, so what a rule opens is never logged as discovery.
+func segments(rs *Ruleset, d localpolicy.Desired, tun string) (r rules, chains []Chain) {
+	open := slices.SortedFunc(slices.Values(d.Segments), func(a, b localpolicy.Access) int { return strings.Compare(a.Segment, b.Segment) })
+	var monitored []localpolicy.Access
+	if d.Monitor != nil {
+		monitored = slices.SortedFunc(slices.Values(d.Monitor.Segments), func(a, b localpolicy.Access) int { return strings.Compare(a.Segment, b.Segment) })
+	}
+	var limited, unlimited [][]Element
+	for _, a := range open {
+		if l := rate(a.RateLimit); l != nil {
+			name := "seg_" + a.Segment
+			limited = append(limited, verdict(destinations(a), name))
+			chains = append(chains, Chain{Name: name, Rules: overRate("segment "+a.Segment, l, Rule{Comment: "segment " + a.Segment})})
+			continue
+		}
+		unlimited = append(unlimited, destinations(a))
+	}
+	groups := append(limited, slices.Concat(unlimited...))
+	for _, a := range monitored {
+		name := "mon_" + a.Segment
+		groups = append(groups, verdict(destinations(a), name))
+		// A new connection is logged, counted and passed; its later
+		// packets and its replies pass.
+		comment := "monitor " + a.Segment
+		chains = append(chains, Chain{Name: name, Rules: overRate(comment, rate(a.RateLimit),
+			Rule{Comment: comment + " logged", New: true, Log: a.Segment},
+			Rule{Comment: comment, Established: true})})
+	}
+	for _, v6 := range []bool{false, true} {
+		var byGroup [][]Element
+		for _, g := range groups {
+			byGroup = append(byGroup, normalize(family(g, v6)))
+		}
+		elems := disjoint(byGroup)
+		if len(elems) == 0 {
+			continue
+		}
+		name := setName(segmentsMap, v6)
+		rs.Sets = append(rs.Sets, Set{Name: name, V6: v6, Map: true, Elements: elems})
+		r.out = append(r.out, Rule{Comment: "segments", Iface: tun, Lookup: &Lookup{Set: name, V6: v6, Map: true, Addr: Dst, Port: Dst}})
+		r.in = append(r.in, Rule{Comment: "segment replies", Iface: tun, Established: true, Lookup: &Lookup{Set: name, V6: v6, Map: true, Addr: Src, Port: Src}})
+	}
+	return r, chains
+}
+
+// destinations are the boxes of every destination open on a segment.
+func destinations(a localpolicy.Access) []Element {
+	var out []Element
+	for _, dst := range a.Destinations {
+		out = append(out, elements(dst)...)
+	}
+	return out
+}
+
+// verdict marks elems as jumping to chain.
+func verdict(elems []Element, chain string) []Element {
+	for i := range elems {
+		elems[i].Chain = chain
+	}
+	return elems
+}
+
+// overRate puts a segment's rate limit ahead of the rules it polices: in
+// each direction of a connection (each with its own bucket), what exceeds
+// the rate is dropped before they see it. A nil limit polices nothing.
+func overRate(comment string, l *Rate, then ...Rule) []Rule {
+	if l == nil {
+		return then
+	}
+	return append([]Rule{
+		{Comment: comment + " over rate", Direction: Original, Over: l, Drop: true},
+		{Comment: comment + " replies over rate", Direction: Reply, Over: l, Drop: true},
+	}, then...)
 }
 
 // deniedLogged logs and drops a refused connection's first packet, up to
@@ -263,49 +373,11 @@ func deniedLogged(prefix string) Rule {
 	return Rule{Comment: "refused logged", New: true, Limit: deniedPerSecond, Log: prefix, Drop: true}
 }
 
-// rules holds one group's rules per chain.
+// rules holds one group's rules per base chain.
 type rules struct{ in, out, fwd []Rule }
 
-// monitor adds a monitored segment's sets (every destination it declares)
-// and rules: through the tunnel only, a new connection is logged, counted
-// and passed; its later packets and its replies pass. Rules that open the
-// segment come first, so what they open is never logged. The segment's
-// rate limit polices monitored traffic too.
-func monitor(rs *Ruleset, a localpolicy.Access, tun string) (r rules) {
-	var elems []Element
-	for _, dst := range a.Destinations {
-		elems = append(elems, elements(dst)...)
-	}
-	limit := rate(a.RateLimit)
-	comment := "monitor " + a.Segment
-	for _, v6 := range []bool{false, true} {
-		elems := normalize(family(elems, v6))
-		if len(elems) == 0 {
-			continue
-		}
-		name := "mon_" + a.Segment + map[bool]string{false: "_v4", true: "_v6"}[v6]
-		rs.Sets = append(rs.Sets, Set{Name: name, V6: v6, Elements: elems})
-		out := Rule{Comment: comment, Iface: tun, Lookup: &Lookup{Set: name, V6: v6, Addr: Dst, Port: Dst}}
-		in := Rule{Comment: comment + " replies", Iface: tun, Established: true, Lookup: &Lookup{Set: name, V6: v6, Addr: Src, Port: Src}}
-		if limit != nil {
-			r.out = append(r.out, overRate(out, limit))
-			r.in = append(r.in, overRate(in, limit))
-		}
-		logged := out
-		logged.Comment, logged.New, logged.Log = comment+" logged", true, a.Segment
-		out.Established = true
-		r.out = append(r.out, logged, out)
-		r.in = append(r.in, in)
-	}
-	return r
-}
-
-// overRate is the drop that polices r: the same match, narrowed to the
-// packets above the rate.
-func overRate(r Rule, l *Rate) Rule {
-	r.Comment += " over rate"
-	r.Over, r.Drop = l, true
-	return r
+func (r *rules) add(o rules) {
+	r.in, r.out, r.fwd = append(r.in, o.in...), append(r.out, o.out...), append(r.fwd, o.fwd...)
 }
 
 // linkLocal adds what keeps the link itself working in every mode: IPv6
@@ -366,9 +438,10 @@ func family(elems []Element, v6 bool) []Element {
 // covered. Prefixes nest or are disjoint, so the boxes a new one can
 // overlap are those on its ancestor prefixes.
 func normalize(elems []Element) []Element {
-	slices.SortStableFunc(elems, func(a, b Element) int {
-		return cmp.Or(cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()), a.Prefix.Addr().Compare(b.Prefix.Addr()),
-			cmp.Compare(a.ProtoFrom, b.ProtoFrom), cmp.Compare(a.PortFrom, b.PortFrom))
+	// Every field takes part in the order, so boxes arriving in another
+	// order are cut the same way.
+	slices.SortFunc(elems, func(a, b Element) int {
+		return cmp.Or(cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()), compareElements(a, b))
 	})
 	kept := map[netip.Prefix][]Element{}
 	var lengths []int // prefix lengths present, ascending
@@ -437,9 +510,117 @@ func subtract(p, k Element) []Element {
 	return out
 }
 
+// compareElements is the order of a set's elements: by address, prefix
+// length, protocols, ports and verdict, so that no two distinct elements
+// compare equal.
 func compareElements(a, b Element) int {
 	return cmp.Or(a.Prefix.Addr().Compare(b.Prefix.Addr()), cmp.Compare(a.Prefix.Bits(), b.Prefix.Bits()),
-		cmp.Compare(a.ProtoFrom, b.ProtoFrom), cmp.Compare(a.PortFrom, b.PortFrom))
+		cmp.Compare(a.ProtoFrom, b.ProtoFrom), cmp.Compare(a.ProtoTo, b.ProtoTo),
+		cmp.Compare(a.PortFrom, b.PortFrom), cmp.Compare(a.PortTo, b.PortTo), strings.Compare(a.Chain, b.Chain))
+}
+
+// disjoint merges groups of boxes, each already disjoint within itself
+// (normalize), into one disjoint list in which every point keeps the
+// verdict of the first group that covers it: a box of a later group loses
+// whatever an earlier group's boxes cover.
+//
+// Prefixes nest or are disjoint, so after sorting by address (wider
+// first) the boxes whose addresses overlap a box are exactly those on a
+// stack of the prefixes enclosing it.
+func disjoint(groups [][]Element) []Element {
+	type box struct {
+		e     Element
+		group int
+	}
+	var all []box
+	for g, elems := range groups {
+		for _, e := range elems {
+			all = append(all, box{e, g})
+		}
+	}
+	if len(groups) > 1 {
+		slices.SortFunc(all, func(a, b box) int {
+			return cmp.Or(a.e.Prefix.Addr().Compare(b.e.Prefix.Addr()), cmp.Compare(a.e.Prefix.Bits(), b.e.Prefix.Bits()), cmp.Compare(a.group, b.group))
+		})
+		// beaten[i] lists the earlier groups' boxes that overlap box i.
+		beaten := map[int][]Element{}
+		var stack []int
+		for i, x := range all {
+			for len(stack) > 0 && !all[stack[len(stack)-1]].e.Prefix.Contains(x.e.Prefix.Addr()) {
+				stack = stack[:len(stack)-1]
+			}
+			for _, j := range stack {
+				y := all[j]
+				if y.group == x.group || !overlaps(y.e, x.e) {
+					continue
+				}
+				if y.group < x.group {
+					beaten[i] = append(beaten[i], y.e)
+				} else {
+					beaten[j] = append(beaten[j], x.e)
+				}
+			}
+			stack = append(stack, i)
+		}
+		var out []box
+		for i, x := range all {
+			pieces := []Element{x.e}
+			for _, k := range beaten[i] {
+				var next []Element
+				for _, p := range pieces {
+					next = append(next, cut(p, k)...)
+				}
+				pieces = next
+			}
+			for _, p := range pieces {
+				out = append(out, box{p, x.group})
+			}
+		}
+		all = out
+	}
+	elems := make([]Element, len(all))
+	for i, b := range all {
+		elems[i] = b.e
+	}
+	slices.SortFunc(elems, compareElements)
+	return elems
+}
+
+// overlaps reports whether two boxes share a point.
+func overlaps(a, b Element) bool {
+	return a.Prefix.Overlaps(b.Prefix) && max(a.ProtoFrom, b.ProtoFrom) <= min(a.ProtoTo, b.ProtoTo) &&
+		max(a.PortFrom, b.PortFrom) <= min(a.PortTo, b.PortTo)
+}
+
+// cut returns the parts of p that k does not cover, whichever of their
+// prefixes contains the other. Where p's is the wider, the addresses
+// outside k's prefix are the siblings of the prefixes on the way down to
+// it, each with all of p's protocols and ports.
+func cut(p, k Element) []Element {
+	if !overlaps(p, k) {
+		return []Element{p}
+	}
+	if k.Prefix.Bits() <= p.Prefix.Bits() {
+		return subtract(p, k)
+	}
+	var out []Element
+	for bits := p.Prefix.Bits() + 1; bits <= k.Prefix.Bits(); bits++ {
+		on, _ := k.Prefix.Addr().Prefix(bits)
+		q := p
+		q.Prefix = netip.PrefixFrom(flipBit(on.Addr(), bits-1), bits)
+		out = append(out, q)
+	}
+	inner := p
+	inner.Prefix = k.Prefix
+	return append(out, subtract(inner, k)...)
+}
+
+// flipBit inverts bit i (0 is the most significant) of a.
+func flipBit(a netip.Addr, i int) netip.Addr {
+	b := a.AsSlice()
+	b[i/8] ^= 0x80 >> (i % 8)
+	out, _ := netip.AddrFromSlice(b)
+	return out
 }
 
 // Text renders the ruleset in nft(8) syntax, for `nft -f` and for people.
@@ -452,25 +633,43 @@ func (rs Ruleset) Text() string {
 		if s.V6 {
 			typ = "ipv6_addr"
 		}
-		fmt.Fprintf(&b, "\tset %s {\n\t\ttype %s . inet_proto . inet_service\n\t\tflags interval\n", s.Name, typ)
+		kind, data := "set", ""
+		if s.Map {
+			kind, data = "map", " : verdict"
+		}
+		fmt.Fprintf(&b, "\t%s %s {\n\t\ttype %s . inet_proto . inet_service%s\n\t\tflags interval\n", kind, s.Name, typ, data)
 		if len(s.Elements) > 0 {
 			b.WriteString("\t\telements = {\n")
 			for _, e := range s.Elements {
-				fmt.Fprintf(&b, "\t\t\t%s . %s . %s,\n", e.Prefix, rangeText(int(e.ProtoFrom), int(e.ProtoTo)), rangeText(int(e.PortFrom), int(e.PortTo)))
+				fmt.Fprintf(&b, "\t\t\t%s . %s . %s", e.Prefix, rangeText(int(e.ProtoFrom), int(e.ProtoTo)), rangeText(int(e.PortFrom), int(e.PortTo)))
+				if s.Map {
+					b.WriteString(" : " + verdictText(e.Chain))
+				}
+				b.WriteString(",\n")
 			}
 			b.WriteString("\t\t}\n")
 		}
 		b.WriteString("\t}\n")
 	}
 	for _, c := range rs.Chains {
-		fmt.Fprintf(&b, "\tchain %s {\n\t\ttype filter hook %s priority filter; policy drop;\n", c.Name, c.Name)
+		fmt.Fprintf(&b, "\tchain %s {\n", c.Name)
+		if c.Hook != "" {
+			fmt.Fprintf(&b, "\t\ttype filter hook %s priority filter; policy drop;\n", c.Hook)
+		}
 		for _, r := range c.Rules {
-			fmt.Fprintf(&b, "\t\t%s comment %q\n", r.text(c.Name), r.Comment)
+			fmt.Fprintf(&b, "\t\t%s comment %q\n", r.text(c.Hook), r.Comment)
 		}
 		b.WriteString("\t}\n")
 	}
 	b.WriteString("}\n")
 	return b.String()
+}
+
+func verdictText(chain string) string {
+	if chain == "" {
+		return "accept"
+	}
+	return "jump " + chain
 }
 
 func rangeText(lo, hi int) string {
@@ -480,11 +679,12 @@ func rangeText(lo, hi int) string {
 	return fmt.Sprintf("%d-%d", lo, hi)
 }
 
-func (r Rule) text(chain string) string {
+// text renders the rule for a chain on hook.
+func (r Rule) text(hook string) string {
 	var parts []string
 	if r.Iface != "" {
 		dir := "oifname"
-		if chain == "input" {
+		if hook == "input" {
 			dir = "iifname"
 		}
 		parts = append(parts, fmt.Sprintf("%s %q", dir, r.Iface))
@@ -494,6 +694,12 @@ func (r Rule) text(chain string) string {
 	}
 	if r.New {
 		parts = append(parts, "ct state new")
+	}
+	switch r.Direction {
+	case Original:
+		parts = append(parts, "ct direction original")
+	case Reply:
+		parts = append(parts, "ct direction reply")
 	}
 	switch {
 	case r.ND:
@@ -506,7 +712,11 @@ func (r Rule) text(chain string) string {
 		if l.V6 {
 			ip = "ip6"
 		}
-		parts = append(parts, fmt.Sprintf("%s %s . meta l4proto . th %s @%s", ip, map[Field]string{Src: "saddr", Dst: "daddr"}[l.Addr], map[Field]string{Src: "sport", Dst: "dport"}[l.Port], l.Set))
+		op := ""
+		if l.Map {
+			op = "vmap "
+		}
+		parts = append(parts, fmt.Sprintf("%s %s . meta l4proto . th %s %s@%s", ip, map[Field]string{Src: "saddr", Dst: "daddr"}[l.Addr], map[Field]string{Src: "sport", Dst: "dport"}[l.Port], op, l.Set))
 	}
 	if r.Over != nil {
 		parts = append(parts, fmt.Sprintf("limit rate over %d bytes/second", r.Over.PerSecond))
@@ -521,6 +731,7 @@ func (r Rule) text(chain string) string {
 		parts = append(parts, fmt.Sprintf("log prefix %q group %d counter", r.Log, LogGroup))
 	}
 	switch {
+	case r.Lookup != nil && r.Lookup.Map: // the map's element decides
 	case r.Drop && r.Log != "": // counted once, by the log's counter
 		parts = append(parts, "drop")
 	case r.Drop:

@@ -1,8 +1,8 @@
 package nft
 
 import (
+	"maps"
 	"net/netip"
-	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -91,12 +91,16 @@ func covered(elems []Element, p point) bool {
 	return false
 }
 
-// Inside every chain: loopback first, then the busy tunnel rules (segments,
-// then WireGuard to the gateways), the link-local rules, the floor,
-// control, and the drop last. Segment rules name the tunnel.
+// Inside every base chain: loopback first, then the busy tunnel rules
+// (the segments' map, then WireGuard to the gateways), the link-local
+// rules, the floor, control, and the drop last. Segment rules name the
+// tunnel.
 func TestBuildOrder(t *testing.T) {
 	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
 	for _, c := range rs.Chains {
+		if c.Hook == "" {
+			continue // a segment's own chain, entered from the map
+		}
 		var order []string
 		for _, r := range c.Rules {
 			switch {
@@ -106,16 +110,16 @@ func TestBuildOrder(t *testing.T) {
 				order = append(order, "link")
 			case r.Drop && r.Over == nil:
 				order = append(order, "drop")
-			case r.Lookup.Set[:5] == "floor":
+			case strings.HasPrefix(r.Lookup.Set, "floor"):
 				order = append(order, "floor")
-			case r.Lookup.Set[:7] == "control":
+			case strings.HasPrefix(r.Lookup.Set, "control"):
 				order = append(order, "control")
 			case strings.HasPrefix(r.Lookup.Set, "gateways"):
 				order = append(order, "gateways")
 			default:
 				order = append(order, "segment")
-				if r.Iface != "bh0" {
-					t.Errorf("chain %s: rule %q does not require the tunnel", c.Name, r.Comment)
+				if r.Iface != "bh0" || !r.Lookup.Map {
+					t.Errorf("chain %s: rule %q does not require the tunnel, or looks up no map", c.Name, r.Comment)
 				}
 			}
 		}
@@ -139,51 +143,82 @@ func TestBuildOrder(t *testing.T) {
 	}
 	quarantined := Build(desired(t, "dock-gateway", localpolicy.Sticky{Mode: localpolicy.Quarantine}), Options{Tunnel: "bh0"})
 	for _, s := range quarantined.Sets {
-		if s.Name[:4] == "seg_" {
-			t.Errorf("quarantine keeps set %s", s.Name)
+		if strings.HasPrefix(s.Name, segmentsMap) {
+			t.Errorf("quarantine keeps map %s", s.Name)
 		}
+	}
+	if len(quarantined.Chains) != 3 {
+		t.Errorf("quarantine keeps chains beyond the base ones: %d", len(quarantined.Chains))
 	}
 }
 
-// A segment's rate limit is a drop of what exceeds the rate, right before
-// the accept it polices and with the same match, in both directions; a
-// segment without a limit has no such rule.
-func TestRateLimitPolicesTheSegmentsOwnAccept(t *testing.T) {
+// A segment's rate limit is its own chain: in each direction of a
+// connection, what exceeds the rate is dropped, then the rest accepted;
+// every element of the segment jumps there, and no other element does. A
+// segment without a limit is accepted by the map itself.
+func TestRateLimitPolicesTheSegmentsOwnTraffic(t *testing.T) {
 	d := desired(t, "dock-gateway", localpolicy.Sticky{})
 	limited := map[string]*policy.RateLimit{}
 	for _, a := range d.Segments {
 		if a.RateLimit != nil {
-			limited["segment "+a.Segment] = a.RateLimit
+			limited[a.Segment] = a.RateLimit
 		}
 	}
-	if len(limited) == 0 {
-		t.Fatal("the example opens no rate-limited segment to dock gateways; the test proves nothing")
+	if len(limited) == 0 || len(limited) == len(d.Segments) {
+		t.Fatal("the example opens no rate-limited segment to dock gateways, or only those; the test proves nothing")
 	}
 	rs := Build(d, Options{Tunnel: "bh0"})
-	for _, c := range rs.Chains[:2] {
-		policed := map[string]bool{}
-		for i, r := range c.Rules {
-			if r.Over == nil {
-				continue
-			}
-			if i+1 == len(c.Rules) {
-				t.Fatalf("chain %s ends with %q", c.Name, r.Comment)
-			}
-			next := c.Rules[i+1]
-			same := next
-			same.Comment, same.Over, same.Drop = r.Comment, r.Over, true
-			if !r.Drop || next.Drop || !reflect.DeepEqual(same, r) || r.Comment != next.Comment+" over rate" {
-				t.Errorf("chain %s: %+v does not police the rule after it, %+v", c.Name, r, next)
-			}
-			seg := strings.TrimSuffix(next.Comment, " replies")
-			l := limited[seg]
-			if l == nil || r.Over.PerSecond != l.BytesPerSecond || uint64(r.Over.Burst) != l.BurstBytes {
-				t.Errorf("chain %s: %q limits at %+v, policy says %+v", c.Name, r.Comment, r.Over, l)
-			}
-			policed[seg] = true
-		}
-		if len(policed) != len(limited) {
-			t.Errorf("chain %s polices %v, want every segment of %v", c.Name, policed, limited)
+	chains := map[string]Chain{}
+	for _, c := range rs.Chains {
+		if c.Hook == "" {
+			chains[c.Name] = c
 		}
 	}
+	for seg, l := range limited {
+		c, ok := chains["seg_"+seg]
+		if !ok {
+			t.Errorf("no chain for rate-limited segment %s", seg)
+			continue
+		}
+		over := &Rate{PerSecond: l.BytesPerSecond, Burst: uint32(l.BurstBytes)}
+		want := []Rule{
+			{Comment: "segment " + seg + " over rate", Direction: Original, Over: over, Drop: true},
+			{Comment: "segment " + seg + " replies over rate", Direction: Reply, Over: over, Drop: true},
+			{Comment: "segment " + seg},
+		}
+		if diff := cmp.Diff(want, c.Rules); diff != "" {
+			t.Errorf("chain %s (-want +got):\n%s", c.Name, diff)
+		}
+	}
+	if len(chains) != len(limited) {
+		t.Errorf("chains %v, want one per rate-limited segment %v", slices.Sorted(maps.Keys(chains)), slices.Sorted(maps.Keys(limited)))
+	}
+	// Each segment's destinations jump to its chain, or are accepted.
+	for _, a := range d.Segments {
+		want := ""
+		if a.RateLimit != nil {
+			want = "seg_" + a.Segment
+		}
+		for _, dst := range destinations(a) {
+			pt := point{dst.Prefix.Addr(), dst.ProtoFrom, dst.PortFrom}
+			if got, ok := verdictAt(rs, pt); !ok || got != want {
+				t.Errorf("segment %s: %+v has verdict %q (found %v), want %q", a.Segment, pt, got, ok, want)
+			}
+		}
+	}
+}
+
+// verdictAt is the verdict the segments map gives a point.
+func verdictAt(rs Ruleset, p point) (string, bool) {
+	for _, s := range rs.Sets {
+		if !s.Map {
+			continue
+		}
+		for _, e := range s.Elements {
+			if covered([]Element{e}, p) {
+				return e.Chain, true
+			}
+		}
+	}
+	return "", false
 }
