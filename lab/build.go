@@ -5,10 +5,13 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sync"
+	"testing"
 
 	"github.com/bulkhead-edge/bulkhead/cross"
 )
 
+// builds are the binaries Binary made in this process, in one directory
+// that RemoveBuilds (run by Main) deletes.
 var builds struct {
 	sync.Mutex
 	dir  string
@@ -63,4 +66,23 @@ func Binary(t T, pkg string) string {
 	}
 	builds.bins[pkg] = bin
 	return bin
+}
+
+// RemoveBuilds deletes what Binary built. A test binary does it through
+// Main; a program using the lab (the demo, the benchmarks) on its way out.
+func RemoveBuilds() {
+	builds.Lock()
+	defer builds.Unlock()
+	if builds.dir != "" {
+		os.RemoveAll(builds.dir)
+	}
+	builds.dir, builds.bins = "", nil
+}
+
+// Main is the TestMain of a package whose tests call Binary: it runs the
+// tests, then removes the binaries they built, pass or fail.
+func Main(m *testing.M) {
+	code := m.Run()
+	RemoveBuilds()
+	os.Exit(code)
 }

@@ -8,7 +8,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
+	"time"
 )
 
 // NS is a network namespace made for one test and deleted after it.
@@ -29,6 +32,12 @@ func NewNS(t T, prefix string) *NS {
 	}
 	ns := &NS{Name: name}
 	t.Cleanup(func() {
+		// Whatever still runs inside (an agent a failed test never got to
+		// stop, a server it started) goes with the namespace: a process
+		// would otherwise keep the namespace, and its table, alive.
+		if err := ns.killAll(); err != nil {
+			t.Logf("namespace %s: %v", name, err)
+		}
 		if ns.fd != nil {
 			ns.fd.Close()
 		}
@@ -71,4 +80,41 @@ func (ns *NS) MustRun(t T, argv ...string) string {
 		t.Fatal(err)
 	}
 	return out
+}
+
+// killAll kills every process in the namespace with SIGKILL and waits
+// until none is left (a zombie counts as gone: its parent reaps it).
+func (ns *NS) killAll() error {
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		out, err := exec.Command("ip", "netns", "pids", ns.Name).Output()
+		if err != nil {
+			return fmt.Errorf("ip netns pids: %w", err)
+		}
+		var alive []int
+		for _, f := range strings.Fields(string(out)) {
+			pid, err := strconv.Atoi(f)
+			if err != nil || pid == os.Getpid() {
+				continue
+			}
+			if stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid)); err == nil && !zombie(stat) {
+				alive = append(alive, pid)
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		if len(alive) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("processes %v survive SIGKILL", alive)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// zombie reports whether a /proc/PID/stat line is a zombie's: the state
+// follows the command name's closing parenthesis.
+func zombie(stat []byte) bool {
+	i := bytes.LastIndexByte(stat, ')')
+	return i >= 0 && i+2 < len(stat) && stat[i+2] == 'Z'
 }

@@ -85,6 +85,7 @@ func runDemo(env *subcmd.Env, only []int, keep bool) error {
 		fmt.Fprintf(env.Stdout, "Tearing the site down: processes, namespaces, tables, %s\n", dir)
 		r.Close()
 		os.RemoveAll(dir)
+		lab.RemoveBuilds() // binaries built without --bin
 		m.remove()
 	}
 	// An interruption at any point tears down what exists so far.

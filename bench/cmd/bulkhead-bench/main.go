@@ -14,9 +14,16 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/bench"
+	"github.com/bulkhead-edge/bulkhead/lab"
 )
 
 func main() {
+	code := run()
+	lab.RemoveBuilds() // what the cases built
+	os.Exit(code)
+}
+
+func run() int {
 	out := flag.String("out", "bench/RESULTS.md", "where to write the results table")
 	only := flag.String("run", "", "run only the cases whose name matches this regular expression, print them, and leave the table alone")
 	flag.Parse()
@@ -24,7 +31,7 @@ func main() {
 	match, err := regexp.Compile(*only)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "bulkhead-bench: -run: %v\n", err)
-		os.Exit(2)
+		return 2
 	}
 
 	var b strings.Builder
@@ -35,7 +42,7 @@ func main() {
 	cases := slices.DeleteFunc(bench.All(), func(c bench.Case) bool { return !match.MatchString(c.Name) })
 	if len(cases) == 0 {
 		fmt.Fprintf(os.Stderr, "bulkhead-bench: no case matches -run %q\n", *only)
-		os.Exit(2)
+		return 2
 	}
 	results := map[string]testing.BenchmarkResult{}
 	for _, c := range cases {
@@ -46,7 +53,7 @@ func main() {
 		r := bench.Benchmark(c)
 		if r.N == 0 {
 			fmt.Fprintf(os.Stderr, "bulkhead-bench: %s failed to run (the reason is above)\n", c.Name)
-			os.Exit(1)
+			return 1
 		}
 		results[c.Name] = r
 	}
@@ -94,13 +101,14 @@ func main() {
 		fmt.Println("-run given: the table is not rewritten")
 	} else if err := os.WriteFile(*out, []byte(b.String()), 0o644); err != nil {
 		fmt.Fprintf(os.Stderr, "bulkhead-bench: %v\n", err)
-		os.Exit(1)
+		return 1
 	} else {
 		fmt.Printf("wrote %s\n", *out)
 	}
 	if failed {
-		os.Exit(1)
+		return 1
 	}
+	return 0
 }
 
 // metricRow renders a case whose figure is a reported metric (throughput,
