@@ -5,8 +5,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
-	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -15,8 +13,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
-
-var counters = regexp.MustCompile(`counter packets \d+ bytes \d+`)
 
 // crashKills is how many times the agent is killed mid-work.
 const crashKills = 200
@@ -50,7 +46,7 @@ func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 		return raw
 	}
 	socket := filepath.Join(e.dir, "run", "admin.sock")
-	table := func() string { return canonical(counters.ReplaceAllString(e.tableText(), "counter")) }
+	table := func() string { return lab.CanonicalTable(e.tableText()) }
 	start := func() *exec.Cmd {
 		os.Remove(socket)
 		cmd := e.ns.Command(bin, "run", "--config", e.cfg)
@@ -125,22 +121,6 @@ func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 	if outcomes["new ruleset"] == 0 || outcomes["old ruleset"] == 0 {
 		t.Errorf("kills never landed on both sides of an apply (%v); the test proved less than it claims", outcomes)
 	}
-}
-
-// canonical orders the sets and chains of an `nft list table` listing by
-// name. The kernel lists them in creation order, and the agent keeps sets
-// that did not change across applies, so two equal tables built along
-// different paths can list in different orders.
-func canonical(listing string) string {
-	body := strings.TrimSpace(listing)
-	head, rest, _ := strings.Cut(body, "\n")
-	rest = strings.TrimSuffix(rest, "}")
-	blocks := strings.Split(strings.TrimSpace(rest), "\n\n")
-	for i := range blocks {
-		blocks[i] = strings.TrimSpace(blocks[i])
-	}
-	slices.Sort(blocks)
-	return head + "\n" + strings.Join(blocks, "\n\n") + "\n}"
 }
 
 // Only an explicit cleanup removes the table, and it says so.

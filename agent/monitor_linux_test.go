@@ -86,7 +86,9 @@ func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 	// The kernel's own count of what it logged agrees.
 	counts := logCounters(t, s.ns)
 	for _, f := range seen {
-		if n := counts["output monitor "+f.Segment+" logged"]; n != f.Count {
+		// A monitored segment's new connections are logged in its own
+		// chain, entered from the segments map.
+		if n := counts["mon_"+f.Segment+" monitor "+f.Segment+" logged"]; n != f.Count {
 			t.Errorf("%s: the agent read %d connections, nft counted %d", f.Segment, f.Count, n)
 		}
 	}
@@ -195,7 +197,7 @@ func reportedFlows(t *testing.T, events []store.Event, kind string) map[controla
 }
 
 // logCounters reads, through nft -j, the packets each logging rule
-// counted, by chain and comment ("output monitor wms logged").
+// counted, by chain and comment ("mon_wms monitor wms logged").
 func logCounters(t *testing.T, ns *lab.NS) map[string]uint64 {
 	t.Helper()
 	var doc struct {
