@@ -201,6 +201,13 @@ func (a *Agent) kickSync() {
 	}
 }
 
+// controlClient is the control channel's transport: the held long-poll
+// and the report upload (a *controlclient.Client; tests use fakes).
+type controlClient interface {
+	Sync(ctx context.Context, req controlapi.SyncRequest, connected func()) (controlapi.SyncResponse, error)
+	Report(ctx context.Context, req controlapi.ReportRequest) (controlapi.ReportResponse, error)
+}
+
 // startSync runs the syncer for the enrolment, once.
 func (a *Agent) startSync() {
 	if a.ch.client != nil && a.ch.runCtx != nil {
@@ -210,35 +217,43 @@ func (a *Agent) startSync() {
 
 // syncLoop long-polls and posts reports until ctx ends. It owns no agent
 // state: answers go to the loop, which decides.
-func (a *Agent) syncLoop(ctx context.Context, c *controlclient.Client, sp *spool.Spool) {
-	backoff := backoffFirst
+//
+// A kick means the snapshot changed or events wait in the outbox. Each
+// round takes the pending kick before it reads the outbox and the
+// snapshot, so a kick that arrives later (an event added while the
+// outbox was being posted) is still there to cut the next poll short:
+// nothing waits in the outbox for a poll to end.
+func (a *Agent) syncLoop(ctx context.Context, c controlClient, sp *spool.Spool) {
+	backoff, reportBackoff := backoffFirst, backoffFirst
+	failing := false // reports are not being delivered (said once)
 	for ctx.Err() == nil {
-		a.flushReports(ctx, c, sp)
-		select { // the snapshot read next is newer than any kick so far
+		select {
 		case <-a.ch.kick:
 		default:
 		}
-		req := *a.ch.snapshot.Load()
-		pctx, cancel := context.WithTimeout(ctx, syncWait+syncSlack)
-		kicked := make(chan struct{})
-		go func() {
-			select {
-			case <-a.ch.kick:
-				close(kicked)
-				cancel()
-			case <-pctx.Done():
+		// Reports that cannot be posted wait for a retry, but never hold
+		// up the poll: orders must still arrive while the server refuses
+		// reports. The retry kicks the poll short.
+		var retry *time.Timer
+		if err := a.flushReports(ctx, c, sp); err != nil {
+			if !failing {
+				a.log.Warn("reports not delivered; they stay in the outbox and are retried", "err", err)
 			}
-		}()
-		resp, err := c.Sync(pctx, req, func() {
-			st := *a.ch.status.Load()
-			st.Connected, st.Error = true, ""
-			a.ch.status.Store(&st)
-		})
-		cancel()
-		select {
-		case <-kicked:
+			failing = true
+			retry = time.AfterFunc(jitter(reportBackoff), a.kickSync)
+			reportBackoff = min(reportBackoff*2, backoffMax)
+		} else {
+			if failing {
+				a.log.Info("reports delivered again")
+			}
+			failing, reportBackoff = false, backoffFirst
+		}
+		resp, kicked, err := a.poll(ctx, c)
+		if retry != nil {
+			retry.Stop()
+		}
+		if kicked {
 			continue
-		default:
 		}
 		if ctx.Err() != nil {
 			return
@@ -247,11 +262,8 @@ func (a *Agent) syncLoop(ctx context.Context, c *controlclient.Client, sp *spool
 		if err != nil {
 			st.Connected, st.Error = false, err.Error()
 			a.ch.status.Store(&st)
-			// Full jitter: a fleet coming back after an outage does not
-			// arrive at the server in one wave.
-			wait := time.Duration(rand.Int64N(int64(backoff))) + backoff/2
+			t := time.NewTimer(jitter(backoff))
 			backoff = min(backoff*2, backoffMax)
-			t := time.NewTimer(wait)
 			select {
 			case <-ctx.Done():
 				t.Stop()
@@ -275,27 +287,69 @@ func (a *Agent) syncLoop(ctx context.Context, c *controlclient.Client, sp *spool
 	}
 }
 
-// flushReports posts what the outbox holds, in order, until it is empty
-// or the server stops taking it.
-func (a *Agent) flushReports(ctx context.Context, c *controlclient.Client, sp *spool.Spool) {
+// jitter is a wait of about d: full jitter between d/2 and 3d/2, so a
+// fleet coming back after an outage does not arrive at the server in one
+// wave.
+func jitter(d time.Duration) time.Duration {
+	return time.Duration(rand.Int64N(int64(d))) + d/2
+}
+
+// poll holds one long-poll with the latest snapshot. A kick cuts it short
+// (kicked): the answer, if any, is dropped, and the next round asks again
+// with what changed.
+func (a *Agent) poll(ctx context.Context, c controlClient) (resp controlapi.SyncResponse, kicked bool, err error) {
+	req := *a.ch.snapshot.Load()
+	pctx, cancel := context.WithTimeout(ctx, syncWait+syncSlack)
+	defer cancel()
+	cut := make(chan struct{})
+	go func() {
+		select {
+		case <-a.ch.kick:
+			close(cut)
+			cancel()
+		case <-pctx.Done():
+		}
+	}()
+	resp, err = c.Sync(pctx, req, func() {
+		st := *a.ch.status.Load()
+		st.Connected, st.Error = true, ""
+		a.ch.status.Store(&st)
+	})
+	cancel()
+	select {
+	case <-cut:
+		return resp, true, nil
+	default:
+		return resp, false, err
+	}
+}
+
+// flushReports posts what the outbox holds, in order, until it is empty.
+// An error (the server unreachable or refusing) leaves the rest in the
+// outbox for a retry.
+func (a *Agent) flushReports(ctx context.Context, c controlClient, sp *spool.Spool) error {
 	for ctx.Err() == nil {
 		req, err := sp.Pending(reportBatch)
-		if err != nil || (len(req.Events) == 0 && req.Dropped == 0) {
-			return
+		if err != nil {
+			return fmt.Errorf("outbox: %w", err)
+		}
+		if len(req.Events) == 0 && req.Dropped == 0 {
+			return nil
 		}
 		rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		resp, err := c.Report(rctx, req)
 		cancel()
 		if err != nil {
-			return // retried after the next sync attempt
+			return fmt.Errorf("report: %w", err)
 		}
 		if err := sp.Ack(resp.Acked, req.Dropped); err != nil {
-			return
+			return fmt.Errorf("outbox: %w", err)
 		}
 		if len(req.Events) < reportBatch {
-			return
+			return nil
 		}
 	}
+	return ctx.Err()
 }
 
 // handleSync acts on an answer: a newer bundle is installed (or refused)

@@ -1,0 +1,130 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/agent/spool"
+)
+
+// fakeControl is a control server that holds every poll until the poll is
+// cut short, and answers each report only when the test says how.
+type fakeControl struct {
+	reports chan controlapi.ReportRequest // every report posted
+	answer  chan error                    // how the report in flight ends: nil acknowledges it
+	polls   chan struct{}                 // a poll was held
+}
+
+func newFakeControl() *fakeControl {
+	return &fakeControl{reports: make(chan controlapi.ReportRequest), answer: make(chan error), polls: make(chan struct{}, 100)}
+}
+
+func (f *fakeControl) Sync(ctx context.Context, _ controlapi.SyncRequest, connected func()) (controlapi.SyncResponse, error) {
+	connected()
+	f.polls <- struct{}{}
+	<-ctx.Done()
+	return controlapi.SyncResponse{}, ctx.Err()
+}
+
+func (f *fakeControl) Report(ctx context.Context, req controlapi.ReportRequest) (controlapi.ReportResponse, error) {
+	select {
+	case f.reports <- req:
+	case <-ctx.Done():
+		return controlapi.ReportResponse{}, ctx.Err()
+	}
+	select {
+	case err := <-f.answer:
+		if err != nil {
+			return controlapi.ReportResponse{}, err
+		}
+		return controlapi.ReportResponse{Acked: req.Events[len(req.Events)-1].Seq}, nil
+	case <-ctx.Done():
+		return controlapi.ReportResponse{}, ctx.Err()
+	}
+}
+
+// syncing runs the agent's syncer against f with a fresh outbox.
+func syncing(t *testing.T, f *fakeControl) *Agent {
+	t.Helper()
+	a := New(&Config{}, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	sp, err := spool.Open(filepath.Join(t.TempDir(), "channel.db"), spool.DefaultLimit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.ch.spool = sp
+	a.ch.snapshot.Store(&controlapi.SyncRequest{})
+	a.ch.status.Store(&ControlStatus{})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { a.syncLoop(ctx, f, sp); close(done) }()
+	t.Cleanup(func() { cancel(); <-done; sp.Close() })
+	return a
+}
+
+// nextReport waits for the syncer's next report. The bound is far below
+// the poll's own length (syncWait): a report left for the poll to end
+// fails here instead of arriving minutes later.
+func nextReport(t *testing.T, f *fakeControl, what string) controlapi.ReportRequest {
+	t.Helper()
+	select {
+	case r := <-f.reports:
+		return r
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s: not posted while the poll is held", what)
+		return controlapi.ReportRequest{}
+	}
+}
+
+func kindsOf(r controlapi.ReportRequest) []string {
+	var out []string
+	for _, e := range r.Events {
+		out = append(out, e.Kind)
+	}
+	return out
+}
+
+// An event added while an earlier one is being posted goes out right
+// after it, not when the held poll next ends (up to four minutes later).
+// Before the fix its wake-up was swallowed by the round that posted the
+// first: demo scenario 7's rolled-back bundle, rejected on the same tick
+// as a refused-flows report, was never reported in time.
+func TestEventDuringAReportIsNotLeftForThePoll(t *testing.T) {
+	f := newFakeControl()
+	a := syncing(t, f)
+	a.report(time.Now(), "first", "")
+	if got := kindsOf(nextReport(t, f, "the first event")); len(got) != 1 || got[0] != "first" {
+		t.Fatalf("first report %v", got)
+	}
+	a.report(time.Now(), "second", "") // while the first is in flight
+	f.answer <- nil
+	if got := kindsOf(nextReport(t, f, "the event added during the first report")); len(got) != 1 || got[0] != "second" {
+		t.Fatalf("second report %v, want [second]", got)
+	}
+	f.answer <- nil
+}
+
+// A report the server does not take stays in the outbox and is posted
+// again after a backoff; meanwhile the poll is held, so orders still
+// arrive.
+func TestRefusedReportIsRetriedWhilePolling(t *testing.T) {
+	f := newFakeControl()
+	a := syncing(t, f)
+	a.report(time.Now(), "refused-once", "")
+	nextReport(t, f, "the event")
+	f.answer <- errors.New("503 service unavailable")
+	select {
+	case <-f.polls:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no poll after a failed report: orders would not arrive")
+	}
+	if got := kindsOf(nextReport(t, f, "the retry")); len(got) != 1 || got[0] != "refused-once" {
+		t.Fatalf("retried report %v", got)
+	}
+	f.answer <- nil
+}
