@@ -130,8 +130,10 @@ func All() []Case {
 // LargePolicy builds a valid policy with n destinations spread over
 // segments of 1,000 destinations each (fewer for small n), every one open
 // to class "scanner", half of them through a schedule.
-func LargePolicy(n int) policy.Document {
-	const perSegment = 1000
+func LargePolicy(n int) policy.Document { return spreadPolicy(n, 1000) }
+
+// spreadPolicy is LargePolicy with perSegment destinations per segment.
+func spreadPolicy(n, perSegment int) policy.Document {
 	doc := policy.Document{
 		Schema:   policy.Schema,
 		Control:  []policy.Endpoint{{Address: netip.MustParseAddr("10.99.0.1"), Port: 8443}},

@@ -3,11 +3,14 @@ package bench
 import (
 	"bufio"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/google/nftables"
 
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
@@ -33,8 +36,64 @@ func kernelCases() []Case {
 		)
 	}
 	cs = append(cs, Case{Name: "start to enforced, from the cache", Target: 50 * time.Millisecond, Privileged: true,
-		Run: benchStart, Note: "exec of bin/bulkhead run until its boot apply is logged"})
+		Run: benchStart, Note: "exec of bin/bulkhead run until its boot apply is logged"},
+		Case{Name: "drift repaired: the table removed from outside, until it is back", Privileged: true, Unit: "ms-p99", Also: []string{"ms-p50"}, Max: 1000,
+			Run:  benchDriftRepair,
+			Note: "30 trials, alternately `nft flush ruleset` and `nft delete table inet bulkhead`, against the real agent enforcing 100 destinations; timed from the command's return to the table's reappearing (one transaction brings all of it back), read through netlink every millisecond; each restored table is checked against the original; the agent checks twice a second, and each trial starts at a random point of that period"},
+	)
 	return cs
+}
+
+// benchDriftRepair removes the real agent's table from outside, again and
+// again, and times how long the device stays without it.
+func benchDriftRepair(b B) {
+	lab.RequirePrivileged(b, "nft", "wg", "wireguard-go")
+	ns := lab.NewNS(b, "drift")
+	a := runAgent(b, ns, "scanner", "100.64.0.2/32", 0, nil)
+	a.apply(b, 1, LargePolicy(100))
+	want := lab.CanonicalTable(ns.MustRun(b, "nft", "list", "table", "inet", nft.Table))
+	conn, err := nftables.New(nftables.WithNetNSFd(ns.FD()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	present := func() bool {
+		t, err := conn.ListTableOfFamily(nft.Table, nftables.TableFamilyINet)
+		return err == nil && t != nil
+	}
+	trials := 30
+	if Quick {
+		trials = 2
+	}
+	tampers := [][]string{{"nft", "flush", "ruleset"}, {"nft", "delete", "table", "inet", nft.Table}}
+	var ms []float64
+	b.ResetTimer()
+	for range b.N {
+		ms = ms[:0]
+		for i := range trials {
+			b.StopTimer()
+			// A second of calm, so no trial lands on a repair still
+			// under way, and a random part of the check period, so the
+			// trials sample every phase of it instead of one.
+			time.Sleep(time.Second + rand.N(500*time.Millisecond))
+			b.StartTimer()
+			ns.MustRun(b, tampers[i%2]...)
+			start := time.Now()
+			for deadline := start.Add(10 * time.Second); !present(); time.Sleep(time.Millisecond) {
+				if time.Now().After(deadline) {
+					b.Fatalf("trial %d: the table was not restored after %q", i, tampers[i%2])
+				}
+			}
+			ms = append(ms, float64(time.Since(start).Microseconds())/1000)
+			b.StopTimer()
+			if got := lab.CanonicalTable(ns.MustRun(b, "nft", "list", "table", "inet", nft.Table)); got != want {
+				b.Fatalf("trial %d: the restored table differs from the original:\n%s\nwant\n%s", i, got, want)
+			}
+			b.StartTimer()
+		}
+	}
+	b.StopTimer()
+	b.ReportMetric(percentile(ms, 0.99), "ms-p99")
+	b.ReportMetric(percentile(ms, 0.50), "ms-p50")
 }
 
 // rulesets returns two rulesets of n destinations that differ in every

@@ -37,10 +37,10 @@ func tunnelCases() []Case {
 			Reference: "bare tailscale/wireguard-go to the same gateway",
 			Run:       func(b B) { benchThroughput(b, "bare", "bare") },
 			Note:      "the agent must cost nothing on the data path"},
-		{Name: "TCP through the tunnel with 10,000 destinations enforced", Privileged: true, Unit: "Gbit/s", MinRatio: 0.95,
+		{Name: "TCP through the tunnel with 10,000 destinations in 100 segments enforced", Privileged: true, Unit: "Gbit/s", MinRatio: 0.97,
 			Reference: "the agent with a one-segment policy, same gateway",
 			Run:       func(b B) { benchThroughput(b, "bare", "ours-small") },
-			Note:      "bare-library gateway; 10 segment sets of 1,000 looked up before the open one"},
+			Note:      "bare-library gateway; 100 segments of 100 destinations (200 ports each) and the measured one, all in one verdict map: one lookup per packet however many segments"},
 		{Name: "idle agent resident memory, 16 peers", Privileged: true, Unit: "MiB", Max: 15,
 			Ref:  "tailscaled 1.103 idle on this machine: about 33 MiB",
 			Run:  benchIdleRSS,
@@ -134,10 +134,10 @@ func median(v []float64) float64 {
 	return s[len(s)/2]
 }
 
-// withLarge adds LargePolicy(10000)'s segments, all open, ahead of the
-// measured one.
+// withLarge adds 10,000 destinations in 100 segments, all open, to the
+// measured one's policy.
 func withLarge(doc *policy.Document) {
-	large := LargePolicy(10000)
+	large := spreadPolicy(10000, 100)
 	doc.Segments = append(large.Segments, doc.Segments...)
 	doc.Schedules = large.Schedules
 	class := doc.Classes["scanner"]
