@@ -50,10 +50,13 @@ test: deps
 	@.ci/ensure-debs $(TEST_DEBS)
 	go test -count=1 ./...
 
+# go.mod and go.sum must be what `go mod tidy` makes of the imports: a
+# module used directly but marked indirect (or one no longer used) fails.
 lint: deps
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt would change:"; echo "$$unformatted"; exit 1; fi
 	go vet ./...
+	@go mod tidy -diff || { echo "go.mod/go.sum are not tidy: run go mod tidy and commit the result"; exit 1; }
 
 # A short run of every fuzz target, seeded from examples/. Minimisation is
 # off: on large seeds it stalls the engine for a minute per new input.
