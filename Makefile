@@ -63,6 +63,7 @@ lint: deps
 fuzz: deps
 	go test -run '^$$' -fuzz '^FuzzParse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/policy
 	go test -run '^$$' -fuzz '^FuzzValidate$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/policy
+	go test -run '^$$' -fuzz '^FuzzPortRange$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/policy
 	go test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/bundle
 	go test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/command
 

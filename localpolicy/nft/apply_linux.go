@@ -22,7 +22,7 @@ type Enforcer struct {
 	netns int // namespace fd, or -1 for the caller's namespace
 
 	mu      sync.Mutex
-	applied string // Text of the last ruleset applied; guarded by mu
+	applied *Ruleset // the last ruleset applied; guarded by mu
 	// last is the ruleset the kernel holds as far as this Enforcer knows
 	// (nil when unknown: before the first apply, after a drift); its sets
 	// are changed element by element. Guarded by mu.
@@ -57,14 +57,20 @@ func NewEnforcer(opts ...Option) *Enforcer {
 
 func (e *Enforcer) conn() (*nftables.Conn, error) { return e.connFor(0) }
 
-// connFor opens a connection whose send buffer fits a batch of that many
-// set elements. The whole table goes in one sendmsg (that is what makes it
-// one transaction), and the default socket buffer (~200 KB on most
-// devices) holds only a few thousand elements, so, as nft(8) does, the
-// buffer is forced to the batch's size (root may exceed wmem_max).
+// connFor opens a connection whose buffers fit a batch of that many set
+// elements. The whole table goes in one sendmsg (that is what makes it one
+// transaction), and the default socket buffer (~200 KB on most devices)
+// holds only a few thousand elements, so, as nft(8) does, the send buffer
+// is forced to the batch's size (root may exceed wmem_max). The kernel
+// answers every message of the batch (an acknowledgement, and each new
+// rule echoed back) before the first answer is read, so the receive
+// buffer grows with the batch too: without it a table of 15,000 elements
+// in 20 maps was applied and then reported as ENOBUFS.
 func (e *Enforcer) connFor(elements int) (*nftables.Conn, error) {
+	size := 1<<20 + elements*256
 	opts := []nftables.ConnOption{nftables.WithSockOptions(func(c *netlink.Conn) error {
-		return forceSendBuffer(c, 1<<20+elements*256)
+		// Acknowledgements need not carry each message back.
+		return errors.Join(c.SetOption(netlink.CapAcknowledge, true), forceBuffers(c, size))
 	})}
 	if e.netns >= 0 {
 		opts = append(opts, nftables.WithNetNSFd(e.netns))
@@ -72,16 +78,20 @@ func (e *Enforcer) connFor(elements int) (*nftables.Conn, error) {
 	return nftables.New(opts...)
 }
 
-func forceSendBuffer(c *netlink.Conn, size int) error {
+// forceBuffers sets both socket buffers to size, beyond the system's
+// limits when the caller may (root), else as far as they allow.
+func forceBuffers(c *netlink.Conn, size int) error {
 	rc, err := c.SyscallConn()
 	if err != nil {
 		return err
 	}
 	var serr error
 	err = rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, size)
-		if serr != nil { // not root: the ordinary limit is all there is
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, size)
+		for _, opt := range [][2]int{{unix.SO_SNDBUFFORCE, unix.SO_SNDBUF}, {unix.SO_RCVBUFFORCE, unix.SO_RCVBUF}} {
+			if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[0], size) != nil {
+				// Not root: the ordinary limit is all there is.
+				serr = errors.Join(serr, unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, opt[1], size))
+			}
 		}
 	})
 	return errors.Join(err, serr)
@@ -99,10 +109,9 @@ var table = &nftables.Table{Family: nftables.TableFamilyINet, Name: Table}
 // set changes little or not at all lose no packet (see applyLocked). An rs equal to
 // the last one applied is a no-op (changed is false).
 func (e *Enforcer) Apply(rs Ruleset) (changed bool, err error) {
-	text := rs.Text()
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if text == e.applied {
+	if e.applied != nil && rs.Equal(*e.applied) {
 		return false, nil
 	}
 	// What was verified was another ruleset; even a refused transaction
@@ -112,7 +121,7 @@ func (e *Enforcer) Apply(rs Ruleset) (changed bool, err error) {
 	if e.last == nil && e.check(rs) == nil {
 		// The kernel already enforces exactly rs (an agent restarted over
 		// the table it left): nothing to touch.
-		e.applied, e.last = text, &rs
+		e.applied, e.last = &rs, &rs
 		return false, nil
 	}
 	err = e.applyLocked(rs, e.last)
@@ -125,7 +134,7 @@ func (e *Enforcer) Apply(rs Ruleset) (changed bool, err error) {
 		e.last = nil
 		return false, err
 	}
-	e.applied, e.last = text, &rs
+	e.applied, e.last = &rs, &rs
 	return true, nil
 }
 
@@ -139,7 +148,7 @@ func (e *Enforcer) Reapply(rs Ruleset) error {
 		e.last = nil
 		return err
 	}
-	e.applied, e.last = rs.Text(), &rs
+	e.applied, e.last = &rs, &rs
 	return nil
 }
 
@@ -320,7 +329,7 @@ func (e *Enforcer) Remove() error {
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("nftables: delete table inet %s: %w", Table, err)
 	}
-	e.applied, e.verifiedOK = "", false
+	e.applied, e.verifiedOK = nil, false
 	return nil
 }
 
@@ -513,24 +522,21 @@ func nfElements(isMap bool, elements []Element) []nftables.SetElement {
 const diffLimit = 64
 
 // diffElements says which elements to add and delete to turn have into
-// want.
+// want. Both are in the model's order (Build sorts them), so one walk
+// through both finds the difference without a map.
 func diffElements(have, want []Element) (add, del []Element) {
-	in := make(map[Element]bool, len(have))
-	for _, e := range have {
-		in[e] = true
-	}
-	for _, e := range want {
-		if !in[e] {
-			add = append(add, e)
-		}
-		delete(in, e)
-	}
-	for _, e := range have {
-		if in[e] {
-			del = append(del, e)
+	i, j := 0, 0
+	for i < len(have) && j < len(want) {
+		switch c := compareElements(have[i], want[j]); {
+		case c == 0:
+			i, j = i+1, j+1
+		case c < 0:
+			del, i = append(del, have[i]), i+1
+		default:
+			add, j = append(add, want[j]), j+1
 		}
 	}
-	return add, del
+	return append(add, want[j:]...), append(del, have[i:]...)
 }
 
 // key encodes addr . proto . port as the kernel stores a concatenation:
@@ -556,15 +562,7 @@ func decodeElement(el nftables.SetElement, v6, isMap bool) (Element, error) {
 	}
 	first, _ := netip.AddrFromSlice(el.Key[:n])
 	last, _ := netip.AddrFromSlice(el.KeyEnd[:n])
-	bits := first.BitLen()
-	for bits > 0 {
-		p, _ := first.Prefix(bits - 1)
-		if p.Addr() != first || lastAddr(p).Compare(last) > 0 {
-			break
-		}
-		bits--
-	}
-	p, _ := first.Prefix(bits)
+	p := widestFrom(first, last)
 	if lastAddr(p) != last {
 		return Element{}, fmt.Errorf("element %s-%s is not a prefix", first, last)
 	}

@@ -1,8 +1,10 @@
 package nft
 
 import (
+	"fmt"
 	"maps"
 	"net/netip"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -208,17 +210,166 @@ func TestRateLimitPolicesTheSegmentsOwnTraffic(t *testing.T) {
 	}
 }
 
-// verdictAt is the verdict the segments map gives a point.
+// verdictAt is the verdict the output chain's segment rules give a packet
+// to p: the segments map's element, followed through a shard's chain when
+// the map dispatches. It is the final verdict: accept (""), or the
+// segment chain jumped to.
 func verdictAt(rs Ruleset, p point) (string, bool) {
+	sets, chains := map[string]Set{}, map[string]Chain{}
 	for _, s := range rs.Sets {
-		if !s.Map {
+		sets[s.Name] = s
+	}
+	for _, c := range rs.Chains {
+		chains[c.Name] = c
+	}
+	var look func(set string) (string, bool)
+	look = func(set string) (string, bool) {
+		for _, e := range sets[set].Elements {
+			if !covered([]Element{e}, p) {
+				continue
+			}
+			if c, ok := chains[e.Chain]; ok && strings.HasPrefix(e.Chain, segmentsMap) {
+				return look(c.Rules[0].Lookup.Set) // a shard
+			}
+			return e.Chain, true
+		}
+		return "", false
+	}
+	for _, c := range rs.Chains {
+		if c.Hook != "output" {
 			continue
 		}
-		for _, e := range s.Elements {
-			if covered([]Element{e}, p) {
-				return e.Chain, true
+		for _, r := range c.Rules {
+			if r.Lookup != nil && r.Lookup.Map && r.Lookup.V6 == p.addr.Is6() {
+				if v, ok := look(r.Lookup.Set); ok {
+					return v, true
+				}
 			}
 		}
 	}
 	return "", false
+}
+
+// A policy too large for one segments map is cut into shards by address,
+// and a packet still gets the verdict its segment gives it, through the
+// dispatch map; a packet to no segment gets none. Each shard holds at most
+// about shardSize elements, and the dispatch maps cover every address.
+func TestShardedMapsKeepEveryVerdict(t *testing.T) {
+	d := desired(t, "sharded", localpolicy.Sticky{})
+	rs := Build(d, Options{Tunnel: "bh0"})
+	shardMaps := 0
+	for _, s := range rs.Sets {
+		if strings.HasPrefix(s.Name, segmentsMap+"_v4_") {
+			shardMaps++
+			if len(s.Elements) > shardSize+64 {
+				t.Errorf("shard %s holds %d elements", s.Name, len(s.Elements))
+			}
+		}
+	}
+	if shardMaps < 2 {
+		t.Fatalf("%d shards; the test proves nothing", shardMaps)
+	}
+	checked := 0
+	for _, a := range d.Segments {
+		want := ""
+		if a.RateLimit != nil {
+			want = "seg_" + a.Segment
+		}
+		for _, e := range destinations(a) {
+			// The corners of each box: where a cut would show.
+			for _, p := range []point{{e.Prefix.Addr(), e.ProtoFrom, e.PortFrom}, {lastAddr(e.Prefix), e.ProtoTo, e.PortTo}} {
+				got, ok := verdictAt(rs, p)
+				if !ok || got != want {
+					// Overlapping segments may decide otherwise; the
+					// sharded policy's segments do not overlap.
+					t.Fatalf("segment %s: %+v has verdict %q (found %v), want %q", a.Segment, p, got, ok, want)
+				}
+				checked++
+			}
+		}
+	}
+	for _, p := range []point{{netip.MustParseAddr("10.200.40.1"), 6, 443}, {netip.MustParseAddr("0.0.0.1"), 6, 443}, {netip.MustParseAddr("255.255.255.255"), 17, 53}} {
+		if v, ok := verdictAt(rs, p); ok {
+			t.Errorf("%+v, in no segment, has verdict %q", p, v)
+		}
+	}
+	t.Logf("%d shards, %d points checked", shardMaps, checked)
+}
+
+func TestRangePrefixes(t *testing.T) {
+	for _, tt := range []struct{ from, to, want string }{
+		{"0.0.0.0", "255.255.255.255", "[0.0.0.0/0]"},
+		{"10.0.0.0", "10.0.0.255", "[10.0.0.0/24]"},
+		{"10.0.0.1", "10.0.0.6", "[10.0.0.1/32 10.0.0.2/31 10.0.0.4/31 10.0.0.6/32]"},
+		{"10.200.4.0", "255.255.255.255", "[10.200.4.0/22 10.200.8.0/21 10.200.16.0/20 10.200.32.0/19 10.200.64.0/18 10.200.128.0/17 10.201.0.0/16 10.202.0.0/15 10.204.0.0/14 10.208.0.0/12 10.224.0.0/11 11.0.0.0/8 12.0.0.0/6 16.0.0.0/4 32.0.0.0/3 64.0.0.0/2 128.0.0.0/1]"},
+		{"::", "::ffff", "[::/112]"},
+	} {
+		if got := fmt.Sprint(rangePrefixes(netip.MustParseAddr(tt.from), netip.MustParseAddr(tt.to))); got != tt.want {
+			t.Errorf("rangePrefixes(%s, %s) = %s, want %s", tt.from, tt.to, got, tt.want)
+		}
+	}
+}
+
+// Equal tells apart rulesets that differ in any field of a rule, a set or
+// a chain: Apply skips a ruleset Equal to the last one, so a field it
+// overlooked would never reach the kernel.
+func TestEqualSeesEveryField(t *testing.T) {
+	base := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
+	clone := func() Ruleset {
+		var rs Ruleset
+		for _, s := range base.Sets {
+			s.Elements = slices.Clone(s.Elements)
+			rs.Sets = append(rs.Sets, s)
+		}
+		for _, c := range base.Chains {
+			c.Rules = slices.Clone(c.Rules)
+			rs.Chains = append(rs.Chains, c)
+		}
+		return rs
+	}
+	if !base.Equal(clone()) {
+		t.Fatal("a ruleset differs from its copy")
+	}
+	// Every field of a rule, one at a time, set to a value no rule has.
+	rt := reflect.TypeFor[Rule]()
+	for i := range rt.NumField() {
+		rs := clone()
+		f := reflect.ValueOf(&rs.Chains[0].Rules[1]).Elem().Field(i)
+		switch f.Kind() {
+		case reflect.String:
+			f.SetString("changed")
+		case reflect.Bool:
+			f.SetBool(!f.Bool())
+		case reflect.Int, reflect.Uint32:
+			if f.CanInt() {
+				f.SetInt(f.Int() + 7)
+			} else {
+				f.SetUint(f.Uint() + 7)
+			}
+		case reflect.Pointer:
+			if f.IsNil() {
+				f.Set(reflect.New(f.Type().Elem()))
+			} else {
+				v := reflect.New(f.Type().Elem())
+				v.Elem().Set(f.Elem())
+				v.Elem().Field(0).SetString("changed")
+				f.Set(v)
+			}
+		default:
+			t.Fatalf("rule field %s of kind %s: the test does not know how to change it", rt.Field(i).Name, f.Kind())
+		}
+		if base.Equal(rs) {
+			t.Errorf("a ruleset with rule field %s changed is Equal to the original", rt.Field(i).Name)
+		}
+	}
+	rs := clone()
+	rs.Sets[0].Elements[0].PortTo--
+	if base.Equal(rs) {
+		t.Error("an element's port changed and the rulesets are Equal")
+	}
+	rs = clone()
+	rs.Chains[3].Hook = "input"
+	if base.Equal(rs) {
+		t.Error("a chain's hook changed and the rulesets are Equal")
+	}
 }

@@ -31,6 +31,30 @@ func desired(t *testing.T, class string, sticky localpolicy.Sticky) localpolicy.
 	if err != nil {
 		t.Fatal(err)
 	}
+	if class == "sharded" {
+		// More destinations than one segments map holds: the dock
+		// gateway's policy plus 3,000 hosts over 30 segments, some
+		// rate-limited, two ports each.
+		class = "dock-gateway"
+		c := doc.Classes[class]
+		for s := range 30 {
+			seg := policy.Segment{Name: fmt.Sprintf("yard-%02d", s), DataClass: "operational",
+				Gateway: doc.Segments[0].Gateway}
+			if s%7 == 3 {
+				seg.RateLimit = &policy.RateLimit{BytesPerSecond: 1 << 20}
+			}
+			for h := range 100 {
+				seg.Destinations = append(seg.Destinations, policy.Destination{CIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 200, byte(s), byte(h + 1)}), 32),
+					Protocol: policy.TCP, Ports: []policy.PortRange{{First: 443, Last: 443}, {First: 8000, Last: 8099}}})
+			}
+			doc.Segments = append(doc.Segments, seg)
+			c.Rules = append(c.Rules, policy.Rule{Segment: seg.Name})
+		}
+		doc.Classes[class] = c
+		if err := doc.Validate(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if class == "monitored-scanner" {
 		// Every segment monitored: open ones, a rate-limited partner's,
 		// one with icmp, one with v6.
@@ -187,7 +211,7 @@ func TestApplyMatchesNftListing(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	ns := lab.NewNS(t, "nft")
 	e := NewEnforcer(WithNetNS(ns.FD()))
-	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner"} {
+	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner", "sharded"} {
 		rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
 		if _, err := e.Apply(rs); err != nil {
 			t.Fatalf("%s: Apply: %v", class, err)
@@ -205,7 +229,7 @@ func TestApplyMatchesNftListing(t *testing.T) {
 // The same ruleset loaded by nft -f from Text and built through netlink
 // must list identically: our netlink encoding is what nft itself makes.
 func TestNetlinkMatchesNftText(t *testing.T) {
-	for _, class := range []string{"dock-gateway", "monitored-scanner"} {
+	for _, class := range []string{"dock-gateway", "monitored-scanner", "sharded"} {
 		t.Run(class, func(t *testing.T) { netlinkMatchesNftText(t, class) })
 	}
 }
@@ -425,13 +449,56 @@ func TestLargeTableAppliesAndReadsBack(t *testing.T) {
 			ProtoFrom: 6, ProtoTo: 6, PortFrom: 443, PortTo: 443})
 	}
 	rs.Sets = []Set{set}
-	rs.Chains = []Chain{{Name: "output", Rules: []Rule{{Comment: "segment big", Lookup: &Lookup{Set: set.Name, Addr: Dst, Port: Dst}}, {Comment: "default drop", Drop: true}}}}
+	rs.Chains = []Chain{{Name: "output", Hook: "output", Rules: []Rule{{Comment: "segment big", Lookup: &Lookup{Set: set.Name, Addr: Dst, Port: Dst}}, {Comment: "default drop", Drop: true}}}}
 	e := NewEnforcer(WithNetNS(ns.FD()))
 	if _, err := e.Apply(rs); err != nil {
 		t.Fatalf("Apply(10,000 elements): %v", err)
 	}
 	if err := e.Check(rs); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// Two large tables that differ in every element and in their number of
+// shards replace each other, again and again, each applied whole and read
+// back. The kernel answers every message of such a batch before the agent
+// reads one; these answers overflowed the default receive buffer (ENOBUFS
+// after a successful transaction) until the buffer grew with the batch.
+func TestLargeTablesReplaceEachOther(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	ns := lab.NewNS(t, "swap")
+	e := NewEnforcer(WithNetNS(ns.FD()))
+	var rs [2]Ruleset
+	for i := range rs {
+		doc, err := policy.Parse(examples.Site())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := doc.Classes["scanner"]
+		for s := range 10 - 4*i {
+			seg := policy.Segment{Name: fmt.Sprintf("yard-%02d", s), DataClass: "operational", Gateway: doc.Segments[0].Gateway}
+			for h := range 1000 {
+				seg.Destinations = append(seg.Destinations, policy.Destination{CIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, byte(200 + s), byte(h / 250), byte(h%250 + 1)}), 32),
+					Protocol: policy.TCP, Ports: []policy.PortRange{{First: uint16(443 + i), Last: uint16(443 + i)}, {First: 8000, Last: 8099}}})
+			}
+			doc.Segments = append(doc.Segments, seg)
+			c.Rules = append(c.Rules, policy.Rule{Segment: seg.Name})
+		}
+		doc.Classes["scanner"] = c
+		if err := doc.Validate(); err != nil {
+			t.Fatal(err)
+		}
+		d := localpolicy.Evaluate(localpolicy.Input{Bundle: &bundle.Payload{Version: 1, IssuedAt: now, ExpiresAt: now.Add(time.Hour), Policy: *doc},
+			Device: bundle.Device{Class: "scanner"}, Now: now})
+		rs[i] = Build(d, Options{Tunnel: "bh0"})
+	}
+	for i := range 4 {
+		if _, err := e.Apply(rs[i%2]); err != nil {
+			t.Fatalf("apply %d: %v", i, err)
+		}
+		if err := e.Check(rs[i%2]); err != nil {
+			t.Fatalf("apply %d: %v", i, err)
+		}
 	}
 }
 

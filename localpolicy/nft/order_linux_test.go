@@ -106,7 +106,7 @@ func withOverlaps(d localpolicy.Desired) localpolicy.Desired {
 // The same Desired state gives the same ruleset, text and netlink batch,
 // byte for byte, whatever order its lists arrive in.
 func TestBuildIgnoresInputOrder(t *testing.T) {
-	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner", "overlapping"} {
+	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner", "overlapping", "sharded"} {
 		t.Run(class, func(t *testing.T) {
 			var d localpolicy.Desired
 			if class == "overlapping" {

@@ -109,3 +109,19 @@ func checkInvariants(t *testing.T, d *Document) {
 		}
 	}
 }
+
+// FuzzPortRange: UnmarshalText's fast path reads exactly what
+// ParsePortRange reads, and refuses exactly what it refuses.
+func FuzzPortRange(f *testing.F) {
+	for _, s := range []string{"443", "8000-8099", "0", "65536", "1-65535", "00443", "9-8", "-", "4-", "+4", "1_0", "٣"} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		var got PortRange
+		gotErr := got.UnmarshalText(b)
+		want, wantErr := ParsePortRange(string(b))
+		if (gotErr == nil) != (wantErr == nil) || (gotErr == nil && got != want) {
+			t.Fatalf("%q: UnmarshalText = %v, %v; ParsePortRange = %v, %v", b, got, gotErr, want, wantErr)
+		}
+	})
+}

@@ -5,6 +5,7 @@
 package policy
 
 import (
+	"bytes"
 	"encoding/base64"
 	"fmt"
 	"net/netip"
@@ -250,6 +251,22 @@ func ParsePortRange(s string) (PortRange, error) {
 	return PortRange{first, last}, nil
 }
 
+// portDigits reads a port from 1 to 65535 written in decimal digits, as
+// parsePort accepts it.
+func portDigits(b []byte) (uint16, bool) {
+	if len(b) == 0 || len(b) > 5 {
+		return 0, false
+	}
+	n := 0
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		n = n*10 + int(c-'0')
+	}
+	return uint16(n), n >= 1 && n <= 65535
+}
+
 func parsePort(s string) (uint16, error) {
 	n, err := strconv.ParseUint(s, 10, 16)
 	if err != nil || n == 0 {
@@ -268,8 +285,20 @@ func (r PortRange) String() string {
 // MarshalText writes the form ParsePortRange reads.
 func (r PortRange) MarshalText() ([]byte, error) { return []byte(r.String()), nil }
 
-// UnmarshalText reads "443" or "8000-8099".
+// UnmarshalText reads "443" or "8000-8099". The valid forms are read
+// without allocating (a policy may list tens of thousands); anything else
+// goes through ParsePortRange, which says what is wrong.
 func (r *PortRange) UnmarshalText(b []byte) error {
+	lo, hi, isRange := bytes.Cut(b, []byte("-"))
+	first, ok1 := portDigits(lo)
+	last, ok2 := first, true
+	if isRange {
+		last, ok2 = portDigits(hi)
+	}
+	if ok1 && ok2 && first <= last {
+		*r = PortRange{first, last}
+		return nil
+	}
 	v, err := ParsePortRange(string(b))
 	if err != nil {
 		return err
@@ -373,6 +402,21 @@ func decodeKey(s string) (Key, error) {
 // narrowed to tcp or udp covers every port of it.
 func (r Rule) Opens(seg *Segment) []Destination {
 	var out []Destination
+	r.opens(seg, func(d Destination) bool { out = append(out, d); return true })
+	return out
+}
+
+// opensAnything is whether Opens would list anything, found without
+// listing it.
+func (r Rule) opensAnything(seg *Segment) bool {
+	found := false
+	r.opens(seg, func(Destination) bool { found = true; return false })
+	return found
+}
+
+// opens calls yield with each destination Opens lists, until yield
+// returns false.
+func (r Rule) opens(seg *Segment, yield func(Destination) bool) {
 	for _, d := range seg.Destinations {
 		if r.Protocol != "" {
 			switch d.Protocol {
@@ -404,17 +448,22 @@ func (r Rule) Opens(seg *Segment) []Destination {
 			d.Ports = kept
 		}
 		if len(r.Hosts) == 0 {
-			out = append(out, d)
+			if !yield(d) {
+				return
+			}
 			continue
 		}
 		for _, h := range r.Hosts {
 			switch {
 			case contains(d.CIDR, h):
-				out = append(out, Destination{CIDR: h, Protocol: d.Protocol, Ports: d.Ports})
+				if !yield(Destination{CIDR: h, Protocol: d.Protocol, Ports: d.Ports}) {
+					return
+				}
 			case contains(h, d.CIDR):
-				out = append(out, d)
+				if !yield(d) {
+					return
+				}
 			}
 		}
 	}
-	return out
 }

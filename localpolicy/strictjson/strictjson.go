@@ -25,17 +25,24 @@ var (
 // Unmarshal decodes data into v. Unknown members, duplicate member names,
 // trailing data and type mismatches are errors that name the field's path
 // (for example "segments[2].destinations[0].protocol").
+//
+// Anything but whitespace after the value is a second, unsigned document
+// smuggled behind the first: json.Unmarshal refuses it, and the refusal is
+// named ErrTrailingData. (Decoding straight from the bytes, not through a
+// streaming decoder, is what keeps a 10,000-destination policy within a
+// bundle's time budget.)
 func Unmarshal(data []byte, v any) error {
+	err := json.Unmarshal(data, v, json.RejectUnknownMembers(true))
+	if err == nil {
+		return nil
+	}
 	dec := jsontext.NewDecoder(bytes.NewReader(data))
-	if err := json.UnmarshalDecode(dec, v, json.RejectUnknownMembers(true)); err != nil {
-		return describe(err)
+	if _, verr := dec.ReadValue(); verr == nil {
+		if _, terr := dec.ReadToken(); terr != io.EOF {
+			return &Error{Offset: dec.InputOffset(), Err: fmt.Errorf("%w at byte %d", ErrTrailingData, dec.InputOffset())}
+		}
 	}
-	// Anything but whitespace after the value is a second, unsigned document
-	// smuggled behind the first: refuse it.
-	if _, err := dec.ReadToken(); err != io.EOF {
-		return &Error{Offset: dec.InputOffset(), Err: fmt.Errorf("%w at byte %d", ErrTrailingData, dec.InputOffset())}
-	}
-	return nil
+	return describe(err)
 }
 
 // Error is a decoding error with the byte offset it was found at.
