@@ -219,9 +219,20 @@ func (p Protocol) HasPorts() bool { return p == TCP || p == UDP }
 
 // UnmarshalText accepts only the protocols Bulkhead can enforce.
 func (p *Protocol) UnmarshalText(b []byte) error {
-	switch v := Protocol(b); v {
-	case TCP, UDP, ICMP, Any:
-		*p = v
+	// A switch on string(b) allocates nothing: a policy names a
+	// protocol on every destination.
+	switch string(b) {
+	case string(TCP):
+		*p = TCP
+		return nil
+	case string(UDP):
+		*p = UDP
+		return nil
+	case string(ICMP):
+		*p = ICMP
+		return nil
+	case string(Any):
+		*p = Any
 		return nil
 	}
 	return fmt.Errorf("unknown protocol %q (want tcp, udp, icmp or any)", b)
