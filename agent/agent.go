@@ -77,6 +77,10 @@ type Agent struct {
 	// ctlTime is control's time in its latest answer, and ctlAt the
 	// wall() reading (with its monotonic part) when it arrived.
 	ctlTime, ctlAt time.Time
+	// lastContact is the latest authenticated answer from control;
+	// savedContact what the cache holds of it (written only when it has
+	// moved on by a fraction of max_offline: flash wears).
+	lastContact, savedContact time.Time
 	// tampered lists the outside changes to the table found since the
 	// latest sample; tableErr is why the table could not be read back.
 	tampered []string
@@ -105,6 +109,11 @@ func WithEnforcer(e *nft.Enforcer) Option { return func(a *Agent) { a.enforcer =
 func WithTunnel(open func(tunnel.Config) (*tunnel.Tunnel, error)) Option {
 	return func(a *Agent) { a.openTunnel = open }
 }
+
+// WithWallClock replaces the wall clock (time.Now) the agent's trusted
+// time starts from; tests set it ahead or behind. The monotonic clock
+// that carries trusted time stays the real one.
+func WithWallClock(wall func() time.Time) Option { return func(a *Agent) { a.wall = wall } }
 
 // WithLogger replaces the logger.
 func WithLogger(l *slog.Logger) Option { return func(a *Agent) { a.log = l } }
@@ -219,6 +228,16 @@ func (a *Agent) openStore() error {
 		return err
 	}
 	a.clock = trustedtime.New(floor, a.wall)
+	contact, err := st.Contact()
+	if err != nil {
+		return err
+	}
+	// A contact recorded while the clock ran ahead cannot lie in the
+	// future of this boot: that would hold off the offline deadline.
+	a.lastContact, a.savedContact = contact, contact
+	if now := a.clock.Now(); contact.After(now) {
+		a.lastContact = now
+	}
 	return nil
 }
 
@@ -241,7 +260,7 @@ func (a *Agent) loadBundle() {
 // call.
 func (a *Agent) reconcile(why string) error {
 	in := localpolicy.Input{
-		NoPolicy: a.noPolicy, Device: a.device(), Now: a.clock.Now(),
+		NoPolicy: a.noPolicy, Device: a.device(), Now: a.clock.Now(), LastContact: a.lastContact,
 		Sticky: a.sticky, Floor: a.cfg.SafetyFloor, Control: a.controlEndpoints(), Checks: a.currentChecks(),
 	}
 	if a.bundle != nil {

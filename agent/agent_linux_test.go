@@ -31,6 +31,8 @@ type env struct {
 	doc    policy.Document
 	cancel context.CancelFunc
 	done   chan error
+	// wall, when set, is the agent's wall clock from the next start.
+	wall func() time.Time
 }
 
 func newEnv(t *testing.T) *env {
@@ -114,7 +116,11 @@ func (e *env) start() {
 		err = e.ns.Do(func() error { t, err = tunnel.Open(c); return err })
 		return t, err
 	}
-	a := New(cfg, WithEnforcer(nft.NewEnforcer(nft.WithNetNS(e.ns.FD()))), WithTunnel(open), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	opts := []Option{WithEnforcer(nft.NewEnforcer(nft.WithNetNS(e.ns.FD()))), WithTunnel(open), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}
+	if e.wall != nil {
+		opts = append(opts, WithWallClock(e.wall))
+	}
+	a := New(cfg, opts...)
 	if err := a.Boot(); err != nil {
 		e.t.Fatalf("Boot: %v", err)
 	}

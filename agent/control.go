@@ -355,9 +355,17 @@ func (a *Agent) flushReports(ctx context.Context, c controlClient, sp *spool.Spo
 // handleSync acts on an answer: a newer bundle is installed (or refused)
 // and each command obeyed (or refused), in order.
 func (a *Agent) handleSync(resp controlapi.SyncResponse) {
-	// The answer came over the pinned, mutually authenticated channel.
-	a.clock.Observe(resp.ServerTime)
+	// The answer came over the pinned, mutually authenticated channel,
+	// from a server whose key may only tighten: its time moves no trusted
+	// time. It feeds the clock-skew check, and dates the contact, never
+	// later than the device's own time: neither a server's clock nor the
+	// device's running ahead can hold off the offline deadline.
 	a.ctlTime, a.ctlAt = resp.ServerTime, a.wall()
+	contact := a.clock.Now()
+	if resp.ServerTime.Before(contact) {
+		contact = resp.ServerTime
+	}
+	a.contact(contact)
 	// Rotations first: the bundle may be signed by the new keys. The
 	// store audits every verdict; what is refused is named in every later
 	// sync, so the server stops offering it.
@@ -375,6 +383,7 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) {
 	for _, raw := range resp.Commands {
 		a.obey(raw)
 	}
+	a.reconcile("contact with control") // an offline device is back
 	if resp.Cursor > a.ch.cursor {
 		a.ch.cursor = resp.Cursor
 		if err := a.ch.spool.SetCursor(resp.Cursor); err != nil {
@@ -385,6 +394,29 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) {
 		a.ch.status.Store(&st)
 	}
 	a.publish()
+}
+
+// contact records an authenticated answer from control at t. The cache
+// learns of it only once it has moved on by a sixteenth of max_offline (a
+// write every few hours, not every poll): after a restart the device goes
+// offline that much sooner at worst, never later.
+func (a *Agent) contact(t time.Time) {
+	if t.IsZero() || !t.After(a.lastContact) {
+		return
+	}
+	a.lastContact = t
+	step := time.Hour
+	if a.bundle != nil {
+		step = max(time.Duration(a.bundle.Policy.Validity.MaxOffline)/16, time.Minute)
+	}
+	if a.store == nil || t.Sub(a.savedContact) < step {
+		return
+	}
+	if err := a.store.RecordContact(t); err != nil {
+		a.log.Warn("persist last contact", "err", err)
+		return
+	}
+	a.savedContact = t
 }
 
 // obey verifies one command and applies it; a refused one changes nothing
@@ -414,6 +446,12 @@ func (a *Agent) obey(raw []byte) error {
 		return err
 	}
 	a.sticky = next
+	if v.ByOps && a.clock.Observe(v.IssuedAt) {
+		// Signed by the ops keys: the device is at least that late.
+		if err := a.store.AdvanceTrustedTime(a.clock.Floor()); err != nil {
+			a.log.Warn("persist trusted time", "err", err)
+		}
+	}
 	what := string(v.Kind)
 	if v.Partner != "" {
 		what += " " + v.Partner

@@ -45,7 +45,9 @@ type binAgent struct {
 	proc   *lab.Process
 }
 
-func newControlSite(t *testing.T) *controlSite {
+// newControlSite builds the site; serve are further flags for the control
+// server, which publishes the site's ops key.
+func newControlSite(t *testing.T, serve ...string) *controlSite {
 	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go")
 	s := &controlSite{}
 	dir := t.TempDir()
@@ -58,7 +60,7 @@ func newControlSite(t *testing.T) *controlSite {
 	lab.Link(t, s.a.ns, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
 	lab.Link(t, s.b.ns, "10.99.0.6/30", ctlNS, "10.99.0.5/30")
 	s.b.ns.MustRun(t, "ip", "route", "add", "10.99.0.1/32", "via", "10.99.0.5")
-	s.ctl = lab.StartControl(t, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), 0)
+	s.ctl = lab.StartControlWith(t, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), lab.ControlOptions{OpsPub: []string{s.opsPub}, Args: serve})
 
 	n1, n2 := lab.NewNS(t, "gw1"), lab.NewNS(t, "gw2")
 	lab.Link(t, s.a.ns, "192.0.2.2/30", n1, "192.0.2.1/30")

@@ -32,8 +32,18 @@ type Control struct {
 	addr        netip.AddrPort
 	bin         string
 	cmd         *exec.Cmd
-	keepAlive   time.Duration
-	opsPub      []string // ops.pub files it publishes at enrolment
+	opts        ControlOptions
+}
+
+// ControlOptions are how a lab control server runs.
+type ControlOptions struct {
+	// KeepAlive is how long an idle sync is held; 0 keeps the default.
+	KeepAlive time.Duration
+	// OpsPub are ops.pub files it publishes to enrolling devices, for
+	// their installer to pin.
+	OpsPub []string
+	// Args are further `serve` flags (--clock-offset, say).
+	Args []string
 }
 
 // StartControl runs `bulkhead-control serve` in ns on addr with its data
@@ -42,23 +52,39 @@ type Control struct {
 // publishes to enrolling devices, for their installer to pin.
 func StartControl(t T, ns *NS, addr netip.AddrPort, keepAlive time.Duration, opsPub ...string) *Control {
 	t.Helper()
+	return StartControlWith(t, ns, addr, ControlOptions{KeepAlive: keepAlive, OpsPub: opsPub})
+}
+
+// StartControlWith is StartControl with every option.
+func StartControlWith(t T, ns *NS, addr netip.AddrPort, o ControlOptions) *Control {
+	t.Helper()
 	c := &Control{NS: ns, URL: "https://" + addr.String(), Data: t.TempDir(), addr: addr,
-		bin: Binary(t, "cmd/bulkhead-control"), keepAlive: keepAlive, opsPub: opsPub}
+		bin: Binary(t, "cmd/bulkhead-control"), opts: o}
 	c.Start(t)
 	t.Cleanup(c.Stop)
 	return c
+}
+
+// Restart stops the server and starts it again on the same data, with
+// args in place of the further serve flags it ran with.
+func (c *Control) Restart(t T, args ...string) {
+	t.Helper()
+	c.Stop()
+	c.opts.Args = args
+	c.Start(t)
 }
 
 // Start (re)starts the server on the same data.
 func (c *Control) Start(t T) {
 	t.Helper()
 	argv := []string{c.bin, "serve", "--data", c.Data, "--listen", c.addr.String(), "--name", c.addr.Addr().String()}
-	if c.keepAlive > 0 {
-		argv = append(argv, "--keepalive", c.keepAlive.String())
+	if c.opts.KeepAlive > 0 {
+		argv = append(argv, "--keepalive", c.opts.KeepAlive.String())
 	}
-	for _, f := range c.opsPub {
+	for _, f := range c.opts.OpsPub {
 		argv = append(argv, "--ops-pub", f)
 	}
+	argv = append(argv, c.opts.Args...)
 	c.cmd = c.NS.Command(argv...)
 	out, err := c.cmd.StdoutPipe()
 	if err != nil {

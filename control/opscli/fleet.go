@@ -45,6 +45,7 @@ func serveCmd() *subcmd.Command {
 			var opsPub subcmd.Strings
 			fs.Var(&opsPub, "ops-pub", "ops public key `FILE` (ops.pub) to publish to enrolling devices, whose installer pins it; repeat for each key")
 			opsThreshold := fs.Int("ops-threshold", 0, "how many of the --ops-pub keys devices require on a bundle (default: all)")
+			clockOffset := fs.Duration("clock-offset", 0, "for drills and tests only: run the server's clock this far ahead (negative: behind) of the machine's")
 			return func(env *subcmd.Env, args []string) error {
 				if len(args) > 0 {
 					return subcmd.Usagef("serve takes no arguments, got %q", args)
@@ -71,7 +72,7 @@ func serveCmd() *subcmd.Command {
 					names = subcmd.Strings{"localhost", "127.0.0.1"}
 				}
 				log := slog.New(slog.NewTextHandler(env.Stderr, nil))
-				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log, Ops: ops})
+				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log, Ops: ops, ClockOffset: *clockOffset})
 				if err != nil {
 					return err
 				}

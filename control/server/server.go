@@ -66,6 +66,11 @@ type Config struct {
 	// for their installer to pin (empty: none; devices then need their
 	// ops keys from elsewhere).
 	Ops opskey.Roots
+	// ClockOffset shifts the server's clock: what it stamps, and the time
+	// it tells devices. Drills and tests use it to play a server whose
+	// clock is wrong, or to let command lifetimes run out; zero in
+	// production.
+	ClockOffset time.Duration
 }
 
 // Server is a running control server.
@@ -295,7 +300,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, "certificate request: "+err.Error())
 		return
 	}
-	now := time.Now()
+	now := s.now()
 	var der []byte
 	dev, cursor, err := s.db.enroll(req.Token, req.Class, now, func(id, class string) (controlapi.Device, error) {
 		var err error
@@ -339,7 +344,7 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	if !decode(w, r, &req) {
 		return
 	}
-	now := time.Now()
+	now := s.now()
 	s.mu.Lock()
 	s.seen[id] = now
 	s.mu.Unlock()
@@ -396,7 +401,7 @@ func stateEqual(a, b controlapi.DeviceState) bool {
 // pending is what a device is missing: the newest bundle meant for it and
 // its unexpired commands after its cursor.
 func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (controlapi.SyncResponse, error) {
-	now := time.Now()
+	now := s.now()
 	resp := controlapi.SyncResponse{ServerTime: now.UTC()}
 	raw, err := s.db.newestBundle(req.PolicyVersion, func(raw []byte) bool {
 		p, err := bundle.Peek(raw)
@@ -475,7 +480,7 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request, actor strin
 		fail(w, http.StatusBadRequest, "a token needs a class and a ttl between 1s and 30 days")
 		return
 	}
-	resp, err := s.db.newToken(req.Class, ttl, time.Now(), actor)
+	resp, err := s.db.newToken(req.Class, ttl, s.now(), actor)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
@@ -495,7 +500,7 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 	if rs, err := bundle.PeekRotation(raw); err == nil {
 		// A trust-root rotation travels the same way; devices verify it
 		// against their own roots.
-		if err := s.db.pushRoots(rs.Version, raw, time.Now(), actor); err != nil {
+		if err := s.db.pushRoots(rs.Version, raw, s.now(), actor); err != nil {
 			fail(w, http.StatusConflict, err.Error())
 			return
 		}
@@ -513,7 +518,7 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 		fail(w, http.StatusBadRequest, "bundle has no version or no target")
 		return
 	}
-	if err := s.db.pushBundle(p.Version, raw, time.Now(), actor, p.Target.String()); err != nil {
+	if err := s.db.pushBundle(p.Version, raw, s.now(), actor, p.Target.String()); err != nil {
 		fail(w, http.StatusConflict, err.Error())
 		return
 	}
@@ -527,7 +532,7 @@ func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {
 	if !decode(w, r, &req) {
 		return
 	}
-	now := time.Now()
+	now := s.now()
 	raw := req.Signed
 	var c command.Command
 	var err error
@@ -610,3 +615,6 @@ func (s *Server) flows(w http.ResponseWriter, r *http.Request, _ string) {
 	}
 	reply(w, flows)
 }
+
+// now is the server's clock, shifted by the configured offset.
+func (s *Server) now() time.Time { return time.Now().Add(s.cfg.ClockOffset) }

@@ -42,6 +42,7 @@ var (
 	keyBundle  = []byte("bundle")
 	keyHighest = []byte("highest_version")
 	keyTrusted = []byte("trusted_time")
+	keyContact = []byte("last_contact")
 	keySticky  = []byte("sticky")
 	keyRoots   = []byte("roots")
 	// keyBundleRoots is the root set the cached bundle was accepted
@@ -262,6 +263,36 @@ func raiseTrusted(meta *bolt.Bucket, t time.Time) error {
 		return meta.Put(keyTrusted, u64(n))
 	}
 	return nil
+}
+
+// Contact is the last contact with control the device recorded (zero:
+// none yet).
+func (s *Store) Contact() (time.Time, error) {
+	var t time.Time
+	err := s.view(func(meta *bolt.Bucket, _ *bolt.Tx) error {
+		n, err := getU64(meta, keyContact)
+		if n > 0 {
+			t = time.Unix(0, int64(n)).UTC()
+		}
+		return err
+	})
+	return t, err
+}
+
+// RecordContact raises the recorded last contact to t; an earlier t
+// writes nothing. It moves no trusted time: contact only extends how long
+// the device may stay offline.
+func (s *Store) RecordContact(t time.Time) error {
+	return s.update(func(meta *bolt.Bucket, _ *bolt.Tx) error {
+		cur, err := getU64(meta, keyContact)
+		if err != nil {
+			return err
+		}
+		if n := t.UnixNano(); n > 0 && uint64(n) > cur {
+			return meta.Put(keyContact, u64(uint64(n)))
+		}
+		return nil
+	})
 }
 
 // Sticky returns the state set by commands.
