@@ -13,11 +13,13 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/trustedtime"
 	"github.com/bulkhead-edge/bulkhead/posture"
@@ -142,6 +144,9 @@ func New(cfg *Config, opts ...Option) *Agent {
 // cannot come up is reported and retried; it never stops enforcement.
 func (a *Agent) Boot() error {
 	a.clock = trustedtime.New(time.Time{}, a.wall)
+	if err := a.lockdownFirst(); err != nil {
+		return err
+	}
 	if err := a.openStore(); err != nil {
 		a.noPolicy = err.Error()
 		a.log.Error("policy cache unusable; enforcing lockdown", "err", err)
@@ -156,6 +161,36 @@ func (a *Agent) Boot() error {
 		a.applyTunnel()
 	}
 	return nil
+}
+
+// lockdownFirst puts the static lockdown table in place when the kernel
+// holds none (the first start since the device booted, or after someone
+// deleted it): the safety floor and control only, built from the
+// configuration and the enrolment record, before the cache is opened. Any
+// failure after this point (a damaged cache, a crash) leaves the device
+// closed. A table that is there (this agent's, from before a restart) is
+// left alone: its flows keep flowing until the boot apply decides.
+func (a *Agent) lockdownFirst() error {
+	present, err := a.enforcer.Present()
+	if err != nil || present {
+		return err
+	}
+	eps := a.cfg.Control
+	if rec, err := controlclient.Load(a.cfg.StateDir); err == nil && rec.Endpoint.IsValid() {
+		eps = append(eps[:len(eps):len(eps)], policy.Endpoint{Address: rec.Endpoint.Addr(), Port: rec.Endpoint.Port()})
+	}
+	d := localpolicy.Evaluate(localpolicy.Input{NoPolicy: "starting: the policy cache is not read yet", Device: a.cfg.device(),
+		Now: a.wall(), Floor: a.cfg.SafetyFloor, Control: eps})
+	if _, err := a.enforcer.Apply(nft.Build(d, a.nftOptions())); err != nil {
+		return fmt.Errorf("static lockdown table: %w", err)
+	}
+	a.log.Info("static lockdown table in place before the cache is read")
+	return nil
+}
+
+// nftOptions are the device-local table options from the configuration.
+func (a *Agent) nftOptions() nft.Options {
+	return nft.Options{DHCP: *a.cfg.DHCP, Tunnel: a.cfg.Tunnel.Interface}
 }
 
 // startTunnel brings the WireGuard device up; it reports whether it is up.
@@ -276,7 +311,7 @@ func (a *Agent) reconcile(why string) error {
 	// peer is gone (its route falls back to the uplink) is already dropped.
 	a.applyTunnel()
 	a.syncFlowLog()
-	a.ruleset = nft.Build(a.desired, nft.Options{DHCP: *a.cfg.DHCP, Tunnel: a.cfg.Tunnel.Interface})
+	a.ruleset = nft.Build(a.desired, a.nftOptions())
 	changed, err := a.enforcer.Apply(a.ruleset)
 	if err != nil {
 		a.applyErr = err.Error()

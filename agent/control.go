@@ -8,6 +8,7 @@ import (
 	"maps"
 	"math/rand/v2"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"sync/atomic"
@@ -16,6 +17,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/agent/spool"
+	"github.com/bulkhead-edge/bulkhead/internal/boltfile"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -124,7 +126,7 @@ func (a *Agent) useEnrolment(rec *controlclient.Record) error {
 	if err != nil {
 		return err
 	}
-	sp, err := spool.Open(filepath.Join(a.cfg.StateDir, "channel.db"), spool.DefaultLimit)
+	sp, err := a.openSpool(filepath.Join(a.cfg.StateDir, "channel.db"))
 	if err != nil {
 		return err
 	}
@@ -137,6 +139,29 @@ func (a *Agent) useEnrolment(rec *controlclient.Record) error {
 	a.ch.status.Store(&ControlStatus{URL: rec.URL, DeviceID: rec.DeviceID, Cursor: a.ch.cursor})
 	a.publish()
 	return nil
+}
+
+// openSpool opens the outbox. A damaged one is kept aside and replaced by
+// an empty one: losing unsent reports and the command cursor (commands
+// are then delivered again, and the cache refuses those it has seen)
+// costs less than losing the control channel, and with it the
+// kill-switch.
+func (a *Agent) openSpool(path string) (*spool.Spool, error) {
+	sp, err := spool.Open(path, spool.DefaultLimit)
+	if !errors.Is(err, boltfile.ErrDamaged) {
+		return sp, err
+	}
+	damage := err
+	aside := path + ".damaged-" + a.wall().UTC().Format("20060102T150405Z")
+	if err := os.Rename(path, aside); err != nil {
+		return nil, errors.Join(damage, err)
+	}
+	a.log.Error("report outbox damaged; kept aside, starting an empty one", "err", damage, "kept", aside)
+	if sp, err = spool.Open(path, spool.DefaultLimit); err != nil {
+		return nil, err
+	}
+	a.audit("outbox-damaged", fmt.Sprintf("unsent reports lost; the damaged file is kept at %s (%v)", aside, damage))
+	return sp, nil
 }
 
 // audit records an event in the local audit log, whose hook (report)

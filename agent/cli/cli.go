@@ -34,6 +34,7 @@ func Root() *subcmd.Command {
 			uninstallCmd(),
 			enrollCmd(),
 			cleanupCmd(),
+			recoverCacheCmd(),
 			versionCmd(),
 		},
 	}

@@ -330,6 +330,45 @@ func cleanupCmd() *subcmd.Command {
 	}
 }
 
+func recoverCacheCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "recover-cache",
+		Summary: "Replace a damaged policy cache, with the agent stopped. A damaged cache keeps the device in\n" +
+			"lockdown (floor and control only) until this is run. The damaged file is kept aside, the new\n" +
+			"cache trusts the ops keys the configuration pins, and its audit log records the recovery.\n" +
+			"Started again, the agent enforces lockdown until a policy arrives from control (the enrolment\n" +
+			"is kept) or through `bulkhead policy apply`.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			config := fs.String("config", DefaultConfig, "configuration `FILE`")
+			refuse := fs.Uint64("refuse-up-to", 0, "refuse bundles up to this `VERSION` (the one the device last ran, from\n"+
+				"`bulkhead-control devices`), so an old bundle cannot be replayed into the empty cache;\n"+
+				"0 starts rollback protection afresh")
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) > 0 {
+					return subcmd.Usagef("recover-cache takes no arguments")
+				}
+				cfg, err := agent.LoadConfig(*config)
+				if err != nil {
+					return err
+				}
+				r, err := agent.RecoverCache(cfg, *refuse, time.Now())
+				if err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "the damaged cache (%s) is kept at %s\n", r.Damage, r.Kept)
+				fmt.Fprintf(env.Stdout, "new cache: %d ops keys pinned from the configuration (threshold %d)", r.RootsPinned, r.Threshold)
+				if r.RefusedUpTo > 0 {
+					fmt.Fprintf(env.Stdout, "; bundles up to version %d refused\n", r.RefusedUpTo)
+				} else {
+					fmt.Fprintf(env.Stdout, "; rollback protection starts afresh (give --refuse-up-to to keep old bundles out)\n")
+				}
+				fmt.Fprintf(env.Stdout, "recorded in the cache's audit log; start the agent: it enforces lockdown until a policy arrives\n")
+				return nil
+			}
+		},
+	}
+}
+
 func enrollCmd() *subcmd.Command {
 	return &subcmd.Command{
 		Name: "enroll",

@@ -15,6 +15,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/internal/boltfile"
 )
 
 // DefaultLimit is how many events the outbox holds: days of a busy
@@ -35,9 +36,10 @@ type Spool struct {
 	limit int
 }
 
-// Open opens or creates the spool at path holding at most limit events.
+// Open opens or creates the spool at path holding at most limit events. A
+// damaged file is an error wrapping boltfile.ErrDamaged, never a crash.
 func Open(path string, limit int) (*Spool, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second})
+	db, err := boltfile.Open(path, &bolt.Options{Timeout: time.Second})
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}

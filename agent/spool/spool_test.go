@@ -1,9 +1,14 @@
 package spool
 
 import (
+	"errors"
+	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/bulkhead-edge/bulkhead/internal/boltfile"
 )
 
 func TestBoundedOutboxKeepsNewestAndCountsDrops(t *testing.T) {
@@ -46,5 +51,34 @@ func TestBoundedOutboxKeepsNewestAndCountsDrops(t *testing.T) {
 	// Pending returns the oldest first, n at a time.
 	if req, _ := s.Pending(1); len(req.Events) != 1 || req.Events[0].Seq != 7 {
 		t.Errorf("Pending(1) = %+v", req)
+	}
+}
+
+// A damaged outbox is an error wrapping boltfile.ErrDamaged, never a
+// crash: the agent then keeps it aside and starts an empty one.
+func TestDamagedSpoolIsAnError(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "channel.db")
+	s, err := Open(path, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		if err := s.Add(time.Now(), "kind", strings.Repeat("detail ", 200)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range min(len(raw), 2048) {
+		raw[i] = 0xff
+	}
+	if err := os.WriteFile(path, raw[:len(raw)/2+100], 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(path, 10); !errors.Is(err, boltfile.ErrDamaged) {
+		t.Fatalf("Open(damaged) = %v, want ErrDamaged", err)
 	}
 }

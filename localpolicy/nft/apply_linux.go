@@ -315,6 +315,19 @@ func (e *Enforcer) current(c *nftables.Conn) (contents, error) {
 	return out, nil
 }
 
+// Present reports whether the kernel holds the agent's table, whatever is
+// in it.
+func (e *Enforcer) Present() (bool, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	c, err := e.conn()
+	if err != nil {
+		return false, fmt.Errorf("nftables: %w", err)
+	}
+	have, err := e.current(c)
+	return have.present, err
+}
+
 // Remove deletes the table; a missing table is not an error. Only an
 // explicit cleanup or uninstall calls this: the table outlives the agent.
 func (e *Enforcer) Remove() error {

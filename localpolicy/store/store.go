@@ -18,6 +18,7 @@ import (
 	bolt "go.etcd.io/bbolt"
 	bolterrors "go.etcd.io/bbolt/errors"
 
+	"github.com/bulkhead-edge/bulkhead/internal/boltfile"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
@@ -43,8 +44,10 @@ var (
 	keyHighest = []byte("highest_version")
 	keyTrusted = []byte("trusted_time")
 	keyContact = []byte("last_contact")
-	keySticky  = []byte("sticky")
-	keyRoots   = []byte("roots")
+	// keyRefusedUpTo is the version a recovered cache refuses up to.
+	keyRefusedUpTo = []byte("refused_up_to")
+	keySticky      = []byte("sticky")
+	keyRoots       = []byte("roots")
 	// keyBundleRoots is the root set the cached bundle was accepted
 	// under: Load verifies it against that set, so a rotation does not
 	// lock a device out of the policy it already runs.
@@ -60,15 +63,13 @@ type Store struct {
 }
 
 // Open opens or creates the cache at path (mode 0600) and checks the file's
-// consistency; a damaged file is ErrCorrupt, never an empty cache.
+// consistency; a damaged file is ErrCorrupt, never an empty cache and never
+// a crash (package boltfile). The freelist is written with every commit
+// (one more page; commits are rare, and an idle agent makes none), so an
+// open reads it instead of rebuilding it; a cache written by an older
+// agent, without one, is rebuilt once and written with one from then on.
 func Open(path string) (*Store, error) {
-	db, err := bolt.Open(path, 0o600, &bolt.Options{
-		Timeout: time.Second,
-		// The freelist is rebuilt on open instead of being written on every
-		// commit: fewer flash writes, and the file is tiny.
-		NoFreelistSync: true,
-		FreelistType:   bolt.FreelistMapType,
-	})
+	db, err := boltfile.Open(path, &bolt.Options{Timeout: time.Second, FreelistType: bolt.FreelistMapType})
 	switch {
 	case errors.Is(err, bolterrors.ErrTimeout):
 		return nil, fmt.Errorf("%w: %s", ErrLocked, path)
@@ -144,22 +145,46 @@ func (s *Store) update(fn func(meta *bolt.Bucket, tx *bolt.Tx) error) (err error
 	return s.db.Update(func(tx *bolt.Tx) error { return fn(tx.Bucket(bucketMeta), tx) })
 }
 
-// Highest is the highest bundle version this device ever accepted.
+// Highest is the highest bundle version this device ever accepted, or
+// was told to refuse up to (RefuseUpTo): no bundle at or below it is
+// accepted again.
 func (s *Store) Highest() (uint64, error) {
 	var h uint64
 	err := s.view(func(meta *bolt.Bucket, _ *bolt.Tx) error {
 		var err error
-		h, err = getU64(meta, keyHighest)
+		h, err = highest(meta)
 		return err
 	})
 	return h, err
+}
+
+func highest(meta *bolt.Bucket) (uint64, error) {
+	accepted, err := getU64(meta, keyHighest)
+	if err != nil {
+		return 0, err
+	}
+	refused, err := getU64(meta, keyRefusedUpTo)
+	return max(accepted, refused), err
+}
+
+// RefuseUpTo makes the cache refuse bundles up to version v, as if it had
+// accepted v: a recovered cache refuses what the device already ran past.
+// A lower v changes nothing.
+func (s *Store) RefuseUpTo(v uint64) error {
+	return s.update(func(meta *bolt.Bucket, _ *bolt.Tx) error {
+		cur, err := getU64(meta, keyRefusedUpTo)
+		if err != nil || v <= cur {
+			return err
+		}
+		return meta.Put(keyRefusedUpTo, u64(v))
+	})
 }
 
 // Accept caches b as the enforced bundle. The version check is repeated
 // inside the write transaction, so two racing accepts cannot roll back.
 func (s *Store) Accept(b *bundle.Bundle, now time.Time) error {
 	return s.update(func(meta *bolt.Bucket, tx *bolt.Tx) error {
-		highest, err := getU64(meta, keyHighest)
+		highest, err := highest(meta)
 		if err != nil {
 			return err
 		}

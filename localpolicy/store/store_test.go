@@ -195,6 +195,92 @@ func TestDamagedFileIsCorrupt(t *testing.T) {
 	}
 }
 
+// Corruption patterns flash produces, on a cache that held a bundle: each
+// opens as ErrCorrupt (or, for a file emptied, as a fresh cache: no
+// policy), never a panic. 2 KB of 0xff over the first page made
+// bolt.Open panic ("freepages") on every start before the guard covered
+// it.
+func TestCorruptionPatternsAreErrCorrupt(t *testing.T) {
+	f := newFixture(t)
+	patterns := []struct {
+		name    string
+		corrupt func(b []byte) []byte
+	}{
+		{"0xff over the first 2 KB", func(b []byte) []byte { return fill(b, 0, 2048, 0xff) }},
+		{"0xff over both meta pages", func(b []byte) []byte { return fill(b, 0, 8192, 0xff) }},
+		{"0xff over the second meta page", func(b []byte) []byte { return fill(b, 4096, 4096, 0xff) }},
+		{"zeros over the data pages", func(b []byte) []byte { return fill(b, 8192, len(b)-8192, 0) }},
+		{"0xff over the data pages", func(b []byte) []byte { return fill(b, 8192, len(b)-8192, 0xff) }},
+		{"truncated to one page", func(b []byte) []byte { return b[:4096] }},
+		{"truncated mid-page", func(b []byte) []byte { return b[:len(b)/2+100] }},
+		{"every 512th byte flipped", func(b []byte) []byte {
+			for i := 100; i < len(b); i += 512 {
+				b[i] ^= 0x5a
+			}
+			return b
+		}},
+	}
+	for _, p := range patterns {
+		for _, oldFormat := range []bool{false, true} {
+			name := p.name
+			if oldFormat {
+				name += ", written without a freelist (older agents)"
+			}
+			t.Run(name, func(t *testing.T) { corrupted(t, f, oldFormat, p.corrupt) })
+		}
+	}
+}
+
+// corrupted writes a cache that holds a bundle, damages it, and checks
+// that opening it is ErrCorrupt (or a fresh cache), never a crash.
+func corrupted(t *testing.T, f *fixture, oldFormat bool, corrupt func([]byte) []byte) {
+	path := filepath.Join(t.TempDir(), "cache.db")
+	s := open(t, path)
+	if _, err := s.SetRoots(bundle.NewRootSet(1, f.roots)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Accept(f.bundle(t, 3, time.Hour), t0); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if oldFormat {
+		db, err := bolt.Open(path, 0o600, &bolt.Options{NoFreelistSync: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put([]byte("x"), []byte("y")) }); err != nil {
+			t.Fatal(err)
+		}
+		db.Close()
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(path, corrupt(raw), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s, err = Open(path)
+	if err == nil {
+		// Damage bbolt's own checks missed must still not
+		// yield a trusted policy.
+		defer s.Close()
+		_, err = s.Load(f.roots, scanner)
+	}
+	// A damaged meta page is what the second one is for: a cache that
+	// still yields the bundle it held is fine too.
+	if err != nil && !errors.Is(err, ErrCorrupt) && !errors.Is(err, ErrNoBundle) {
+		t.Fatalf("%v, want ErrCorrupt, or the cache as it was", err)
+	}
+}
+
+func fill(b []byte, off, n int, v byte) []byte {
+	for i := off; i < off+n && i < len(b); i++ {
+		b[i] = v
+	}
+	return b
+}
+
 func TestSecondOpenIsLocked(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "cache.db")
 	open(t, path)
@@ -216,11 +302,14 @@ func TestClockSetBackwardsDoesNotReviveExpiredBundle(t *testing.T) {
 	if err := s.Accept(b, t0); err != nil {
 		t.Fatal(err)
 	}
-	// The agent ran past expiry and, as it does on every mode change,
-	// persisted the trusted time at that moment.
+	// The agent ran past expiry (its monotonic clock counted the time)
+	// and, as it does on every mode change, persisted the trusted time
+	// at that moment.
 	past := b.ExpiresAt.Add(time.Hour)
 	wall := func() time.Time { return past }
-	clock := trustedtime.New(t0, wall)
+	ran := time.Duration(0)
+	clock := trustedtime.NewWithMonotonic(t0, wall, func() time.Duration { return ran })
+	ran = past.Sub(t0)
 	d := localpolicy.Evaluate(localpolicy.Input{Bundle: &b.Payload, Device: scanner, Now: clock.Now()})
 	if d.Mode != localpolicy.Offline {
 		t.Fatalf("mode after expiry = %v, want offline", d.Mode)
