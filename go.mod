@@ -15,6 +15,7 @@ require (
 	go.etcd.io/bbolt v1.5.0
 	golang.org/x/mod v0.35.0
 	golang.org/x/sys v0.47.0
+	golang.org/x/time v0.16.0
 )
 
 require (

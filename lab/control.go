@@ -3,7 +3,6 @@ package lab
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -16,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
@@ -65,11 +65,12 @@ func StartControlWith(t T, ns *NS, addr netip.AddrPort, o ControlOptions) *Contr
 	return c
 }
 
-// Restart stops the server and starts it again on the same data, with
-// args in place of the further serve flags it ran with.
+// Restart stops the server (as an operator does: SIGTERM, and it shuts
+// down in order) and starts it again on the same data, with args in place
+// of the further serve flags it ran with.
 func (c *Control) Restart(t T, args ...string) {
 	t.Helper()
-	c.Stop()
+	c.Terminate()
 	c.opts.Args = args
 	c.Start(t)
 }
@@ -129,7 +130,45 @@ func (c *Control) Start(t T) {
 	t.Fatalf("bulkhead-control does not accept connections on %s", c.addr)
 }
 
+// HTTPClient is a client of the server from inside its namespace, under
+// its pinned CA, presenting cert (nil: none, as an unenrolled caller).
+func (c *Control) HTTPClient(t T, cert *tls.Certificate) *http.Client {
+	t.Helper()
+	caPEM, err := os.ReadFile(filepath.Join(c.Data, pki.CertFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	cfg := &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: roots}
+	if cert != nil {
+		cfg.Certificates = []tls.Certificate{*cert}
+	}
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: c.NS.DialContext, DisableKeepAlives: true, TLSClientConfig: cfg}}
+}
+
+// Pid is the running server's process id.
+func (c *Control) Pid() int { return c.cmd.Process.Pid }
+
 // Stop kills the server (as a crash or power loss would).
+// Terminate stops the server with SIGTERM and waits for it to finish
+// (killing it after 10 s).
+func (c *Control) Terminate() {
+	if c.cmd == nil || c.cmd.Process == nil {
+		return
+	}
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { c.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		c.cmd.Process.Kill()
+		<-done
+	}
+	c.cmd = nil
+}
+
 func (c *Control) Stop() {
 	if c.cmd != nil && c.cmd.Process != nil {
 		c.cmd.Process.Kill()
@@ -170,25 +209,8 @@ func (c *Control) Deliver(t T, signed []byte) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	caPEM, err := os.ReadFile(filepath.Join(c.Data, pki.CertFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(caPEM)
 	body, _ := json.Marshal(controlapi.CommandRequest{Signed: signed})
-	// The transport dials on goroutines of its own: open the socket in
-	// the server's namespace explicitly.
-	dial := func(ctx context.Context, network, addr string) (conn net.Conn, err error) {
-		err = c.NS.Do(func() error {
-			var err error
-			conn, err = (&net.Dialer{}).DialContext(ctx, network, addr)
-			return err
-		})
-		return conn, err
-	}
-	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: dial, DisableKeepAlives: true,
-		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, RootCAs: roots}}}
+	client := c.HTTPClient(t, &cert)
 	resp, err := client.Post(c.URL+controlapi.PathAdminCommands, "application/json", bytes.NewReader(body))
 	if err != nil {
 		t.Fatalf("delivering a command: %v", err)

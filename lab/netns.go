@@ -2,9 +2,11 @@ package lab
 
 import (
 	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -117,4 +119,16 @@ func (ns *NS) killAll() error {
 func zombie(stat []byte) bool {
 	i := bytes.LastIndexByte(stat, ')')
 	return i >= 0 && i+2 < len(stat) && stat[i+2] == 'Z'
+}
+
+// DialContext opens a connection from inside the namespace. An
+// http.Transport dials on goroutines of its own, which Do alone would not
+// reach: give it this.
+func (ns *NS) DialContext(ctx context.Context, network, addr string) (conn net.Conn, err error) {
+	err = ns.Do(func() error {
+		var err error
+		conn, err = (&net.Dialer{}).DialContext(ctx, network, addr)
+		return err
+	})
+	return conn, err
 }

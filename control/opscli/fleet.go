@@ -202,7 +202,7 @@ func devicesCmd() *subcmd.Command {
 				w := tabwriter.NewWriter(env.Stdout, 0, 4, 2, ' ', 0)
 				fmt.Fprintln(w, "ID\tCLASS\tMODE\tPOLICY\tLAST SEEN\tWHY")
 				for _, d := range devs {
-					fmt.Fprintf(w, "%s\t%s\t%s\tv%d\t%s\t%s\n", d.ID, d.Class, d.State.Mode, d.State.PolicyVersion, ago(d.LastSeen), d.State.Why)
+					fmt.Fprintf(w, "%s\t%s\t%s\tv%d\t%s\t%s\n", safe(d.ID), safe(d.Class), d.State.Mode, d.State.PolicyVersion, ago(d.LastSeen), safe(d.State.Why))
 				}
 				return w.Flush()
 			}
@@ -244,22 +244,40 @@ func deviceCmd() *subcmd.Command {
 func auditCmd() *subcmd.Command {
 	return &subcmd.Command{
 		Name:    "audit",
-		Summary: "Print the server's audit log: who did what, when, and why.",
+		Summary: "Print the server's audit log: who did what, when, and why, oldest first, page by page.",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
 			connect := adminFlags(fs)
+			after := fs.Uint64("after", 0, "start after this sequence `NUMBER`")
+			limit := fs.Int("limit", 0, "print at most `N` entries (default: all)")
 			return func(env *subcmd.Env, args []string) error {
+				if len(args) > 0 {
+					return subcmd.Usagef("audit takes no arguments")
+				}
+				if *limit < 0 {
+					return subcmd.Usagef("--limit must be positive")
+				}
 				a, err := connect()
 				if err != nil {
 					return err
 				}
-				var log []controlapi.AuditEntry
-				if err := a.call("GET", controlapi.PathAdminAudit, nil, &log); err != nil {
-					return err
+				printed := 0
+				for next := *after; ; {
+					var page controlapi.AuditPage
+					if err := a.call("GET", fmt.Sprintf("%s?after=%d", controlapi.PathAdminAudit, next), nil, &page); err != nil {
+						return err
+					}
+					for _, e := range page.Entries {
+						if *limit > 0 && printed == *limit {
+							return nil
+						}
+						fmt.Fprintf(env.Stdout, "%s  %-20s %-18s %s\n", e.Time.Format(time.RFC3339), safe(e.Actor), safe(e.Action), safe(e.Detail))
+						printed++
+					}
+					if page.Next == 0 {
+						return nil
+					}
+					next = page.Next
 				}
-				for _, e := range log {
-					fmt.Fprintf(env.Stdout, "%s  %-20s %-18s %s\n", e.Time.Format(time.RFC3339), e.Actor, e.Action, e.Detail)
-				}
-				return nil
 			}
 		},
 	}
@@ -400,7 +418,7 @@ func suggestCmd() *subcmd.Command {
 					fmt.Fprintf(w, "  + %s\n", ruleText(r))
 				}
 				for _, u := range d.Unmatched {
-					fmt.Fprintf(w, "  not drafted: %s %s %s: %s\n", u.Flow.Segment, u.Flow.Protocol, u.Flow.Target(), u.Why)
+					fmt.Fprintf(w, "  not drafted: %s %s %s: %s\n", safe(u.Flow.Segment), u.Flow.Protocol, u.Flow.Target(), safe(u.Why))
 				}
 				if len(flows) == 0 {
 					fmt.Fprintf(w, "nothing observed yet: is a monitor in the class's signed policy, and have its devices reported?\n")

@@ -15,11 +15,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -86,6 +89,9 @@ type Server struct {
 	changed chan struct{}
 	// lastSeen is kept in memory; a write per poll would wear the disk.
 	seen map[string]time.Time
+	// gate and refused bound what callers without a certificate get.
+	gate    *gate
+	refused *refusals
 }
 
 // Open loads (or on first start creates) the CA, the command key, the
@@ -116,7 +122,31 @@ func Open(cfg Config) (*Server, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
-	return &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, changed: make(chan struct{}), seen: map[string]time.Time{}}, created, nil
+	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, changed: make(chan struct{}), seen: map[string]time.Time{}, gate: newGate()}
+	s.refused = newRefusals(s.now)
+	return s, created, nil
+}
+
+// auditRefusals writes one audit row per window in which enrolments were
+// refused, until ctx ends (and one for the last window then): a flood of
+// bad tokens costs one row a minute, not one each.
+func (s *Server) auditRefusals(ctx context.Context) {
+	t := time.NewTicker(refusalWindow)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		}
+		if detail := s.refused.summary(); detail != "" {
+			if err := s.db.recordAudit(s.now(), "enrolment", "enrolment-refused", detail); err != nil {
+				s.log.Error("audit", "err", err)
+			}
+		}
+		if ctx.Err() != nil {
+			return
+		}
+	}
 }
 
 // Fingerprint is the CA fingerprint devices pin.
@@ -183,18 +213,47 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if err != nil {
 		return err
 	}
+	base := &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{cert},
+		ClientAuth:   tls.VerifyClientCertIfGiven,
+		ClientCAs:    s.ca.Pool(),
+	}
 	srv := &http.Server{
 		Handler: s.Handler(),
 		TLSConfig: &tls.Config{
-			MinVersion:   tls.VersionTLS13,
-			Certificates: []tls.Certificate{cert},
-			ClientAuth:   tls.VerifyClientCertIfGiven,
-			ClientCAs:    s.ca.Pool(),
+			MinVersion: tls.VersionTLS13,
+			// Each handshake learns where it comes from, so one without a
+			// client certificate is counted against its address and
+			// refused over the bound (gate), before any request is read.
+			GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+				cfg := base.Clone()
+				remote := hello.Conn.RemoteAddr()
+				cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+					if len(cs.PeerCertificates) > 0 {
+						return nil
+					}
+					return s.gate.admit(remote)
+				}
+				return cfg, nil
+			},
 		},
+		ConnState: func(c net.Conn, st http.ConnState) {
+			if st == http.StateClosed || st == http.StateHijacked {
+				s.gate.release(c.RemoteAddr().String())
+			}
+		},
+		// A request must arrive whole within these: a caller that sends a
+		// body slowly, or nothing, is cut off. A device's long-poll reads
+		// its small body at once and then extends its own write deadline
+		// for as long as it is held.
 		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       controlapi.MaxWait + time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
+	go s.auditRefusals(ctx)
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -287,9 +346,38 @@ func decode(w http.ResponseWriter, r *http.Request, v any) bool {
 	return true
 }
 
+// maxEnrolBody bounds an enrolment request: a token, a class, a hostname,
+// a certificate request of a few hundred bytes and a WireGuard key.
+const maxEnrolBody = 16 << 10
+
+// enroll admits a device against a one-time token. The caller has no
+// certificate yet, so everything it can make the server do is bounded:
+// an address whose refusals used its budget is answered 429 before any
+// work; the body is capped; every field is checked for size and form; the
+// token is looked up before the certificate request is parsed; and a
+// refusal is counted for the minute's one audit row, never written alone.
 func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
+	ip := remoteIP(r)
+	if !s.refused.allow(ip) {
+		fail(w, http.StatusTooManyRequests, "too many refused enrolments from this address; wait a minute")
+		return
+	}
+	refuse := func(code int, reason, msg string) {
+		s.refused.record(ip, reason)
+		fail(w, code, msg)
+	}
 	var req controlapi.EnrollRequest
-	if !decode(w, r, &req) {
+	if err := json.UnmarshalRead(http.MaxBytesReader(w, r.Body, maxEnrolBody), &req); err != nil {
+		refuse(http.StatusBadRequest, "malformed request", "request body: "+err.Error())
+		return
+	}
+	if problem := checkEnrolFields(req); problem != "" {
+		refuse(http.StatusBadRequest, "malformed request", problem)
+		return
+	}
+	now := s.now()
+	if err := s.db.checkToken(req.Token, req.Class, now); err != nil {
+		refuse(http.StatusForbidden, tokenReason(err), err.Error())
 		return
 	}
 	csr, err := x509.ParseCertificateRequest(req.CSR)
@@ -297,10 +385,9 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		err = csr.CheckSignature()
 	}
 	if err != nil {
-		fail(w, http.StatusBadRequest, "certificate request: "+err.Error())
+		refuse(http.StatusBadRequest, "bad certificate request", "certificate request: "+err.Error())
 		return
 	}
-	now := s.now()
 	var der []byte
 	dev, cursor, err := s.db.enroll(req.Token, req.Class, now, func(id, class string) (controlapi.Device, error) {
 		var err error
@@ -308,9 +395,8 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return controlapi.Device{ID: id, Class: class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, EnrolledAt: now.UTC()}, err
 	})
 	switch {
-	case errors.Is(err, errTokenUnknown), errors.Is(err, errTokenUsed), errors.Is(err, errTokenExpired), errors.Is(err, errTokenClass):
-		s.db.recordAudit(now, "enrolment", "enrolment-refused", fmt.Sprintf("%v (hostname %q)", err, req.Hostname))
-		fail(w, http.StatusForbidden, err.Error())
+	case isTokenError(err):
+		refuse(http.StatusForbidden, tokenReason(err), err.Error())
 		return
 	case err != nil:
 		fail(w, http.StatusInternalServerError, err.Error())
@@ -323,6 +409,44 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		resp.OpsKeys = append(resp.OpsKeys, k)
 	}
 	reply(w, resp)
+}
+
+// checkEnrolFields says what is wrong with an enrolment's fields, by
+// size and form, or "".
+func checkEnrolFields(req controlapi.EnrollRequest) string {
+	switch {
+	case !tokenForm.MatchString(req.Token):
+		return "token: not a Bulkhead enrolment token (bht_ and 40 hex digits)"
+	case req.Class != "" && !classForm.MatchString(req.Class):
+		return "class: 1-32 characters of a-z, 0-9, '-' or '_'"
+	case len(req.Hostname) > 253 || strings.ContainsFunc(req.Hostname, func(r rune) bool { return r < 0x20 || r == 0x7f }):
+		return "hostname: at most 253 printable characters"
+	case len(req.CSR) == 0 || len(req.CSR) > 4096:
+		return "csr: a certificate request of at most 4 KiB is required"
+	case req.WireGuardKey != "" && !wgKeyForm.MatchString(req.WireGuardKey):
+		return "wireguard_key: a base64 Curve25519 public key (44 characters)"
+	}
+	return ""
+}
+
+var (
+	tokenForm = regexp.MustCompile(`^bht_[0-9a-f]{40}$`)
+	classForm = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,31}$`)
+	wgKeyForm = regexp.MustCompile(`^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$`)
+)
+
+func isTokenError(err error) bool {
+	return errors.Is(err, errTokenUnknown) || errors.Is(err, errTokenUsed) || errors.Is(err, errTokenExpired) || errors.Is(err, errTokenClass)
+}
+
+// tokenReason names a token refusal for the audit summary.
+func tokenReason(err error) string {
+	for _, e := range []error{errTokenUnknown, errTokenUsed, errTokenExpired, errTokenClass} {
+		if errors.Is(err, e) {
+			return e.Error()
+		}
+	}
+	return "token refused"
 }
 
 // wakeup returns the channel closed at the next change.
@@ -353,6 +477,7 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
 	}
+	req.State = boundState(req.State)
 	if !stateEqual(dev.State, req.State) {
 		err := s.db.updateDevice(id, func(d *controlapi.Device) { d.State, d.LastSeen = req.State, now.UTC() })
 		if err != nil {
@@ -363,6 +488,9 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	wait := min(time.Duration(req.WaitSeconds)*time.Second, s.cfg.KeepAlive, controlapi.MaxWait)
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
+	// Held for up to wait: the server's write deadline is for answers
+	// given at once.
+	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(wait + 30*time.Second))
 	target := bundle.Device{ID: id, Class: dev.Class}
 	// The headers go out at once: the device knows it is connected while
 	// the answer is held. A failure after this aborts the connection,
@@ -390,6 +518,31 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 			return
 		}
 	}
+}
+
+// boundState cuts what a device says about itself to sizes a desk can
+// show: the record is written to disk and printed to operators.
+func boundState(st controlapi.DeviceState) controlapi.DeviceState {
+	const maxText, maxPartners = 1 << 10, 64
+	if len(st.Why) > maxText {
+		st.Why = st.Why[:maxText] + "… (cut)"
+	}
+	if len(st.AgentVersion) > 64 {
+		st.AgentVersion = st.AgentVersion[:64]
+	}
+	if len(st.Revoked) > maxPartners {
+		kept := map[string]string{}
+		for _, p := range slices.Sorted(maps.Keys(st.Revoked))[:maxPartners] {
+			kept[p] = st.Revoked[p]
+		}
+		st.Revoked = kept
+	}
+	for p, why := range st.Revoked {
+		if len(p) > 64 || len(why) > maxText {
+			delete(st.Revoked, p)
+		}
+	}
+	return st
 }
 
 func stateEqual(a, b controlapi.DeviceState) bool {
@@ -592,13 +745,35 @@ func commandRecord(c command.Command, raw []byte, ids []string) queued {
 	return queued{ID: c.ID, Kind: string(c.Kind), ExpiresAt: c.ExpiresAt, Raw: raw, Devices: ids}
 }
 
-func (s *Server) audit(w http.ResponseWriter, _ *http.Request, _ string) {
-	log, err := s.db.auditLog()
+// auditPageMax bounds one page of the audit log.
+const auditPageMax = 5000
+
+// audit answers a page of the audit log: ?after=SEQ (default 0) and
+// ?limit=N (default and most auditPageMax).
+func (s *Server) audit(w http.ResponseWriter, r *http.Request, _ string) {
+	after, limit := uint64(0), auditPageMax
+	if v := r.URL.Query().Get("after"); v != "" {
+		n, err := strconv.ParseUint(v, 10, 64)
+		if err != nil {
+			fail(w, http.StatusBadRequest, "after: not a sequence number")
+			return
+		}
+		after = n
+	}
+	if v := r.URL.Query().Get("limit"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 || n > auditPageMax {
+			fail(w, http.StatusBadRequest, fmt.Sprintf("limit: a number from 1 to %d", auditPageMax))
+			return
+		}
+		limit = n
+	}
+	entries, next, err := s.db.auditPage(after, limit)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
 	}
-	reply(w, log)
+	reply(w, controlapi.AuditPage{Entries: entries, Next: next})
 }
 
 // flows answers the observed flows of ?class=, for policy suggest.

@@ -112,10 +112,27 @@ func randomID(prefix string, n int) string {
 	return prefix + hex.EncodeToString(b)
 }
 
+// auditKept bounds the audit log: each entry past it pushes out the
+// oldest, so no caller, authenticated or not, can grow the file without
+// bound. Sequence numbers keep counting, so a gap at the start shows what
+// was pushed out.
+const auditKept = 100_000
+
+// maxAuditDetail bounds one entry's detail.
+const maxAuditDetail = 4 << 10
+
 // audit appends one entry in tx.
 func audit(tx *bolt.Tx, now time.Time, actor, action, detail string) error {
 	b := tx.Bucket(bucketAudit)
 	seq, _ := b.NextSequence()
+	if len(detail) > maxAuditDetail {
+		detail = detail[:maxAuditDetail] + "… (cut)"
+	}
+	if seq > auditKept {
+		if err := b.Delete(u64(seq - auditKept)); err != nil {
+			return err
+		}
+	}
 	return put(b, u64(seq), controlapi.AuditEntry{Seq: seq, Time: now.UTC(), Actor: actor, Action: action, Detail: detail})
 }
 
@@ -132,6 +149,33 @@ func (d *db) newToken(class string, ttl time.Duration, now time.Time, actor stri
 	return resp, err
 }
 
+// checkToken reports, reading only, whether tok would enrol a device of
+// class now: the check that comes before any other work.
+func (d *db) checkToken(tok, class string, now time.Time) error {
+	return d.bolt.View(func(tx *bolt.Tx) error {
+		t, ok, err := get[token](tx.Bucket(bucketTokens), hashToken(tok))
+		if err != nil {
+			return err
+		}
+		return tokenUsable(t, ok, class, now)
+	})
+}
+
+// tokenUsable is why a token cannot enrol a device of class now, or nil.
+func tokenUsable(t token, ok bool, class string, now time.Time) error {
+	switch {
+	case !ok:
+		return errTokenUnknown
+	case t.UsedBy != "":
+		return fmt.Errorf("%w (by device %s)", errTokenUsed, t.UsedBy)
+	case !now.Before(t.ExpiresAt):
+		return fmt.Errorf("%w at %s", errTokenExpired, t.ExpiresAt.Format(time.RFC3339))
+	case class != "" && t.Class != class:
+		return fmt.Errorf("%w: it is for class %q, this device is class %q", errTokenClass, t.Class, class)
+	}
+	return nil
+}
+
 // enroll spends the token and records the device, all or nothing: a
 // refused or failed enrolment leaves the token as it was.
 func (d *db) enroll(tok, class string, now time.Time, issue func(id, class string) (controlapi.Device, error)) (controlapi.Device, uint64, error) {
@@ -140,17 +184,11 @@ func (d *db) enroll(tok, class string, now time.Time, issue func(id, class strin
 	err := d.bolt.Update(func(tx *bolt.Tx) error {
 		tb := tx.Bucket(bucketTokens)
 		t, ok, err := get[token](tb, hashToken(tok))
-		switch {
-		case err != nil:
+		if err != nil {
 			return err
-		case !ok:
-			return errTokenUnknown
-		case t.UsedBy != "":
-			return fmt.Errorf("%w (by device %s)", errTokenUsed, t.UsedBy)
-		case !now.Before(t.ExpiresAt):
-			return fmt.Errorf("%w at %s", errTokenExpired, t.ExpiresAt.Format(time.RFC3339))
-		case class != "" && t.Class != class:
-			return fmt.Errorf("%w: it is for class %q, this device is class %q", errTokenClass, t.Class, class)
+		}
+		if err := tokenUsable(t, ok, class, now); err != nil {
+			return err
 		}
 		class = t.Class
 		if dev, err = issue(randomID("dev-", 6), class); err != nil {
@@ -379,19 +417,27 @@ func (d *db) reports(id string, n int) ([]controlapi.Event, error) {
 	return out, err
 }
 
-func (d *db) auditLog() ([]controlapi.AuditEntry, error) {
+// auditPage returns up to limit audit entries after seq after, oldest
+// first, and the seq to ask after for the next page (0: none left).
+func (d *db) auditPage(after uint64, limit int) ([]controlapi.AuditEntry, uint64, error) {
 	var out []controlapi.AuditEntry
+	var next uint64
 	err := d.bolt.View(func(tx *bolt.Tx) error {
-		return tx.Bucket(bucketAudit).ForEach(func(_, v []byte) error {
+		c := tx.Bucket(bucketAudit).Cursor()
+		for k, v := c.Seek(u64(after + 1)); k != nil; k, v = c.Next() {
+			if len(out) == limit {
+				next = out[len(out)-1].Seq
+				return nil
+			}
 			var e controlapi.AuditEntry
 			if err := json.Unmarshal(v, &e); err != nil {
 				return err
 			}
 			out = append(out, e)
-			return nil
-		})
+		}
+		return nil
 	})
-	return out, err
+	return out, next, err
 }
 
 func (d *db) recordAudit(now time.Time, actor, action, detail string) error {
