@@ -280,6 +280,13 @@ type AuditEntry struct {
 	Detail string    `json:"detail"`
 }
 
+// AuditPage is one page of the audit log, oldest first; Next is the seq
+// to ask after for the next page, 0 when there is none.
+type AuditPage struct {
+	Entries []AuditEntry `json:"entries"`
+	Next    uint64       `json:"next,omitzero"`
+}
+
 // ReadResponse reads an answer of at most 64 MiB and decodes it into out,
 // or returns the server's refusal as an error carrying its message.
 func ReadResponse(resp *http.Response, out any) error {
