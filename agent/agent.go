@@ -158,7 +158,8 @@ func (a *Agent) Boot() error {
 		return err
 	}
 	if a.startTunnel() {
-		a.applyTunnel()
+		// Gateways may now reach the tunnel's port.
+		return a.reconcile("tunnel up")
 	}
 	return nil
 }
@@ -188,9 +189,14 @@ func (a *Agent) lockdownFirst() error {
 	return nil
 }
 
-// nftOptions are the device-local table options from the configuration.
+// nftOptions are the device-local table options: from the configuration,
+// and the tunnel's port once it is up.
 func (a *Agent) nftOptions() nft.Options {
-	return nft.Options{DHCP: *a.cfg.DHCP, Tunnel: a.cfg.Tunnel.Interface}
+	o := nft.Options{DHCP: *a.cfg.DHCP, Tunnel: a.cfg.Tunnel.Interface}
+	if a.tun != nil {
+		o.ListenPort = a.tun.ListenPort()
+	}
+	return o
 }
 
 // startTunnel brings the WireGuard device up; it reports whether it is up.
@@ -401,8 +407,8 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-deep.C:
 			a.checkDrift(a.enforcer.Check)
 		case <-peers.C:
-			if a.tun == nil {
-				a.startTunnel()
+			if a.tun == nil && a.startTunnel() {
+				a.reconcile("tunnel up")
 			}
 			a.applyTunnel() // also restores peers edited by hand
 			a.syncFlowLog() // retries a group that could not be bound

@@ -131,11 +131,30 @@ func Echo(t T, ns *NS, ap netip.AddrPort) {
 // unreachable (a drop in OUTPUT fails connect with EPERM, elsewhere it
 // times out), so tests first prove the probe reachable without a firewall.
 func Reachable(ns *NS, proto string, ap netip.AddrPort, timeout time.Duration) (bool, error) {
+	return ReachableFrom(ns, proto, netip.AddrPort{}, ap, timeout)
+}
+
+// ReachableFrom is Reachable from a chosen local address and port (the
+// zero AddrPort: any; an address with port 0: any port of it), as a host
+// spoofing a service's source port would send.
+func ReachableFrom(ns *NS, proto string, local, ap netip.AddrPort, timeout time.Duration) (bool, error) {
 	var ok bool
 	err := ns.Do(func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
-		c, err := (&net.Dialer{}).DialContext(ctx, proto, ap.String())
+		d := net.Dialer{}
+		if local.IsValid() || local.Port() != 0 {
+			ip := net.IP(nil)
+			if local.Addr().IsValid() {
+				ip = local.Addr().AsSlice()
+			}
+			if proto == "udp" {
+				d.LocalAddr = &net.UDPAddr{IP: ip, Port: int(local.Port())}
+			} else {
+				d.LocalAddr = &net.TCPAddr{IP: ip, Port: int(local.Port())}
+			}
+		}
+		c, err := d.DialContext(ctx, proto, ap.String())
 		if err != nil {
 			return nil
 		}

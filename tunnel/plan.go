@@ -3,6 +3,7 @@ package tunnel
 import (
 	"bufio"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"net/netip"
 	"slices"
@@ -206,4 +207,18 @@ func Peers(states []PeerState) []Peer {
 		out[i] = s.Peer
 	}
 	return out
+}
+
+// ListenPortOf reads the device's listen_port from a UAPI get answer.
+func ListenPortOf(uapi string) (uint16, error) {
+	for line := range strings.Lines(uapi) {
+		if v, ok := strings.CutPrefix(strings.TrimSpace(line), "listen_port="); ok {
+			n, err := strconv.ParseUint(v, 10, 16)
+			if err != nil || n == 0 {
+				return 0, fmt.Errorf("listen_port %q", v)
+			}
+			return uint16(n), nil
+		}
+	}
+	return 0, errors.New("no listen_port in the device's state")
 }

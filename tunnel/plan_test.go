@@ -146,3 +146,14 @@ func TestConfigCheck(t *testing.T) {
 		t.Errorf("defaults: %v", err)
 	}
 }
+
+func TestListenPortOf(t *testing.T) {
+	if got, err := ListenPortOf("private_key=ab\nlisten_port=51820\npublic_key=cd\n"); err != nil || got != 51820 {
+		t.Errorf("ListenPortOf = %d, %v; want 51820", got, err)
+	}
+	for _, bad := range []string{"", "private_key=ab\n", "listen_port=0\n", "listen_port=70000\n"} {
+		if _, err := ListenPortOf(bad); err == nil {
+			t.Errorf("ListenPortOf(%q) has no error", bad)
+		}
+	}
+}

@@ -34,6 +34,7 @@ type Tunnel struct {
 	uapi net.Listener
 	rt   *rtnetlink.Conn
 	link uint32 // ifindex of the TUN interface
+	port uint16 // the UDP port the device listens on, as bound at Open
 
 	mu  sync.Mutex // guards key, and orders Apply against RotateKey
 	key PrivateKey
@@ -78,6 +79,15 @@ func Open(cfg Config) (*Tunnel, error) {
 	}
 	if err := t.dev.Up(); err != nil {
 		return fail(fmt.Errorf("tunnel %s: up: %w", cfg.Interface, err))
+	}
+	// The port bound (a free one when the configuration says 0): the
+	// table lets gateways reach this port and no other.
+	text, err := t.dev.IpcGet()
+	if err == nil {
+		t.port, err = ListenPortOf(text)
+	}
+	if err != nil {
+		return fail(fmt.Errorf("tunnel %s: listen port: %w", cfg.Interface, err))
 	}
 	if t.rt, err = rtnetlink.Dial(nil); err != nil {
 		return fail(fmt.Errorf("tunnel %s: route socket: %w", cfg.Interface, err))
@@ -157,6 +167,9 @@ func (t *Tunnel) serveUAPI() error {
 
 // Name is the interface name.
 func (t *Tunnel) Name() string { return t.cfg.Interface }
+
+// ListenPort is the UDP port the device listens on.
+func (t *Tunnel) ListenPort() uint16 { return t.port }
 
 // PublicKey is what gateways and enrolment know the device by.
 func (t *Tunnel) PublicKey() policy.Key {

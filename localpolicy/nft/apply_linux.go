@@ -732,6 +732,11 @@ func (r Rule) exprs(hook string, sets map[string]*nftables.Set) ([]expr.Any, err
 			return ex, nil
 		}
 	}
+	if r.DstPort != 0 {
+		ex = append(ex,
+			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseTransportHeader, Offset: 2, Len: 2},
+			&expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: binary.BigEndian.AppendUint16(nil, r.DstPort)})
+	}
 	if r.Over != nil {
 		ex = append(ex, &expr.Limit{Type: expr.LimitTypePktBytes, Rate: r.Over.PerSecond, Over: true, Unit: expr.LimitTimeSecond, Burst: r.Over.Burst})
 	}

@@ -86,6 +86,9 @@ type Rule struct {
 	// DHCP accepts the client side of DHCP (v4 and v6), so a device that
 	// gets its address by DHCP keeps it in lockdown.
 	DHCP *DHCP
+	// DstPort narrows a rule to one transport destination port (the
+	// tunnel's own, for WireGuard arriving from a gateway).
+	DstPort uint16
 	// Over narrows a rule to the packets above a byte rate: the rate
 	// limit's drop, placed just before the accept it polices.
 	Over *Rate
@@ -171,6 +174,9 @@ type Options struct {
 	// (the plain uplink) is dropped. Empty means there is no tunnel, and
 	// then no segment is open at all.
 	Tunnel string
+	// ListenPort is the tunnel's UDP port: the only local port a gateway's
+	// packets may reach. 0 (the tunnel is not up) admits none.
+	ListenPort uint16
 }
 
 // Build renders d as the agent's table. Every base-chain rule but the last
@@ -219,8 +225,12 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 		gw := addSets(&rs, "gateways", gateways, func(look func(addr, port Field) *Lookup) (r rules) {
 			r.out = []Rule{{Comment: "wireguard gateways", Lookup: look(Dst, Dst)}}
 			// A gateway may start a handshake (rekey, roaming) with no
-			// conntrack entry of ours; WireGuard authenticates it.
-			r.in = []Rule{{Comment: "wireguard gateways inbound", Lookup: look(Src, Src)}}
+			// conntrack entry of ours; WireGuard authenticates it. Only
+			// the tunnel's port: a packet from a gateway's address and
+			// port (spoofable) reaches no other local service.
+			if opt.ListenPort != 0 {
+				r.in = []Rule{{Comment: "wireguard gateways inbound", Lookup: look(Src, Src), DstPort: opt.ListenPort}}
+			}
 			return r
 		})
 		r.add(gw)
@@ -231,9 +241,12 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 	fixed.add(addSets(&rs, "floor", floor, func(look func(addr, port Field) *Lookup) (r rules) {
 		// The floor is symmetric: local services on the floor's ports
 		// (a PLC port) are reachable from its addresses.
-		r.out = []Rule{{Comment: "safety floor", Lookup: look(Dst, Dst)}, {Comment: "safety floor served", Lookup: look(Dst, Src)}}
+		// Replies only, where a floor address and port is the source: a
+		// floor host (or anything spoofing one) using the floor's port as
+		// its source starts nothing, here or through the device.
+		r.out = []Rule{{Comment: "safety floor", Lookup: look(Dst, Dst)}, {Comment: "safety floor served", Established: true, Lookup: look(Dst, Src)}}
 		r.in = []Rule{{Comment: "safety floor replies", Established: true, Lookup: look(Src, Src)}, {Comment: "safety floor inbound", Lookup: look(Src, Dst)}}
-		r.fwd = []Rule{{Comment: "safety floor to", Lookup: look(Dst, Dst)}, {Comment: "safety floor from", Lookup: look(Src, Src)}}
+		r.fwd = []Rule{{Comment: "safety floor to", Lookup: look(Dst, Dst)}, {Comment: "safety floor replies", Established: true, Lookup: look(Src, Src)}}
 		return r
 	}))
 	fixed.add(addSets(&rs, "control", control, func(look func(addr, port Field) *Lookup) (r rules) {
@@ -750,7 +763,7 @@ func (rs Ruleset) Equal(o Ruleset) bool {
 
 func (r Rule) equal(o Rule) bool {
 	return r.Comment == o.Comment && r.Established == o.Established && r.New == o.New && r.Direction == o.Direction &&
-		r.Iface == o.Iface && r.ND == o.ND && r.Limit == o.Limit && r.Log == o.Log && r.Drop == o.Drop &&
+		r.Iface == o.Iface && r.ND == o.ND && r.Limit == o.Limit && r.Log == o.Log && r.Drop == o.Drop && r.DstPort == o.DstPort &&
 		same(r.Lookup, o.Lookup) && same(r.DHCP, o.DHCP) && same(r.Over, o.Over)
 }
 
@@ -851,6 +864,9 @@ func (r Rule) text(hook string) string {
 			op = "vmap "
 		}
 		parts = append(parts, fmt.Sprintf("%s %s . meta l4proto . th %s %s@%s", ip, map[Field]string{Src: "saddr", Dst: "daddr"}[l.Addr], map[Field]string{Src: "sport", Dst: "dport"}[l.Port], op, l.Set))
+	}
+	if r.DstPort != 0 {
+		parts = append(parts, fmt.Sprintf("th dport %d", r.DstPort))
 	}
 	if r.Over != nil {
 		parts = append(parts, fmt.Sprintf("limit rate over %d bytes/second", r.Over.PerSecond))

@@ -98,7 +98,7 @@ func covered(elems []Element, p point) bool {
 // rules, the floor, control, and the drop last. Segment rules name the
 // tunnel.
 func TestBuildOrder(t *testing.T) {
-	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
+	rs := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0", ListenPort: 51820})
 	for _, c := range rs.Chains {
 		if c.Hook == "" {
 			continue // a segment's own chain, entered from the map
@@ -314,7 +314,7 @@ func TestRangePrefixes(t *testing.T) {
 // a chain: Apply skips a ruleset Equal to the last one, so a field it
 // overlooked would never reach the kernel.
 func TestEqualSeesEveryField(t *testing.T) {
-	base := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
+	base := Build(desired(t, "dock-gateway", localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0", ListenPort: 51820})
 	clone := func() Ruleset {
 		var rs Ruleset
 		for _, s := range base.Sets {
@@ -340,7 +340,7 @@ func TestEqualSeesEveryField(t *testing.T) {
 			f.SetString("changed")
 		case reflect.Bool:
 			f.SetBool(!f.Bool())
-		case reflect.Int, reflect.Uint32:
+		case reflect.Int, reflect.Uint16, reflect.Uint32:
 			if f.CanInt() {
 				f.SetInt(f.Int() + 7)
 			} else {

@@ -212,7 +212,7 @@ func TestApplyMatchesNftListing(t *testing.T) {
 	ns := lab.NewNS(t, "nft")
 	e := NewEnforcer(WithNetNS(ns.FD()))
 	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner", "sharded"} {
-		rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
+		rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0", ListenPort: 51820})
 		if _, err := e.Apply(rs); err != nil {
 			t.Fatalf("%s: Apply: %v", class, err)
 		}
@@ -237,7 +237,7 @@ func TestNetlinkMatchesNftText(t *testing.T) {
 func netlinkMatchesNftText(t *testing.T, class string) {
 	lab.RequirePrivileged(t, "nft")
 	viaNetlink, viaText := lab.NewNS(t, "nl"), lab.NewNS(t, "txt")
-	rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0"})
+	rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0", ListenPort: 51820})
 	if _, err := NewEnforcer(WithNetNS(viaNetlink.FD())).Apply(rs); err != nil {
 		t.Fatal(err)
 	}

@@ -114,7 +114,7 @@ func TestBuildIgnoresInputOrder(t *testing.T) {
 			} else {
 				d = desired(t, class, localpolicy.Sticky{})
 			}
-			opt := Options{DHCP: true, Tunnel: "bh0"}
+			opt := Options{DHCP: true, Tunnel: "bh0", ListenPort: 51820}
 			want := Build(d, opt)
 			wantText, wantBatch := want.Text(), batch(t, want)
 			if len(wantBatch) < 10 {

@@ -252,3 +252,92 @@ func TestReplacingTheTableDropsNothing(t *testing.T) {
 		t.Errorf("across 100 table replacements: %d sent, %d lost; want none lost", sent, lost)
 	}
 }
+
+// forwarder is a device forwarding between a truck's floor network and
+// an uplink: floor host 192.168.50.3 (a PLC on tcp 502) and .4 and .5
+// (other floor hosts, free to use port 502 as a source), the device at
+// 192.168.50.1 and 10.10.0.2, an uplink host at 10.10.0.1 (echo on tcp
+// 9000).
+func forwarder(t *testing.T) (device, floor, uplink *lab.NS) {
+	t.Helper()
+	device, floor, uplink = lab.NewNS(t, "dev"), lab.NewNS(t, "floor"), lab.NewNS(t, "up")
+	lab.Link(t, floor, "192.168.50.3/29,192.168.50.4/29,192.168.50.5/29", device, "192.168.50.1/29")
+	lab.Link(t, device, "10.10.0.2/24", uplink, "10.10.0.1/24")
+	device.MustRun(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	floor.MustRun(t, "ip", "route", "add", "default", "via", "192.168.50.1")
+	uplink.MustRun(t, "ip", "route", "add", "192.168.50.0/29", "via", "10.10.0.2")
+	lab.Echo(t, floor, netip.MustParseAddrPort("192.168.50.3:502"))
+	lab.Echo(t, uplink, netip.MustParseAddrPort("10.10.0.1:9000"))
+	return device, floor, uplink
+}
+
+// The safety floor is forwarded one way: new connections toward the
+// floor's hosts and ports, and their replies. A floor host starts nothing
+// through the device that the floor does not name, not even with the
+// floor's port as its source port: it did (the forward rules accepted
+// any packet whose source or destination matched the floor), in
+// quarantine too.
+func TestFloorIsForwardedOneWay(t *testing.T) {
+	lab.RequirePrivileged(t, "nft", "sysctl")
+	device, floor, uplink := forwarder(t)
+	plc, exfil := netip.MustParseAddrPort("192.168.50.3:502"), netip.MustParseAddrPort("10.10.0.1:9000")
+	for i, sticky := range []localpolicy.Sticky{{}, {Mode: localpolicy.Quarantine}} {
+		// A fresh source per mode: the same four-tuple again would wait
+		// out TIME_WAIT and prove nothing.
+		fromPLCPort := netip.AddrPortFrom(netip.AddrFrom4([4]byte{192, 168, 50, byte(4 + i)}), 502)
+		d := desired(t, "telematics", sticky)
+		d.Floor = []localpolicy.FloorRule{{Name: "plc", Destination: policy.Destination{CIDR: netip.MustParsePrefix("192.168.50.0/29"), Protocol: policy.TCP,
+			Ports: []policy.PortRange{{First: 502, Last: 502}}}}}
+		if _, err := NewEnforcer(WithNetNS(device.FD())).Apply(Build(d, Options{Tunnel: "bh0", ListenPort: 51820})); err != nil {
+			t.Fatal(err)
+		}
+		for _, c := range []struct {
+			what      string
+			from      *lab.NS
+			local, to netip.AddrPort
+			want      bool
+		}{
+			{"the uplink to the PLC (toward the floor)", uplink, netip.AddrPort{}, plc, true},
+			{"a floor host to an uplink host", floor, netip.AddrPort{}, exfil, false},
+			{"a floor host to an uplink host, from source port 502", floor, fromPLCPort, exfil, false},
+		} {
+			got, err := lab.ReachableFrom(c.from, "tcp", c.local, c.to, 500*time.Millisecond)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != c.want {
+				t.Errorf("mode %s: %s: reachable %v, want %v", sticky.Mode, c.what, got, c.want)
+			}
+		}
+	}
+}
+
+// A packet from a gateway's address and WireGuard port reaches the
+// tunnel's port and nothing else on the device: it reached any local UDP
+// port (the inbound rule matched the source address and port only, which
+// anyone on the path can spoof).
+func TestGatewayReachesOnlyTheTunnelPort(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	device, gw := lab.NewNS(t, "dev"), lab.NewNS(t, "gw")
+	lab.Link(t, device, "10.10.0.2/24", gw, "10.10.0.21/24")
+	tunnelPort, other := netip.MustParseAddrPort("10.10.0.2:51820"), netip.MustParseAddrPort("10.10.0.2:9999")
+	lab.Echo(t, device, tunnelPort)
+	lab.Echo(t, device, other)
+	d := desired(t, "dock-gateway", localpolicy.Sticky{}) // holds a tunnel to 10.10.0.21:51820
+	if _, err := NewEnforcer(WithNetNS(device.FD())).Apply(Build(d, Options{Tunnel: "bh0", ListenPort: 51820})); err != nil {
+		t.Fatal(err)
+	}
+	fromGateway := netip.MustParseAddrPort("10.10.0.21:51820")
+	for _, c := range []struct {
+		to   netip.AddrPort
+		want bool
+	}{{tunnelPort, true}, {other, false}} {
+		got, err := lab.ReachableFrom(gw, "udp", fromGateway, c.to, 500*time.Millisecond)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != c.want {
+			t.Errorf("udp from the gateway's 10.10.0.21:51820 to %s: reachable %v, want %v", c.to, got, c.want)
+		}
+	}
+}
