@@ -1,6 +1,7 @@
 package nft
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -33,6 +34,9 @@ type Enforcer struct {
 	gen        *genSocket
 	verified   uint32
 	verifiedOK bool
+	// beforeFlush, when set (by tests), runs between reading the kernel's
+	// table and sending the batch built from it: a race made to order.
+	beforeFlush func()
 }
 
 // Option configures an Enforcer.
@@ -155,27 +159,53 @@ func (e *Enforcer) Reapply(rs Ruleset) error {
 // applyLocked makes the table rs in one transaction. prev is what the
 // kernel holds, if known: its sets that rs keeps are changed element by
 // element; otherwise sets are made afresh.
+//
+// The batch is built against what the kernel held when it was read; a
+// change in between (another tool, or an attacker racing a repair) would
+// otherwise survive it. So the ruleset generation is read first and the
+// batch is sent with it (FlushWithGenID): the kernel refuses the batch,
+// with ERESTART, if anything was committed since, and it is built again
+// from a fresh reading.
 func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 	n := 0
 	for _, s := range rs.Sets {
 		n += len(s.Elements)
 	}
-	c, err := e.connFor(n)
-	if err != nil {
-		return fmt.Errorf("nftables: %w", err)
+	for attempt := 1; ; attempt++ {
+		gen, genErr := e.generation()
+		c, err := e.connFor(n)
+		if err != nil {
+			return fmt.Errorf("nftables: %w", err)
+		}
+		old, err := e.current(c)
+		if err != nil {
+			return err
+		}
+		if err := queue(c, rs, prev, old); err != nil {
+			return err
+		}
+		if e.beforeFlush != nil {
+			e.beforeFlush()
+		}
+		if genErr != nil {
+			err = c.Flush() // no generation to hold the batch to
+		} else {
+			err = c.FlushWithGenID(gen)
+		}
+		if errors.Is(err, unix.ERESTART) && attempt < maxRaces {
+			prev = nil // what was read is stale: make every set afresh
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("nftables: apply table inet %s: %w", Table, err)
+		}
+		return nil
 	}
-	old, err := e.current(c)
-	if err != nil {
-		return err
-	}
-	if err := queue(c, rs, prev, old); err != nil {
-		return err
-	}
-	if err := c.Flush(); err != nil {
-		return fmt.Errorf("nftables: apply table inet %s: %w", Table, err)
-	}
-	return nil
 }
+
+// maxRaces bounds how often an apply is built again because the ruleset
+// changed while it was being built.
+const maxRaces = 5
 
 // queue buffers on c the transaction that turns old (what the kernel
 // holds) into rs. It reads nothing and depends on nothing but its
@@ -432,17 +462,16 @@ func (e *Enforcer) check(rs Ruleset) error {
 		if err != nil {
 			return fmt.Errorf("nftables: list rules: %w", err)
 		}
-		var comments []string
-		for _, r := range rules {
-			s, _ := userdata.GetString(r.UserData, userdata.TypeComment)
-			comments = append(comments, s)
+		if len(rules) != len(want.Rules) {
+			return fmt.Errorf("%w: chain %s has %d rules, want %d", ErrDrift, want.Name, len(rules), len(want.Rules))
 		}
-		var wantComments []string
-		for _, r := range want.Rules {
-			wantComments = append(wantComments, r.Comment)
-		}
-		if !slices.Equal(comments, wantComments) {
-			return fmt.Errorf("%w: chain %s has rules %q, want %q", ErrDrift, want.Name, comments, wantComments)
+		// Rules are judged by what they do, not by their comments: a
+		// rule replaced in place under its old comment ("accept comment
+		// \"default drop\"") is drift.
+		for i, r := range rules {
+			if err := sameRule(r, want.Rules[i], want.Hook); err != nil {
+				return fmt.Errorf("%w: chain %s rule %d (%q): %v", ErrDrift, want.Name, i, want.Rules[i].Comment, err)
+			}
 		}
 	}
 	if len(have.sets) != len(rs.Sets) {
@@ -480,6 +509,53 @@ func (e *Enforcer) check(rs Ruleset) error {
 		if !slices.Equal(have, want.Elements) {
 			return fmt.Errorf("%w: set %s has %d elements, want %d (or they differ)", ErrDrift, want.Name, len(have), len(want.Elements))
 		}
+	}
+	return nil
+}
+
+// sameRule says how a rule read back from the kernel differs from want,
+// by its expressions and its comment, or nil. Both are encoded as the
+// kernel takes them, with what the kernel adds left out: its counters'
+// values, and set ids (sets are named).
+func sameRule(got *nftables.Rule, want Rule, hook string) error {
+	sets := map[string]*nftables.Set{}
+	if want.Lookup != nil {
+		sets[want.Lookup.Set] = &nftables.Set{Name: want.Lookup.Set}
+	}
+	wantExprs, err := want.exprs(hook, sets)
+	if err != nil {
+		return err
+	}
+	// google/nftables does not decode byteorder expressions (it skips
+	// the types it does not know): those are left out of both sides.
+	wantExprs = slices.DeleteFunc(wantExprs, func(e expr.Any) bool { _, ok := e.(*expr.Byteorder); return ok })
+	if len(got.Exprs) != len(wantExprs) {
+		return fmt.Errorf("%d expressions, want %d", len(got.Exprs), len(wantExprs))
+	}
+	fam := byte(nftables.TableFamilyINet)
+	for i, g := range got.Exprs {
+		switch e := g.(type) {
+		case *expr.Counter:
+			g = &expr.Counter{}
+		case *expr.Lookup:
+			l := *e
+			l.SetID = 0
+			g = &l
+		}
+		a, err := expr.Marshal(fam, g)
+		if err != nil {
+			return fmt.Errorf("expression %d: %w", i, err)
+		}
+		b, err := expr.Marshal(fam, wantExprs[i])
+		if err != nil {
+			return fmt.Errorf("expression %d: %w", i, err)
+		}
+		if !bytes.Equal(a, b) {
+			return fmt.Errorf("expression %d is %T %+v, want %T %+v", i, g, g, wantExprs[i], wantExprs[i])
+		}
+	}
+	if comment, _ := userdata.GetString(got.UserData, userdata.TypeComment); comment != want.Comment {
+		return fmt.Errorf("comment %q, want %q", comment, want.Comment)
 	}
 	return nil
 }

@@ -332,6 +332,25 @@ func TestDriftIsDetectedAndRepaired(t *testing.T) {
 			t.Fatalf("after repair: %v", err)
 		}
 	}
+	// A rule replaced in place under its old comment is drift too: the
+	// check compares what rules do, not what they are called. It did not
+	// (the device was open to everything while status said normal).
+	listing := ns.MustRun(t, "nft", "-a", "list", "chain", "inet", Table, "output")
+	m := regexp.MustCompile(`comment "default drop" # handle (\d+)`).FindStringSubmatch(listing)
+	if m == nil {
+		t.Fatalf("no default drop rule in output:\n%s", listing)
+	}
+	ns.MustRun(t, "nft", "replace", "rule", "inet", Table, "output", "handle", m[1], "accept", "comment", `"default drop"`)
+	if err := e.Verify(rs); !errors.Is(err, ErrDrift) {
+		t.Fatalf("a drop replaced by an accept under the same comment: Verify = %v, want ErrDrift", err)
+	}
+	if err := e.Reapply(rs); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Verify(rs); err != nil {
+		t.Fatalf("after repair: %v", err)
+	}
+
 	// Another table's change moves the generation too: Verify must look,
 	// and find ours intact.
 	ns.MustRun(t, "nft", "add", "table", "inet", "someone-else")
@@ -533,5 +552,36 @@ func TestDriftIgnoresElementOrder(t *testing.T) {
 	ns.MustRun(t, "nft", "add", "element", "inet", Table, "segments_v4", "{ "+key+" : jump seg_broker-portal }")
 	if err := e.Check(rs); !errors.Is(err, ErrDrift) {
 		t.Fatalf("an element jumping to another chain: Check = %v, want ErrDrift", err)
+	}
+}
+
+// A change made between reading the kernel's table and sending the batch
+// built from it does not survive the batch: the batch carries the
+// generation it was built at, the kernel refuses it (ERESTART) once
+// anything was committed since, and it is built again. Sent without the
+// generation, a chain added in that window outlived the repair.
+func TestChangeRacingAnApplyDoesNotSurviveIt(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	ns := lab.NewNS(t, "race")
+	e := NewEnforcer(WithNetNS(ns.FD()))
+	rs := Build(desired(t, "scanner", localpolicy.Sticky{}), Options{Tunnel: "bh0", ListenPort: 51820})
+	if _, err := e.Apply(rs); err != nil {
+		t.Fatal(err)
+	}
+	raced := 0
+	e.beforeFlush = func() {
+		if raced++; raced == 1 {
+			ns.MustRun(t, "nft", "add", "chain", "inet", Table, "sneaky")
+		}
+	}
+	if err := e.Reapply(rs); err != nil {
+		t.Fatal(err)
+	}
+	e.beforeFlush = nil
+	if raced < 2 {
+		t.Fatalf("the batch was sent %d time(s): the race went unnoticed", raced)
+	}
+	if err := e.Check(rs); err != nil {
+		t.Fatalf("after a repair raced by an outside change: %v", err)
 	}
 }
