@@ -100,6 +100,11 @@ func GPSFakeIn(t T, ns *NS, port int, log []byte, cycle time.Duration, once bool
 		stopped.Do(func() {
 			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 			cmd.Wait()
+			// gpsd is gpsfake's child: wait until it is gone too, so
+			// the next gpsfake's gpsd finds the port free.
+			for deadline := time.Now().Add(5 * time.Second); syscall.Kill(-cmd.Process.Pid, 0) == nil && time.Now().Before(deadline); {
+				time.Sleep(10 * time.Millisecond)
+			}
 		})
 	}
 	t.Cleanup(func() {

@@ -370,8 +370,10 @@ func context(s *Site, r *Result) {
 	start = time.Now()
 	s.gpsStop = lab.GPSFakeIn(s.t, s.Tele.NS, s.gpsPort, parked(), 200*time.Millisecond, false)
 	lat, ok = timeUntil(start, 30*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "normal" })
-	r.Check(Check{What: "back in the yard", Expected: "mode normal", Observed: "mode " + s.Tele.Status(s.t).Mode,
-		Latency: lat, Of: "replay start -> normal", Pass: ok})
+	st = s.Tele.Status(s.t)
+	r.Check(Check{What: "back in the yard", Expected: "mode normal",
+		Observed: strings.TrimSpace(fmt.Sprintf("mode %s %s", st.Mode, strings.Join(st.Why, "; "))),
+		Latency:  lat, Of: "replay start -> normal", Pass: ok})
 
 	r.Note("the dock gateway's EDR sensor (%s) dies", s.SensorName)
 	start = time.Now()

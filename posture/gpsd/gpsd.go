@@ -39,9 +39,15 @@ type report struct {
 // watchRequest asks gpsd to stream JSON reports.
 const watchRequest = `?WATCH={"enable":true,"json":true};` + "\n"
 
+// maxBackoff caps the wait between attempts. gpsd is a local daemon, so
+// an attempt costs nothing, while every second without it is a second in
+// which the position ages: a restarted gpsd missed by a 30 s backoff kept
+// a truck back in its yard restricted for half a minute.
+const maxBackoff = 4 * time.Second
+
 // Watch connects to addr and calls fix with every position until ctx
 // ends. A lost or refused connection is reported to lost (once per
-// outage) and retried, backing off from 1 s to 30 s.
+// outage) and retried, backing off from 1 s to maxBackoff.
 func Watch(ctx context.Context, addr string, fix func(Position), lost func(error)) {
 	backoff := time.Second
 	var said string
@@ -59,7 +65,7 @@ func Watch(ctx context.Context, addr string, fix func(Position), lost func(error
 			return
 		case <-time.After(backoff):
 		}
-		backoff = min(2*backoff, 30*time.Second)
+		backoff = min(2*backoff, maxBackoff)
 	}
 }
 
