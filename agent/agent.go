@@ -16,7 +16,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -365,8 +364,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	defer deep.Stop()
 	peers := time.NewTicker(tunnelCheckEvery)
 	defer peers.Stop()
-	drop := time.NewTicker(dropScanEvery)
-	defer drop.Stop()
+	drops := make(chan dropped)
+	go watchDrops(ctx, a.cfg.DropDir, dropScanEvery, a.wall, drops)
 	flows := time.NewTicker(flowReportEvery)
 	defer flows.Stop()
 	next := time.NewTimer(a.untilNextChange())
@@ -412,8 +411,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			}
 			a.applyTunnel() // also restores peers edited by hand
 			a.syncFlowLog() // retries a group that could not be bound
-		case <-drop.C:
-			a.scanDropDir()
+		case f := <-drops:
+			f.verdict <- a.dropFile(f)
 		case f := <-a.mon.flows:
 			a.logged(f)
 		case <-flows.C:
@@ -505,32 +504,17 @@ func (a *Agent) rotateRoots(raw []byte) error {
 	return nil
 }
 
-// scanDropDir installs *.dsse files dropped into the directory. Each is
-// removed once handled; a rejected one is renamed *.rejected so it is not
-// retried (and audited) every second. A file modified within the last
-// scan period may still be being copied in (cp writes in place), so it
-// waits for the next scan instead of being judged half-written.
-func (a *Agent) scanDropDir() {
-	entries, err := os.ReadDir(a.cfg.DropDir)
-	if err != nil {
-		return
+// dropFile installs a file from the drop directory (read by watchDrops,
+// off the loop) and says whether it was accepted. A file that could not
+// be read is audited as a refused bundle, as a refused one is.
+func (a *Agent) dropFile(f dropped) error {
+	if f.err != nil {
+		a.log.Warn("bundle rejected", "err", f.err)
+		if a.store != nil {
+			a.audit("bundle-rejected", f.err.Error())
+		}
+		return f.err
 	}
-	for _, e := range entries {
-		if e.IsDir() || !strings.HasSuffix(e.Name(), ".dsse") {
-			continue
-		}
-		if info, err := e.Info(); err != nil || a.wall().Sub(info.ModTime()) < dropScanEvery {
-			continue
-		}
-		path := filepath.Join(a.cfg.DropDir, e.Name())
-		raw, err := envelope.ReadFile(path)
-		if err == nil {
-			_, err = a.install(raw)
-		}
-		if err != nil {
-			os.Rename(path, path+".rejected")
-			continue
-		}
-		os.Remove(path)
-	}
+	_, err := a.install(f.raw)
+	return err
 }

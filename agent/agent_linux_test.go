@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -270,6 +271,60 @@ func TestDropDirectory(t *testing.T) {
 	waitFor(t, "bad.dsse set aside", func() bool { _, err := os.Stat(filepath.Join(inbox, "bad.dsse.rejected")); return err == nil })
 	if v := e.call(Request{Op: "status"}).Status.PolicyVersion; v != 5 {
 		t.Errorf("policy version after a bad drop = %d, want 5", v)
+	}
+}
+
+// A FIFO (or a link, or a device) in the drop directory does not hang the
+// agent: it did (opening a FIFO waits for a writer, and the event loop
+// did the opening: status went unanswered and a deleted table stayed
+// deleted). The file is refused, renamed and audited, and the agent goes
+// on: it answers, repairs its table and takes the next bundle.
+func TestSpecialFilesInTheDropDirectory(t *testing.T) {
+	e := newEnv(t)
+	e.start()
+	now := time.Now().UTC().Truncate(time.Second)
+	e.call(Request{Op: "apply", Bundle: e.bundle(1, now)})
+	inbox := filepath.Join(e.dir, "state", "inbox")
+	if err := os.MkdirAll(inbox, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Mkfifo(filepath.Join(inbox, "fifo.dsse"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(e.dir, "elsewhere.dsse"), string(e.bundle(2, now)))
+	if err := os.Symlink(filepath.Join(e.dir, "elsewhere.dsse"), filepath.Join(inbox, "link.dsse")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the FIFO and the link set aside", func() bool {
+		_, err1 := os.Lstat(filepath.Join(inbox, "fifo.dsse.rejected"))
+		_, err2 := os.Lstat(filepath.Join(inbox, "link.dsse.rejected"))
+		return err1 == nil && err2 == nil
+	})
+	// The loop is free: it answers at once, repairs the table and takes
+	// the next bundle.
+	answered := make(chan *Response, 1)
+	go func() { r, _ := Call(filepath.Join(e.dir, "run", "admin.sock"), Request{Op: "status"}); answered <- r }()
+	select {
+	case r := <-answered:
+		if r == nil || r.Status.PolicyVersion != 1 {
+			t.Fatalf("status after the FIFO: %+v, want policy v1 (the link must not have been followed)", r)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the agent does not answer with a FIFO in its drop directory")
+	}
+	e.ns.MustRun(t, "nft", "delete", "table", "inet", nft.Table)
+	waitFor(t, "the table restored", func() bool { return strings.Contains(e.tableText(), "chain output") })
+	writeFile(t, filepath.Join(inbox, "v3.dsse"), string(e.bundle(3, now)))
+	waitFor(t, "v3 from the drop directory", func() bool { return e.call(Request{Op: "status"}).Status.PolicyVersion == 3 })
+	e.stop()
+	refused := 0
+	for _, ev := range e.auditLog() {
+		if ev.Kind == "bundle-rejected" && (strings.Contains(ev.Detail, "not a regular file") || strings.Contains(ev.Detail, "symbolic link")) {
+			refused++
+		}
+	}
+	if refused != 2 {
+		t.Errorf("%d refusals of the FIFO and the link audited, want 2", refused)
 	}
 }
 
