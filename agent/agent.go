@@ -397,8 +397,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		case <-a.stale:
 			a.kickSample()
 		case res := <-a.ch.synced:
-			a.handleSync(res.resp)
-			close(res.done)
+			res.done <- a.handleSync(res.resp)
 		case <-next.C:
 			a.reconcile("scheduled change")
 		case <-drift.C:

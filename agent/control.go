@@ -59,11 +59,16 @@ type channel struct {
 	// status is the syncer's last outcome, for `bulkhead status`.
 	status atomic.Pointer[ControlStatus]
 	runCtx context.Context
+	// sleep, when set (by tests), replaces the syncer's pause after a
+	// refused offer.
+	sleep func(ctx context.Context, d time.Duration) bool
 }
 
 type syncResult struct {
 	resp controlapi.SyncResponse
-	done chan struct{}
+	// done tells the syncer the loop has acted on resp, and whether it
+	// refused something in it.
+	done chan bool
 }
 
 // ControlStatus is the control channel in `bulkhead status`.
@@ -132,6 +137,12 @@ func (a *Agent) useEnrolment(rec *controlclient.Record) error {
 	}
 	cursor, err := sp.Cursor()
 	if err != nil {
+		sp.Close()
+		return err
+	}
+	// What was refused before a restart stays refused: the server is not
+	// given a second round of offers to audit.
+	if a.ch.refused, err = sp.Refused(); err != nil {
 		sp.Close()
 		return err
 	}
@@ -249,7 +260,7 @@ func (a *Agent) startSync() {
 // outbox was being posted) is still there to cut the next poll short:
 // nothing waits in the outbox for a poll to end.
 func (a *Agent) syncLoop(ctx context.Context, c controlClient, sp *spool.Spool) {
-	backoff, reportBackoff := backoffFirst, backoffFirst
+	backoff, reportBackoff, refusedBackoff := backoffFirst, backoffFirst, backoffFirst
 	failing := false // reports are not being delivered (said once)
 	for ctx.Err() == nil {
 		select {
@@ -302,13 +313,42 @@ func (a *Agent) syncLoop(ctx context.Context, c controlClient, sp *spool.Spool) 
 		backoff = backoffFirst
 		st.Connected, st.Error, st.LastSync = true, "", time.Now()
 		a.ch.status.Store(&st)
-		done := make(chan struct{})
+		done := make(chan bool)
+		var refused bool
 		select {
 		case a.ch.synced <- syncResult{resp: resp, done: done}:
-			<-done
+			refused = <-done
 		case <-ctx.Done():
 			return
 		}
+		// An answer the device refused part of is followed by a pause
+		// that grows while answers keep being refused: a server offering
+		// one forged bundle after another cannot make the device refuse,
+		// and audit, thousands a second (4,140 in 10 s, before).
+		if !refused {
+			refusedBackoff = backoffFirst
+			continue
+		}
+		if !a.pause(ctx, jitter(refusedBackoff)) {
+			return
+		}
+		refusedBackoff = min(refusedBackoff*2, backoffMax)
+	}
+}
+
+// pause waits d, or until ctx ends (false). The loop's kicks do not cut it
+// short: what it paces is the server's offers.
+func (a *Agent) pause(ctx context.Context, d time.Duration) bool {
+	if a.ch.sleep != nil {
+		return a.ch.sleep(ctx, d)
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 
@@ -379,7 +419,7 @@ func (a *Agent) flushReports(ctx context.Context, c controlClient, sp *spool.Spo
 
 // handleSync acts on an answer: a newer bundle is installed (or refused)
 // and each command obeyed (or refused), in order.
-func (a *Agent) handleSync(resp controlapi.SyncResponse) {
+func (a *Agent) handleSync(resp controlapi.SyncResponse) (refused bool) {
 	// The answer came over the pinned, mutually authenticated channel,
 	// from a server whose key may only tighten: its time moves no trusted
 	// time. It feeds the clock-skew check, and dates the contact, never
@@ -399,8 +439,12 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) {
 			continue
 		}
 		if _, err := a.install(raw); err != nil {
+			refused = true
 			if d := controlapi.BundleDigest(raw); !slices.Contains(a.ch.refused, d) {
 				a.ch.refused = append(a.ch.refused, d)[max(0, len(a.ch.refused)+1-controlapi.MaxRefused):]
+				if err := a.ch.spool.SetRefused(a.ch.refused); err != nil {
+					a.log.Warn("persist refused bundles", "err", err)
+				}
 			}
 			a.publish()
 		}
@@ -419,6 +463,7 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) {
 		a.ch.status.Store(&st)
 	}
 	a.publish()
+	return refused
 }
 
 // contact records an authenticated answer from control at t. The cache

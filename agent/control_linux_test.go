@@ -473,15 +473,28 @@ func auditHas(t *testing.T, s *controlSite, dev, kind, text string) bool {
 // names it in its syncs and the server stops offering it, instead of the
 // two trading it back and forth, each refusal audited, until the outbox
 // overflows and drops the evidence. A valid bundle after it still lands.
+// A control server taken over by an attacker (its configuration names the
+// attacker's key as the ops key, so it takes the attacker's pushes)
+// offers a forged bundle. The device refuses it once, audits it once, and
+// does not refuse it again after a restart; once the server is restored
+// it no longer offers what it cannot verify, and a valid newer bundle
+// lands.
 func TestForgedBundleIsRefusedOnce(t *testing.T) {
 	s := newControlSite(t)
 	dev := s.enrolledOnV1(t)
 
-	attacker := newOpsKey(t, t.TempDir())
+	dir := t.TempDir()
+	attacker := newOpsKey(t, dir)
+	honest := s.ctl.Options()
+	taken := honest
+	taken.OpsPub = []string{filepath.Join(dir, "ops", opskey.PublicFile)}
+	s.ctl.RestartWith(t, taken)
 	forged := filepath.Join(t.TempDir(), "forged.dsse")
 	writeFile(t, forged, string(signFor(t, 2, s.policyWith(t, nil), attacker)))
 	s.ctl.MustCLI(t, "policy", "push", forged)
 	waitLong(t, "the forged bundle's refusal at control", func() bool { return auditHas(t, s, dev, "bundle-rejected", "not a trusted ops key") })
+	s.a.kill() // a restart forgets nothing it refused
+	s.a.start(t)
 	time.Sleep(3 * time.Second) // a loop would audit thousands meanwhile
 	var d controlapi.Device
 	if err := json.Unmarshal([]byte(s.ctl.MustCLI(t, "device", "show", dev)), &d); err != nil {
@@ -496,6 +509,7 @@ func TestForgedBundleIsRefusedOnce(t *testing.T) {
 	if refusals != 1 || s.a.status(t).PolicyVersion != 1 {
 		t.Errorf("forged bundle: %d refusals audited (want 1), device on v%d (want 1)", refusals, s.a.status(t).PolicyVersion)
 	}
+	s.ctl.RestartWith(t, honest)
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 3))
 	waitLong(t, "a valid v3 after the forged v2", func() bool { return s.a.status(t).PolicyVersion == 3 })
 }

@@ -128,3 +128,51 @@ func TestRefusedReportIsRetriedWhilePolling(t *testing.T) {
 	}
 	f.answer <- nil
 }
+
+// offering is a control server that answers every poll at once with an
+// offer (a bundle the device will refuse).
+type offering struct{ fakeControl }
+
+func (o *offering) Sync(ctx context.Context, _ controlapi.SyncRequest, connected func()) (controlapi.SyncResponse, error) {
+	connected()
+	return controlapi.SyncResponse{Bundle: []byte("forged")}, ctx.Err()
+}
+
+// A server that offers one refused bundle after another gets ever slower
+// answers from the device: after each refused offer the syncer pauses,
+// twice as long each time up to a minute, so the device cannot be made to
+// refuse, and audit, thousands a second (4,140 in 10 s, before).
+func TestRefusedOffersArePaced(t *testing.T) {
+	f := &offering{*newFakeControl()}
+	a := New(&Config{}, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	sp, err := spool.Open(filepath.Join(t.TempDir(), "channel.db"), spool.DefaultLimit)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sp.Close()
+	a.ch.snapshot.Store(&controlapi.SyncRequest{})
+	a.ch.status.Store(&ControlStatus{})
+	pauses := make(chan time.Duration)
+	a.ch.sleep = func(ctx context.Context, d time.Duration) bool {
+		select {
+		case pauses <- d:
+			return true
+		case <-ctx.Done():
+			return false
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { a.syncLoop(ctx, f, sp); close(done) }()
+	defer func() { cancel(); <-done }()
+	want := backoffFirst
+	for i := range 9 {
+		res := <-a.ch.synced
+		res.done <- true // refused
+		d := <-pauses
+		if d < want/2 || d > want*3/2 {
+			t.Fatalf("pause %d after a refused offer: %s, want about %s", i, d, want)
+		}
+		want = min(2*want, backoffMax)
+	}
+}

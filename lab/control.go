@@ -70,10 +70,22 @@ func StartControlWith(t T, ns *NS, addr netip.AddrPort, o ControlOptions) *Contr
 // of the further serve flags it ran with.
 func (c *Control) Restart(t T, args ...string) {
 	t.Helper()
+	o := c.opts
+	o.Args = args
+	c.RestartWith(t, o)
+}
+
+// RestartWith is Restart with every option replaced: a server whose
+// configuration an attacker changed (another --ops-pub), say.
+func (c *Control) RestartWith(t T, o ControlOptions) {
+	t.Helper()
 	c.Terminate()
-	c.opts.Args = args
+	c.opts = o
 	c.Start(t)
 }
+
+// Options are the options the server runs with.
+func (c *Control) Options() ControlOptions { return c.opts }
 
 // Start (re)starts the server on the same data.
 func (c *Control) Start(t T) {

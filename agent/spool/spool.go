@@ -1,7 +1,8 @@
 // Package spool owns the control channel's state on the device's disk:
-// the report outbox and the command cursor. The outbox is bounded: when
-// it is full the oldest events go first and are counted, and the count is
-// reported once the server takes events again. Within the bound nothing
+// the report outbox, the command cursor and the digests of the bundles the
+// device refused. The outbox is bounded: when it is full the oldest events
+// go first and are counted, and the count is reported once the server
+// takes events again. Within the bound nothing
 // is lost across restarts or outages; events leave only when the server
 // acknowledged them (at-least-once; the server de-duplicates by sequence).
 package spool
@@ -28,6 +29,7 @@ var (
 	keyDropped   = []byte("dropped")
 	keyCursor    = []byte("cursor")
 	keyCount     = []byte("count")
+	keyRefused   = []byte("refused")
 )
 
 // Spool is the open file.
@@ -133,6 +135,35 @@ func (s *Spool) Ack(seq, dropped uint64) error {
 		}
 		return meta.Put(keyDropped, u64(get(meta, keyDropped)-min(dropped, get(meta, keyDropped))))
 	})
+}
+
+// Refused is the digests of the bundles the device refused, newest last.
+func (s *Spool) Refused() ([]string, error) {
+	var out []string
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketMeta).Get(keyRefused)
+		if v == nil {
+			return nil
+		}
+		return json.Unmarshal(v, &out)
+	})
+	return out, err
+}
+
+// SetRefused records the refused digests; unchanged ones write nothing.
+func (s *Spool) SetRefused(digests []string) error {
+	raw, err := json.Marshal(digests)
+	if err != nil {
+		return err
+	}
+	same := false
+	if err := s.db.View(func(tx *bolt.Tx) error {
+		same = string(tx.Bucket(bucketMeta).Get(keyRefused)) == string(raw)
+		return nil
+	}); err != nil || same {
+		return err
+	}
+	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyRefused, raw) })
 }
 
 // Cursor is the last command sequence number handled (0: none).

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -174,6 +175,41 @@ func pushCmd() *subcmd.Command {
 					return nil
 				}
 				fmt.Fprintf(env.Stdout, "pushed policy version %d\n", out.Version)
+				return nil
+			}
+		},
+	}
+}
+
+func withdrawCmd() *subcmd.Command {
+	return &subcmd.Command{
+		Name: "withdraw", Args: "VERSION",
+		Summary: "Withdraw a pushed policy bundle: devices that do not have it are no longer offered it.\n" +
+			"Devices that took it keep it (a device never goes back to a lower version): push a\n" +
+			"newer bundle to replace it there.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			connect := adminFlags(fs)
+			reason := fs.String("reason", "", "why (required): lands in the audit log")
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) != 1 {
+					return subcmd.Usagef("policy withdraw takes one version number")
+				}
+				v, err := strconv.ParseUint(args[0], 10, 64)
+				if err != nil || v == 0 {
+					return subcmd.Usagef("policy withdraw: %q is not a policy version number", args[0])
+				}
+				if strings.TrimSpace(*reason) == "" {
+					return subcmd.Usagef("policy withdraw needs --reason")
+				}
+				a, err := connect()
+				if err != nil {
+					return err
+				}
+				path := fmt.Sprintf("%s/%d?reason=%s", controlapi.PathAdminBundles, v, url.QueryEscape(*reason))
+				if err := a.call("DELETE", path, nil, nil); err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "withdrew policy version %d\n", v)
 				return nil
 			}
 		},

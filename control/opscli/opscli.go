@@ -32,7 +32,7 @@ func Root() *subcmd.Command {
 			serveCmd(),
 			keygenCmd(),
 			tokenCmd(),
-			{Name: "policy", Summary: "validate, sign and push policy bundles; draft rules from observed flows", Sub: []*subcmd.Command{validateCmd(), signCmd(), pushCmd(), suggestCmd()}},
+			{Name: "policy", Summary: "validate, sign and push policy bundles; draft rules from observed flows", Sub: []*subcmd.Command{validateCmd(), signCmd(), pushCmd(), withdrawCmd(), suggestCmd()}},
 			devicesCmd(),
 			deviceCmd(),
 			commandCmd(command.Quarantine, "Quarantine devices: safety floor and control channel only, tunnels down, live flows cut.\nThe control key may sign it; it lasts until an ops-signed release."),

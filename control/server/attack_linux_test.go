@@ -8,12 +8,14 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -23,7 +25,12 @@ import (
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
 	"github.com/bulkhead-edge/bulkhead/control/server"
+	"github.com/bulkhead-edge/bulkhead/examples"
 	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+	bolt "go.etcd.io/bbolt"
 )
 
 // The binaries the tests build (lab.Binary) are removed when they end.
@@ -211,5 +218,175 @@ func TestDeviceTextCannotDriveTheTerminal(t *testing.T) {
 		if strings.HasPrefix(line, "dev-000000") {
 			t.Errorf("a device forged a row of the table:\n%s", out)
 		}
+	}
+}
+
+// opsKeys makes n ops keys with the real CLI and returns their key files
+// and public files.
+func opsKeys(t *testing.T, ctlBin string, n int) (keys, pubs []string) {
+	t.Helper()
+	for i := range n {
+		dir := filepath.Join(t.TempDir(), fmt.Sprintf("ops%d", i))
+		if out, err := exec.Command(ctlBin, "keygen", "--out", dir).CombinedOutput(); err != nil {
+			t.Fatalf("keygen: %v %s", err, out)
+		}
+		keys, pubs = append(keys, filepath.Join(dir, opskey.PrivateFile)), append(pubs, filepath.Join(dir, opskey.PublicFile))
+	}
+	return keys, pubs
+}
+
+// sign signs the example policy as version v with keys, by the real CLI.
+func sign(t *testing.T, ctlBin string, v uint64, keys ...string) string {
+	t.Helper()
+	doc := filepath.Join(t.TempDir(), "policy.json")
+	if err := os.WriteFile(doc, examples.Site(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(t.TempDir(), fmt.Sprintf("v%d.dsse", v))
+	args := []string{"policy", "sign", "--in", doc, "--version", fmt.Sprint(v), "--valid-for", "1h", "--target", "scanner", "--out", out}
+	for _, k := range keys {
+		args = append(args, "--key", k)
+	}
+	if o, err := exec.Command(ctlBin, args...).CombinedOutput(); err != nil {
+		t.Fatalf("policy sign: %v %s", err, o)
+	}
+	return out
+}
+
+// Control stores only what devices take. A bundle signed by a key it does
+// not publish, one under the ops threshold, an expired one, and a
+// rotation the new keys did not sign were accepted with exit 0 (a device
+// refused each, and a forged version burned its number for good); each is
+// now refused with the reason, and the version stays free. A bundle
+// stored before the server checked (forged, at a higher version) is no
+// longer offered, and ops can withdraw a pushed bundle.
+func TestControlStoresOnlyWhatDevicesTake(t *testing.T) {
+	lab.RequirePrivileged(t)
+	bin := lab.Binary(t, "cmd/bulkhead-control")
+	keys, pubs := opsKeys(t, bin, 3) // two ops keys, threshold 2; one attacker's
+	ns := lab.NewNS(t, "ctl")
+	ctl := lab.StartControlWith(t, ns, ctlAddr, lab.ControlOptions{OpsPub: pubs[:2], Args: []string{"--ops-threshold", "2"}})
+	refused := func(what, file, want string) {
+		t.Helper()
+		out, err := ctl.CLI("policy", "push", file)
+		if err == nil || !strings.Contains(out, want) {
+			t.Errorf("%s: push %v: %s; want refused with %q", what, err, out, want)
+		}
+	}
+	refused("a bundle signed by a key control does not publish", sign(t, bin, 5, keys[2]), "not a trusted ops key")
+	refused("a bundle with one of the two signatures required", sign(t, bin, 5, keys[0]), "not enough signatures")
+	priv, err := opskey.LoadPrivate(keys[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	priv2, _ := opskey.LoadPrivate(keys[1])
+	doc, err := policy.Parse(examples.Site())
+	if err != nil {
+		t.Fatal(err)
+	}
+	past := time.Now().Add(-48 * time.Hour).UTC().Truncate(time.Second)
+	expired, err := bundle.Sign(bundle.Payload{Version: 5, IssuedAt: past, ExpiresAt: past.Add(time.Hour), Target: bundle.Target{Classes: []string{"scanner"}}, Policy: *doc}, priv, priv2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	expiredFile := filepath.Join(t.TempDir(), "expired.dsse")
+	os.WriteFile(expiredFile, expired, 0o600)
+	refused("an expired bundle", expiredFile, "expired")
+	newKeys, newPubs := opsKeys(t, bin, 1)
+	rotation := filepath.Join(t.TempDir(), "rotation.dsse")
+	// Signed by the current keys only: the new key never agreed.
+	if out, err := exec.Command(bin, "roots", "sign", "--version", "2", "--pub", newPubs[0], "--threshold", "1",
+		"--key", keys[0], "--key", keys[1], "--out", rotation).CombinedOutput(); err != nil {
+		t.Logf("roots sign refused to make a rotation the new key does not sign (%v: %s); making it by hand", err, out)
+		newKey, _ := opskey.LoadPrivate(newKeys[0])
+		set := bundle.NewRootSet(2, mustRoots(t, 1, newKey))
+		raw, err := bundle.SignRoots(set, priv, priv2)
+		if err != nil {
+			t.Fatal(err)
+		}
+		os.WriteFile(rotation, raw, 0o600)
+	}
+	refused("a rotation the new key did not sign", rotation, "not enough signatures")
+	if out := ctl.MustCLI(t, "policy", "push", sign(t, bin, 5, keys[0], keys[1])); !strings.Contains(out, "pushed policy version 5") {
+		t.Errorf("a valid v5 after the refusals: %s", out)
+	}
+	if audit := ctl.MustCLI(t, "audit"); strings.Count(audit, "policy-pushed") != 1 {
+		t.Errorf("the audit shows refused pushes as pushed:\n%s", audit)
+	}
+
+	// A forged bundle already in the store (pushed before control
+	// checked) at a higher version is not offered; the valid one is.
+	ctl.Terminate()
+	forged, err := bundle.Sign(bundle.Payload{Version: 9, IssuedAt: time.Now().UTC().Truncate(time.Second), ExpiresAt: time.Now().Add(time.Hour).UTC(),
+		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: *doc}, mustKey(t, keys[2]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	storeBundle(t, filepath.Join(ctl.Data, server.DBFile), 9, forged)
+	ctl.Start(t)
+	rogue := enrolRogue(t, ctl, "scanner")
+	code, body := post(t, rogue, ctl.URL+controlapi.PathSync, controlapi.SyncRequest{})
+	var resp controlapi.SyncResponse
+	if code != http.StatusOK || json.Unmarshal([]byte(body), &resp) != nil {
+		t.Fatalf("sync: %d %s", code, body)
+	}
+	if p, err := bundle.Peek(resp.Bundle); err != nil || p.Version != 5 {
+		t.Errorf("offered %v (%v), want the valid v5, not the forged v9", p.Version, err)
+	}
+	if out, err := ctl.CLI("policy", "push", sign(t, bin, 9, keys[0], keys[1])); err == nil || !strings.Contains(out, "withdraw it first") {
+		t.Errorf("a valid v9 over the stored forged one: %v %s", err, out)
+	}
+	ctl.MustCLI(t, "policy", "withdraw", "9", "--reason", "forged, pushed before control checked")
+	ctl.MustCLI(t, "policy", "push", sign(t, bin, 9, keys[0], keys[1]))
+	ctl.MustCLI(t, "policy", "withdraw", "9", "--reason", "pushed by mistake")
+	code, body = post(t, rogue, ctl.URL+controlapi.PathSync, controlapi.SyncRequest{})
+	resp = controlapi.SyncResponse{}
+	json.Unmarshal([]byte(body), &resp)
+	if p, err := bundle.Peek(resp.Bundle); err != nil || p.Version != 5 {
+		t.Errorf("after withdrawing v9, offered %v (%v), want v5", p.Version, err)
+	}
+	if out, err := ctl.CLI("policy", "withdraw", "9", "--reason", "again"); err == nil || !strings.Contains(out, "no such policy bundle") {
+		t.Errorf("withdrawing a withdrawn bundle: %v %s", err, out)
+	}
+	if audit := ctl.MustCLI(t, "audit"); strings.Count(audit, "policy-withdrawn") != 2 {
+		t.Errorf("withdrawals not audited:\n%s", audit)
+	}
+}
+
+func mustKey(t *testing.T, file string) ed25519.PrivateKey {
+	t.Helper()
+	k, err := opskey.LoadPrivate(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+func mustRoots(t *testing.T, threshold int, keys ...ed25519.PrivateKey) opskey.Roots {
+	t.Helper()
+	var pubs []ed25519.PublicKey
+	for _, k := range keys {
+		pubs = append(pubs, k.Public().(ed25519.PublicKey))
+	}
+	r, err := opskey.NewRoots(threshold, pubs...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
+// storeBundle writes a bundle into a stopped server's store, as a server
+// that did not check pushes would have stored it.
+func storeBundle(t *testing.T, dbFile string, version uint64, raw []byte) {
+	t.Helper()
+	db, err := bolt.Open(dbFile, 0o600, &bolt.Options{Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if err := db.Update(func(tx *bolt.Tx) error {
+		return tx.Bucket([]byte("bundles")).Put(binary.BigEndian.AppendUint64(nil, version), raw)
+	}); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -92,6 +92,11 @@ type Server struct {
 	// gate and refused bound what callers without a certificate get.
 	gate    *gate
 	refused *refusals
+	// trust is the ops trust root pushes are judged by.
+	trust *trust
+	// unverified are the stored bundles trust does not verify, never
+	// offered; guarded by mu.
+	unverified map[uint64]bool
 }
 
 // Open loads (or on first start creates) the CA, the command key, the
@@ -124,7 +129,46 @@ func Open(cfg Config) (*Server, bool, error) {
 	}
 	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, changed: make(chan struct{}), seen: map[string]time.Time{}, gate: newGate()}
 	s.refused = newRefusals(s.now)
+	if err := s.loadTrust(); err != nil {
+		d.bolt.Close()
+		return nil, false, err
+	}
 	return s, created, nil
+}
+
+// loadTrust builds the ops trust root from the published keys and the
+// stored rotations, and sets aside every stored bundle that verifies under
+// none of the root sets it has held: one pushed before the server checked
+// pushes, which devices refuse, and which kept them in a loop of refusals
+// (nine of them starved a valid bundle for good). Set aside, not deleted:
+// the server no longer offers it, and a mistaken --ops-pub at one start
+// loses nothing.
+func (s *Server) loadTrust() error {
+	rotations, err := s.db.rotations()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	s.trust, errs = newTrust(s.cfg.Ops, rotations)
+	for _, err := range errs {
+		s.log.Error("a stored trust-root rotation does not verify; later ones are not trusted either", "err", err)
+	}
+	if s.cfg.Ops.Len() == 0 {
+		return nil
+	}
+	s.unverified = map[uint64]bool{}
+	return s.db.bundles(func(v uint64, raw []byte) {
+		if !s.trust.verifiesUnderAny(raw) {
+			s.log.Warn("a stored bundle verifies under none of the ops keys this server trusts; it is not offered to devices (policy withdraw removes it)", "version", v)
+			s.unverified[v] = true
+		}
+	})
+}
+
+func (s *Server) isUnverified(version uint64) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.unverified[version]
 }
 
 // auditRefusals writes one audit row per window in which enrolments were
@@ -278,6 +322,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET "+controlapi.PathAdminDevices+"/{id}", s.ops(s.showDevice))
 	mux.HandleFunc("POST "+controlapi.PathAdminTokens, s.ops(s.createToken))
 	mux.HandleFunc("POST "+controlapi.PathAdminBundles, s.ops(s.pushBundle))
+	mux.HandleFunc("DELETE "+controlapi.PathAdminBundles+"/{version}", s.ops(s.withdrawBundle))
 	mux.HandleFunc("POST "+controlapi.PathAdminCommands, s.ops(s.command))
 	mux.HandleFunc("GET "+controlapi.PathAdminAudit, s.ops(s.audit))
 	mux.HandleFunc("GET "+controlapi.PathAdminFlows, s.ops(s.flows))
@@ -556,7 +601,10 @@ func stateEqual(a, b controlapi.DeviceState) bool {
 func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (controlapi.SyncResponse, error) {
 	now := s.now()
 	resp := controlapi.SyncResponse{ServerTime: now.UTC()}
-	raw, err := s.db.newestBundle(req.PolicyVersion, func(raw []byte) bool {
+	raw, err := s.db.newestBundle(req.PolicyVersion, func(version uint64, raw []byte) bool {
+		if s.isUnverified(version) {
+			return false
+		}
 		p, err := bundle.Peek(raw)
 		return err == nil && p.Target.Matches(dev) && !slices.Contains(req.Refused, controlapi.BundleDigest(raw))
 	})
@@ -641,34 +689,50 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request, actor strin
 	reply(w, resp)
 }
 
-// pushBundle stores a bundle as signed. The server cannot and does not
-// judge its signatures against the fleet's roots (devices do); it checks
-// only that it is a well-formed bundle it can route.
+// pushBundle stores a bundle (or a trust-root rotation) as signed, after
+// checking it as a device will: against the ops keys the server publishes,
+// moved on by the rotations it accepted, with their threshold, and for a
+// bundle its validity now. What a device would refuse is refused here with
+// the reason, and its version stays free: a forged push can no longer burn
+// version numbers, nor sit in the store to be offered to devices.
 func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string) {
 	raw, err := envelope.ReadAll(r.Body)
 	if err != nil {
 		fail(w, http.StatusRequestEntityTooLarge, err.Error())
 		return
 	}
-	if rs, err := bundle.PeekRotation(raw); err == nil {
-		// A trust-root rotation travels the same way; devices verify it
-		// against their own roots.
-		if err := s.db.pushRoots(rs.Version, raw, s.now(), actor); err != nil {
+	if _, err := bundle.PeekRotation(raw); err == nil {
+		next, err := s.trust.checkRotation(raw)
+		if err != nil {
+			fail(w, http.StatusUnprocessableEntity, "trust-root rotation refused: "+err.Error())
+			return
+		}
+		if err := s.db.pushRoots(next.version, raw, s.now(), actor); err != nil {
 			fail(w, http.StatusConflict, err.Error())
 			return
 		}
-		s.log.Info("trust-root rotation pushed", "version", rs.Version, "by", actor)
+		s.trust.accept(next)
+		s.log.Info("trust-root rotation pushed", "version", next.version, "by", actor)
 		s.notify()
-		reply(w, map[string]any{"roots_version": rs.Version})
+		reply(w, map[string]any{"roots_version": next.version})
 		return
 	}
-	p, err := bundle.Peek(raw)
-	if err != nil {
+	if _, err := bundle.Peek(raw); err != nil {
 		fail(w, http.StatusBadRequest, "neither a policy bundle nor a trust-root rotation: "+err.Error())
 		return
 	}
+	b, err := s.trust.checkBundle(raw, s.now())
+	if err != nil {
+		fail(w, http.StatusUnprocessableEntity, "policy bundle refused: "+err.Error())
+		return
+	}
+	p := b.Payload
 	if p.Version == 0 || (len(p.Target.Classes) == 0 && len(p.Target.Devices) == 0) {
 		fail(w, http.StatusBadRequest, "bundle has no version or no target")
+		return
+	}
+	if s.isUnverified(p.Version) {
+		fail(w, http.StatusConflict, fmt.Sprintf("version %d is taken by a stored bundle that does not verify (it is not offered to devices); withdraw it first: bulkhead-control policy withdraw %d --reason ...", p.Version, p.Version))
 		return
 	}
 	if err := s.db.pushBundle(p.Version, raw, s.now(), actor, p.Target.String()); err != nil {
@@ -678,6 +742,35 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 	s.log.Info("policy pushed", "version", p.Version, "target", p.Target.String(), "by", actor)
 	s.notify()
 	reply(w, map[string]uint64{"version": p.Version})
+}
+
+// withdrawBundle removes a pushed bundle: devices that do not have it are
+// no longer offered it (those that do keep it, as devices keep the
+// highest version they accepted). ?reason= is required.
+func (s *Server) withdrawBundle(w http.ResponseWriter, r *http.Request, actor string) {
+	v, err := strconv.ParseUint(r.PathValue("version"), 10, 64)
+	if err != nil || v == 0 {
+		fail(w, http.StatusBadRequest, "version: a policy version number")
+		return
+	}
+	reason := r.URL.Query().Get("reason")
+	if strings.TrimSpace(reason) == "" {
+		fail(w, http.StatusBadRequest, "reason: say why the bundle is withdrawn")
+		return
+	}
+	if err := s.db.withdrawBundle(v, s.now(), actor, reason); err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, errNoBundle) {
+			code = http.StatusNotFound
+		}
+		fail(w, code, err.Error())
+		return
+	}
+	s.mu.Lock()
+	delete(s.unverified, v)
+	s.mu.Unlock()
+	s.log.Info("policy withdrawn", "version", v, "by", actor, "reason", reason)
+	reply(w, map[string]uint64{"withdrawn": v})
 }
 
 func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {

@@ -42,6 +42,7 @@ var (
 	errTokenExpired = errors.New("enrolment token expired")
 	errTokenClass   = errors.New("enrolment token is for another class")
 	errNoDevice     = errors.New("no such device")
+	errNoBundle     = errors.New("no such policy bundle")
 )
 
 type token struct {
@@ -276,6 +277,37 @@ func (d *db) pushVersioned(bucket []byte, what string, version uint64, raw []byt
 	})
 }
 
+// rotations returns every stored trust-root rotation, oldest first.
+func (d *db) rotations() ([][]byte, error) {
+	return d.rootsAbove(0, func([]byte) bool { return false })
+}
+
+// bundles calls fn with every stored bundle's version and bytes, oldest
+// first.
+func (d *db) bundles(fn func(version uint64, raw []byte)) error {
+	return d.bolt.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketBundles).ForEach(func(k, v []byte) error {
+			fn(binary.BigEndian.Uint64(k), bytes.Clone(v))
+			return nil
+		})
+	})
+}
+
+// withdrawBundle removes a stored bundle, so no device that lacks it is
+// offered it, and audits why; errNoBundle if there is none.
+func (d *db) withdrawBundle(version uint64, now time.Time, actor, why string) error {
+	return d.bolt.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketBundles)
+		if b.Get(u64(version)) == nil {
+			return fmt.Errorf("%w: version %d", errNoBundle, version)
+		}
+		if err := b.Delete(u64(version)); err != nil {
+			return err
+		}
+		return audit(tx, now, actor, "policy-withdrawn", fmt.Sprintf("version %d: %s", version, why))
+	})
+}
+
 // rootsAbove returns the rotations above have, oldest first, leaving out
 // those skip rejects: each is signed by the set before it, so a device
 // applies them in order.
@@ -295,12 +327,12 @@ func (d *db) rootsAbove(have uint64, skip func(raw []byte) bool) ([][]byte, erro
 
 // newestBundle returns the highest-version bundle above have that match
 // accepts, or nil.
-func (d *db) newestBundle(have uint64, match func(raw []byte) bool) ([]byte, error) {
+func (d *db) newestBundle(have uint64, match func(version uint64, raw []byte) bool) ([]byte, error) {
 	var out []byte
 	err := d.bolt.View(func(tx *bolt.Tx) error {
 		c := tx.Bucket(bucketBundles).Cursor()
 		for k, v := c.Last(); k != nil && binary.BigEndian.Uint64(k) > have; k, v = c.Prev() {
-			if match(v) {
+			if match(binary.BigEndian.Uint64(k), v) {
 				out = append([]byte(nil), v...)
 				return nil
 			}

@@ -415,8 +415,21 @@ func attacks(s *Site, r *Result) {
       "profiles": {"restricted": ["wms"], "diagnostic": ["diagnostics"]}`, 1)), 0o600); err != nil {
 		s.t.Fatal(err)
 	}
+	forgedFile := s.Sign(forged, doc, s.AttackerKey)
+	// The server checks what it is given against the ops keys it
+	// publishes, and refuses what devices would refuse.
+	out, err := s.Ctl.CLI("policy", "push", forgedFile)
+	r.Check(Check{What: fmt.Sprintf("forged bundle v%d (attacker's key) pushed to the control server", forged),
+		Expected: "refused by control itself, version left free", Observed: strings.TrimSpace(out),
+		Pass: err != nil && strings.Contains(out, "not a trusted ops key")})
+	// An attacker who takes the server over can make it trust their key;
+	// the devices pin the real one.
+	honest := s.Ctl.Options()
+	taken := honest
+	taken.OpsPub = []string{filepath.Join(filepath.Dir(s.AttackerKey), "ops.pub")}
+	s.Ctl.RestartWith(s.t, taken)
 	start := time.Now()
-	s.Ctl.MustCLI(s.t, "policy", "push", s.Sign(forged, doc, s.AttackerKey))
+	s.Ctl.MustCLI(s.t, "policy", "push", forgedFile)
 	lat, ok := timeUntil(start, 20*time.Second, func() bool {
 		for _, a := range s.Agents() {
 			if _, ok := s.reported(a, "bundle-rejected", "not a trusted ops key"); !ok {
@@ -433,10 +446,11 @@ func attacks(s *Site, r *Result) {
 		versions = append(versions, fmt.Sprintf("v%d", v))
 	}
 	open := s.reach(s.Scanner, fin)
-	r.Check(Check{What: fmt.Sprintf("forged bundle v%d (attacker's key) pushed through control", forged),
+	r.Check(Check{What: "the same bundle through a control server the attacker took over (it trusts the attacker's key)",
 		Expected: fmt.Sprintf("rejected by all three devices and audited; they stay on v%d; finance stays shut to the scanner", s.Version),
 		Observed: fmt.Sprintf("%s audited; versions %s; finance %s", found(ok, "rejection"), strings.Join(versions, " "), yesno(open)),
 		Latency:  lat, Of: "push -> every rejection at control", Pass: ok && !open && unchanged})
+	s.Ctl.RestartWith(s.t, honest) // restored: it no longer offers what it cannot verify
 
 	// An old bundle, validly signed, dropped on the scanner (a USB stick
 	// from last month, or a network replaying it).
