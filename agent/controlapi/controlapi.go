@@ -225,6 +225,9 @@ type Device struct {
 	Reports []Event `json:"reports,omitzero"`
 	// ReportsDropped sums what the device's outbox discarded.
 	ReportsDropped uint64 `json:"reports_dropped,omitzero"`
+	// FlowsAdded counts the observed flows the device added to its
+	// class's discovery (bounded per device).
+	FlowsAdded int `json:"flows_added,omitzero"`
 }
 
 // EventFlows is the report kind whose detail is a JSON array of

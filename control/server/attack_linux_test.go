@@ -390,3 +390,113 @@ func storeBundle(t *testing.T, dbFile string, version uint64, raw []byte) {
 		t.Fatal(err)
 	}
 }
+
+// report posts events as the device behind c.
+func report(t *testing.T, c *http.Client, ctl *lab.Control, events ...controlapi.Event) {
+	t.Helper()
+	if code, body := post(t, c, ctl.URL+controlapi.PathReport, controlapi.ReportRequest{Events: events}); code != http.StatusOK {
+		t.Fatalf("report: %d %s", code, body)
+	}
+}
+
+func flowsEvent(t *testing.T, seq uint64, segment string, n int) controlapi.Event {
+	t.Helper()
+	now := time.Now().UTC()
+	var flows []controlapi.ObservedFlow
+	for i := range n {
+		flows = append(flows, controlapi.ObservedFlow{Flow: controlapi.Flow{Segment: segment, Protocol: policy.TCP,
+			Address: netip.AddrFrom4([4]byte{10, 30, byte(i >> 8), byte(i)}), Port: 443}, Count: 1, First: now, Last: now})
+	}
+	raw, err := json.Marshal(flows)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return controlapi.Event{Seq: seq, Time: now, Kind: controlapi.EventFlows, Detail: string(raw)}
+}
+
+// observed is how many flows `policy suggest` reports for a class.
+func observed(t *testing.T, ctl *lab.Control, class string) int {
+	t.Helper()
+	out, _ := ctl.CLI("policy", "suggest", "--class", class, writeExample(t))
+	for _, line := range strings.Split(out, "\n") {
+		var n int
+		if _, err := fmt.Sscanf(line, "%d flows observed", &n); err == nil {
+			return n
+		}
+	}
+	return 0
+}
+
+// drafted reports whether `policy suggest` drafts a rule for scanners on
+// segment (its "  + " lines).
+func drafted(t *testing.T, ctl *lab.Control, segment string) bool {
+	t.Helper()
+	out, _ := ctl.CLI("policy", "suggest", "--class", "scanner", writeExample(t))
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(line, "  + ") && strings.Contains(line, segment) {
+			return true
+		}
+	}
+	return false
+}
+
+func writeExample(t *testing.T) string {
+	t.Helper()
+	f := filepath.Join(t.TempDir(), "policy.json")
+	if err := os.WriteFile(f, examples.Site(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return f
+}
+
+// Discovery takes only what a device's signed policy has it monitor. A
+// device not in monitor mode posted flows to finance and `policy suggest`
+// drafted a rule opening finance; two reports of 5,000 junk flows filled
+// the class-wide cap of 10,000. Now flows count only on segments the
+// device's bundle monitors, and each device adds at most 1,000.
+func TestDiscoveryTakesOnlyMonitoredFlows(t *testing.T) {
+	lab.RequirePrivileged(t)
+	bin := lab.Binary(t, "cmd/bulkhead-control")
+	keys, pubs := opsKeys(t, bin, 1)
+	ns := lab.NewNS(t, "ctl")
+	ctl := lab.StartControlWith(t, ns, ctlAddr, lab.ControlOptions{OpsPub: pubs})
+	ctl.MustCLI(t, "policy", "push", sign(t, bin, 1, keys[0]))
+	rogue := enrolRogue(t, ctl, "scanner")
+	if code, body := post(t, rogue, ctl.URL+controlapi.PathSync, controlapi.SyncRequest{PolicyVersion: 1, State: controlapi.DeviceState{PolicyVersion: 1}}); code != http.StatusOK {
+		t.Fatalf("sync: %d %s", code, body)
+	}
+	report(t, rogue, ctl, flowsEvent(t, 1, "finance", 3))
+	if n := observed(t, ctl, "scanner"); n != 0 {
+		t.Errorf("a device not in monitor mode added %d flows to discovery", n)
+	}
+	if drafted(t, ctl, "finance") {
+		t.Error("suggest drafted a rule opening finance from an unmonitored device")
+	}
+
+	// v2 monitors wms for scanners: flows there count, finance's do not,
+	// and one device adds at most 1,000.
+	doc, err := policy.Parse(examples.Site())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := doc.Classes["scanner"]
+	c.Monitor = &policy.Monitor{Until: time.Now().Add(time.Hour).UTC().Truncate(time.Second), Segments: []string{"wms"}}
+	doc.Classes["scanner"] = c
+	now := time.Now().UTC().Truncate(time.Second)
+	raw, err := bundle.Sign(bundle.Payload{Version: 2, IssuedAt: now, ExpiresAt: now.Add(time.Hour), Target: bundle.Target{Classes: []string{"scanner"}}, Policy: *doc}, mustKey(t, keys[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	v2 := filepath.Join(t.TempDir(), "v2.dsse")
+	os.WriteFile(v2, raw, 0o600)
+	ctl.MustCLI(t, "policy", "push", v2)
+	post(t, rogue, ctl.URL+controlapi.PathSync, controlapi.SyncRequest{PolicyVersion: 2, State: controlapi.DeviceState{PolicyVersion: 2}})
+	report(t, rogue, ctl, flowsEvent(t, 2, "finance", 3), flowsEvent(t, 3, "wms", 5000))
+	report(t, rogue, ctl, flowsEvent(t, 4, "wms", 5000))
+	if n := observed(t, ctl, "scanner"); n != 1000 {
+		t.Errorf("a monitored device flooding wms added %d flows, want its share of 1000", n)
+	}
+	if drafted(t, ctl, "finance") {
+		t.Error("suggest drafted a rule opening finance, which the monitor does not cover")
+	}
+}

@@ -97,6 +97,8 @@ type Server struct {
 	// unverified are the stored bundles trust does not verify, never
 	// offered; guarded by mu.
 	unverified map[uint64]bool
+	// monitors are the stored bundles' monitors, for judging reports.
+	monitors monitors
 }
 
 // Open loads (or on first start creates) the CA, the command key, the
@@ -626,7 +628,12 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, id string) {
 	if !decode(w, r, &req) {
 		return
 	}
-	acked, err := s.db.addReports(id, req)
+	dev, err := s.db.device(id)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	acked, err := s.db.addReports(id, req, func(e controlapi.Event) []controlapi.ObservedFlow { return s.monitoredFlows(dev, e.Detail) })
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return

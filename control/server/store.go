@@ -293,6 +293,16 @@ func (d *db) bundles(fn func(version uint64, raw []byte)) error {
 	})
 }
 
+// bundle is the stored bundle of version (nil: none).
+func (d *db) bundle(version uint64) ([]byte, error) {
+	var out []byte
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		out = bytes.Clone(tx.Bucket(bucketBundles).Get(u64(version)))
+		return nil
+	})
+	return out, err
+}
+
 // withdrawBundle removes a stored bundle, so no device that lacks it is
 // offered it, and audits why; errNoBundle if there is none.
 func (d *db) withdrawBundle(version uint64, now time.Time, actor, why string) error {
@@ -383,8 +393,10 @@ func (d *db) commandsAfter(cursor uint64, id string, now time.Time) ([][]byte, u
 }
 
 // addReports stores events not seen before and returns the highest seq
-// stored for the device (the acknowledgement).
-func (d *db) addReports(id string, req controlapi.ReportRequest) (uint64, error) {
+// stored for the device (the acknowledgement). The observed flows of a
+// flows-observed event are those accepted says may join the class's
+// discovery.
+func (d *db) addReports(id string, req controlapi.ReportRequest, accepted func(controlapi.Event) []controlapi.ObservedFlow) (uint64, error) {
 	var acked uint64
 	err := d.bolt.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketReports)
@@ -396,7 +408,7 @@ func (d *db) addReports(id string, req controlapi.ReportRequest) (uint64, error)
 					return err
 				}
 				if e.Kind == controlapi.EventFlows {
-					if err := addFlows(tx, id, e.Detail); err != nil {
+					if err := addFlows(tx, id, accepted(e)); err != nil {
 						return err
 					}
 				}
@@ -480,15 +492,20 @@ func (d *db) recordAudit(now time.Time, actor, action, detail string) error {
 // observed flows: counts add up, first and last widen, devices are
 // listed once. A report that does not decode is kept as an event but
 // adds nothing.
-func addFlows(tx *bolt.Tx, id, detail string) error {
-	dev, ok, err := get[controlapi.Device](tx.Bucket(bucketDevices), []byte(id))
+func addFlows(tx *bolt.Tx, id string, flows []controlapi.ObservedFlow) (err error) {
+	if len(flows) == 0 {
+		return nil
+	}
+	devices := tx.Bucket(bucketDevices)
+	dev, ok, err := get[controlapi.Device](devices, []byte(id))
 	if err != nil || !ok {
 		return err
 	}
-	var flows []controlapi.ObservedFlow
-	if json.Unmarshal([]byte(detail), &flows) != nil {
-		return nil
-	}
+	defer func() {
+		if err == nil {
+			err = put(devices, []byte(id), dev)
+		}
+	}()
 	b := tx.Bucket(bucketFlows)
 	prefix := append([]byte(dev.Class), 0)
 	n := b.Stats().KeyN // an estimate is enough for a bound
@@ -503,10 +520,11 @@ func addFlows(tx *bolt.Tx, id, detail string) error {
 			return err
 		}
 		if !ok {
-			if n >= flowsKept {
+			if n >= flowsKept || dev.FlowsAdded >= flowsPerDevice {
 				continue
 			}
 			n++
+			dev.FlowsAdded++
 			have = controlapi.ObservedFlow{Flow: f.Flow, First: f.First}
 		}
 		have.Count += f.Count
