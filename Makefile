@@ -66,6 +66,10 @@ fuzz: deps
 	go test -run '^$$' -fuzz '^FuzzPortRange$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/policy
 	go test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/bundle
 	go test -run '^$$' -fuzz '^FuzzVerify$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./localpolicy/command
+	go test -run '^$$' -fuzz '^FuzzEnrollRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./control/server
+	go test -run '^$$' -fuzz '^FuzzSyncRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./control/server
+	go test -run '^$$' -fuzz '^FuzzReportRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./control/server
+	go test -run '^$$' -fuzz '^FuzzSyncResponse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./agent/controlapi
 
 bench: deps
 	@.ci/ensure-debs $(TEST_DEBS)
