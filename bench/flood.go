@@ -19,7 +19,7 @@ import (
 func floodCases() []Case {
 	return []Case{{Name: "control server memory under 1,000 stalled unauthenticated connections", Privileged: true,
 		Unit: "MiB", Also: []string{"ms-op"}, Max: 64,
-		Run: benchStalled,
+		Run:  benchStalled,
 		Note: "1,000 TLS connections without a client certificate from 100 addresses (10 each, under the per-address bound of 16), each sending part of a request's headers and then nothing (the server admits 512 without a certificate at once, and refuses the rest at the handshake); VmRSS above the idle server, read once all are open; ms-op is an operator's `bulkhead-control devices` meanwhile (the server still answers)"}}
 }
 
