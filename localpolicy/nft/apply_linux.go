@@ -161,18 +161,21 @@ func (e *Enforcer) Reapply(rs Ruleset) error {
 // element; otherwise sets are made afresh.
 //
 // The batch is built against what the kernel held when it was read; a
-// change in between (another tool, or an attacker racing a repair) would
-// otherwise survive it. So the ruleset generation is read first and the
-// batch is sent with it (FlushWithGenID): the kernel refuses the batch,
-// with ERESTART, if anything was committed since, and it is built again
-// from a fresh reading.
+// change in between (another tool, or an attacker racing a repair) could
+// otherwise survive it. The ruleset generation moves by exactly one per
+// committed transaction, so it is read before the table and again after
+// the commit: if it moved by more than our own commit (or moved at all
+// under a refused batch), someone else committed in between, and the
+// table is read and the batch built again. (google/nftables v0.3.0 cannot
+// send a batch bound to a generation; the release that can does not build
+// for 32-bit ARM.)
 func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 	n := 0
 	for _, s := range rs.Sets {
 		n += len(s.Elements)
 	}
 	for attempt := 1; ; attempt++ {
-		gen, genErr := e.generation()
+		before, genErr := e.generation()
 		c, err := e.connFor(n)
 		if err != nil {
 			return fmt.Errorf("nftables: %w", err)
@@ -187,12 +190,8 @@ func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 		if e.beforeFlush != nil {
 			e.beforeFlush()
 		}
-		if genErr != nil {
-			err = c.Flush() // no generation to hold the batch to
-		} else {
-			err = c.FlushWithGenID(gen)
-		}
-		if errors.Is(err, unix.ERESTART) && attempt < maxRaces {
+		err = c.Flush()
+		if genErr == nil && attempt < maxRaces && e.raced(before, err == nil) {
 			prev = nil // what was read is stale: make every set afresh
 			continue
 		}
@@ -201,6 +200,24 @@ func (e *Enforcer) applyLocked(rs Ruleset, prev *Ruleset) error {
 		}
 		return nil
 	}
+}
+
+// raced reports whether a transaction other than ours was committed since
+// the generation read before: ours, if committed, accounts for one step.
+// A generation that cannot be read counts as a race, so the table is read
+// and built again rather than trusted.
+func (e *Enforcer) raced(before uint32, committed bool) bool {
+	after, err := e.generation()
+	if err != nil {
+		return true
+	}
+	want := before
+	if committed {
+		if want++; want == 0 {
+			want = 1 // the kernel skips 0 when it wraps
+		}
+	}
+	return after != want
 }
 
 // maxRaces bounds how often an apply is built again because the ruleset

@@ -2,7 +2,6 @@ package nft
 
 import (
 	"bytes"
-	"encoding/binary"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
@@ -12,7 +11,6 @@ import (
 
 	"github.com/google/nftables"
 	"github.com/mdlayher/netlink"
-	"golang.org/x/sys/unix"
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -24,23 +22,15 @@ import (
 func batch(t *testing.T, rs Ruleset) [][]byte {
 	t.Helper()
 	var msgs [][]byte
-	newRule := netlink.HeaderType(unix.NFNL_SUBSYS_NFTABLES<<8 | unix.NFT_MSG_NEWRULE)
 	c, err := nftables.New(nftables.WithTestDial(func(req []netlink.Message) ([]netlink.Message, error) {
-		replies := make([]netlink.Message, 0, len(req))
 		for _, m := range req {
 			b, err := m.MarshalBinary()
 			if err != nil {
 				return nil, err
 			}
 			msgs = append(msgs, append(fmt.Appendf(nil, "%d/%d:", m.Header.Type, m.Header.Flags), b[16:]...))
-			if m.Header.Type == newRule {
-				// The kernel echoes a new rule with its handle.
-				handle, _ := netlink.MarshalAttributes([]netlink.Attribute{{Type: unix.NFTA_RULE_HANDLE, Data: binary.BigEndian.AppendUint64(nil, uint64(len(replies)+1))}})
-				m.Data = append(slices.Clone(m.Data), handle...)
-			}
-			replies = append(replies, m)
 		}
-		return replies, nil
+		return req, nil
 	}))
 	if err != nil {
 		t.Fatal(err)
