@@ -103,7 +103,7 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 	}
 	var seenCA *x509.Certificate
 	tlsCfg := pinnedTLS(fp, &seenCA)
-	c := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsCfg, DialContext: dialTo(endpoint)}}
+	c := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsCfg, DialContext: dialTo(endpoint), DisableKeepAlives: true}} // one request
 	var resp controlapi.EnrollResponse
 	err = post(ctx, c, rawURL+controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, Hostname: host, CSR: csr, WireGuardKey: wgKey}, &resp, nil)
 	if err != nil {

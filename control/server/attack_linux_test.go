@@ -173,6 +173,33 @@ func TestUnauthenticatedCallersGetBoundedWork(t *testing.T) {
 	}
 }
 
+// The gate holds back floods, not fleets: devices enrolling from one
+// address (a depot behind NAT, a staging bench), each with its own
+// client that would keep its connection alive, are all served. The 17th
+// was refused ("bad certificate") while the first sixteen's idle
+// connections held the address's places for minutes.
+func TestEnrolmentsDoNotHoldTheGate(t *testing.T) {
+	lab.RequirePrivileged(t)
+	ns := lab.NewNS(t, "ctl")
+	ctl := lab.StartControl(t, ns, ctlAddr, 0)
+	const n = 24
+	tokens := strings.Fields(ctl.MustCLI(t, "token", "create", "--class", "scanner", "--count", fmt.Sprint(n)))[:n]
+	for i, token := range tokens {
+		c := ctl.HTTPClient(t, nil)
+		c.Transport.(*http.Transport).DisableKeepAlives = false // as a browser or a library default would
+		t.Cleanup(c.CloseIdleConnections)
+		_, priv, _ := ed25519.GenerateKey(rand.Reader)
+		csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "bench"}}, priv)
+		if err != nil {
+			t.Fatal(err)
+		}
+		req := controlapi.EnrollRequest{Token: token, Class: "scanner", Hostname: fmt.Sprintf("scanner-%d", i), CSR: csr}
+		if code, body := post(t, c, ctl.URL+controlapi.PathEnroll, req); code != http.StatusOK {
+			t.Fatalf("enrolment %d of %d from one address: %d %s", i+1, n, code, body)
+		}
+	}
+}
+
 // enrolRogue enrols a device as its own code would, with a real token,
 // and returns a client carrying its certificate: a device under an
 // attacker's control, saying whatever it likes.

@@ -328,7 +328,15 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST "+controlapi.PathAdminCommands, s.ops(s.command))
 	mux.HandleFunc("GET "+controlapi.PathAdminAudit, s.ops(s.audit))
 	mux.HandleFunc("GET "+controlapi.PathAdminFlows, s.ops(s.flows))
-	return mux
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.TLS != nil && len(r.TLS.PeerCertificates) == 0 {
+			// One request per connection without a certificate: kept
+			// alive, each would hold a place in the gate (16 an
+			// address) for minutes after its answer.
+			w.Header().Set("Connection", "close")
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 // peer returns the verified client certificate's URI with prefix, minus
