@@ -189,9 +189,10 @@ func (a *Agent) lockdownFirst() error {
 }
 
 // nftOptions are the device-local table options: from the configuration,
-// and the tunnel's port once it is up.
+// and the tunnel's port once it is up (the configured one before: a
+// device with a fixed port gets the same table before and after).
 func (a *Agent) nftOptions() nft.Options {
-	o := nft.Options{DHCP: *a.cfg.DHCP, Tunnel: a.cfg.Tunnel.Interface}
+	o := nft.Options{DHCP: *a.cfg.DHCP, Tunnel: a.cfg.Tunnel.Interface, ListenPort: a.cfg.Tunnel.ListenPort}
 	if a.tun != nil {
 		o.ListenPort = a.tun.ListenPort()
 	}

@@ -60,7 +60,7 @@ func newEnv(t *testing.T) *env {
   "control": [{"address": "10.99.0.1", "port": 8443}],
   "state_dir": "`+filepath.Join(dir, "state")+`",
   "admin_socket": "`+filepath.Join(dir, "run", "admin.sock")+`",
-  "tunnel": {"interface": "`+iface+`", "addresses": ["100.64.0.2/32"]},
+  "tunnel": {"interface": "`+iface+`", "addresses": ["100.64.0.2/32"], "listen_port": 51820},
   "posture": {"interval": "1s"}
 }`)
 	return &env{t: t, ns: ns, iface: iface, dir: dir, cfg: cfg, key: key, doc: *doc}
@@ -82,8 +82,14 @@ func newOpsKey(t *testing.T, dir string) ed25519.PrivateKey {
 // signFor signs doc for scanners as bundle version, valid for an hour.
 func signFor(t *testing.T, version uint64, doc *policy.Document, key ed25519.PrivateKey) []byte {
 	t.Helper()
+	return signValidFor(t, version, doc, key, time.Hour)
+}
+
+// signValidFor is signFor with a bundle valid for d from now.
+func signValidFor(t *testing.T, version uint64, doc *policy.Document, key ed25519.PrivateKey, d time.Duration) []byte {
+	t.Helper()
 	now := time.Now().UTC().Truncate(time.Second)
-	raw, err := bundle.Sign(bundle.Payload{Version: version, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
+	raw, err := bundle.Sign(bundle.Payload{Version: version, IssuedAt: now, ExpiresAt: now.Add(d),
 		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: *doc}, key)
 	if err != nil {
 		t.Fatal(err)

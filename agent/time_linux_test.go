@@ -2,6 +2,7 @@ package agent
 
 import (
 	"fmt"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -26,7 +27,10 @@ func within(got, want time.Time) bool { return got.Sub(want).Abs() < time.Minute
 // hours ahead it cannot open a segment outside its signed schedule
 // window (it did: the device took the server's time as its own); 400
 // days ahead it cannot put the device offline and make it refuse every
-// later bundle as expired, across a restart (it did, for good).
+// later bundle as expired, across a restart (it did, for good). Control
+// checks what it is pushed at its own clock, so the bundle pushed while it
+// runs ahead is valid for a day, and the next one waits for its clock to
+// be put right.
 func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 	s := newControlSite(t, "--clock-offset", "5h")
 	s.a.start(t)
@@ -35,7 +39,9 @@ func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 	}
 	// A window open at the server's time and closed at the real one.
 	ahead := time.Now().UTC().Add(5 * time.Hour)
-	s.ctl.MustCLI(t, "policy", "push", s.bundleWith(t, 1, scheduledWMS(ahead.Add(-time.Hour), ahead.Add(time.Hour))))
+	v1 := filepath.Join(t.TempDir(), "v1.dsse")
+	writeFile(t, v1, string(signValidFor(t, 1, s.policyWith(t, scheduledWMS(ahead.Add(-time.Hour), ahead.Add(time.Hour))), s.opsKey, 24*time.Hour)))
+	s.ctl.MustCLI(t, "policy", "push", v1)
 	waitLong(t, "policy v1 from control", func() bool { return s.a.status(t).PolicyVersion == 1 })
 	waitLong(t, "a sync after v1", func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
 	st := s.a.status(t)
@@ -47,15 +53,28 @@ func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 		t.Fatalf("wms is in the table outside its window:\n%s", table)
 	}
 
-	s.ctl.Restart(t, "--clock-offset", fmt.Sprint(400*24*time.Hour))
-	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 2))
-	waitLong(t, "policy v2 from control 400 days ahead", func() bool { return s.a.status(t).PolicyVersion == 2 })
+	// Idle syncs are answered every second, so one comes soon.
+	o := s.ctl.Options()
+	o.Args, o.KeepAlive = []string{"--clock-offset", fmt.Sprint(400 * 24 * time.Hour)}, time.Second
+	s.ctl.RestartWith(t, o)
+	restarted := time.Now()
+	waitLong(t, "a sync with control 400 days ahead", func() bool {
+		c := s.a.status(t).Control
+		return c != nil && c.Connected && c.LastSync.After(restarted)
+	})
 	s.a.kill()
 	s.a.start(t)
 	st = s.a.status(t)
-	if st.Mode != "normal" || st.PolicyVersion != 2 || !within(st.TrustedTime, time.Now()) {
-		t.Fatalf("after control ran 400 days ahead and a restart: mode %s (%v), v%d, trusted time %s; want normal, v2, now",
+	if st.Mode != "normal" || st.PolicyVersion != 1 || !within(st.TrustedTime, time.Now()) {
+		t.Fatalf("after control ran 400 days ahead and a restart: mode %s (%v), v%d, trusted time %s; want normal, v1, now",
 			st.Mode, st.Why, st.PolicyVersion, st.TrustedTime)
+	}
+	o.Args, o.KeepAlive = nil, 0
+	s.ctl.RestartWith(t, o)
+	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 2))
+	waitLong(t, "policy v2 once control's clock is right", func() bool { return s.a.status(t).PolicyVersion == 2 })
+	if st := s.a.status(t); st.Mode != "normal" {
+		t.Fatalf("on v2: mode %s (%v)", st.Mode, st.Why)
 	}
 }
 
@@ -95,17 +114,22 @@ func TestWallClockAheadThenCorrectedBricksNothing(t *testing.T) {
 // than max_offline stays normal (it did not: nothing recorded contact, so
 // it went offline while syncing). Cut off, it goes offline at its last
 // contact plus max_offline, not before; the apply that takes it offline
-// is stamped no earlier. A restart while cut off does not move the
+// is stamped no earlier; a control server whose clock runs an hour ahead
+// does not hold it off. A restart while cut off does not move the
 // deadline later.
 func TestContactExtendsMaxOffline(t *testing.T) {
 	const maxOffline = 10 * time.Second
-	s := newControlSite(t, "--keepalive", "2s")
+	// Control's clock runs an hour ahead: the contacts it answers are
+	// dated by the device's clock, or it would hold off the deadline.
+	s := newControlSite(t, "--keepalive", "2s", "--clock-offset", "1h")
 	s.a.start(t)
 	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
 		t.Fatalf("enroll: %v %s", err, out)
 	}
 	issued := time.Now()
-	s.ctl.MustCLI(t, "policy", "push", s.bundleWith(t, 1, func(doc *policy.Document) { doc.Validity.MaxOffline = policy.Duration(maxOffline) }))
+	v1 := filepath.Join(t.TempDir(), "v1.dsse")
+	writeFile(t, v1, string(signValidFor(t, 1, s.policyWith(t, func(doc *policy.Document) { doc.Validity.MaxOffline = policy.Duration(maxOffline) }), s.opsKey, 24*time.Hour)))
+	s.ctl.MustCLI(t, "policy", "push", v1)
 	waitLong(t, "policy v1 from control", func() bool { return s.a.status(t).PolicyVersion == 1 })
 	for time.Since(issued) < maxOffline+5*time.Second { // longer than max_offline, connected throughout
 		if st := s.a.status(t); st.Mode != "normal" {
