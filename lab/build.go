@@ -49,6 +49,7 @@ func Binary(t T, pkg string) string {
 		if err != nil {
 			t.Fatal(err)
 		}
+		Note("dir", dir)
 		builds.dir = dir
 		if builds.bins == nil {
 			builds.bins = map[string]string{}
@@ -79,10 +80,13 @@ func RemoveBuilds() {
 	builds.dir, builds.bins = "", nil
 }
 
-// Main is the TestMain of a package whose tests call Binary: it runs the
+// Main is the TestMain of a package whose tests use the lab: it sweeps
+// what runs killed before their cleanups left (SweepOrphans), runs the
 // tests, then removes the binaries they built, pass or fail.
 func Main(m *testing.M) {
+	SweepOrphans()
 	code := m.Run()
 	RemoveBuilds()
+	CloseLedger()
 	os.Exit(code)
 }

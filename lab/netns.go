@@ -32,6 +32,7 @@ func NewNS(t T, prefix string) *NS {
 	if out, err := exec.Command("ip", "netns", "add", name).CombinedOutput(); err != nil {
 		t.Fatalf("ip netns add %s: %v: %s", name, err, out)
 	}
+	Note("ns", name)
 	ns := &NS{Name: name}
 	t.Cleanup(func() {
 		// Whatever still runs inside (an agent a failed test never got to

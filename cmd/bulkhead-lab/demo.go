@@ -70,7 +70,10 @@ func demoCmd() *subcmd.Command {
 }
 
 func runDemo(env *subcmd.Env, only []int, keep bool) error {
-	sweep(env) // what a demo killed with SIGKILL left
+	// What a demo (or a test) killed before its cleanups left.
+	for pid, n := range lab.SweepOrphans() {
+		fmt.Fprintf(env.Stdout, "Removed what an earlier demo or test run (pid %d, no longer running) left: %d namespaces and their processes\n", pid, n)
+	}
 	dir, err := os.MkdirTemp("", "bulkhead-demo-")
 	if err != nil {
 		return err
@@ -80,13 +83,13 @@ func runDemo(env *subcmd.Env, only []int, keep bool) error {
 		os.RemoveAll(dir)
 		return err
 	}
-	m := newManifest(dir)
+	lab.Note("dir", dir)
 	teardown := func() {
 		fmt.Fprintf(env.Stdout, "Tearing the site down: processes, namespaces, tables, %s\n", dir)
 		r.Close()
 		os.RemoveAll(dir)
 		lab.RemoveBuilds() // binaries built without --bin
-		m.remove()
+		lab.CloseLedger()
 	}
 	// An interruption at any point tears down what exists so far.
 	sigs := make(chan os.Signal, 1)
@@ -101,7 +104,7 @@ func runDemo(env *subcmd.Env, only []int, keep bool) error {
 	}()
 
 	start := time.Now()
-	s, outcomes := site.Run(r, env.Stdout, only, func(s *site.Site) { m.record(s.Namespaces()) })
+	s, outcomes := site.Run(r, env.Stdout, only)
 	site.Summary(env.Stdout, outcomes, time.Since(start))
 	failed := r.Failed()
 	if keep && s != nil {

@@ -27,8 +27,7 @@ func (o Outcome) Pass() bool { return o.Ran && o.Err == "" && o.Failed == 0 && o
 // (1-based; empty: all), printing progress and every check to out. A
 // scenario that cannot carry on (the site broke under it) stops the run;
 // the rest are reported as not run. The site stays up until r is closed.
-// built, if not nil, is called once the site is up.
-func Run(r *Runner, out io.Writer, only []int, built func(*Site)) (*Site, []Outcome) {
+func Run(r *Runner, out io.Writer, only []int) (*Site, []Outcome) {
 	var s *Site
 	begin := time.Now()
 	fmt.Fprintf(out, "Building the site (real binaries, one network namespace per host)\n")
@@ -38,9 +37,6 @@ func Run(r *Runner, out io.Writer, only []int, built func(*Site)) (*Site, []Outc
 		return nil, nil
 	}
 	fmt.Fprintf(out, "  site up in %s: every device on policy v%d\n", ms(time.Since(begin)), s.Version)
-	if built != nil {
-		built(s)
-	}
 	var outcomes []Outcome
 	stopped := ""
 	all := Scenarios()

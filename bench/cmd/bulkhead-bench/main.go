@@ -18,8 +18,10 @@ import (
 )
 
 func main() {
+	lab.SweepOrphans() // what runs killed before their cleanups left
 	code := run()
 	lab.RemoveBuilds() // what the cases built
+	lab.CloseLedger()
 	os.Exit(code)
 }
 
