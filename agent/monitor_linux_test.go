@@ -41,7 +41,7 @@ func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 	doc := s.doc(t, "wms")
 	tcpOnly(doc)
 	s.apply(t, signFor(t, 1, doc, s.key))
-	if !lab.Reaches(t, s.ns, "tcp", wmsHost) {
+	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, lab.FirstContact) {
 		t.Fatal("wms tcp unreachable through its tunnel")
 	}
 	if lab.Reaches(t, s.ns, "udp", wmsHost) || lab.Reaches(t, s.ns, "tcp", financeHost) {
@@ -61,7 +61,7 @@ func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 	if !lab.Reaches(t, s.ns, "tcp", wmsHost) {
 		t.Error("wms tcp unreachable while monitored")
 	}
-	if !lab.Reaches(t, s.ns, "udp", wmsHost) || !lab.Reaches(t, s.ns, "tcp", financeHost) {
+	if !lab.ReachesWithin(t, s.ns, "udp", wmsHost, lab.FirstContact) || !lab.ReachesWithin(t, s.ns, "tcp", financeHost, lab.FirstContact) {
 		t.Error("a monitored destination no rule opens was dropped, not passed")
 	}
 	if lab.Reaches(t, s.ns, "tcp", financeSide) {
@@ -305,7 +305,7 @@ func TestMonitorThenPolicySuggest(t *testing.T) {
 		t.Errorf("after v2: open %v, monitor %+v; want wms and finance open, the monitor ended", st.Open, st.Monitor)
 	}
 	for _, ap := range []netip.AddrPort{wmsHost, financeHost} {
-		if !lab.Reaches(t, s.a.ns, "tcp", ap) {
+		if !lab.ReachesWithin(t, s.a.ns, "tcp", ap, lab.FirstContact) {
 			t.Errorf("%s, observed and drafted, is not reachable under the draft", ap)
 		}
 	}

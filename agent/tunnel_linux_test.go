@@ -126,7 +126,7 @@ func TestSegmentsFollowBundlesThroughTunnels(t *testing.T) {
 
 	// v1: wms only.
 	s.apply(t, s.policy(t, 1, "wms"))
-	if !lab.Reaches(t, s.ns, "tcp", wmsHost) || !lab.Reaches(t, s.ns, "udp", wmsHost) {
+	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, lab.FirstContact) || !lab.ReachesWithin(t, s.ns, "udp", wmsHost, lab.FirstContact) {
 		t.Fatal("wms unreachable through its tunnel")
 	}
 	if lab.Reaches(t, s.ns, "tcp", financeHost) {
@@ -141,7 +141,7 @@ func TestSegmentsFollowBundlesThroughTunnels(t *testing.T) {
 	stop := lab.Stream(t, s.ns, wmsHost, 2*time.Millisecond)
 	time.Sleep(200 * time.Millisecond)
 	s.apply(t, s.policy(t, 2, "wms", "finance"))
-	if !lab.Reaches(t, s.ns, "tcp", financeHost) {
+	if !lab.ReachesWithin(t, s.ns, "tcp", financeHost, lab.FirstContact) {
 		t.Error("finance unreachable after v2 authorized it")
 	}
 	time.Sleep(200 * time.Millisecond)
@@ -196,7 +196,7 @@ func TestRotateKeyReHandshakes(t *testing.T) {
 	old := s.call(Request{Op: "status"}).Status.Tunnel.PublicKey
 	s.gw1.AllowPeer(t, old, netip.AddrPort{}, "100.64.0.2/32")
 	s.apply(t, s.policy(t, 1, "wms"))
-	if !lab.Reaches(t, s.ns, "tcp", wmsHost) {
+	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, lab.FirstContact) {
 		t.Fatal("wms unreachable before rotation")
 	}
 	out, err := exec.Command(bin, "rotate-key", "--socket", filepath.Join(s.dir, "run", "admin.sock")).CombinedOutput()

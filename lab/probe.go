@@ -265,6 +265,12 @@ func Reaches(t T, ns *NS, proto string, ap netip.AddrPort) bool {
 	return ok
 }
 
+// FirstContact bounds the first exchange through a WireGuard peer just
+// configured: if the first handshake initiation is lost (a busy machine),
+// it is retried only after the 5 s rekey timeout, so a single 2 s probe
+// fails where the path is fine (one CI run of three, once).
+const FirstContact = 15 * time.Second
+
 // ReachesWithin retries Reaches until it succeeds or d has passed; for
 // paths that come up on a protocol timer (a WireGuard handshake that
 // failed is retried only after 5 s).

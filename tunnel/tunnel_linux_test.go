@@ -26,12 +26,6 @@ type site struct {
 
 const deviceAddr = "100.64.0.2/32"
 
-// firstContact bounds the first exchange through a new peer: its
-// handshake, if the first initiation is lost (a loaded machine), is
-// retried only after WireGuard's 5 s rekey timeout. A probe of 2 s failed
-// one CI run of three.
-const firstContact = 15 * time.Second
-
 func newSite(t *testing.T) *site {
 	t.Helper()
 	lab.RequirePrivileged(t, "wg", "wireguard-go")
@@ -89,7 +83,7 @@ func TestHandshakeAndDataWithDebianWireGuard(t *testing.T) {
 	}
 	s.apply(t, s.peer1)
 	for _, proto := range []string{"tcp", "udp"} {
-		if !lab.ReachesWithin(t, s.dev, proto, s.host1, firstContact) {
+		if !lab.ReachesWithin(t, s.dev, proto, s.host1, lab.FirstContact) {
 			t.Fatalf("%s to %s through the tunnel failed", proto, s.host1)
 		}
 	}
@@ -129,14 +123,14 @@ func TestHandshakeAndDataWithDebianWireGuard(t *testing.T) {
 func TestAddingAPeerLeavesTheOthersAlone(t *testing.T) {
 	s := newSite(t)
 	s.apply(t, s.peer1)
-	if !lab.ReachesWithin(t, s.dev, "udp", s.host1, firstContact) {
+	if !lab.ReachesWithin(t, s.dev, "udp", s.host1, lab.FirstContact) {
 		t.Fatal("first segment unreachable")
 	}
 	before, _ := s.tun.State()
 	stop := lab.Stream(t, s.dev, s.host1, 2*time.Millisecond)
 	time.Sleep(200 * time.Millisecond)
 	s.apply(t, s.peer1, s.peer2)
-	if !lab.ReachesWithin(t, s.dev, "tcp", s.host2, firstContact) {
+	if !lab.ReachesWithin(t, s.dev, "tcp", s.host2, lab.FirstContact) {
 		t.Error("second segment unreachable after it was added")
 	}
 	time.Sleep(200 * time.Millisecond)
@@ -163,7 +157,7 @@ func TestRemovingAPeerStopsItsFlows(t *testing.T) {
 	if lab.RoundTrip(c, 500*time.Millisecond) {
 		t.Error("an established connection through the removed peer still carries data")
 	}
-	if !lab.ReachesWithin(t, s.dev, "tcp", s.host1, firstContact) {
+	if !lab.ReachesWithin(t, s.dev, "tcp", s.host1, lab.FirstContact) {
 		t.Error("the remaining segment stopped working")
 	}
 	if got := s.dev.MustRun(t, "ip", "route", "show", "proto", "98"); strings.Contains(got, "10.30.0.0/24") {
@@ -180,7 +174,7 @@ func TestApplyRepairsHandEdits(t *testing.T) {
 	if _, changed, err := s.tun.Apply([]Peer{s.peer1}); err != nil || !changed {
 		t.Fatalf("Apply after a hand edit: changed %v, err %v; want a repair", changed, err)
 	}
-	if !lab.ReachesWithin(t, s.dev, "tcp", s.host1, firstContact) {
+	if !lab.ReachesWithin(t, s.dev, "tcp", s.host1, lab.FirstContact) {
 		t.Error("segment unreachable after repair")
 	}
 }
@@ -191,7 +185,7 @@ func TestApplyRepairsHandEdits(t *testing.T) {
 func TestRotateKey(t *testing.T) {
 	s := newSite(t)
 	s.apply(t, s.peer1)
-	if !lab.ReachesWithin(t, s.dev, "tcp", s.host1, firstContact) {
+	if !lab.ReachesWithin(t, s.dev, "tcp", s.host1, lab.FirstContact) {
 		t.Fatal("segment unreachable before rotation")
 	}
 	old := s.tun.PublicKey()
