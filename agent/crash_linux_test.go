@@ -80,6 +80,13 @@ func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 
 	version := uint64(2)
 	outcomes := map[string]int{}
+	// The kill lands up to window after the apply is sent. How long an
+	// apply takes depends on the machine and its load, so the window
+	// follows the outcomes: a kill that found the old ruleset widens
+	// it, one that found the new narrows it. It settles around the
+	// apply's duration, so kills land on both sides of it wherever the
+	// test runs.
+	window := 4 * time.Millisecond
 	for i := range crashKills {
 		cmd := start()
 		if i%4 == 3 {
@@ -106,18 +113,20 @@ func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 		}
 		version = cached + 1
 		go Call(socket, Request{Op: "apply", Bundle: sign(version)})
-		time.Sleep(time.Duration(rand.IntN(4_000)) * time.Microsecond)
+		time.Sleep(rand.N(window))
 		kill(cmd)
 		switch got := table(); got {
 		case snap[version%2]:
 			outcomes["new ruleset"]++
+			window = max(window*4/5, 500*time.Microsecond)
 		case snap[cached%2]:
 			outcomes["old ruleset"]++
+			window = min(window*5/4, 2*time.Second)
 		default:
 			t.Fatalf("kill %d (applying v%d): the table is neither ruleset:\n%s", i, version, got)
 		}
 	}
-	t.Logf("%d kills: %v", crashKills, outcomes)
+	t.Logf("%d kills: %v (kill window at the end: %v)", crashKills, outcomes, window)
 	if outcomes["new ruleset"] == 0 || outcomes["old ruleset"] == 0 {
 		t.Errorf("kills never landed on both sides of an apply (%v); the test proved less than it claims", outcomes)
 	}
