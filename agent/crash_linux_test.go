@@ -132,20 +132,40 @@ func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 	}
 }
 
-// Only an explicit cleanup removes the table, and it says so.
-func TestCleanupRemovesTheTable(t *testing.T) {
+// Only an explicit cleanup removes the table, and it tells the truth: it
+// refuses while the agent runs (which would put the table back), and says
+// so when there is no table.
+func TestCleanupTellsTheTruth(t *testing.T) {
 	e := newEnv(t)
 	bin := lab.Binary(t, "cmd/bulkhead")
-	e.start()
-	e.stop()
+	p, err := lab.StartProcess(e.ns, filepath.Join(e.dir, "agent.log"), bin, "run", "--config", e.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "agent socket", func() bool {
+		_, err := Call(filepath.Join(e.dir, "run", "admin.sock"), Request{Op: "status"})
+		return err == nil
+	})
+	out, err := e.ns.Command(bin, "cleanup").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "agent is running") || !strings.Contains(string(out), "stop") {
+		t.Errorf("cleanup with the agent running: err %v, output %q", err, out)
+	}
+	if !strings.Contains(e.tableText(), "chain output") {
+		t.Fatal("cleanup removed the table while the agent runs")
+	}
+	p.Kill()
 	if !strings.Contains(e.tableText(), "chain output") {
 		t.Fatal("no table after the agent stopped")
 	}
-	out := e.ns.MustRun(t, bin, "cleanup")
-	if !strings.Contains(out, "no longer enforces") {
-		t.Errorf("cleanup output %q does not say the device stopped enforcing", out)
+	out2 := e.ns.MustRun(t, bin, "cleanup")
+	if !strings.Contains(out2, "removed table") || !strings.Contains(out2, "no longer enforces") {
+		t.Errorf("cleanup output %q does not say the device stopped enforcing", out2)
 	}
 	if strings.Contains(e.tableText(), "chain output") {
 		t.Error("table still present after cleanup")
+	}
+	out3 := e.ns.MustRun(t, bin, "cleanup")
+	if !strings.Contains(out3, "no table inet bulkhead to remove") || strings.Contains(out3, "removed table") {
+		t.Errorf("cleanup with no table said %q", out3)
 	}
 }

@@ -56,10 +56,14 @@ func Uninstall(purge bool, out io.Writer) error {
 		p.say("kept", "%s and %s: install again to resume (no token needed); uninstall --purge removes them", ConfigDir, StateDir)
 		return nil
 	}
-	if err := nft.NewEnforcer().Remove(); err != nil {
+	switch removed, err := nft.NewEnforcer().Remove(); {
+	case err != nil:
 		return fmt.Errorf("remove table inet %s: %w", nft.Table, err)
+	case removed:
+		p.say("removed", "table inet %s: this device no longer enforces any Bulkhead policy", nft.Table)
+	default:
+		p.say("absent", "table inet %s: there was none to remove", nft.Table)
 	}
-	p.say("removed", "table inet %s: this device no longer enforces any Bulkhead policy", nft.Table)
 	for _, dir := range []struct{ path, what string }{
 		{ConfigDir, "configuration and pinned ops keys"},
 		{StateDir, "policy cache, enrolment, device and tunnel keys"},

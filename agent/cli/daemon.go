@@ -314,16 +314,26 @@ func cleanupCmd() *subcmd.Command {
 	return &subcmd.Command{
 		Name: "cleanup",
 		Summary: "Remove the agent's nftables table. The device stops enforcing policy: use it\n" +
-			"only to decommission or recover a device (uninstall runs it too).",
+			"only to decommission or recover a device (uninstall runs it too). It refuses while the\n" +
+			"agent runs (it would put the table back): stop the service first.",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
 			return func(env *subcmd.Env, args []string) error {
 				if len(args) > 0 {
 					return subcmd.Usagef("cleanup takes no arguments")
 				}
-				if err := nft.NewEnforcer().Remove(); err != nil {
-					return err
+				if pid, ok := runningAgent(); ok {
+					return fmt.Errorf("the agent is running (bulkhead run, pid %d) and would put table inet %s back within a second; "+
+						"stop it first (systemctl stop bulkhead, or rc-service bulkhead stop), then run cleanup again", pid, nft.Table)
 				}
-				fmt.Fprintf(env.Stdout, "removed table inet %s: this device no longer enforces any Bulkhead policy\n", nft.Table)
+				removed, err := nft.NewEnforcer().Remove()
+				switch {
+				case err != nil:
+					return err
+				case !removed:
+					fmt.Fprintf(env.Stdout, "no table inet %s to remove: this device enforces no Bulkhead policy; nothing changed\n", nft.Table)
+				default:
+					fmt.Fprintf(env.Stdout, "removed table inet %s: this device no longer enforces any Bulkhead policy\n", nft.Table)
+				}
 				return nil
 			}
 		},

@@ -375,22 +375,29 @@ func (e *Enforcer) Present() (bool, error) {
 	return have.present, err
 }
 
-// Remove deletes the table; a missing table is not an error. Only an
-// explicit cleanup or uninstall calls this: the table outlives the agent.
-func (e *Enforcer) Remove() error {
+// Remove deletes the table and reports whether there was one; a missing
+// table is not an error. Only an explicit cleanup or uninstall calls
+// this: the table outlives the agent.
+func (e *Enforcer) Remove() (removed bool, err error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	c, err := e.conn()
 	if err != nil {
-		return fmt.Errorf("nftables: %w", err)
+		return false, fmt.Errorf("nftables: %w", err)
 	}
-	c.AddTable(table)
+	tables, err := c.ListTablesOfFamily(nftables.TableFamilyINet)
+	if err != nil {
+		return false, fmt.Errorf("nftables: list tables: %w", err)
+	}
+	if !slices.ContainsFunc(tables, func(t *nftables.Table) bool { return t.Name == Table }) {
+		return false, nil
+	}
 	c.DelTable(table)
 	if err := c.Flush(); err != nil {
-		return fmt.Errorf("nftables: delete table inet %s: %w", Table, err)
+		return false, fmt.Errorf("nftables: delete table inet %s: %w", Table, err)
 	}
 	e.applied, e.verifiedOK = nil, false
-	return nil
+	return true, nil
 }
 
 // Close releases the socket Verify keeps open. The table stays.

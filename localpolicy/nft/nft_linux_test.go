@@ -442,14 +442,14 @@ func TestRemove(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	ns := lab.NewNS(t, "rm")
 	e := NewEnforcer(WithNetNS(ns.FD()))
-	if err := e.Remove(); err != nil {
-		t.Fatalf("Remove with no table: %v", err)
+	if removed, err := e.Remove(); err != nil || removed {
+		t.Fatalf("Remove with no table: removed %v, %v", removed, err)
 	}
 	if _, err := e.Apply(Build(desired(t, "scanner", localpolicy.Sticky{}), Options{Tunnel: "bh0"})); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.Remove(); err != nil {
-		t.Fatal(err)
+	if removed, err := e.Remove(); err != nil || !removed {
+		t.Fatalf("Remove: removed %v, %v", removed, err)
 	}
 	if out, _ := ns.Run("nft", "list", "tables"); strings.Contains(out, Table) {
 		t.Errorf("table still listed after Remove: %s", out)
