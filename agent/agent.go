@@ -16,6 +16,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -455,9 +456,13 @@ func (a *Agent) checkDrift(check func(nft.Ruleset) error) {
 	}
 }
 
-// install accepts a bundle offered through the socket or the drop
-// directory; a rejected one changes nothing.
+// install accepts a bundle, a trust-root rotation or a command offered
+// through the socket or the drop directory (a release carried to a device
+// cut off from control); a rejected one changes nothing.
 func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
+	if _, err := command.Peek(raw); err == nil {
+		return a.bundle, a.obey(raw)
+	}
 	if a.store == nil {
 		return nil, fmt.Errorf("policy cache unusable (%s); no bundle can be accepted safely", a.noPolicy)
 	}

@@ -44,7 +44,10 @@ type channel struct {
 	rec    *controlclient.Record
 	client *controlclient.Client
 	spool  *spool.Spool
-	cursor uint64
+	// refusedOrders are the orders control delivered that the agent
+	// refused, reported with every sync (MaxRefusedOrders, newest last);
+	// cleared when the sticky state changes, so control tries again.
+	refusedOrders []controlapi.OrderRefusal
 	// pending is the endpoint opened while an enrolment is in progress.
 	pending netip.AddrPort
 	// snapshot is what the next sync sends; the syncer reads it.
@@ -78,7 +81,6 @@ type ControlStatus struct {
 	Connected bool      `json:"connected"`
 	LastSync  time.Time `json:"last_sync,omitzero"`
 	Error     string    `json:"error,omitempty"`
-	Cursor    uint64    `json:"command_cursor"`
 }
 
 // device is the identity bundles and commands are targeted at: the id
@@ -135,27 +137,20 @@ func (a *Agent) useEnrolment(rec *controlclient.Record) error {
 	if err != nil {
 		return err
 	}
-	cursor, err := sp.Cursor()
-	if err != nil {
-		sp.Close()
-		return err
-	}
 	// What was refused before a restart stays refused: the server is not
 	// given a second round of offers to audit.
 	if a.ch.refused, err = sp.Refused(); err != nil {
 		sp.Close()
 		return err
 	}
-	a.ch.rec, a.ch.client, a.ch.spool, a.ch.cursor = rec, client, sp, max(cursor, rec.Cursor)
-	a.ch.status.Store(&ControlStatus{URL: rec.URL, DeviceID: rec.DeviceID, Cursor: a.ch.cursor})
+	a.ch.rec, a.ch.client, a.ch.spool = rec, client, sp
+	a.ch.status.Store(&ControlStatus{URL: rec.URL, DeviceID: rec.DeviceID})
 	a.publish()
 	return nil
 }
 
 // openSpool opens the outbox. A damaged one is kept aside and replaced by
-// an empty one: losing unsent reports and the command cursor (commands
-// are then delivered again, and the cache refuses those it has seen)
-// costs less than losing the control channel, and with it the
+// an empty one: losing unsent reports and the refused digests costs less than losing the control channel, and with it the
 // kill-switch.
 func (a *Agent) openSpool(path string) (*spool.Spool, error) {
 	sp, err := spool.Open(path, spool.DefaultLimit)
@@ -206,11 +201,12 @@ func (a *Agent) publish() {
 	if a.ch.rec == nil {
 		return
 	}
-	st := controlapi.DeviceState{Mode: a.desired.Mode, PolicyVersion: a.desired.PolicyVersion, Revoked: a.sticky.RevokedPartners, AgentVersion: Version}
+	st := controlapi.DeviceState{Mode: a.desired.Mode, PolicyVersion: a.desired.PolicyVersion, Revoked: a.sticky.RevokedPartners, AgentVersion: Version,
+		Orders: a.sticky.Orders(), RefusedOrders: slices.Clone(a.ch.refusedOrders)}
 	if len(a.desired.Why) > 0 {
 		st.Why = a.desired.Why[0]
 	}
-	next := &controlapi.SyncRequest{PolicyVersion: a.highest(), Cursor: a.ch.cursor, WaitSeconds: int(syncWait / time.Second), State: st,
+	next := &controlapi.SyncRequest{PolicyVersion: a.highest(), WaitSeconds: int(syncWait / time.Second), State: st,
 		RootsVersion: a.rootsVersion, Refused: slices.Clone(a.ch.refused)}
 	if prev := a.ch.snapshot.Swap(next); prev != nil && !sameRequest(prev, next) {
 		a.kickSync()
@@ -218,8 +214,9 @@ func (a *Agent) publish() {
 }
 
 func sameRequest(a, b *controlapi.SyncRequest) bool {
-	return a.PolicyVersion == b.PolicyVersion && a.Cursor == b.Cursor && a.RootsVersion == b.RootsVersion && slices.Equal(a.Refused, b.Refused) && a.State.Mode == b.State.Mode &&
-		a.State.Why == b.State.Why && a.State.PolicyVersion == b.State.PolicyVersion && maps.Equal(a.State.Revoked, b.State.Revoked)
+	return a.PolicyVersion == b.PolicyVersion && a.RootsVersion == b.RootsVersion && slices.Equal(a.Refused, b.Refused) && a.State.Mode == b.State.Mode &&
+		a.State.Why == b.State.Why && a.State.PolicyVersion == b.State.PolicyVersion && maps.Equal(a.State.Revoked, b.State.Revoked) &&
+		maps.Equal(a.State.Orders, b.State.Orders) && slices.Equal(a.State.RefusedOrders, b.State.RefusedOrders)
 }
 
 func (a *Agent) highest() uint64 {
@@ -383,6 +380,12 @@ func (a *Agent) poll(ctx context.Context, c controlClient) (resp controlapi.Sync
 	cancel()
 	select {
 	case <-cut:
+		if err == nil {
+			// The whole answer arrived before the kick cut the poll
+			// short: it is acted on, never dropped (it may carry an
+			// order); the next poll sends the new state.
+			return resp, false, nil
+		}
 		return resp, true, nil
 	default:
 		return resp, false, err
@@ -431,39 +434,60 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) (refused bool) {
 		contact = resp.ServerTime
 	}
 	a.contact(contact)
-	// Rotations first: the bundle may be signed by the new keys. The
-	// store audits every verdict; what is refused is named in every later
-	// sync, so the server stops offering it.
-	for _, raw := range append(slices.Clone(resp.Roots), resp.Bundle) {
-		if raw == nil {
-			continue
-		}
-		if _, err := a.install(raw); err != nil {
+	// Rotations first: the bundle and the orders may be signed by the new
+	// keys. Orders before the bundle: a device enrolled after a partner's
+	// revocation gets both in its first answer, and never holds a tunnel
+	// to that partner. The store audits every verdict on a bundle; what is
+	// refused is named in every later sync, so the server stops offering
+	// it.
+	for _, raw := range resp.Roots {
+		if !a.installOffered(raw) {
 			refused = true
-			if d := controlapi.BundleDigest(raw); !slices.Contains(a.ch.refused, d) {
-				a.ch.refused = append(a.ch.refused, d)[max(0, len(a.ch.refused)+1-controlapi.MaxRefused):]
-				if err := a.ch.spool.SetRefused(a.ch.refused); err != nil {
-					a.log.Warn("persist refused bundles", "err", err)
-				}
-			}
-			a.publish()
 		}
 	}
 	for _, raw := range resp.Commands {
-		a.obey(raw)
+		if err := a.obey(raw); err != nil {
+			a.refuseOrder(raw, err)
+		}
+	}
+	if resp.Bundle != nil && !a.installOffered(resp.Bundle) {
+		refused = true
 	}
 	a.reconcile("contact with control") // an offline device is back
-	if resp.Cursor > a.ch.cursor {
-		a.ch.cursor = resp.Cursor
-		if err := a.ch.spool.SetCursor(resp.Cursor); err != nil {
-			a.log.Warn("persist command cursor", "err", err)
-		}
-		st := *a.ch.status.Load()
-		st.Cursor = a.ch.cursor
-		a.ch.status.Store(&st)
-	}
 	a.publish()
 	return refused
+}
+
+// installOffered installs a bundle or rotation control offered, and names
+// a refused one in later syncs.
+func (a *Agent) installOffered(raw []byte) bool {
+	if _, err := a.install(raw); err != nil {
+		if d := controlapi.BundleDigest(raw); !slices.Contains(a.ch.refused, d) {
+			a.ch.refused = append(a.ch.refused, d)[max(0, len(a.ch.refused)+1-controlapi.MaxRefused):]
+			if err := a.ch.spool.SetRefused(a.ch.refused); err != nil {
+				a.log.Warn("persist refused bundles", "err", err)
+			}
+		}
+		a.publish()
+		return false
+	}
+	return true
+}
+
+// refuseOrder tells control, in every later sync, that the agent refused
+// an order it delivered, unless the refusal is one time may undo (a
+// delivery not yet valid or expired in transit, a cache not usable now):
+// control then shows it refused and stops delivering it.
+func (a *Agent) refuseOrder(raw []byte, err error) {
+	c, perr := command.Peek(raw)
+	if perr != nil || errors.Is(err, command.ErrNotYetValid) || errors.Is(err, command.ErrExpired) || a.store == nil {
+		return
+	}
+	why := err.Error()
+	kept := slices.DeleteFunc(a.ch.refusedOrders, func(r controlapi.OrderRefusal) bool { return r.Order == c.ID })
+	kept = append(kept, controlapi.OrderRefusal{Order: c.ID, Reason: why})
+	a.ch.refusedOrders = kept[max(0, len(kept)-controlapi.MaxRefusedOrders):]
+	a.publish()
 }
 
 // contact records an authenticated answer from control at t. The cache
@@ -489,8 +513,9 @@ func (a *Agent) contact(t time.Time) {
 	a.savedContact = t
 }
 
-// obey verifies one command and applies it; a refused one changes nothing
-// and is audited with the reason.
+// obey verifies one command and applies it; a refused one changes
+// nothing and is audited with the reason. One that changes nothing (an
+// order delivered again, a lift with nothing left to lift) is neither.
 func (a *Agent) obey(raw []byte) error {
 	var controlKey ed25519.PublicKey
 	if a.ch.rec != nil {
@@ -506,9 +531,15 @@ func (a *Agent) obey(raw []byte) error {
 		return err
 	}
 	now := a.clock.Now()
-	next, err := command.Decide(v, a.sticky, now, a.device())
+	next, changed, err := command.Decide(v, a.sticky, now, a.device())
+	if err == nil && !changed {
+		a.log.Debug("command already in force", "id", v.ID, "kind", v.Kind)
+		return nil
+	}
 	if err == nil {
-		err = a.store.Obey(v.ID, v.ExpiresAt, now, next)
+		// Remembered for at least as long as a command may live: a
+		// lift applied past its expiry is still refused as a replay.
+		err = a.store.Obey(v.ID, later(v.ExpiresAt, now.Add(command.MaxLifetime)), now, next)
 	}
 	if err != nil {
 		a.log.Warn("command rejected", "id", v.ID, "kind", v.Kind, "err", err)
@@ -516,6 +547,7 @@ func (a *Agent) obey(raw []byte) error {
 		return err
 	}
 	a.sticky = next
+	a.ch.refusedOrders = nil // control may try what was refused again
 	if v.ByOps && a.clock.Observe(v.IssuedAt) {
 		// Signed by the ops keys: the device is at least that late.
 		if err := a.store.AdvanceTrustedTime(a.clock.Floor()); err != nil {
@@ -528,7 +560,18 @@ func (a *Agent) obey(raw []byte) error {
 	}
 	a.log.Info("command obeyed", "id", v.ID, "command", what, "signer", v.Signer(), "reason", v.Reason)
 	a.audit("command-obeyed", fmt.Sprintf("%s %s signed by the %s: %s", what, v.ID, v.Signer(), v.Reason))
-	return a.reconcile("command " + v.ID)
+	if err := a.reconcile("command " + v.ID); err != nil {
+		a.log.Warn("apply after command", "id", v.ID, "err", err)
+	}
+	a.publish() // control learns which order holds what
+	return nil
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
 }
 
 // enroll opens the table to the control server, enrols, and starts

@@ -3,6 +3,7 @@ package agent
 import (
 	"crypto/ed25519"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -33,6 +34,8 @@ type controlSite struct {
 	gw1, gw2 *lab.Gateway
 	a, b     *binAgent
 	safety   netip.AddrPort
+	// aLink is agent a's end of its link to control.
+	aLink string
 }
 
 // binAgent is `bulkhead run` in a namespace.
@@ -57,7 +60,7 @@ func newControlSite(t *testing.T, serve ...string) *controlSite {
 	truck := lab.StartTelematics(t, nsA, netip.MustParsePrefix("192.168.50.0/29"))
 	s.safety = truck.Controller
 	s.a, s.b = s.newAgent(t, nsA, "100.64.0.2/32", truck.FloorJSON()), s.newAgent(t, lab.NewNS(t, "agent"), "100.64.0.3/32", truck.FloorJSON())
-	lab.Link(t, s.a.ns, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
+	s.aLink, _ = lab.Link(t, s.a.ns, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
 	lab.Link(t, s.b.ns, "10.99.0.6/30", ctlNS, "10.99.0.5/30")
 	s.b.ns.MustRun(t, "ip", "route", "add", "10.99.0.1/32", "via", "10.99.0.5")
 	s.ctl = lab.StartControlWith(t, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), lab.ControlOptions{OpsPub: []string{s.opsPub}, Args: serve})
@@ -129,7 +132,7 @@ func (a *binAgent) enroll(t *testing.T, url, token, fp string) (string, error) {
 
 func (s *controlSite) token(t *testing.T, class, ttl string) string {
 	t.Helper()
-	out := s.ctl.MustCLI(t, "token", "create", "--class", class, "--ttl", ttl)
+	out := s.ctl.MustCLI(t, "token", "create", "--allow-unknown-class", "--class", class, "--ttl", ttl)
 	return strings.TrimSpace(strings.Split(out, "\n")[0])
 }
 
@@ -179,21 +182,48 @@ func (s *controlSite) policyWith(t *testing.T, change func(*policy.Document)) *p
 	return doc
 }
 
-// signed posts a command envelope through the admin API, as a thief of
-// the relevant key (or a replaying network) could get it delivered.
-func (s *controlSite) signed(t *testing.T, c command.Command, key ed25519.PrivateKey) []byte {
+// sign signs a command with key.
+func sign(t *testing.T, c command.Command, key ed25519.PrivateKey) []byte {
 	t.Helper()
 	raw, err := command.Sign(c, key)
 	if err != nil {
 		t.Fatal(err)
 	}
-	s.deliver(t, raw)
 	return raw
 }
 
-func (s *controlSite) deliver(t *testing.T, raw []byte) {
+// signed gives control a command signed with key, as an ops laptop does,
+// and fails the test if control refuses it.
+func (s *controlSite) signed(t *testing.T, c command.Command, key ed25519.PrivateKey) []byte {
 	t.Helper()
-	s.ctl.Deliver(t, raw)
+	raw := sign(t, c, key)
+	if err := s.ctl.Deliver(t, raw); err != nil {
+		t.Fatalf("control refused %s: %v", c.ID, err)
+	}
+	return raw
+}
+
+// drop carries a signed file to the agent's drop directory, past control
+// (a USB stick, or an attacker on the device's network), and reports
+// whether the agent took it.
+func (a *binAgent) drop(t *testing.T, name string, raw []byte) bool {
+	t.Helper()
+	inbox := filepath.Join(a.dir, "state", "inbox")
+	if err := os.MkdirAll(inbox, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(inbox, name+".dsse")
+	writeFile(t, path, string(raw))
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		if _, err := os.Stat(path + ".rejected"); err == nil {
+			return false
+		}
+		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+			return true
+		}
+	}
+	t.Fatalf("the agent never took up %s from its drop directory", name)
+	return false
 }
 
 func (s *controlSite) controlKey(t *testing.T) ed25519.PrivateKey {
@@ -218,8 +248,15 @@ func (s *controlSite) enrolledOnV1(t *testing.T) string {
 	return s.a.status(t).DeviceID
 }
 
+// linkA cuts or restores agent a's link to control: a truck out of
+// coverage.
+func (s *controlSite) linkA(t *testing.T, up bool) {
+	t.Helper()
+	s.a.ns.MustRun(t, "ip", "link", "set", s.aLink, map[bool]string{true: "up", false: "down"}[up])
+}
+
 func releaseCmd(id, dev string) command.Command {
-	now := time.Now().UTC().Truncate(time.Second)
+	now := time.Now().UTC()
 	return command.Command{ID: id, Kind: command.Release, Target: command.Target{Devices: []string{dev}},
 		Reason: "incident closed", IssuedAt: now, ExpiresAt: now.Add(10 * time.Minute)}
 }
@@ -305,7 +342,7 @@ func TestEnrolmentRefusals(t *testing.T) {
 		}
 	}
 	// A batch: one token per line, each enrolling a device of its own.
-	lines := strings.Split(s.ctl.MustCLI(t, "token", "create", "--class", "scanner", "--count", "2"), "\n")
+	lines := strings.Split(s.ctl.MustCLI(t, "token", "create", "--allow-unknown-class", "--class", "scanner", "--count", "2"), "\n")
 	if len(lines) < 3 || !strings.HasPrefix(lines[0], "bht_") || !strings.HasPrefix(lines[1], "bht_") || lines[0] == lines[1] ||
 		!strings.Contains(lines[2], "2 tokens for class scanner") {
 		t.Fatalf("token create --count 2 printed %q", lines)
@@ -313,7 +350,7 @@ func TestEnrolmentRefusals(t *testing.T) {
 	if out, err := s.b.enroll(t, s.ctl.URL, lines[1], s.ctl.Fingerprint); err != nil {
 		t.Errorf("enrolment with a batch token: %v %s", err, out)
 	}
-	if out, err := s.ctl.CLI("token", "create", "--class", "scanner", "--count", "0"); err == nil || !strings.Contains(out, "--count 0 is outside 1-10000") {
+	if out, err := s.ctl.CLI("token", "create", "--allow-unknown-class", "--class", "scanner", "--count", "0"); err == nil || !strings.Contains(out, "--count 0 is outside 1-10000") {
 		t.Errorf("token create --count 0: err %v, output %q", err, out)
 	}
 	// The admin API gives an unauthenticated caller nothing.
@@ -382,8 +419,16 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 	if out, err := s.ctl.CLI("release", devA, "--reason", "try"); err == nil || !strings.Contains(out, "--key") {
 		t.Errorf("release without ops keys: %v %s", err, out)
 	}
+	// ...signed with the control key and given to control: refused as
+	// devices would refuse it...
+	forged := sign(t, releaseCmd("forged-release-1", devA), s.controlKey(t))
+	if err := s.ctl.Deliver(t, forged); err == nil || !strings.Contains(err.Error(), "devices would refuse it") {
+		t.Errorf("control took a release signed by its own key: %v", err)
+	}
 	// ...and at the device, if someone holding that key gets one through.
-	s.signed(t, releaseCmd("forged-release-1", devA), s.controlKey(t))
+	if s.a.drop(t, "forged-release", forged) {
+		t.Error("the agent took a release signed by the control key")
+	}
 	waitLong(t, "the forged release to be refused", func() bool { return auditHas(t, s, devA, "command-rejected", "ops keys") })
 	if s.a.status(t).Mode != "quarantine" {
 		t.Fatal("a control-signed release lifted the quarantine")
@@ -394,11 +439,17 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 	if !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, 10*time.Second) {
 		t.Error("wms not reachable after release")
 	}
-	// Quarantined again, the old release replayed is refused.
+	// Quarantined again, the old release replayed is refused: by control
+	// (given once), and by the device (the quarantine came after it).
 	s.ctl.MustCLI(t, "quarantine", devA, "--reason", "INC-8")
 	waitLong(t, "second quarantine", func() bool { return s.a.status(t).Mode == "quarantine" })
-	s.deliver(t, r1)
-	waitLong(t, "the replayed release to be refused", func() bool { return auditHas(t, s, devA, "command-rejected", "already used") })
+	if err := s.ctl.Deliver(t, r1); err == nil || !strings.Contains(err.Error(), "already given") {
+		t.Errorf("control took a replayed release: %v", err)
+	}
+	if s.a.drop(t, "replayed-release", r1) {
+		t.Error("the agent took a replayed release")
+	}
+	waitLong(t, "the replayed release to be refused", func() bool { return auditHas(t, s, devA, "command-rejected", "imposed after") })
 	if s.a.status(t).Mode != "quarantine" {
 		t.Fatal("a replayed release lifted the quarantine")
 	}

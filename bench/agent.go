@@ -76,7 +76,9 @@ func runAgent(b testing.TB, ns *lab.NS, class, tunAddr string, listenPort uint16
 }
 
 // apply signs doc for the agent's class and hands it to the agent.
-func (a *agentProc) apply(b testing.TB, version uint64, doc policy.Document) {
+// apply signs doc as version for the agent's class, applies it through
+// the agent's socket, and returns the bundle's file.
+func (a *agentProc) apply(b testing.TB, version uint64, doc policy.Document) string {
 	b.Helper()
 	now := time.Now().UTC()
 	raw, err := bundle.Sign(bundle.Payload{Version: version, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
@@ -89,12 +91,13 @@ func (a *agentProc) apply(b testing.TB, version uint64, doc policy.Document) {
 	if out, err := exec.Command(a.bin, "policy", "apply", "--socket", a.sock, file).CombinedOutput(); err != nil {
 		b.Fatalf("policy apply: %v: %s", err, out)
 	}
+	return file
 }
 
 // enroll enrols the agent with ctl and returns its device id.
 func (a *agentProc) enroll(b testing.TB, ctl *lab.Control) string {
 	b.Helper()
-	token := strings.TrimSpace(strings.Split(ctl.MustCLI(b, "token", "create", "--class", a.class), "\n")[0])
+	token := strings.TrimSpace(strings.Split(ctl.MustCLI(b, "token", "create", "--allow-unknown-class", "--class", a.class), "\n")[0])
 	out, err := a.ns.Command(a.bin, "enroll", "--socket", a.sock, "--control", ctl.URL, "--token", token, "--trust-ca", ctl.Fingerprint).CombinedOutput()
 	if err != nil {
 		b.Fatalf("enroll: %v %s", err, out)

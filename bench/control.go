@@ -84,11 +84,14 @@ func benchKillSwitch(b B) {
 	ctlNS, devNS, gwNS := lab.NewNS(b, "ctl"), lab.NewNS(b, "dev"), lab.NewNS(b, "gw")
 	lab.Link(b, devNS, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
 	lab.Link(b, devNS, "192.0.2.2/30", gwNS, "192.0.2.1/30")
-	ctl := lab.StartControl(b, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), 0)
+	// Control publishes the ops key: it checks the release as a device
+	// would before it records it.
+	ops := newOpsKeys(b, b.TempDir())
+	ctl := lab.StartControl(b, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), 0, ops.pubFile)
 	gw := lab.StartGateway(b, gwNS, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
 	gwNS.MustRun(b, "ip", "addr", "add", iperfHost.String()+"/32", "dev", "lo")
 
-	a := runAgent(b, devNS, "scanner", "100.64.0.2/32", 51820, nil)
+	a := runAgent(b, devNS, "scanner", "100.64.0.2/32", 51820, ops)
 	id := a.enroll(b, ctl)
 	gw.AllowPeer(b, a.PublicKey, netip.MustParseAddrPort("192.0.2.2:51820"), "100.64.0.2/32")
 	a.apply(b, 1, flowPolicy(b, gw))
@@ -103,7 +106,7 @@ func benchKillSwitch(b B) {
 	}
 	quarantineTrials(b, trials, flow, a,
 		func() { ctl.MustCLI(b, "quarantine", id, "--reason", "bench") },
-		func() { ctl.MustCLI(b, "release", id, "--reason", "bench", "--key", a.ops.privFile) })
+		func() { ctl.MustCLI(b, "release", id, "--reason", "bench", "--key", a.ops.privFile, "--wait", "60s") })
 }
 
 // quarantineTrials times trials of cut (something that should put agent

@@ -54,7 +54,7 @@ func newSite(t *testing.T) *site {
 
 func (s *site) token(t *testing.T) string {
 	t.Helper()
-	return strings.Fields(s.ctl.MustCLI(t, "token", "create", "--class", "scanner", "--ttl", "1h"))[0]
+	return strings.Fields(s.ctl.MustCLI(t, "token", "create", "--allow-unknown-class", "--class", "scanner", "--ttl", "1h"))[0]
 }
 
 // install runs `bulkhead install` on the host with the usual flags and

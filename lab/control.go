@@ -7,7 +7,6 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -211,10 +210,10 @@ func (c *Control) MustCLI(t T, args ...string) string {
 	return out
 }
 
-// Deliver hands a signed command envelope to the server as the first
-// operator, for it to route unchanged: a command signed elsewhere (an
-// ops laptop) or one captured and replayed.
-func (c *Control) Deliver(t T, signed []byte) {
+// Deliver gives the server a signed command as the first operator: one
+// signed elsewhere (an ops laptop), or one captured and replayed. It
+// returns the server's refusal, if it refused.
+func (c *Control) Deliver(t T, signed []byte) error {
 	t.Helper()
 	dir := filepath.Join(c.Data, server.AdminDir)
 	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, server.AdminCert), filepath.Join(dir, server.AdminKey))
@@ -228,8 +227,5 @@ func (c *Control) Deliver(t T, signed []byte) {
 		t.Fatalf("delivering a command: %v", err)
 	}
 	defer resp.Body.Close()
-	out, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("delivering a command: %s: %s", resp.Status, out)
-	}
+	return controlapi.ReadResponse(resp, nil)
 }

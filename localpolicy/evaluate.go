@@ -67,6 +67,36 @@ type Sticky struct {
 	Reason string `json:"reason,omitzero"`
 	// RevokedPartners maps a partner id to the reason it was cut off.
 	RevokedPartners map[string]string `json:"revoked_partners,omitzero"`
+	// Held says which order holds each slot in force (SlotMode, or
+	// PartnerSlot of a revoked partner) and since when it was imposed: a
+	// lifting order may lift only what was imposed before it was issued.
+	Held map[string]Held `json:"held,omitzero"`
+}
+
+// Held is the order holding a slot of the sticky state, and when ops
+// imposed it.
+type Held struct {
+	Order string    `json:"order"`
+	Since time.Time `json:"since"`
+}
+
+// SlotMode is the slot of the sticky mode (quarantine, diagnostic).
+const SlotMode = "mode"
+
+// PartnerSlot is the slot of a partner's revocation.
+func PartnerSlot(partner string) string { return "partner/" + partner }
+
+// Orders maps each held slot to the order holding it: what a device
+// reports, so control sees which of its orders are in force there.
+func (s Sticky) Orders() map[string]string {
+	if len(s.Held) == 0 {
+		return nil
+	}
+	m := make(map[string]string, len(s.Held))
+	for slot, h := range s.Held {
+		m[slot] = h.Order
+	}
+	return m
 }
 
 // FloorRule is one safety-floor allowance, such as a vehicle's CAN gateway

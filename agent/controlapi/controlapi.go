@@ -30,10 +30,11 @@ const (
 	PathSync   = "/v1/sync"
 	PathReport = "/v1/report"
 
-	PathAdminDevices  = "/v1/admin/devices" // GET; GET .../ID
-	PathAdminTokens   = "/v1/admin/tokens"  // POST TokenRequest
-	PathAdminBundles  = "/v1/admin/bundles" // POST a signed bundle
-	PathAdminCommands = "/v1/admin/commands"
+	PathAdminDevices  = "/v1/admin/devices"  // GET; GET .../ID
+	PathAdminTokens   = "/v1/admin/tokens"   // POST TokenRequest
+	PathAdminBundles  = "/v1/admin/bundles"  // POST a signed bundle
+	PathAdminCommands = "/v1/admin/commands" // POST CommandRequest
+	PathAdminOrders   = "/v1/admin/orders"   // GET [?all=1]; GET .../ID
 	PathAdminAudit    = "/v1/admin/audit"
 	PathAdminFlows    = "/v1/admin/flows" // GET ?class=C
 )
@@ -98,8 +99,6 @@ type EnrollResponse struct {
 	// CommandKey is the control server's Ed25519 command-signing key:
 	// it may sign commands that tighten, never ones that loosen.
 	CommandKey []byte `json:"command_key"`
-	// Cursor is where this device's command stream starts.
-	Cursor uint64 `json:"cursor"`
 	// Class is the class the device was enrolled as (the token's).
 	Class string `json:"class"`
 	// OpsKeys are the ops public keys (raw Ed25519) and OpsThreshold how
@@ -118,13 +117,29 @@ type DeviceState struct {
 	PolicyVersion uint64            `json:"policy_version"`
 	Revoked       map[string]string `json:"revoked_partners,omitzero"`
 	AgentVersion  string            `json:"agent_version,omitzero"`
+	// Orders names, for each slot of the device's sticky state
+	// (localpolicy.SlotMode, localpolicy.PartnerSlot), the order holding
+	// it: control compares it with the orders in force for the device.
+	Orders map[string]string `json:"orders,omitzero"`
+	// RefusedOrders are the orders control delivered that the device
+	// refused, newest last, at most MaxRefusedOrders: control shows them
+	// and does not deliver them again while they stand.
+	RefusedOrders []OrderRefusal `json:"refused_orders,omitzero"`
 }
+
+// OrderRefusal is an order a device refused, and why.
+type OrderRefusal struct {
+	Order  string `json:"order"`
+	Reason string `json:"reason"`
+}
+
+// MaxRefusedOrders bounds DeviceState.RefusedOrders.
+const MaxRefusedOrders = 16
 
 // SyncRequest asks for anything newer than what the device has; the
 // server answers at once if there is something, else after WaitSeconds.
 type SyncRequest struct {
 	PolicyVersion uint64      `json:"policy_version"`
-	Cursor        uint64      `json:"cursor"`
 	WaitSeconds   int         `json:"wait_seconds"`
 	State         DeviceState `json:"state"`
 	// RootsVersion is the version of the device's trust-root set: the
@@ -147,14 +162,14 @@ func BundleDigest(raw []byte) string {
 }
 
 // SyncResponse carries a newer bundle for this device (if any) and the
-// commands for it after Cursor, as signed envelopes the agent verifies.
+// orders in force for it that it does not hold yet, as signed envelopes
+// the agent verifies.
 type SyncResponse struct {
 	// Roots are trust-root rotations above the device's RootsVersion,
 	// oldest first; the device applies them before Bundle.
 	Roots      [][]byte  `json:"roots,omitzero"`
 	Bundle     []byte    `json:"bundle,omitzero"`
 	Commands   [][]byte  `json:"commands,omitzero"`
-	Cursor     uint64    `json:"cursor"`
 	ServerTime time.Time `json:"server_time"`
 }
 
@@ -182,6 +197,9 @@ type ReportResponse struct {
 type TokenRequest struct {
 	Class      string `json:"class"`
 	TTLSeconds int64  `json:"ttl_seconds"`
+	// AllowUnknownClass issues a token for a class no stored policy
+	// defines (a policy for it is still to come).
+	AllowUnknownClass bool `json:"allow_unknown_class,omitzero"`
 }
 
 // TokenResponse is the token, shown once.
@@ -191,10 +209,11 @@ type TokenResponse struct {
 	ExpiresAt time.Time `json:"expires_at"`
 }
 
-// CommandRequest asks the server to route a command. Signed, when set, is
-// an envelope the ops keys signed; otherwise the server builds the command
-// from the other fields and signs it with its own key, which it does only
-// for commands that tighten.
+// CommandRequest gives an order. Signed, when set, is a command the ops
+// keys signed; otherwise the server builds the command from the other
+// fields and signs it with its own key, which it does only for orders
+// that tighten. DryRun names the devices it would cover and records
+// nothing.
 type CommandRequest struct {
 	Signed  []byte   `json:"signed,omitzero"`
 	Kind    string   `json:"kind,omitzero"`
@@ -203,14 +222,50 @@ type CommandRequest struct {
 	All     bool     `json:"all,omitzero"`
 	Partner string   `json:"partner,omitzero"`
 	Reason  string   `json:"reason,omitzero"`
+	DryRun  bool     `json:"dry_run,omitzero"`
 }
 
-// CommandResponse says what was queued and for how many devices.
+// CommandResponse names the order and the enrolled devices it covers now.
 type CommandResponse struct {
 	ID      string   `json:"id"`
-	Seq     uint64   `json:"seq"`
 	Devices []string `json:"devices"`
+	DryRun  bool     `json:"dry_run,omitzero"`
 }
+
+// Order is an order at control and where it stands on each device it
+// covers.
+type Order struct {
+	ID        string    `json:"id"`
+	Kind      string    `json:"kind"`
+	Target    string    `json:"target"`
+	Partner   string    `json:"partner,omitzero"`
+	Reason    string    `json:"reason"`
+	ImposedAt time.Time `json:"imposed_at"`
+	By        string    `json:"by"`
+	// SignedByOps is true when the ops keys signed it.
+	SignedByOps bool `json:"signed_by_ops,omitzero"`
+	// InForce is false once a later order superseded it on every device
+	// it covers.
+	InForce bool          `json:"in_force"`
+	Devices []OrderDevice `json:"devices"`
+}
+
+// OrderDevice is where an order stands on one device.
+type OrderDevice struct {
+	Device   string    `json:"device"`
+	State    string    `json:"state"`
+	Detail   string    `json:"detail,omitzero"`
+	LastSeen time.Time `json:"last_seen,omitzero"`
+}
+
+// The states of an order on a device. Applied means the device reported
+// the order's effect in force, not merely that it was sent.
+const (
+	OrderApplied    = "applied"
+	OrderPending    = "pending"
+	OrderRefused    = "refused"
+	OrderSuperseded = "superseded"
+)
 
 // Device is the ops desk's view of one device.
 type Device struct {

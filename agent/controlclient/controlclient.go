@@ -49,7 +49,6 @@ type Record struct {
 	Endpoint   netip.AddrPort `json:"endpoint"`
 	CA         []byte         `json:"ca"`
 	CommandKey []byte         `json:"command_key"`
-	Cursor     uint64         `json:"cursor"`
 	// OpsKeys and OpsThreshold are the ops trust root the server
 	// published at enrolment (raw Ed25519 keys), for the installer to pin
 	// in the configuration. The agent never trusts them from here.
@@ -131,7 +130,7 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 		}
 	}
 	rec := &Record{URL: rawURL, Fingerprint: fp, DeviceID: resp.DeviceID, Class: resp.Class, Endpoint: endpoint, CA: resp.CA,
-		CommandKey: resp.CommandKey, Cursor: resp.Cursor, OpsKeys: resp.OpsKeys, OpsThreshold: resp.OpsThreshold}
+		CommandKey: resp.CommandKey, OpsKeys: resp.OpsKeys, OpsThreshold: resp.OpsThreshold}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(identity)
 	if err != nil {
 		return nil, err

@@ -1,6 +1,5 @@
 // Package spool owns the control channel's state on the device's disk:
-// the report outbox, the command cursor and the digests of the bundles the
-// device refused. The outbox is bounded: when it is full the oldest events
+// the report outbox and the digests of the bundles the device refused. The outbox is bounded: when it is full the oldest events
 // go first and are counted, and the count is reported once the server
 // takes events again. Within the bound nothing
 // is lost across restarts or outages; events leave only when the server
@@ -27,7 +26,6 @@ var (
 	bucketEvents = []byte("events")
 	bucketMeta   = []byte("meta")
 	keyDropped   = []byte("dropped")
-	keyCursor    = []byte("cursor")
 	keyCount     = []byte("count")
 	keyRefused   = []byte("refused")
 )
@@ -164,18 +162,6 @@ func (s *Spool) SetRefused(digests []string) error {
 		return err
 	}
 	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyRefused, raw) })
-}
-
-// Cursor is the last command sequence number handled (0: none).
-func (s *Spool) Cursor() (uint64, error) {
-	var c uint64
-	err := s.db.View(func(tx *bolt.Tx) error { c = get(tx.Bucket(bucketMeta), keyCursor); return nil })
-	return c, err
-}
-
-// SetCursor records the last command sequence number handled.
-func (s *Spool) SetCursor(c uint64) error {
-	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketMeta).Put(keyCursor, u64(c)) })
 }
 
 func get(b *bolt.Bucket, key []byte) uint64 {

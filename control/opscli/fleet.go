@@ -2,8 +2,6 @@ package opscli
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"flag"
 	"fmt"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
@@ -47,6 +45,7 @@ func serveCmd() *subcmd.Command {
 			fs.Var(&opsPub, "ops-pub", "ops public key `FILE` (ops.pub) to publish to enrolling devices, whose installer pins it; repeat for each key")
 			opsThreshold := fs.Int("ops-threshold", 0, "how many of the --ops-pub keys devices require on a bundle (default: all)")
 			clockOffset := fs.Duration("clock-offset", 0, "for drills and tests only: run the server's clock this far ahead (negative: behind) of the machine's")
+			lifetime := fs.Duration("command-lifetime", server.DefaultCommandLifetime, "how long each delivery of an order the server signs stays valid (1s-1h); the order stays in force until lifted")
 			return func(env *subcmd.Env, args []string) error {
 				if len(args) > 0 {
 					return subcmd.Usagef("serve takes no arguments, got %q", args)
@@ -69,11 +68,14 @@ func serveCmd() *subcmd.Command {
 				if *keepAlive <= 0 || *keepAlive > controlapi.MaxWait {
 					return subcmd.Usagef("--keepalive must be between 1s and %v", controlapi.MaxWait)
 				}
+				if *lifetime < time.Second || *lifetime > command.MaxLifetime {
+					return subcmd.Usagef("--command-lifetime must be between 1s and %v", command.MaxLifetime)
+				}
 				if len(names) == 0 {
 					names = subcmd.Strings{"localhost", "127.0.0.1"}
 				}
 				log := slog.New(slog.NewTextHandler(env.Stderr, nil))
-				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log, Ops: ops, ClockOffset: *clockOffset})
+				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log, Ops: ops, ClockOffset: *clockOffset, CommandLifetime: *lifetime})
 				if err != nil {
 					return err
 				}
@@ -112,6 +114,7 @@ func tokenCmd() *subcmd.Command {
 			class := fs.String("class", "", "device `CLASS` the token enrols (required)")
 			ttl := fs.Duration("ttl", 24*time.Hour, "how long the token is valid")
 			count := fs.Int("count", 1, "how many tokens to make, for a batch of devices (at most 10000)")
+			unknown := fs.Bool("allow-unknown-class", false, "issue tokens for a class no stored policy defines yet (its devices sit in lockdown until one does)")
 			return func(env *subcmd.Env, args []string) error {
 				if *class == "" || len(args) > 0 {
 					return subcmd.Usagef("token create needs --class CLASS and no arguments")
@@ -125,7 +128,7 @@ func tokenCmd() *subcmd.Command {
 				}
 				var t controlapi.TokenResponse
 				for i := range *count {
-					if err := a.call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: *class, TTLSeconds: int64(ttl.Seconds())}, &t); err != nil {
+					if err := a.call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: *class, TTLSeconds: int64(ttl.Seconds()), AllowUnknownClass: *unknown}, &t); err != nil {
 						if i > 0 {
 							return fmt.Errorf("after %d tokens (printed above, each still usable): %w", i, err)
 						}
@@ -317,79 +320,6 @@ func auditCmd() *subcmd.Command {
 			}
 		},
 	}
-}
-
-// commandCmd builds quarantine, diagnostic, release, revoke-partner and
-// reinstate-partner. With --key the command is signed here by the ops
-// keys; without, the server signs it with its own key, which it does only
-// for commands that tighten.
-func commandCmd(kind command.Kind, summary string) *subcmd.Command {
-	args := "ID..."
-	if kind == command.RevokePartner || kind == command.ReinstatePartner {
-		args = "PARTNER"
-	}
-	return &subcmd.Command{
-		Name: string(kind), Args: args, Summary: summary,
-		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
-			connect := adminFlags(fs)
-			var classes, keys subcmd.Strings
-			reason := fs.String("reason", "", "why, for the audit logs and the device's status (required)")
-			fs.Var(&keys, "key", "ops signing key `FILE`; repeat up to the devices' threshold. Required for release and reinstate-partner")
-			if args == "ID..." {
-				fs.Var(&classes, "class", "every device of `CLASS`; repeatable")
-			}
-			validFor := fs.Duration("valid-for", 15*time.Minute, "how long devices accept the command (at most 1h)")
-			return func(env *subcmd.Env, rest []string) error {
-				req := controlapi.CommandRequest{Kind: string(kind), Reason: *reason}
-				if args == "PARTNER" {
-					if len(rest) != 1 {
-						return subcmd.Usagef("%s takes one partner id", kind)
-					}
-					req.Partner, req.All = rest[0], true
-				} else {
-					if len(rest) == 0 && len(classes) == 0 {
-						return subcmd.Usagef("%s needs device ids or --class CLASS", kind)
-					}
-					req.Devices, req.Classes = rest, classes
-				}
-				if strings.TrimSpace(*reason) == "" {
-					return subcmd.Usagef("%s needs --reason", kind)
-				}
-				if kind.Loosens() && len(keys) == 0 {
-					return subcmd.Usagef("%s loosens access and must be signed by the ops keys: give --key ops.key", kind)
-				}
-				if len(keys) > 0 {
-					privs, err := loadKeys(keys)
-					if err != nil {
-						return err
-					}
-					now := time.Now().UTC().Truncate(time.Second)
-					c := command.Command{ID: newCommandID(), Kind: kind, Partner: req.Partner, Reason: req.Reason,
-						Target:   command.Target{All: req.All, Classes: req.Classes, Devices: req.Devices},
-						IssuedAt: now, ExpiresAt: now.Add(*validFor)}
-					if req.Signed, err = command.Sign(c, privs...); err != nil {
-						return err
-					}
-				}
-				a, err := connect()
-				if err != nil {
-					return err
-				}
-				var out controlapi.CommandResponse
-				if err := a.call("POST", controlapi.PathAdminCommands, req, &out); err != nil {
-					return err
-				}
-				fmt.Fprintf(env.Stdout, "%s %s queued for %d device(s): %s\n", kind, out.ID, len(out.Devices), strings.Join(out.Devices, " "))
-				return nil
-			}
-		},
-	}
-}
-
-func newCommandID() string {
-	b := make([]byte, 8)
-	rand.Read(b)
-	return "cmd-" + hex.EncodeToString(b)
 }
 
 func printJSON(env *subcmd.Env, v any) error {

@@ -40,6 +40,7 @@ func Root() *subcmd.Command {
 			commandCmd(command.Release, "Return devices to normal. Needs the ops keys (--key)."),
 			commandCmd(command.RevokePartner, "Cut a partner off every device: its peers and destinations are removed until reinstated."),
 			commandCmd(command.ReinstatePartner, "Undo revoke-partner. Needs the ops keys (--key)."),
+			ordersCmd(),
 			auditCmd(),
 			{Name: "roots", Summary: "sign trust-root rotations", Sub: []*subcmd.Command{rootsSignCmd()}},
 			{Name: "version", Summary: "print the version", Flags: func(*flag.FlagSet) func(*subcmd.Env, []string) error {
@@ -115,6 +116,11 @@ func loadKeys(files []string) ([]ed25519.PrivateKey, error) {
 		k, err := opskey.LoadPrivate(f)
 		if err != nil {
 			return nil, err
+		}
+		for j, prev := range keys[:i] {
+			if prev.Equal(k) {
+				return nil, subcmd.Usagef("--key %s is the same key as --key %s: a threshold counts distinct keys, so give each key once", f, files[j])
+			}
 		}
 		keys[i] = k
 	}

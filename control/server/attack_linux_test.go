@@ -183,7 +183,7 @@ func TestEnrolmentsDoNotHoldTheGate(t *testing.T) {
 	ns := lab.NewNS(t, "ctl")
 	ctl := lab.StartControl(t, ns, ctlAddr, 0)
 	const n = 24
-	tokens := strings.Fields(ctl.MustCLI(t, "token", "create", "--class", "scanner", "--count", fmt.Sprint(n)))[:n]
+	tokens := strings.Fields(ctl.MustCLI(t, "token", "create", "--allow-unknown-class", "--class", "scanner", "--count", fmt.Sprint(n)))[:n]
 	for i, token := range tokens {
 		c := ctl.HTTPClient(t, nil)
 		c.Transport.(*http.Transport).DisableKeepAlives = false // as a browser or a library default would
@@ -205,7 +205,7 @@ func TestEnrolmentsDoNotHoldTheGate(t *testing.T) {
 // attacker's control, saying whatever it likes.
 func enrolRogue(t *testing.T, ctl *lab.Control, class string) *http.Client {
 	t.Helper()
-	token := strings.Fields(ctl.MustCLI(t, "token", "create", "--class", class))[0]
+	token := strings.Fields(ctl.MustCLI(t, "token", "create", "--allow-unknown-class", "--class", class))[0]
 	_, priv, _ := ed25519.GenerateKey(rand.Reader)
 	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "rogue"}}, priv)
 	if err != nil {

@@ -51,9 +51,6 @@ const (
 // keeps a cellular NAT mapping alive and stays far under 1 MB a day.
 const DefaultKeepAlive = 4 * time.Minute
 
-// commandLifetime is how long a command the server builds stays valid.
-const commandLifetime = 15 * time.Minute
-
 // maxBody bounds every request body but bundle pushes.
 const maxBody = 1 << 20
 
@@ -74,6 +71,10 @@ type Config struct {
 	// clock is wrong, or to let command lifetimes run out; zero in
 	// production.
 	ClockOffset time.Duration
+	// CommandLifetime is how long a delivery of an order the server signs
+	// stays valid (DefaultCommandLifetime when zero). The order itself
+	// stays in force until ops lift it.
+	CommandLifetime time.Duration
 }
 
 // Server is a running control server.
@@ -99,6 +100,11 @@ type Server struct {
 	unverified map[uint64]bool
 	// monitors are the stored bundles' monitors, for judging reports.
 	monitors monitors
+	// book is the orders given, in effect order.
+	book book
+	// sent is when each order was last delivered to each device
+	// (device NUL order); guarded by mu.
+	sent map[string]time.Time
 }
 
 // Open loads (or on first start creates) the CA, the command key, the
@@ -107,6 +113,9 @@ type Server struct {
 func Open(cfg Config) (*Server, bool, error) {
 	if cfg.KeepAlive == 0 {
 		cfg.KeepAlive = DefaultKeepAlive
+	}
+	if cfg.CommandLifetime == 0 {
+		cfg.CommandLifetime = DefaultCommandLifetime
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
@@ -129,8 +138,16 @@ func Open(cfg Config) (*Server, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
-	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, changed: make(chan struct{}), seen: map[string]time.Time{}, gate: newGate()}
+	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, changed: make(chan struct{}), seen: map[string]time.Time{}, gate: newGate(), sent: map[string]time.Time{}}
 	s.refused = newRefusals(s.now)
+	orders, err := d.orders()
+	if err != nil {
+		d.bolt.Close()
+		return nil, false, err
+	}
+	for _, o := range orders {
+		s.book.add(o)
+	}
 	if err := s.loadTrust(); err != nil {
 		d.bolt.Close()
 		return nil, false, err
@@ -326,6 +343,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST "+controlapi.PathAdminBundles, s.ops(s.pushBundle))
 	mux.HandleFunc("DELETE "+controlapi.PathAdminBundles+"/{version}", s.ops(s.withdrawBundle))
 	mux.HandleFunc("POST "+controlapi.PathAdminCommands, s.ops(s.command))
+	mux.HandleFunc("GET "+controlapi.PathAdminOrders, s.ops(s.listOrders))
+	mux.HandleFunc("GET "+controlapi.PathAdminOrders+"/{id}", s.ops(s.showOrder))
 	mux.HandleFunc("GET "+controlapi.PathAdminAudit, s.ops(s.audit))
 	mux.HandleFunc("GET "+controlapi.PathAdminFlows, s.ops(s.flows))
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -444,7 +463,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var der []byte
-	dev, cursor, err := s.db.enroll(req.Token, req.Class, now, func(id, class string) (controlapi.Device, error) {
+	dev, err := s.db.enroll(req.Token, req.Class, now, func(id, class string) (controlapi.Device, error) {
 		var err error
 		der, err = s.ca.ClientCert(csr.PublicKey, controlapi.DeviceURIPrefix+id, "device "+id)
 		return controlapi.Device{ID: id, Class: class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, EnrolledAt: now.UTC()}, err
@@ -459,7 +478,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	}
 	s.log.Info("device enrolled", "id", dev.ID, "class", dev.Class, "hostname", dev.Hostname)
 	resp := controlapi.EnrollResponse{DeviceID: dev.ID, Class: dev.Class, Certificate: der, CA: s.ca.Cert.Raw,
-		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), Cursor: cursor, OpsThreshold: s.cfg.Ops.Threshold}
+		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), OpsThreshold: s.cfg.Ops.Threshold}
 	for _, k := range s.cfg.Ops.Keys() {
 		resp.OpsKeys = append(resp.OpsKeys, k)
 	}
@@ -555,7 +574,7 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	http.NewResponseController(w).Flush()
 	for {
 		woken := s.wakeup() // before looking, so nothing slips between
-		resp, err := s.pending(req, target)
+		resp, due, err := s.pending(req, target)
 		if err != nil {
 			s.log.Error("sync", "device", id, "err", err)
 			panic(http.ErrAbortHandler)
@@ -564,7 +583,12 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 			reply(w, resp)
 			return
 		}
+		var again <-chan time.Time
+		if due > 0 {
+			again = time.After(due)
+		}
 		select {
+		case <-again:
 		case <-woken:
 		case <-timer.C:
 			reply(w, resp)
@@ -597,6 +621,21 @@ func boundState(st controlapi.DeviceState) controlapi.DeviceState {
 			delete(st.Revoked, p)
 		}
 	}
+	for slot, id := range st.Orders {
+		if len(st.Orders) > maxPartners+1 || len(slot) > 80 || len(id) > 64 {
+			delete(st.Orders, slot)
+		}
+	}
+	st.RefusedOrders = st.RefusedOrders[max(0, len(st.RefusedOrders)-controlapi.MaxRefusedOrders):]
+	for i, r := range st.RefusedOrders {
+		if len(r.Order) > 64 {
+			r.Order = r.Order[:64]
+		}
+		if len(r.Reason) > maxText {
+			r.Reason = r.Reason[:maxText] + "… (cut)"
+		}
+		st.RefusedOrders[i] = r
+	}
 	return st
 }
 
@@ -607,10 +646,11 @@ func stateEqual(a, b controlapi.DeviceState) bool {
 }
 
 // pending is what a device is missing: the newest bundle meant for it and
-// its unexpired commands after its cursor.
-func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (controlapi.SyncResponse, error) {
+// the orders in force for it that the state it reported does not hold.
+// due is how long until an order paused for the device may be sent again.
+func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (resp controlapi.SyncResponse, due time.Duration, err error) {
 	now := s.now()
-	resp := controlapi.SyncResponse{ServerTime: now.UTC()}
+	resp = controlapi.SyncResponse{ServerTime: now.UTC()}
 	raw, err := s.db.newestBundle(req.PolicyVersion, func(version uint64, raw []byte) bool {
 		if s.isUnverified(version) {
 			return false
@@ -619,16 +659,16 @@ func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (control
 		return err == nil && p.Target.Matches(dev) && !slices.Contains(req.Refused, controlapi.BundleDigest(raw))
 	})
 	if err != nil {
-		return resp, err
+		return resp, 0, err
 	}
 	resp.Bundle = raw
 	if resp.Roots, err = s.db.rootsAbove(req.RootsVersion, func(raw []byte) bool {
 		return slices.Contains(req.Refused, controlapi.BundleDigest(raw))
 	}); err != nil {
-		return resp, err
+		return resp, 0, err
 	}
-	resp.Commands, resp.Cursor, err = s.db.commandsAfter(req.Cursor, dev.ID, now)
-	return resp, err
+	resp.Commands, due, err = s.deliveries(dev, req.State, now, resp.Bundle != nil || len(resp.Roots) > 0)
+	return resp, due, err
 }
 
 func (s *Server) report(w http.ResponseWriter, r *http.Request, id string) {
@@ -658,14 +698,20 @@ func (s *Server) withSeen(dev controlapi.Device) controlapi.Device {
 	return dev
 }
 
-func (s *Server) listDevices(w http.ResponseWriter, _ *http.Request, _ string) {
+// devices are the enrolled devices, each last seen as of its latest sync.
+func (s *Server) devices() ([]controlapi.Device, error) {
 	devs, err := s.db.devices()
+	for i := range devs {
+		devs[i] = s.withSeen(devs[i])
+	}
+	return devs, err
+}
+
+func (s *Server) listDevices(w http.ResponseWriter, _ *http.Request, _ string) {
+	devs, err := s.devices()
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
-	}
-	for i := range devs {
-		devs[i] = s.withSeen(devs[i])
 	}
 	reply(w, devs)
 }
@@ -695,6 +741,17 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request, actor strin
 	if req.Class == "" || ttl <= 0 || ttl > 30*24*time.Hour {
 		fail(w, http.StatusBadRequest, "a token needs a class and a ttl between 1s and 30 days")
 		return
+	}
+	if !req.AllowUnknownClass {
+		n, err := s.names(nil)
+		if err != nil {
+			fail(w, http.StatusInternalServerError, err.Error())
+			return
+		}
+		if bad := unknownName("class", req.Class, n.classes); bad != nil {
+			fail(w, http.StatusNotFound, bad[0]+" in the stored policies; a device enrolled with it would sit in lockdown (--allow-unknown-class issues it anyway)")
+			return
+		}
 	}
 	resp, err := s.db.newToken(req.Class, ttl, s.now(), actor)
 	if err != nil {
@@ -794,31 +851,27 @@ func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {
 		return
 	}
 	now := s.now()
-	raw := req.Signed
-	var c command.Command
-	var err error
-	if raw != nil {
-		c, err = command.Peek(raw)
-		if err != nil {
-			fail(w, http.StatusBadRequest, err.Error())
-			return
-		}
-	} else {
-		c = command.Command{ID: randomID("cmd-", 8), Kind: command.Kind(req.Kind), Partner: req.Partner, Reason: req.Reason,
-			Target:   command.Target{All: req.All, Classes: req.Classes, Devices: req.Devices},
-			IssuedAt: now.UTC(), ExpiresAt: now.Add(commandLifetime).UTC()}
-		if c.Kind.Loosens() {
-			fail(w, http.StatusForbidden, fmt.Sprintf("%s loosens access and needs the ops keys: sign it with --key (the control server's key may only tighten)", c.Kind))
-			return
-		}
-		if raw, err = command.Sign(c, s.cmdKey); err != nil {
-			fail(w, http.StatusBadRequest, err.Error())
-			return
-		}
+	o, code, err := s.orderFrom(req, now, actor)
+	if err != nil {
+		fail(w, code, err.Error())
+		return
+	}
+	c := o.Command
+	if s.book.find(c.ID) != nil {
+		fail(w, http.StatusConflict, fmt.Sprintf("order %s was already given; an order is given once (sign a new one to give it again)", c.ID))
+		return
 	}
 	devs, err := s.db.devices()
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	n, err := s.names(devs)
+	if err == nil {
+		err = n.check(c)
+	}
+	if err != nil {
+		fail(w, http.StatusNotFound, err.Error())
 		return
 	}
 	var ids []string
@@ -827,30 +880,132 @@ func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {
 			ids = append(ids, d.ID)
 		}
 	}
-	if len(ids) == 0 {
-		fail(w, http.StatusNotFound, fmt.Sprintf("%s matches no enrolled device", c.Target))
+	if c.Kind.Loosens() {
+		if err := s.checkLift(o, devs); err != nil {
+			fail(w, http.StatusConflict, err.Error())
+			return
+		}
+	}
+	if req.DryRun {
+		reply(w, controlapi.CommandResponse{ID: c.ID, Devices: ids, DryRun: true})
 		return
 	}
 	signer := "control key"
-	if req.Signed != nil {
-		signer = "signed by the caller"
+	if o.ByOps {
+		signer = "ops keys"
 	}
-	detail := fmt.Sprintf("%s %s for %s (%d devices), %s; reason: %s", c.ID, c.Kind, c.Target, len(ids), signer, c.Reason)
+	what := string(c.Kind)
 	if c.Partner != "" {
-		detail = fmt.Sprintf("%s %s partner %s for %s (%d devices), %s; reason: %s", c.ID, c.Kind, c.Partner, c.Target, len(ids), signer, c.Reason)
+		what += " partner " + c.Partner
 	}
-	seq, err := s.db.queueCommand(commandRecord(c, raw, ids), now, actor, detail)
+	detail := fmt.Sprintf("%s %s for %s (%d devices enrolled now), signed by the %s; reason: %s", c.ID, what, c.Target, len(ids), signer, c.Reason)
+	if err := s.db.addOrder(o, now, detail); err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	s.book.add(o)
+	s.log.Info("order given", "detail", detail, "by", actor)
+	s.notify()
+	reply(w, controlapi.CommandResponse{ID: c.ID, Devices: ids})
+}
+
+// orderFrom reads the order a request gives: an ops-signed command checked
+// as a device would check it now, or one the server builds and may sign
+// only if it tightens.
+func (s *Server) orderFrom(req controlapi.CommandRequest, now time.Time, actor string) (*order, int, error) {
+	if req.Signed != nil {
+		v, err := s.trust.checkCommand(req.Signed, now)
+		if err != nil {
+			return nil, http.StatusBadRequest, err
+		}
+		return &order{Command: v.Command, ByOps: true, Raw: req.Signed, By: actor}, 0, nil
+	}
+	c := command.Command{ID: randomID("order-", 8), Kind: command.Kind(req.Kind), Partner: req.Partner, Reason: req.Reason,
+		Target:   command.Target{All: req.All, Classes: req.Classes, Devices: req.Devices},
+		IssuedAt: now.UTC(), ExpiresAt: now.Add(s.cfg.CommandLifetime).UTC()}
+	if c.Kind.Loosens() {
+		return nil, http.StatusForbidden, fmt.Errorf("%s loosens access and needs the ops keys: sign it with --key (the control server's key may only tighten)", c.Kind)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, http.StatusBadRequest, err
+	}
+	return &order{Command: c, By: actor}, 0, nil
+}
+
+// checkLift refuses a lift that would lift nothing on any device it
+// covers, saying why: nothing it names is in force, or what is in force
+// was imposed after it was issued.
+func (s *Server) checkLift(o *order, devs []controlapi.Device) error {
+	orders := s.book.all()
+	with := append(slices.Clone(orders), o)
+	slices.SortFunc(with, before)
+	var why error
+	for _, d := range devs {
+		dev := bundle.Device{ID: d.ID, Class: d.Class}
+		if !o.Command.Target.Matches(dev) {
+			continue
+		}
+		h := fold(with, dev)
+		if h.decisive[o.Command.Slot()] == o {
+			return nil
+		}
+		if err := h.failed[o.Command.ID]; err != nil && why == nil {
+			why = err
+		}
+	}
+	// A class or the fleet may hold the order for devices to come: a
+	// lift covering such an order lifts it for them.
+	for _, p := range orders {
+		if p.Command.Slot() == o.Command.Slot() && !p.Command.Kind.Loosens() && before(p, o) < 0 && o.Command.Target.Covers(p.Command.Target) && !lifted(orders, p) {
+			return nil
+		}
+	}
+	if why != nil {
+		return fmt.Errorf("%s %s would lift nothing: %v; nothing was ordered", o.Command.Kind, o.Command.ID, why)
+	}
+	return fmt.Errorf("%s %s would lift nothing: no device it names (%s) is under such an order; nothing was ordered", o.Command.Kind, o.Command.ID, o.Command.Target)
+}
+
+// lifted reports whether a later lift covering p's whole target lifted it.
+func lifted(orders []*order, p *order) bool {
+	for _, l := range orders {
+		if l.Command.Kind.Loosens() && l.Command.Slot() == p.Command.Slot() && before(p, l) < 0 && l.Command.Target.Covers(p.Command.Target) {
+			return true
+		}
+	}
+	return false
+}
+
+func (s *Server) listOrders(w http.ResponseWriter, r *http.Request, _ string) {
+	devs, err := s.devices()
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
 	}
-	s.log.Info("command queued", "detail", detail, "by", actor)
-	s.notify()
-	reply(w, controlapi.CommandResponse{ID: c.ID, Seq: seq, Devices: ids})
+	all := r.URL.Query().Get("all") != ""
+	orders := s.book.all()
+	out := []controlapi.Order{}
+	for _, o := range orders {
+		if v := view(o, orders, devs); all || v.InForce {
+			out = append(out, v)
+		}
+	}
+	reply(w, out)
 }
 
-func commandRecord(c command.Command, raw []byte, ids []string) queued {
-	return queued{ID: c.ID, Kind: string(c.Kind), ExpiresAt: c.ExpiresAt, Raw: raw, Devices: ids}
+func (s *Server) showOrder(w http.ResponseWriter, r *http.Request, _ string) {
+	id := r.PathValue("id")
+	o := s.book.find(id)
+	if o == nil {
+		fail(w, http.StatusNotFound, fmt.Sprintf("no order %q (bulkhead-control orders --all lists them)", id))
+		return
+	}
+	devs, err := s.devices()
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	reply(w, view(o, s.book.all(), devs))
 }
 
 // auditPageMax bounds one page of the audit log.

@@ -18,14 +18,14 @@ import (
 )
 
 var (
-	bucketTokens   = []byte("tokens")   // sha256(token) -> token
-	bucketDevices  = []byte("devices")  // id -> device
-	bucketBundles  = []byte("bundles")  // version -> signed bundle
-	bucketCommands = []byte("commands") // seq -> command record
-	bucketReports  = []byte("reports")  // id 0x00 seq -> event
-	bucketAudit    = []byte("audit")    // seq -> audit entry
-	bucketFlows    = []byte("flows")    // class 0x00 flow -> observed flow
-	bucketRoots    = []byte("roots")    // version -> signed trust-root rotation
+	bucketTokens  = []byte("tokens")  // sha256(token) -> token
+	bucketDevices = []byte("devices") // id -> device
+	bucketBundles = []byte("bundles") // version -> signed bundle
+	bucketOrders  = []byte("orders")  // seq -> order
+	bucketReports = []byte("reports") // id 0x00 seq -> event
+	bucketAudit   = []byte("audit")   // seq -> audit entry
+	bucketFlows   = []byte("flows")   // class 0x00 flow -> observed flow
+	bucketRoots   = []byte("roots")   // version -> signed trust-root rotation
 )
 
 // flowsKept bounds the observed flows kept, all classes together: what
@@ -51,16 +51,6 @@ type token struct {
 	UsedBy    string    `json:"used_by,omitzero"`
 }
 
-// queued is a routed command.
-type queued struct {
-	ID        string    `json:"id"`
-	Kind      string    `json:"kind"`
-	ExpiresAt time.Time `json:"expires_at"`
-	Raw       []byte    `json:"raw"`
-	// Devices are the enrolled devices the target named when queued.
-	Devices []string `json:"devices"`
-}
-
 type db struct{ bolt *bolt.DB }
 
 func openDB(path string) (*db, error) {
@@ -69,7 +59,7 @@ func openDB(path string) (*db, error) {
 		return nil, fmt.Errorf("open %s: %w (is another bulkhead-control serve using it?)", path, err)
 	}
 	err = b.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketCommands, bucketReports, bucketAudit, bucketFlows, bucketRoots} {
+		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketOrders, bucketReports, bucketAudit, bucketFlows, bucketRoots} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -179,9 +169,8 @@ func tokenUsable(t token, ok bool, class string, now time.Time) error {
 
 // enroll spends the token and records the device, all or nothing: a
 // refused or failed enrolment leaves the token as it was.
-func (d *db) enroll(tok, class string, now time.Time, issue func(id, class string) (controlapi.Device, error)) (controlapi.Device, uint64, error) {
+func (d *db) enroll(tok, class string, now time.Time, issue func(id, class string) (controlapi.Device, error)) (controlapi.Device, error) {
 	var dev controlapi.Device
-	var cursor uint64
 	err := d.bolt.Update(func(tx *bolt.Tx) error {
 		tb := tx.Bucket(bucketTokens)
 		t, ok, err := get[token](tb, hashToken(tok))
@@ -202,10 +191,9 @@ func (d *db) enroll(tok, class string, now time.Time, issue func(id, class strin
 		if err := put(tx.Bucket(bucketDevices), []byte(dev.ID), dev); err != nil {
 			return err
 		}
-		cursor = tx.Bucket(bucketCommands).Sequence()
 		return audit(tx, now, "device "+dev.ID, "enrolled", fmt.Sprintf("class %s, hostname %q", class, dev.Hostname))
 	})
-	return dev, cursor, err
+	return dev, err
 }
 
 func (d *db) device(id string) (controlapi.Device, error) {
@@ -352,44 +340,32 @@ func (d *db) newestBundle(have uint64, match func(version uint64, raw []byte) bo
 	return out, err
 }
 
-// queueCommand stores a command and audits it.
-func (d *db) queueCommand(c queued, now time.Time, actor, detail string) (uint64, error) {
-	var seq uint64
-	err := d.bolt.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketCommands)
-		seq, _ = b.NextSequence()
-		if err := put(b, u64(seq), c); err != nil {
+// addOrder stores an order, numbering it, and audits it.
+func (d *db) addOrder(o *order, now time.Time, detail string) error {
+	return d.bolt.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketOrders)
+		o.Seq, _ = b.NextSequence()
+		if err := put(b, u64(o.Seq), o); err != nil {
 			return err
 		}
-		return audit(tx, now, actor, c.Kind, detail)
+		return audit(tx, now, o.By, string(o.Command.Kind), detail)
 	})
-	return seq, err
 }
 
-// commandsAfter returns the raw commands after cursor that name id and
-// have not expired, and the newest sequence number.
-func (d *db) commandsAfter(cursor uint64, id string, now time.Time) ([][]byte, uint64, error) {
-	var out [][]byte
-	last := cursor
+// orders returns every stored order, in the order they arrived.
+func (d *db) orders() ([]*order, error) {
+	var out []*order
 	err := d.bolt.View(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketCommands)
-		c := b.Cursor()
-		for k, v := c.Seek(u64(cursor + 1)); k != nil; k, v = c.Next() {
-			last = binary.BigEndian.Uint64(k)
-			var cmd queued
-			if err := json.Unmarshal(v, &cmd); err != nil {
-				return err
+		return tx.Bucket(bucketOrders).ForEach(func(k, v []byte) error {
+			o := &order{}
+			if err := json.Unmarshal(v, o); err != nil {
+				return fmt.Errorf("stored order %d: %w", binary.BigEndian.Uint64(k), err)
 			}
-			if now.Before(cmd.ExpiresAt) && slices.Contains(cmd.Devices, id) {
-				out = append(out, cmd.Raw)
-			}
-		}
-		if s := b.Sequence(); s > last {
-			last = s
-		}
-		return nil
+			out = append(out, o)
+			return nil
+		})
 	})
-	return out, last, err
+	return out, err
 }
 
 // addReports stores events not seen before and returns the highest seq

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 )
 
@@ -107,6 +108,27 @@ func (t *trust) checkBundle(raw []byte, now time.Time) (*bundle.Bundle, error) {
 		return nil, fmt.Errorf("devices would refuse it: %w", err)
 	}
 	return b, nil
+}
+
+// checkCommand refuses a command a device would refuse for its signatures
+// or its time: not signed by a threshold of the current ops roots, not
+// yet valid, or expired at now.
+func (t *trust) checkCommand(raw []byte, now time.Time) (*command.Verified, error) {
+	roots, _, err := t.current()
+	if err != nil {
+		return nil, err
+	}
+	v, err := command.Verify(raw, roots, nil)
+	if err != nil {
+		return nil, fmt.Errorf("devices would refuse it: %w", err)
+	}
+	if now.Before(v.IssuedAt.Add(-bundle.ClockSkew)) {
+		return nil, fmt.Errorf("devices would refuse it: %s is issued at %s, after this server's time %s", v.ID, v.IssuedAt.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	}
+	if !now.Before(v.ExpiresAt) {
+		return nil, fmt.Errorf("%s expired at %s; sign a fresh one", v.ID, v.ExpiresAt.UTC().Format(time.RFC3339))
+	}
+	return v, nil
 }
 
 // verifiesUnderAny reports whether raw verifies against any root set the

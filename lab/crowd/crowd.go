@@ -3,7 +3,9 @@
 // the load a real fleet puts on it. Members enrol with one-time tokens and
 // sync through agent/controlclient, the same client and TLS the agent
 // uses; what they receive is reported, not obeyed (the crowd checks no
-// signatures and enforces nothing). `bulkhead-lab crowd` runs it, and the
+// signatures and enforces nothing; it keeps the sticky state the orders
+// set and reports which orders it holds, as an agent does, so control
+// does not deliver them again). `bulkhead-lab crowd` runs it, and the
 // fan-out benchmark reads its events.
 package crowd
 
@@ -22,6 +24,7 @@ import (
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/tunnel"
@@ -124,6 +127,7 @@ func Poll(ctx context.Context, o Options, clients []*controlclient.Client, out i
 
 func member(ctx context.Context, o Options, i int, c *controlclient.Client, emit func(Event)) {
 	var req controlapi.SyncRequest
+	var st localpolicy.Sticky
 	req.WaitSeconds = int(o.Wait / time.Second)
 	for ctx.Err() == nil {
 		pctx, cancel := context.WithTimeout(ctx, o.Wait+30*time.Second)
@@ -147,8 +151,11 @@ func member(ctx context.Context, o Options, i int, c *controlclient.Client, emit
 				continue
 			}
 			emit(Event{Kind: EvCommand, Member: i, ID: cmd.ID, Command: string(cmd.Kind), At: at})
+			if next, changed, err := command.Effect(st, cmd, cmd.Kind.Loosens()); err == nil && changed {
+				st = next
+			}
 		}
-		req.Cursor = max(req.Cursor, resp.Cursor)
+		req.State.Mode, req.State.Revoked, req.State.Orders = st.Mode, st.RevokedPartners, st.Orders()
 		if resp.Bundle != nil {
 			// Only its version matters: without it, a bundle for the
 			// crowd's class would answer every poll at once.

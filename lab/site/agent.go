@@ -33,6 +33,8 @@ type Agent struct {
 	ID   string
 	bin  string
 	proc *lab.Process
+	// link is the router's end of the device's link to the site.
+	link string
 }
 
 // AgentConfig is what differs between the site's devices.

@@ -176,10 +176,20 @@ func found(ok bool, what string) string {
 func partnerDisconnect(s *Site, r *Result) {
 	edi, wms := s.Segment("carrier-edi").Host, s.Segment("wms").Host
 	flows := map[*Agent]*flow{s.Dock: s.openFlow(s.Dock, edi), s.Tele: s.openFlow(s.Tele, edi)}
+	// A name typed wrong orders nothing, and says what was meant.
+	auditBefore := s.Ctl.MustCLI(s.t, "audit")
+	out, err := s.Ctl.CLI("revoke-partner", "northline", "--reason", "INC-231 partner breach")
+	r.Note("$ bulkhead-control revoke-partner northline ...\n%s", strings.TrimSpace(out))
+	ordered := strings.Contains(s.Ctl.MustCLI(s.t, "orders", "--all"), "revoke-partner northline ")
+	unchanged := s.Ctl.MustCLI(s.t, "audit") == auditBefore
+	r.Check(Check{What: "a mistyped partner (northline)", Expected: "refused naming northline-freight; no order, audit unchanged",
+		Observed: fmt.Sprintf("exit error %v; an order for northline %v; audit unchanged %v", err != nil, ordered, unchanged),
+		Pass:     err != nil && strings.Contains(out, "northline-freight") && !ordered && unchanged})
+
 	r.Note("live EDI connections from the dock gateway and the telematics box; revoking northline-freight")
 	start := time.Now()
-	out := s.Ctl.MustCLI(s.t, "revoke-partner", "northline-freight", "--reason", "INC-231 partner breach")
-	r.Note("%s", strings.TrimSpace(out))
+	out = s.Ctl.MustCLI(s.t, "revoke-partner", "northline-freight", "--reason", "INC-231 partner breach", "--wait", "20s")
+	r.Note("$ bulkhead-control revoke-partner northline-freight --wait 20s ...\n%s", strings.TrimSpace(out))
 	for _, a := range []*Agent{s.Dock, s.Tele} {
 		lat, ok := flows[a].diesAfter(start, 15*time.Second)
 		r.Check(Check{What: "the " + a.Name + "'s established EDI connection",
@@ -194,7 +204,8 @@ func partnerDisconnect(s *Site, r *Result) {
 	r.Check(Check{What: "the dock gateway's WMS (not the partner's)", Expected: "open", Observed: yesno(open), Pass: open})
 
 	start = time.Now()
-	s.Ctl.MustCLI(s.t, "reinstate-partner", "northline-freight", "--reason", "INC-231 closed", "--key", s.OpsKey)
+	out = s.Ctl.MustCLI(s.t, "reinstate-partner", "northline-freight", "--reason", "INC-231 closed", "--key", s.OpsKey, "--wait", "20s")
+	r.Note("$ bulkhead-control reinstate-partner northline-freight --key ops.key --wait 20s ...\n%s", strings.TrimSpace(out))
 	for _, a := range []*Agent{s.Dock, s.Tele} {
 		lat, ok := timeUntil(start, 20*time.Second, func() bool { return s.reach(a, edi) })
 		r.Check(Check{What: "reinstated (ops-signed): EDI from the " + a.Name, Expected: "open", Observed: yesno(ok),
@@ -206,8 +217,9 @@ func telematicsQuarantine(s *Site, r *Result) {
 	edi, diag := s.Segment("carrier-edi").Host, s.Segment("diagnostics").Host
 	data, safety := s.openFlow(s.Tele, edi), s.openFlow(s.Tele, s.Truck.Controller)
 	start := time.Now()
-	s.Ctl.MustCLI(s.t, "quarantine", s.Tele.ID, "--reason", "INC-232 tampered telematics box")
+	out := s.Ctl.MustCLI(s.t, "quarantine", s.Tele.ID, "--reason", "INC-232 tampered telematics box", "--wait", "20s")
 	lat, ok := data.diesAfter(start, 15*time.Second)
+	r.Note("$ bulkhead-control quarantine %s --wait 20s ...\n%s", s.Tele.ID, strings.TrimSpace(out))
 	r.Check(Check{What: "the truck's live EDI upload", Expected: "cut", Observed: found(ok, "cut"),
 		Latency: lat, Of: "quarantine -> last echo", Pass: ok})
 	st := s.Tele.Status(s.t)
@@ -231,6 +243,37 @@ func telematicsQuarantine(s *Site, r *Result) {
 	lat, ok = timeUntil(start, 20*time.Second, func() bool { return s.reach(s.Tele, edi) })
 	r.Check(Check{What: "release (ops-signed)", Expected: "EDI open again", Observed: yesno(ok),
 		Latency: lat, Of: "release -> first echo", Pass: ok})
+	outOfCoverage(s, r)
+}
+
+// outOfCoverage quarantines the truck while it is out of coverage for
+// longer than a delivery lasts: the order is state at control, and lands
+// on the truck's first sync back.
+func outOfCoverage(s *Site, r *Result) {
+	r.Note("the truck drives out of coverage (its link cut); a new incident quarantines it meanwhile")
+	s.setDeviceLink(s.Tele, false)
+	out, err := s.Ctl.CLI("quarantine", s.Tele.ID, "--reason", "INC-235 box reported stolen", "--wait", "3s")
+	r.Note("$ bulkhead-control quarantine %s --wait 3s ...\n%s", s.Tele.ID, strings.TrimSpace(out))
+	id := ""
+	if f := strings.Fields(out); len(f) > 1 && f[0] == "quarantine" {
+		id = f[1]
+	}
+	r.Check(Check{What: "--wait with the truck out of coverage", Expected: "exits non-zero naming the truck, pending",
+		Observed: fmt.Sprintf("error %v, names it %v", err != nil, strings.Contains(out, s.Tele.ID) && strings.Contains(out, "pending")),
+		Pass:     err != nil && id != "" && strings.Contains(out, s.Tele.ID) && strings.Contains(out, "pending")})
+	away := 2*commandLifetime + time.Second
+	r.Note("%v pass, longer than the %v each delivery lasts here (15 min by default): a message with that lifetime would be gone", away, commandLifetime)
+	time.Sleep(away)
+	if id != "" {
+		r.Note("$ bulkhead-control orders %s\n%s", id, strings.TrimSpace(s.Ctl.MustCLI(s.t, "orders", id)))
+	}
+	start := time.Now()
+	s.setDeviceLink(s.Tele, true)
+	lat, ok := timeUntil(start, 60*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "quarantine" })
+	r.Check(Check{What: "back in coverage", Expected: "quarantined on its first sync", Observed: "mode " + s.Tele.Status(s.t).Mode,
+		Latency: lat, Of: "link back -> quarantine", Pass: ok})
+	out = s.Ctl.MustCLI(s.t, "release", s.Tele.ID, "--reason", "INC-235 box recovered", "--key", s.OpsKey, "--wait", "20s")
+	r.Note("$ bulkhead-control release %s --key ops.key --wait 20s ...\n%s", s.Tele.ID, strings.TrimSpace(out))
 }
 
 func ransomwareDrill(s *Site, r *Result) {
@@ -489,7 +532,7 @@ func attacks(s *Site, r *Result) {
 		s.t.Fatal(err)
 	}
 	release := func(id string) []byte {
-		now := time.Now().UTC().Truncate(time.Second)
+		now := time.Now().UTC()
 		raw, err := command.Sign(command.Command{ID: id, Kind: command.Release, Target: command.Target{Devices: []string{s.Scanner.ID}},
 			Reason: "INC-233 cleared", IssuedAt: now, ExpiresAt: now.Add(10 * time.Minute)}, key)
 		if err != nil {
@@ -503,7 +546,9 @@ func attacks(s *Site, r *Result) {
 		s.t.Fatalf("the scanner was never quarantined")
 	}
 	captured := release("cmd-release-233a")
-	s.Ctl.Deliver(s.t, captured)
+	if err := s.Ctl.Deliver(s.t, captured); err != nil {
+		s.t.Fatalf("the ops-signed release was refused: %v", err)
+	}
 	if !eventually(20*time.Second, func() bool { return mode("normal") }) {
 		s.t.Fatalf("the ops-signed release was not obeyed")
 	}
@@ -511,18 +556,26 @@ func attacks(s *Site, r *Result) {
 	if !eventually(20*time.Second, func() bool { return mode("quarantine") }) {
 		s.t.Fatalf("the scanner was never quarantined again")
 	}
+	err = s.Ctl.Deliver(s.t, captured)
+	r.Check(Check{What: "replayed release: the captured, ops-signed release given to control again",
+		Expected: "refused (already given)", Observed: fmt.Sprint(err), Pass: err != nil && strings.Contains(err.Error(), "already given")})
+	// The same release carried to the scanner's inbox, past control.
 	start = time.Now()
-	s.Ctl.Deliver(s.t, captured)
+	if err := os.WriteFile(filepath.Join(s.Scanner.Dir, "inbox", "release-233a.dsse"), captured, 0o600); err != nil {
+		s.t.Fatal(err)
+	}
 	lat, ok = timeUntil(start, 20*time.Second, func() bool {
-		_, ok := s.reported(s.Scanner, "command-rejected", "cmd-release-233a", "already")
+		_, ok := s.reported(s.Scanner, "command-rejected", "cmd-release-233a", "imposed after")
 		return ok
 	})
 	m := s.Scanner.Status(s.t).Mode
-	r.Check(Check{What: "replayed release: the captured, ops-signed release delivered again",
-		Expected: "rejected as already used, audited; the scanner stays quarantined",
-		Observed: fmt.Sprintf("%s; mode %s", found(ok, "rejection reported"), m), Latency: lat, Of: "delivery -> rejection at control",
+	r.Check(Check{What: "replayed release: the same release dropped into the scanner's inbox",
+		Expected: "rejected (the quarantine was imposed after it), audited; the scanner stays quarantined",
+		Observed: fmt.Sprintf("%s; mode %s", found(ok, "rejection reported"), m), Latency: lat, Of: "drop -> rejection at control",
 		Pass: ok && m == "quarantine"})
-	s.Ctl.Deliver(s.t, release("cmd-release-234"))
+	if err := s.Ctl.Deliver(s.t, release("cmd-release-234")); err != nil {
+		s.t.Fatalf("a fresh release was refused: %v", err)
+	}
 	if !eventually(20*time.Second, func() bool { return mode("normal") }) {
 		s.t.Fatalf("a fresh release was not obeyed")
 	}

@@ -87,6 +87,10 @@ var segmentPlan = []Segment{
 // brokerFeed is the broker's bulk feed (iperf3), on its host.
 const brokerFeed = 5201
 
+// commandLifetime is how long each delivery of an order the site's
+// control server signs stays valid.
+const commandLifetime = 5 * time.Second
+
 // classSegments is which segments each class's rules open.
 var classSegments = map[string][]string{
 	"dock-gateway": {"wms", "finance", "carrier-edi", "broker-portal", "diagnostics"},
@@ -123,9 +127,15 @@ func Build(t lab.T, progress io.Writer) *Site {
 		}
 	}
 	s.OpsKey, s.AttackerKey = filepath.Join(opsDir, "ops.key"), filepath.Join(attacker, "ops.key")
-	s.Ctl = lab.StartControl(t, s.ctlNS, controlAddr, 0, filepath.Join(opsDir, "ops.pub"))
-	s.detail("control at %s, CA %s", s.Ctl.URL, s.Ctl.Fingerprint)
+	// Each delivery of an order the server signs lasts 5 s here (15 min
+	// by default), so scenario 4 can show, in seconds, a truck back from
+	// longer than that out of coverage getting its quarantine.
+	s.Ctl = lab.StartControlWith(t, s.ctlNS, controlAddr, lab.ControlOptions{OpsPub: []string{filepath.Join(opsDir, "ops.pub")},
+		Args: []string{"--command-lifetime", commandLifetime.String()}})
+	s.detail("control at %s, CA %s; each delivery it signs lasts %v", s.Ctl.URL, s.Ctl.Fingerprint, commandLifetime)
 
+	s.step("policy v1 signed by the ops key, pushed through control (tokens are made only for classes it defines)")
+	s.Push(nil)
 	s.step("agents: enrol with one-time tokens (they boot in lockdown)")
 	for _, a := range s.Agents() {
 		a.Start(t)
@@ -139,8 +149,6 @@ func Build(t lab.T, progress io.Writer) *Site {
 			s.Segment(seg).GW.AllowPeer(t, pub, netip.AddrPort{}, a.Tunnel)
 		}
 	}
-	s.step("policy v1 signed by the ops key, pushed through control")
-	s.Push(nil)
 	s.WaitVersion(s.Version, 30*time.Second)
 	for _, a := range s.Agents() { // the truck's first fix may take a second
 		if !eventually(20*time.Second, func() bool { return a.Status(t).Mode == "normal" }) {
@@ -171,7 +179,7 @@ func (s *Site) network() {
 
 	// hang links a new namespace to the router (local) or the uplink
 	// on the n-th /30 of base, with a default route back.
-	hang := func(prefix string, local bool, base string, n int) (*lab.NS, netip.Addr) {
+	hang := func(prefix string, local bool, base string, n int) (*lab.NS, netip.Addr, string) {
 		ns := lab.NewNS(t, prefix)
 		up := s.WAN
 		if local {
@@ -181,21 +189,21 @@ func (s *Site) network() {
 		b := p.Addr().As4()
 		b[3] = byte(4 * n)
 		gw, me := netip.AddrFrom4(b).Next(), netip.AddrFrom4(b).Next().Next()
-		lab.Link(t, up, gw.String()+"/30", ns, me.String()+"/30")
+		link, _ := lab.Link(t, up, gw.String()+"/30", ns, me.String()+"/30")
 		ns.MustRun(t, "ip", "route", "add", "default", "via", gw.String())
-		return ns, me
+		return ns, me, link
 	}
 	devs := []AgentConfig{
 		{Name: "dock gateway", Class: "dock-gateway", Tunnel: "100.64.0.2/32"},
 		{Name: "scanner", Class: "scanner", Tunnel: "100.64.0.3/32"},
 		{Name: "telematics box", Class: "telematics", Tunnel: "100.64.0.4/32"},
 	}
-	s.ctlNS, _ = hang("ctl", false, "10.99.0.0/24", 0)
+	s.ctlNS, _, _ = hang("ctl", false, "10.99.0.0/24", 0)
 	control := map[string]any{"address": controlAddr.Addr().String(), "port": controlAddr.Port()}
 	opsPub := filepath.Join(s.dir, "ops", "ops.pub")
 	var agents []*Agent
 	for i, c := range devs {
-		ns, addr := hang([]string{"dock", "scan", "tele"}[i], true, "10.10.1.0/24", i)
+		ns, addr, link := hang([]string{"dock", "scan", "tele"}[i], true, "10.10.1.0/24", i)
 		if i == 2 {
 			s.Truck = lab.StartTelematics(t, ns, truckNet)
 			c.Floor = []map[string]any{{"name": "vehicle safety controller", "cidr": truckNet.String(), "protocol": "tcp", "ports": []string{fmt.Sprint(lab.ModbusPort)}}}
@@ -209,7 +217,7 @@ func (s *Site) network() {
 			s.sensor = s.runSensor()
 		}
 		a := newAgent(t, ns, c, opsPub, control)
-		a.LAN = addr
+		a.LAN, a.link = addr, link
 		agents = append(agents, a)
 	}
 	s.Dock, s.Scanner, s.Tele = agents[0], agents[1], agents[2]
@@ -217,7 +225,7 @@ func (s *Site) network() {
 
 	for i, plan := range segmentPlan {
 		seg := plan
-		ns, addr := hang("gw"+fmt.Sprint(i), seg.Local, map[bool]string{true: "10.10.2.0/24", false: "10.201.0.0/24"}[seg.Local], i)
+		ns, addr, _ := hang("gw"+fmt.Sprint(i), seg.Local, map[bool]string{true: "10.10.2.0/24", false: "10.201.0.0/24"}[seg.Local], i)
 		seg.GW = lab.StartGateway(t, ns, lab.DebianWireGuard, addr, 51820, "100.64.0.1/24")
 		seg.GW.Serve(t, seg.Host.Addr(), seg.Host.Port())
 		// The flat network: the host is routed to without any tunnel,
@@ -241,6 +249,12 @@ func (s *Site) setUplink(up bool) {
 	s.Router.MustRun(s.t, "ip", "link", "set", s.uplink, "up")
 	s.Router.MustRun(s.t, "ip", "route", "replace", "default", "via", "10.200.0.2")
 	s.WAN.MustRun(s.t, "ip", "route", "replace", "10.10.0.0/16", "via", "10.200.0.1")
+}
+
+// setDeviceLink connects or cuts a device's link to the site: a truck
+// leaving coverage.
+func (s *Site) setDeviceLink(a *Agent, up bool) {
+	s.Router.MustRun(s.t, "ip", "link", "set", a.link, map[bool]string{true: "up", false: "down"}[up])
 }
 
 // parked is a truck standing in its yard: a few fixes within 50 m of the

@@ -4,8 +4,13 @@
 // short expiry. Verify checks who signed it; Decide says whether this
 // device, in its current state, obeys it and what its sticky state becomes.
 // The ratchet lives here: the control server's own key may only tighten;
-// loosening needs the ops keys. Remembering ids against replay is the
-// store's job. Pure: no I/O.
+// loosening needs the ops keys. So does the since rule: a lifting order
+// lifts only what was imposed before it was issued, which is what lets a
+// device back from a long absence apply a release past its expiry while a
+// captured old release stays useless against a later quarantine. Effect is
+// the same judgement without time or target, for control to fold the
+// orders in force into what each device should hold. Remembering ids
+// against replay is the store's job. Pure: no I/O.
 package command
 
 import (
@@ -62,6 +67,9 @@ var (
 	ErrWrongTarget = errors.New("command is for other devices")
 	ErrExpired     = errors.New("command expired")
 	ErrNotYetValid = errors.New("command not yet valid")
+	// ErrImposedLater: a lifting order issued before what it would lift
+	// was imposed (a captured release replayed against a new incident).
+	ErrImposedLater = errors.New("what it would lift was imposed after it was issued")
 )
 
 // Target names the devices a command is for: every device, or those of
@@ -75,6 +83,27 @@ type Target struct {
 // Matches reports whether dev is targeted.
 func (t Target) Matches(dev bundle.Device) bool {
 	return t.All || bundle.Target{Classes: t.Classes, Devices: t.Devices}.Matches(dev)
+}
+
+// Covers reports whether every device o names is named by t too.
+func (t Target) Covers(o Target) bool {
+	if t.All {
+		return true
+	}
+	if o.All {
+		return false
+	}
+	for _, c := range o.Classes {
+		if !slices.Contains(t.Classes, c) {
+			return false
+		}
+	}
+	for _, d := range o.Devices {
+		if !slices.Contains(t.Devices, d) {
+			return false
+		}
+	}
+	return true
 }
 
 func (t Target) String() string {
@@ -93,6 +122,28 @@ type Command struct {
 	Reason    string    `json:"reason"`
 	IssuedAt  time.Time `json:"issued_at"`
 	ExpiresAt time.Time `json:"expires_at"`
+	// OrderedAt, when set, is when ops imposed the order this command
+	// delivers again: control re-signs an order in force, with a fresh
+	// short expiry, for each device that does not hold it yet. A later
+	// lift is judged against it. Zero means IssuedAt.
+	OrderedAt time.Time `json:"ordered_at,omitzero"`
+}
+
+// Since is when the order was imposed.
+func (c *Command) Since() time.Time {
+	if c.OrderedAt.IsZero() {
+		return c.IssuedAt
+	}
+	return c.OrderedAt
+}
+
+// Slot is the part of a device's sticky state the command sets: its mode,
+// or one partner's revocation.
+func (c *Command) Slot() string {
+	if c.Kind.partner() {
+		return localpolicy.PartnerSlot(c.Partner)
+	}
+	return localpolicy.SlotMode
 }
 
 var idPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{7,63}$`)
@@ -124,6 +175,9 @@ func (c *Command) Validate() error {
 		errs = append(errs, "expires_at must be after issued_at")
 	case life > MaxLifetime:
 		errs = append(errs, fmt.Sprintf("lifetime %v exceeds the maximum %v", life, MaxLifetime))
+	}
+	if c.OrderedAt.After(c.IssuedAt) {
+		errs = append(errs, "ordered_at must not be after issued_at")
 	}
 	if len(errs) > 0 {
 		return fmt.Errorf("%w: %s", ErrInvalid, strings.Join(errs, "; "))
@@ -178,49 +232,112 @@ func Verify(raw []byte, ops opskey.Roots, control ed25519.PublicKey) (*Verified,
 	return &Verified{Command: c, ByOps: byOps}, nil
 }
 
-// Decide says what st becomes when dev obeys v at now, or why it must not.
-// A command signed by the control key must leave the device at least as
-// closed as before: diagnostic may not lift a quarantine.
-func Decide(v *Verified, st localpolicy.Sticky, now time.Time, dev bundle.Device) (localpolicy.Sticky, error) {
+// Decide says what st becomes when dev obeys v at now, whether that
+// changes anything, or why it must not be obeyed. A command must be
+// within its validity, except an ops-signed lift: a device away when it
+// was issued applies it on return, and the since rule keeps it from
+// lifting anything imposed after it.
+func Decide(v *Verified, st localpolicy.Sticky, now time.Time, dev bundle.Device) (next localpolicy.Sticky, changed bool, err error) {
 	if !v.Target.Matches(dev) {
-		return st, fmt.Errorf("%w: %s targets %s", ErrWrongTarget, v.ID, v.Target)
+		return st, false, fmt.Errorf("%w: %s targets %s", ErrWrongTarget, v.ID, v.Target)
 	}
 	if now.Before(v.IssuedAt.Add(-bundle.ClockSkew)) {
-		return st, fmt.Errorf("%w: %s was issued at %s, after this device's time %s", ErrNotYetValid, v.ID, stamp(v.IssuedAt), stamp(now))
+		return st, false, fmt.Errorf("%w: %s was issued at %s, after this device's time %s", ErrNotYetValid, v.ID, stamp(v.IssuedAt), stamp(now))
 	}
-	if !now.Before(v.ExpiresAt) {
-		return st, fmt.Errorf("%w: %s expired at %s (device time %s)", ErrExpired, v.ID, stamp(v.ExpiresAt), stamp(now))
+	if !now.Before(v.ExpiresAt) && !(v.ByOps && v.Kind.Loosens()) {
+		return st, false, fmt.Errorf("%w: %s expired at %s (device time %s)", ErrExpired, v.ID, stamp(v.ExpiresAt), stamp(now))
 	}
-	next := Apply(st, v.Command)
-	if !v.ByOps && next.Mode < st.Mode {
-		return st, fmt.Errorf("%w: %s would move this device from %s to %s", ErrRatchet, v.ID, st.Mode, next.Mode)
-	}
-	return next, nil
+	return Effect(st, v.Command, v.ByOps)
 }
 
-// Apply is the effect of c on st, judged on nothing.
-func Apply(st localpolicy.Sticky, c Command) localpolicy.Sticky {
-	next := st
+var strictness = map[localpolicy.Mode]int{localpolicy.Normal: 0, localpolicy.Diagnostic: 1, localpolicy.Quarantine: 2}
+
+// Effect is what obeying c does to st, judged on everything but time and
+// target: byOps says whether the ops keys signed c. changed is false when
+// st already holds what c orders (a delivery made again). The control
+// key's orders may only tighten; an order lifting or loosening a slot
+// must be issued after that slot's order was imposed.
+func Effect(st localpolicy.Sticky, c Command, byOps bool) (next localpolicy.Sticky, changed bool, err error) {
+	slot := c.Slot()
+	held, isHeld := st.Held[slot]
+	next = st
 	next.RevokedPartners = maps.Clone(st.RevokedPartners)
+	next.Held = maps.Clone(st.Held)
+	lifted := func(what string) error {
+		if isHeld && held.Since.After(c.Since()) {
+			return fmt.Errorf("%w: %s %s was issued at %s, before %s (%s) was imposed at %s",
+				ErrImposedLater, c.Kind, c.ID, stamp(c.Since()), what, held.Order, stamp(held.Since))
+		}
+		return nil
+	}
 	switch c.Kind {
-	case Quarantine:
-		next.Mode, next.Reason = localpolicy.Quarantine, c.Reason
-	case Diagnostic:
-		next.Mode, next.Reason = localpolicy.Diagnostic, c.Reason
-	case Release:
-		next.Mode, next.Reason = localpolicy.Normal, ""
+	case Quarantine, Diagnostic:
+		mode := localpolicy.Quarantine
+		if c.Kind == Diagnostic {
+			mode = localpolicy.Diagnostic
+		}
+		switch {
+		case strictness[mode] < strictness[st.Mode] && !byOps:
+			return st, false, fmt.Errorf("%w: %s would move this device from %s to %s", ErrRatchet, c.ID, st.Mode, mode)
+		case strictness[mode] < strictness[st.Mode]:
+			if err := lifted(st.Mode.String()); err != nil {
+				return st, false, err
+			}
+		case mode == st.Mode && isHeld && !held.Since.Before(c.Since()):
+			return st, false, nil // this order, or a later one of the same kind, holds it
+		}
+		next.Mode, next.Reason = mode, c.Reason
+		since := c.Since()
+		if isHeld && held.Since.After(since) && strictness[mode] >= strictness[st.Mode] {
+			since = held.Since
+		}
+		next.Held = put(next.Held, slot, localpolicy.Held{Order: c.ID, Since: since.UTC()})
 	case RevokePartner:
+		if _, revoked := st.RevokedPartners[c.Partner]; revoked && isHeld && !held.Since.Before(c.Since()) {
+			return st, false, nil
+		}
 		if next.RevokedPartners == nil {
 			next.RevokedPartners = map[string]string{}
 		}
 		next.RevokedPartners[c.Partner] = c.Reason
-	case ReinstatePartner:
-		delete(next.RevokedPartners, c.Partner)
-		if len(next.RevokedPartners) == 0 {
-			next.RevokedPartners = nil
+		next.Held = put(next.Held, slot, localpolicy.Held{Order: c.ID, Since: c.Since().UTC()})
+	case Release, ReinstatePartner:
+		if !byOps {
+			return st, false, fmt.Errorf("%w: %s %s needs the ops keys", ErrRatchet, c.Kind, c.ID)
 		}
+		_, revoked := st.RevokedPartners[c.Partner]
+		if (c.Kind == Release && st.Mode == localpolicy.Normal) || (c.Kind == ReinstatePartner && !revoked) {
+			return st, false, nil // nothing to lift
+		}
+		what := st.Mode.String()
+		if c.Kind == ReinstatePartner {
+			what = "the revocation of " + c.Partner
+		}
+		if err := lifted(what); err != nil {
+			return st, false, err
+		}
+		if c.Kind == Release {
+			next.Mode, next.Reason = localpolicy.Normal, ""
+		} else {
+			delete(next.RevokedPartners, c.Partner)
+		}
+		delete(next.Held, slot)
 	}
-	return next
+	if len(next.RevokedPartners) == 0 {
+		next.RevokedPartners = nil
+	}
+	if len(next.Held) == 0 {
+		next.Held = nil
+	}
+	return next, true, nil
+}
+
+func put(m map[string]localpolicy.Held, slot string, h localpolicy.Held) map[string]localpolicy.Held {
+	if m == nil {
+		m = map[string]localpolicy.Held{}
+	}
+	m[slot] = h
+	return m
 }
 
 // Sign validates c and signs it with every key. The ops CLI signs with

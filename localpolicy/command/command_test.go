@@ -3,6 +3,7 @@ package command
 import (
 	"crypto/ed25519"
 	"errors"
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -98,9 +99,12 @@ func TestDecide(t *testing.T) {
 		{"expired", at(cmd(Quarantine), true), localpolicy.Sticky{}, t0.Add(10 * time.Minute), localpolicy.Sticky{}, ErrExpired},
 		{"from the future", at(cmd(Quarantine), true), localpolicy.Sticky{}, t0.Add(-time.Hour), localpolicy.Sticky{}, ErrNotYetValid},
 	} {
-		got, err := Decide(tc.v, tc.st, tc.now, dev)
+		got, _, err := Decide(tc.v, tc.st, tc.now, dev)
 		if !errors.Is(err, tc.err) {
 			t.Errorf("%s: err = %v, want %v", tc.name, err, tc.err)
+		}
+		if tc.err != nil && !sameSticky(got, tc.st) {
+			t.Errorf("%s: refused, yet the state changed: %+v", tc.name, got)
 		}
 		if got.Mode != tc.want.Mode || got.Reason != tc.want.Reason || len(got.RevokedPartners) != len(tc.want.RevokedPartners) {
 			t.Errorf("%s: sticky = %+v, want %+v", tc.name, got, tc.want)
@@ -111,10 +115,74 @@ func TestDecide(t *testing.T) {
 			}
 		}
 	}
-	// Apply never shares the partner map with its input.
-	next := Apply(revoked, cmd(ReinstatePartner))
+	// Effect never shares the partner map with its input.
+	next, _, _ := Effect(revoked, cmd(ReinstatePartner), true)
 	if len(revoked.RevokedPartners) != 1 || next.RevokedPartners != nil {
-		t.Errorf("Apply mutated its input or left an empty map: %v %v", revoked, next)
+		t.Errorf("Effect mutated its input or left an empty map: %v %v", revoked, next)
+	}
+}
+
+func sameSticky(a, b localpolicy.Sticky) bool {
+	return a.Mode == b.Mode && a.Reason == b.Reason && maps.Equal(a.RevokedPartners, b.RevokedPartners) && maps.Equal(a.Held, b.Held)
+}
+
+// An order delivered again changes nothing; a lift lifts only what was
+// imposed before it was issued, even past its own expiry; a captured old
+// release is useless against a later quarantine.
+func TestLiftsOnlyWhatCameBefore(t *testing.T) {
+	dev := bundle.Device{ID: "dev-1", Class: "truck"}
+	at := func(kind Kind, id string, issued time.Time, byOps bool) *Verified {
+		c := cmd(kind)
+		c.ID, c.IssuedAt, c.ExpiresAt = id, issued, issued.Add(10*time.Minute)
+		return &Verified{Command: c, ByOps: byOps}
+	}
+	var st localpolicy.Sticky
+	obey := func(v *Verified, now time.Time, wantChanged bool, wantErr error) {
+		t.Helper()
+		next, changed, err := Decide(v, st, now, dev)
+		if !errors.Is(err, wantErr) || changed != wantChanged {
+			t.Fatalf("%s %s at %s: changed %v, err %v; want %v, %v", v.Kind, v.ID, now.Format(time.TimeOnly), changed, err, wantChanged, wantErr)
+		}
+		st = next
+	}
+	q1 := at(Quarantine, "order-q1", t0, false)
+	obey(q1, t0, true, nil)
+	obey(q1, t0.Add(time.Minute), false, nil) // delivered again
+	r1 := at(Release, "order-r1", t0.Add(time.Hour), true)
+	// Away while r1 was valid, back a week later: it still lifts q1.
+	obey(r1, t0.Add(7*24*time.Hour), true, nil)
+	if st.Mode != localpolicy.Normal || st.Held != nil {
+		t.Fatalf("after the release: %+v", st)
+	}
+	obey(r1, t0.Add(7*24*time.Hour), false, nil) // nothing left to lift
+	// A new incident: q2 re-signed by control a day later, imposed at T+2h.
+	q2 := at(Quarantine, "order-q2", t0.Add(26*time.Hour), false)
+	q2.OrderedAt = t0.Add(2 * time.Hour)
+	obey(q2, t0.Add(26*time.Hour), true, nil)
+	// The captured r1, valid or not, does not lift it.
+	obey(r1, t0.Add(time.Hour), false, ErrImposedLater)
+	obey(r1, t0.Add(30*time.Hour), false, ErrImposedLater)
+	// An ops diagnostic issued before q2 does not loosen it either; a
+	// control-key diagnostic never does; q1 delivered again is older.
+	obey(at(Diagnostic, "order-d1", t0.Add(90*time.Minute), true), t0.Add(90*time.Minute), false, ErrImposedLater)
+	obey(at(Diagnostic, "order-d2", t0.Add(27*time.Hour), false), t0.Add(27*time.Hour), false, ErrRatchet)
+	q1again := at(Quarantine, "order-q1", t0.Add(27*time.Hour), false)
+	q1again.OrderedAt = t0
+	obey(q1again, t0.Add(27*time.Hour), false, nil)
+	if st.Held[localpolicy.SlotMode].Order != "order-q2" {
+		t.Fatalf("q2 no longer holds the mode: %+v", st)
+	}
+	// A control-signed order past its expiry is refused; a release
+	// issued after q2 lifts it.
+	obey(at(Quarantine, "order-q3", t0.Add(28*time.Hour), false), t0.Add(29*time.Hour), false, ErrExpired)
+	obey(at(Release, "order-r2", t0.Add(3*time.Hour), true), t0.Add(30*time.Hour), true, nil)
+	// Partners: the same rule, slot by slot.
+	rp := at(RevokePartner, "order-p1", t0.Add(40*time.Hour), false)
+	obey(rp, t0.Add(40*time.Hour), true, nil)
+	obey(at(ReinstatePartner, "order-p0", t0.Add(39*time.Hour), true), t0.Add(41*time.Hour), false, ErrImposedLater)
+	obey(at(ReinstatePartner, "order-p2", t0.Add(41*time.Hour), true), t0.Add(50*time.Hour), true, nil)
+	if st.RevokedPartners != nil || st.Held != nil {
+		t.Fatalf("after the reinstatement: %+v", st)
 	}
 }
 
