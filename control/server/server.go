@@ -316,7 +316,8 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		IdleTimeout:       controlapi.MaxWait + time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
-	go s.auditRefusals(ctx)
+	audited := make(chan struct{})
+	go func() { s.auditRefusals(ctx); close(audited) }()
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -326,6 +327,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}()
 	err = srv.ServeTLS(ln, "", "")
 	if errors.Is(err, http.ErrServerClosed) {
+		// The last minute's refusals are written before Serve returns
+		// (and the caller closes the store).
+		<-audited
 		return nil
 	}
 	return err
