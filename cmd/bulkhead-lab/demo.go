@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -84,12 +85,15 @@ func runDemo(env *subcmd.Env, only []int, keep bool) error {
 		return err
 	}
 	lab.Note("dir", dir)
+	var once sync.Once
 	teardown := func() {
-		fmt.Fprintf(env.Stdout, "Tearing the site down: processes, namespaces, tables, %s\n", dir)
-		r.Close()
-		os.RemoveAll(dir)
-		lab.RemoveBuilds() // binaries built without --bin
-		lab.CloseLedger()
+		once.Do(func() {
+			fmt.Fprintf(env.Stdout, "Tearing the site down: processes, namespaces, tables, %s\n", dir)
+			r.Close()
+			os.RemoveAll(dir)
+			lab.RemoveBuilds() // binaries built without --bin
+			lab.CloseLedger()
+		})
 	}
 	// An interruption at any point tears down what exists so far.
 	sigs := make(chan os.Signal, 1)
@@ -113,6 +117,13 @@ func runDemo(env *subcmd.Env, only []int, keep bool) error {
 		select {} // the handler tears down and exits
 	}
 	teardown() // a signal now waits for it, then exits 130
+	select {
+	case <-interrupted:
+		// Interrupted mid-scenario: what the teardown killed failed the
+		// scenario, but the run ends as interrupted (130), by the handler.
+		select {}
+	default:
+	}
 	if failed {
 		return fmt.Errorf("demo FAILED (the log of every step is printed above)")
 	}
