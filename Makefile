@@ -9,8 +9,7 @@ export PATH := /usr/local/go/bin:$(HOME)/go/bin:$(PATH)
 export GOTOOLCHAIN ?= auto
 
 VERSION := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -s -w -X github.com/bulkhead-edge/bulkhead/agent/cli.Version=$(VERSION) \
-	-X github.com/bulkhead-edge/bulkhead/control/opscli.Version=$(VERSION)
+LDFLAGS := -s -w -X github.com/bulkhead-edge/bulkhead/internal/version.Version=$(VERSION)
 # The agent leaves HTTP/2 out of net/http: it holds one HTTP/1.1 long-poll
 # (lab.AgentTags says why, for the binaries tests build).
 AGENT_TAGS := nethttpomithttp2
@@ -27,8 +26,8 @@ TEST_DEBS := iproute2 nftables wireguard-tools wireguard-go iperf3 curl gpsd gps
 # ARM under qemu-user in `make cross-test`. TestGatherReadsThisHost is
 # skipped there: under qemu-user a process's executable is qemu itself.
 CROSS_TEST_PKGS := ./localpolicy ./localpolicy/policy ./localpolicy/bundle ./localpolicy/command \
-	./localpolicy/opskey ./localpolicy/strictjson ./localpolicy/trustedtime ./localpolicy/store \
-	./agent/spool ./agent/cli ./control/suggest ./posture ./posture/gpsd
+	./localpolicy/opskey ./internal/strictjson ./localpolicy/trustedtime ./localpolicy/store \
+	./agent/spool ./cmd/bulkhead/cli ./control/suggest ./posture ./posture/gpsd
 
 .PHONY: all build test lint fuzz bench demo deps go clean cross cross-test deb
 

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/examples"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
@@ -135,7 +136,7 @@ func (e *env) start() {
 	e.cancel, e.done = cancel, make(chan error, 1)
 	go func() { e.done <- a.Run(ctx) }()
 	e.t.Cleanup(e.stop)
-	waitFor(e.t, "admin socket", func() bool { _, err := os.Stat(filepath.Join(e.dir, "run", "admin.sock")); return err == nil })
+	lab.WaitFor(e.t, "admin socket", shortWait, func() bool { _, err := os.Stat(filepath.Join(e.dir, "run", "admin.sock")); return err == nil })
 }
 
 func (e *env) stop() {
@@ -146,25 +147,18 @@ func (e *env) stop() {
 	}
 }
 
-func (e *env) call(req Request) *Response {
+func (e *env) call(req adminapi.Request) *adminapi.Response {
 	e.t.Helper()
-	resp, err := Call(filepath.Join(e.dir, "run", "admin.sock"), req)
+	resp, err := adminapi.Call(filepath.Join(e.dir, "run", "admin.sock"), req)
 	if err != nil {
 		e.t.Fatal(err)
 	}
 	return resp
 }
 
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
+// shortWait bounds what the agent does at once (a socket coming up, an
+// apply); longWait what crosses control and the tunnels.
+const shortWait, longWait = 5 * time.Second, 20 * time.Second
 
 // auditLog reads the stopped agent's audit log.
 func (e *env) auditLog() []store.Event {
@@ -194,7 +188,7 @@ func TestBootLockdownThenPolicyThenOfflineRestart(t *testing.T) {
 			t.Errorf("%s: mode %v, %v; want %v (root-only admin socket)", path, fi.Mode().Perm(), err, want)
 		}
 	}
-	st := e.call(Request{Op: "status"}).Status
+	st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if st.Mode != "lockdown" || !strings.Contains(strings.Join(st.Why, " "), "no policy has been accepted yet") {
 		t.Fatalf("first boot status = %+v, want lockdown with the reason", st)
 	}
@@ -204,17 +198,17 @@ func TestBootLockdownThenPolicyThenOfflineRestart(t *testing.T) {
 	}
 
 	now := time.Now().UTC().Truncate(time.Second)
-	resp := e.call(Request{Op: "apply", Bundle: e.bundle(3, now)})
+	resp := e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(3, now)})
 	if resp.Error != "" || resp.Status.Mode != "normal" || resp.Status.PolicyVersion != 3 {
 		t.Fatalf("apply v3 = %+v / %q", resp.Status, resp.Error)
 	}
 	// A rejected bundle changes nothing and says why.
 	before := e.tableText()
-	resp = e.call(Request{Op: "apply", Bundle: e.bundle(2, now)})
+	resp = e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(2, now)})
 	if !strings.Contains(resp.Error, "rollback") || e.tableText() != before {
 		t.Fatalf("apply v2 after v3: error %q; table changed: %v", resp.Error, e.tableText() != before)
 	}
-	v := e.call(Request{Op: "explain", To: "10.30.0.10:443/tcp"}).Verdict
+	v := e.call(adminapi.Request{Op: adminapi.OpExplain, To: "10.30.0.10:443/tcp"}).Verdict
 	if v.Allowed || v.By != "segment finance" {
 		t.Errorf("explain finance for a scanner = %+v", v)
 	}
@@ -226,11 +220,11 @@ func TestBootLockdownThenPolicyThenOfflineRestart(t *testing.T) {
 		t.Fatal("the table changed when the agent stopped")
 	}
 	e.start()
-	st = e.call(Request{Op: "status"}).Status
+	st = e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if st.PolicyVersion != 3 || st.Mode == "lockdown" {
 		t.Fatalf("after restart status = %+v, want policy v3 from the cache", st)
 	}
-	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(2, now)}); !strings.Contains(resp.Error, "rollback") {
+	if resp := e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(2, now)}); !strings.Contains(resp.Error, "rollback") {
 		t.Errorf("rolled-back bundle after restart: %q", resp.Error)
 	}
 }
@@ -241,13 +235,13 @@ func TestBootLockdownThenPolicyThenOfflineRestart(t *testing.T) {
 func TestDriftIsRepaired(t *testing.T) {
 	e := newEnv(t)
 	e.start()
-	e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))})
+	e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))})
 	want := lab.CanonicalTable(e.tableText())
 	for _, tamper := range [][]string{{"nft", "flush", "ruleset"}, {"nft", "delete", "table", "inet", nft.Table}} {
 		e.ns.MustRun(t, tamper...)
-		waitFor(t, "table restored after "+strings.Join(tamper, " "), func() bool { return lab.CanonicalTable(e.tableText()) == want })
+		lab.WaitFor(t, "table restored after "+strings.Join(tamper, " "), shortWait, func() bool { return lab.CanonicalTable(e.tableText()) == want })
 	}
-	st := e.call(Request{Op: "status"}).Status
+	st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if st.DriftRepairs < 2 {
 		t.Errorf("drift repairs = %d, want 2", st.DriftRepairs)
 	}
@@ -272,10 +266,10 @@ func TestDropDirectory(t *testing.T) {
 		t.Fatal(err)
 	}
 	writeFile(t, filepath.Join(inbox, "v5.dsse"), string(e.bundle(5, time.Now().UTC().Truncate(time.Second))))
-	waitFor(t, "v5 from the drop directory", func() bool { return e.call(Request{Op: "status"}).Status.PolicyVersion == 5 })
+	lab.WaitFor(t, "v5 from the drop directory", shortWait, func() bool { return e.call(adminapi.Request{Op: adminapi.OpStatus}).Status.PolicyVersion == 5 })
 	writeFile(t, filepath.Join(inbox, "bad.dsse"), "not a bundle")
-	waitFor(t, "bad.dsse set aside", func() bool { _, err := os.Stat(filepath.Join(inbox, "bad.dsse.rejected")); return err == nil })
-	if v := e.call(Request{Op: "status"}).Status.PolicyVersion; v != 5 {
+	lab.WaitFor(t, "bad.dsse set aside", shortWait, func() bool { _, err := os.Stat(filepath.Join(inbox, "bad.dsse.rejected")); return err == nil })
+	if v := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status.PolicyVersion; v != 5 {
 		t.Errorf("policy version after a bad drop = %d, want 5", v)
 	}
 }
@@ -289,7 +283,7 @@ func TestSpecialFilesInTheDropDirectory(t *testing.T) {
 	e := newEnv(t)
 	e.start()
 	now := time.Now().UTC().Truncate(time.Second)
-	e.call(Request{Op: "apply", Bundle: e.bundle(1, now)})
+	e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(1, now)})
 	inbox := filepath.Join(e.dir, "state", "inbox")
 	if err := os.MkdirAll(inbox, 0o700); err != nil {
 		t.Fatal(err)
@@ -301,15 +295,18 @@ func TestSpecialFilesInTheDropDirectory(t *testing.T) {
 	if err := os.Symlink(filepath.Join(e.dir, "elsewhere.dsse"), filepath.Join(inbox, "link.dsse")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the FIFO and the link set aside", func() bool {
+	lab.WaitFor(t, "the FIFO and the link set aside", shortWait, func() bool {
 		_, err1 := os.Lstat(filepath.Join(inbox, "fifo.dsse.rejected"))
 		_, err2 := os.Lstat(filepath.Join(inbox, "link.dsse.rejected"))
 		return err1 == nil && err2 == nil
 	})
 	// The loop is free: it answers at once, repairs the table and takes
 	// the next bundle.
-	answered := make(chan *Response, 1)
-	go func() { r, _ := Call(filepath.Join(e.dir, "run", "admin.sock"), Request{Op: "status"}); answered <- r }()
+	answered := make(chan *adminapi.Response, 1)
+	go func() {
+		r, _ := adminapi.Call(filepath.Join(e.dir, "run", "admin.sock"), adminapi.Request{Op: adminapi.OpStatus})
+		answered <- r
+	}()
 	select {
 	case r := <-answered:
 		if r == nil || r.Status.PolicyVersion != 1 {
@@ -319,9 +316,9 @@ func TestSpecialFilesInTheDropDirectory(t *testing.T) {
 		t.Fatal("the agent does not answer with a FIFO in its drop directory")
 	}
 	e.ns.MustRun(t, "nft", "delete", "table", "inet", nft.Table)
-	waitFor(t, "the table restored", func() bool { return strings.Contains(e.tableText(), "chain output") })
+	lab.WaitFor(t, "the table restored", shortWait, func() bool { return strings.Contains(e.tableText(), "chain output") })
 	writeFile(t, filepath.Join(inbox, "v3.dsse"), string(e.bundle(3, now)))
-	waitFor(t, "v3 from the drop directory", func() bool { return e.call(Request{Op: "status"}).Status.PolicyVersion == 3 })
+	lab.WaitFor(t, "v3 from the drop directory", shortWait, func() bool { return e.call(adminapi.Request{Op: adminapi.OpStatus}).Status.PolicyVersion == 3 })
 	e.stop()
 	refused := 0
 	for _, ev := range e.auditLog() {
@@ -363,8 +360,8 @@ func TestConfigErrorsNameLineAndField(t *testing.T) {
 func TestKernelTableEqualsReportedRuleset(t *testing.T) {
 	e := newEnv(t)
 	e.start()
-	e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))})
-	reported := e.call(Request{Op: "ruleset"}).Ruleset
+	e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))})
+	reported := e.call(adminapi.Request{Op: adminapi.OpRuleset}).Ruleset
 	file := filepath.Join(e.dir, "reported.nft")
 	writeFile(t, file, reported)
 	fresh := lab.NewNS(t, "ref")

@@ -13,11 +13,11 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/internal/strictjson"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
 	"github.com/bulkhead-edge/bulkhead/posture/gpsd"
 	"github.com/bulkhead-edge/bulkhead/tunnel"
 )

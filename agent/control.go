@@ -14,10 +14,12 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/agent/spool"
 	"github.com/bulkhead-edge/bulkhead/internal/boltfile"
+	"github.com/bulkhead-edge/bulkhead/internal/version"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -33,10 +35,6 @@ const (
 	backoffMax   = time.Minute
 	reportBatch  = 200
 )
-
-// Version is the agent's version as reported to control; the command
-// line sets it from its build stamp.
-var Version = "dev"
 
 // channel is the control channel's part of the agent. Fields without a
 // comment are owned by the event loop.
@@ -60,7 +58,7 @@ type channel struct {
 	// refused (controlapi.MaxRefused, newest last).
 	refused []string
 	// status is the syncer's last outcome, for `bulkhead status`.
-	status atomic.Pointer[ControlStatus]
+	status atomic.Pointer[adminapi.ControlStatus]
 	runCtx context.Context
 	// sleep, when set (by tests), replaces the syncer's pause after a
 	// refused offer.
@@ -72,15 +70,6 @@ type syncResult struct {
 	// done tells the syncer the loop has acted on resp, and whether it
 	// refused something in it.
 	done chan bool
-}
-
-// ControlStatus is the control channel in `bulkhead status`.
-type ControlStatus struct {
-	URL       string    `json:"url"`
-	DeviceID  string    `json:"device_id"`
-	Connected bool      `json:"connected"`
-	LastSync  time.Time `json:"last_sync,omitzero"`
-	Error     string    `json:"error,omitempty"`
 }
 
 // device is the identity bundles and commands are targeted at: the id
@@ -124,7 +113,7 @@ func (a *Agent) loadEnrolment() {
 	}
 	if err != nil {
 		a.log.Error("enrolment unusable; running without control", "err", err)
-		a.ch.status.Store(&ControlStatus{Error: err.Error()})
+		a.ch.status.Store(&adminapi.ControlStatus{Error: err.Error()})
 	}
 }
 
@@ -144,7 +133,7 @@ func (a *Agent) useEnrolment(rec *controlclient.Record) error {
 		return err
 	}
 	a.ch.rec, a.ch.client, a.ch.spool = rec, client, sp
-	a.ch.status.Store(&ControlStatus{URL: rec.URL, DeviceID: rec.DeviceID})
+	a.ch.status.Store(&adminapi.ControlStatus{URL: rec.URL, DeviceID: rec.DeviceID})
 	a.publish()
 	return nil
 }
@@ -201,7 +190,7 @@ func (a *Agent) publish() {
 	if a.ch.rec == nil {
 		return
 	}
-	st := controlapi.DeviceState{Mode: a.desired.Mode, PolicyVersion: a.desired.PolicyVersion, Revoked: a.sticky.RevokedPartners, AgentVersion: Version,
+	st := controlapi.DeviceState{Mode: a.desired.Mode, PolicyVersion: a.desired.PolicyVersion, Revoked: a.sticky.RevokedPartners, AgentVersion: version.Version,
 		Orders: a.sticky.Orders(), RefusedOrders: slices.Clone(a.ch.refusedOrders)}
 	if len(a.desired.Why) > 0 {
 		st.Why = a.desired.Why[0]
@@ -577,19 +566,19 @@ func later(a, b time.Time) time.Time {
 // enroll opens the table to the control server, enrols, and starts
 // syncing. It runs on the loop (up to the enrolment timeout): enrolment is
 // rare and nothing else may change the state meanwhile.
-func (a *Agent) enroll(r Request) Response {
+func (a *Agent) enroll(r adminapi.Request) adminapi.Response {
 	if a.ch.rec != nil {
-		return Response{Error: fmt.Sprintf("already enrolled as %s with %s; to enrol again, stop the agent and remove %s",
+		return adminapi.Response{Error: fmt.Sprintf("already enrolled as %s with %s; to enrol again, stop the agent and remove %s",
 			a.ch.rec.DeviceID, a.ch.rec.URL, filepath.Join(a.cfg.StateDir, controlclient.RecordFile))}
 	}
 	if a.cfg.Device.Class == "" {
-		return Response{Error: "the configuration names no device class to enrol as"}
+		return adminapi.Response{Error: "the configuration names no device class to enrol as"}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	ep, err := controlclient.Endpoint(ctx, r.URL)
 	if err != nil {
-		return Response{Error: err.Error()}
+		return adminapi.Response{Error: err.Error()}
 	}
 	a.ch.pending = ep
 	a.reconcile("enrolment with " + r.URL)
@@ -605,10 +594,10 @@ func (a *Agent) enroll(r Request) Response {
 	if err != nil {
 		a.reconcile("enrolment failed")
 		a.audit("enrolment-failed", fmt.Sprintf("%s: %v", r.URL, err))
-		return Response{Error: "enrolment failed: " + err.Error()}
+		return adminapi.Response{Error: "enrolment failed: " + err.Error()}
 	}
 	a.reconcile("enrolled")
 	a.audit("enrolled", fmt.Sprintf("device %s with %s (CA %s)", rec.DeviceID, rec.URL, rec.Fingerprint))
 	a.startSync()
-	return Response{Status: a.status()}
+	return adminapi.Response{Status: a.status()}
 }

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
 	"github.com/bulkhead-edge/bulkhead/control/server"
@@ -106,7 +107,10 @@ func (a *binAgent) start(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.proc = p
-	waitFor(t, "the agent's admin socket", func() bool { _, err := Call(a.socket, Request{Op: "status"}); return err == nil })
+	lab.WaitFor(t, "the agent's admin socket", shortWait, func() bool {
+		_, err := adminapi.Call(a.socket, adminapi.Request{Op: adminapi.OpStatus})
+		return err == nil
+	})
 }
 
 func (a *binAgent) kill() {
@@ -114,9 +118,9 @@ func (a *binAgent) kill() {
 	a.proc = nil
 }
 
-func (a *binAgent) status(t *testing.T) *Status {
+func (a *binAgent) status(t *testing.T) *adminapi.Status {
 	t.Helper()
-	resp, err := Call(a.socket, Request{Op: "status"})
+	resp, err := adminapi.Call(a.socket, adminapi.Request{Op: adminapi.OpStatus})
 	if err != nil || resp.Error != "" {
 		t.Fatalf("status: %v %s", err, resp.Error)
 	}
@@ -214,16 +218,14 @@ func (a *binAgent) drop(t *testing.T, name string, raw []byte) bool {
 	}
 	path := filepath.Join(inbox, name+".dsse")
 	writeFile(t, path, string(raw))
-	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
-		if _, err := os.Stat(path + ".rejected"); err == nil {
-			return false
-		}
-		if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-			return true
-		}
-	}
-	t.Fatalf("the agent never took up %s from its drop directory", name)
-	return false
+	rejected := false
+	lab.WaitFor(t, "the agent to take up "+name+" from its drop directory", longWait, func() bool {
+		_, err := os.Stat(path + ".rejected")
+		rejected = err == nil
+		_, err = os.Stat(path)
+		return rejected || errors.Is(err, os.ErrNotExist)
+	})
+	return !rejected
 }
 
 func (s *controlSite) controlKey(t *testing.T) ed25519.PrivateKey {
@@ -244,7 +246,7 @@ func (s *controlSite) enrolledOnV1(t *testing.T) string {
 	}
 	s.gw1.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1))
-	waitLong(t, "policy v1", func() bool { return s.a.status(t).PolicyVersion == 1 })
+	lab.WaitFor(t, "policy v1", longWait, func() bool { return s.a.status(t).PolicyVersion == 1 })
 	return s.a.status(t).DeviceID
 }
 
@@ -261,25 +263,9 @@ func releaseCmd(id, dev string) command.Command {
 		Reason: "incident closed", IssuedAt: now, ExpiresAt: now.Add(10 * time.Minute)}
 }
 
-func waitLong(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	waitUntil(t, what, 20*time.Second, cond)
-}
-
 // afterOutage bounds a reconnection: the agent's backoff may be waiting
 // up to 1.5 times its one-minute cap when control returns.
 const afterOutage = 100 * time.Second
-
-func waitUntil(t *testing.T, what string, d time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
 
 func TestEnrolmentRefusals(t *testing.T) {
 	s := newControlSite(t)
@@ -321,7 +307,7 @@ func TestEnrolmentRefusals(t *testing.T) {
 		t.Errorf("reused token: err %v, output %q", err, out)
 	}
 	st := s.a.status(t)
-	waitLong(t, "the first sync", func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
+	lab.WaitFor(t, "the first sync", longWait, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
 	for _, f := range []string{"identity.key", "device.crt", "enrolment.json"} {
 		info, err := os.Stat(filepath.Join(s.a.dir, "state", f))
 		if err != nil || info.Mode().Perm() != 0o600 {
@@ -378,7 +364,7 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 	s.gw2.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1))
 	for _, a := range []*binAgent{s.a, s.b} {
-		waitLong(t, "policy v1 from control", func() bool { return a.status(t).PolicyVersion == 1 })
+		lab.WaitFor(t, "policy v1 from control", longWait, func() bool { return a.status(t).PolicyVersion == 1 })
 	}
 	if !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, 10*time.Second) || !lab.ReachesWithin(t, s.a.ns, "tcp", financeHost, 10*time.Second) {
 		t.Fatal("policy v1 does not open wms and finance through the tunnels")
@@ -393,7 +379,7 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 		t.Fatal("no round trip on the established wms connection before quarantine")
 	}
 	s.ctl.MustCLI(t, "quarantine", devA, "--reason", "INC-7 scanner compromised")
-	waitLong(t, "quarantine", func() bool { return s.a.status(t).Mode == "quarantine" })
+	lab.WaitFor(t, "quarantine", longWait, func() bool { return s.a.status(t).Mode == "quarantine" })
 	if lab.RoundTrip(conn, time.Second) {
 		t.Error("the established wms connection still carries data in quarantine")
 	}
@@ -407,7 +393,7 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 	if !strings.Contains(strings.Join(st.Why, " "), "INC-7") || len(st.Tunnel.Peers) != 0 {
 		t.Errorf("quarantined status: why %q, %d peers", st.Why, len(st.Tunnel.Peers))
 	}
-	waitLong(t, "devices to show the quarantine", func() bool {
+	lab.WaitFor(t, "devices to show the quarantine", longWait, func() bool {
 		out := s.ctl.MustCLI(t, "devices")
 		return strings.Contains(out, "quarantine") && strings.Contains(out, "INC-7")
 	})
@@ -429,32 +415,32 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 	if s.a.drop(t, "forged-release", forged) {
 		t.Error("the agent took a release signed by the control key")
 	}
-	waitLong(t, "the forged release to be refused", func() bool { return auditHas(t, s, devA, "command-rejected", "ops keys") })
+	lab.WaitFor(t, "the forged release to be refused", longWait, func() bool { return auditHas(t, s, devA, "command-rejected", "ops keys") })
 	if s.a.status(t).Mode != "quarantine" {
 		t.Fatal("a control-signed release lifted the quarantine")
 	}
 	// An ops-signed release restores access.
 	r1 := s.signed(t, releaseCmd("ops-release-1", devA), s.opsKey)
-	waitLong(t, "release", func() bool { return s.a.status(t).Mode == "normal" })
+	lab.WaitFor(t, "release", longWait, func() bool { return s.a.status(t).Mode == "normal" })
 	if !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, 10*time.Second) {
 		t.Error("wms not reachable after release")
 	}
 	// Quarantined again, the old release replayed is refused: by control
 	// (given once), and by the device (the quarantine came after it).
 	s.ctl.MustCLI(t, "quarantine", devA, "--reason", "INC-8")
-	waitLong(t, "second quarantine", func() bool { return s.a.status(t).Mode == "quarantine" })
+	lab.WaitFor(t, "second quarantine", longWait, func() bool { return s.a.status(t).Mode == "quarantine" })
 	if err := s.ctl.Deliver(t, r1); err == nil || !strings.Contains(err.Error(), "already given") {
 		t.Errorf("control took a replayed release: %v", err)
 	}
 	if s.a.drop(t, "replayed-release", r1) {
 		t.Error("the agent took a replayed release")
 	}
-	waitLong(t, "the replayed release to be refused", func() bool { return auditHas(t, s, devA, "command-rejected", "imposed after") })
+	lab.WaitFor(t, "the replayed release to be refused", longWait, func() bool { return auditHas(t, s, devA, "command-rejected", "imposed after") })
 	if s.a.status(t).Mode != "quarantine" {
 		t.Fatal("a replayed release lifted the quarantine")
 	}
 	s.signed(t, releaseCmd("ops-release-2", devA), s.opsKey)
-	waitLong(t, "second release", func() bool { return s.a.status(t).Mode == "normal" })
+	lab.WaitFor(t, "second release", longWait, func() bool { return s.a.status(t).Mode == "normal" })
 
 	// Partner revocation, fleet-wide.
 	if !lab.ReachesWithin(t, s.a.ns, "tcp", financeHost, 10*time.Second) {
@@ -466,7 +452,7 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 		t.Errorf("revoke-partner reached %q, want both devices", out)
 	}
 	for _, a := range []*binAgent{s.a, s.b} {
-		waitLong(t, "revocation on every agent", func() bool { return a.status(t).Mode == "normal" && revoked(t, a) })
+		lab.WaitFor(t, "revocation on every agent", longWait, func() bool { return a.status(t).Mode == "normal" && revoked(t, a) })
 	}
 	if lab.RoundTrip(fin, time.Second) || lab.Reaches(t, s.a.ns, "tcp", financeHost) {
 		t.Error("finance still reachable after the partner was revoked")
@@ -482,12 +468,12 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 		t.Error("revocation lost across an agent restart with control down")
 	}
 	s.ctl.Start(t)
-	waitUntil(t, "reconnect", afterOutage, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
+	lab.WaitFor(t, "reconnect", afterOutage, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
 	if !revoked(t, s.a) || lab.Reaches(t, s.a.ns, "tcp", financeHost) {
 		t.Error("revocation lost across a control restart")
 	}
 	s.ctl.MustCLI(t, "reinstate-partner", "acme-freight", "--reason", "cleared", "--key", filepath.Join(filepath.Dir(s.opsPub), opskey.PrivateFile))
-	waitLong(t, "reinstatement", func() bool { return !revoked(t, s.a) })
+	lab.WaitFor(t, "reinstatement", longWait, func() bool { return !revoked(t, s.a) })
 	if !lab.ReachesWithin(t, s.a.ns, "tcp", financeHost, 10*time.Second) {
 		t.Error("finance not reachable after reinstatement")
 	}
@@ -546,7 +532,7 @@ func TestForgedBundleIsRefusedOnce(t *testing.T) {
 	forged := filepath.Join(t.TempDir(), "forged.dsse")
 	writeFile(t, forged, string(signFor(t, 2, s.policyWith(t, nil), attacker)))
 	s.ctl.MustCLI(t, "policy", "push", forged)
-	waitLong(t, "the forged bundle's refusal at control", func() bool { return auditHas(t, s, dev, "bundle-rejected", "not a trusted ops key") })
+	lab.WaitFor(t, "the forged bundle's refusal at control", longWait, func() bool { return auditHas(t, s, dev, "bundle-rejected", "not a trusted ops key") })
 	s.a.kill() // a restart forgets nothing it refused
 	s.a.start(t)
 	time.Sleep(3 * time.Second) // a loop would audit thousands meanwhile
@@ -565,7 +551,7 @@ func TestForgedBundleIsRefusedOnce(t *testing.T) {
 	}
 	s.ctl.RestartWith(t, honest)
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 3))
-	waitLong(t, "a valid v3 after the forged v2", func() bool { return s.a.status(t).PolicyVersion == 3 })
+	lab.WaitFor(t, "a valid v3 after the forged v2", longWait, func() bool { return s.a.status(t).PolicyVersion == 3 })
 }
 
 // The ops keys are rotated through control: the rotation (signed by the
@@ -590,8 +576,8 @@ func TestTrustRootRotationThroughControl(t *testing.T) {
 	if out := s.ctl.MustCLI(t, "policy", "push", rotation); !strings.Contains(out, "pushed trust-root rotation version 2") {
 		t.Fatalf("push of a rotation printed %q", out)
 	}
-	waitLong(t, "the rotation on the device", func() bool { return s.a.status(t).RootsVersion == 2 })
-	waitLong(t, "the rotation audited at control", func() bool { return auditHas(t, s, dev, "roots-rotated", "1 keys") })
+	lab.WaitFor(t, "the rotation on the device", longWait, func() bool { return s.a.status(t).RootsVersion == 2 })
+	lab.WaitFor(t, "the rotation audited at control", longWait, func() bool { return auditHas(t, s, dev, "roots-rotated", "1 keys") })
 	// Restarted before any bundle from the new keys, the device still
 	// runs the policy it accepted under the old ones.
 	s.a.kill()
@@ -613,7 +599,7 @@ func TestTrustRootRotationThroughControl(t *testing.T) {
 	fresh := filepath.Join(dir, "new-key-v3.dsse")
 	writeFile(t, fresh, string(signFor(t, 3, s.policyWith(t, nil), newKey)))
 	s.ctl.MustCLI(t, "policy", "push", fresh)
-	waitLong(t, "the new key's bundle", func() bool { return s.a.status(t).PolicyVersion == 3 })
+	lab.WaitFor(t, "the new key's bundle", longWait, func() bool { return s.a.status(t).PolicyVersion == 3 })
 
 	s.a.kill()
 	s.a.start(t)
@@ -642,13 +628,13 @@ func TestOutageLosesNoReports(t *testing.T) {
 	// Events during the outage: three drift repairs.
 	for i := range 3 {
 		s.a.ns.MustRun(t, "nft", "flush", "ruleset")
-		waitLong(t, "drift repair", func() bool { return s.a.status(t).DriftRepairs == i+1 })
+		lab.WaitFor(t, "drift repair", longWait, func() bool { return s.a.status(t).DriftRepairs == i+1 })
 	}
 	if c := s.a.status(t).Control; c == nil || c.Connected {
 		t.Errorf("control status during the outage: %+v", c)
 	}
 	s.ctl.Start(t)
-	waitUntil(t, "the outage's reports", afterOutage, func() bool {
+	lab.WaitFor(t, "the outage's reports", afterOutage, func() bool {
 		out, err := s.ctl.CLI("device", "show", dev)
 		return err == nil && strings.Count(out, `"drift-repaired"`) >= 3
 	})

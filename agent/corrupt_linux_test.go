@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 )
 
@@ -31,12 +32,15 @@ func TestDamagedCacheKeepsTheDeviceClosed(t *testing.T) {
 		if err := agent.Start(); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, "the agent's socket", func() bool { _, err := Call(socket, Request{Op: "status"}); return err == nil })
+		lab.WaitFor(t, "the agent's socket", shortWait, func() bool {
+			_, err := adminapi.Call(socket, adminapi.Request{Op: adminapi.OpStatus})
+			return err == nil
+		})
 	}
 	stop := func() { agent.Process.Kill(); agent.Wait() }
 
 	start()
-	if resp, err := Call(socket, Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))}); err != nil || resp.Error != "" {
+	if resp, err := adminapi.Call(socket, adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))}); err != nil || resp.Error != "" {
 		t.Fatalf("apply v1: %v %v", err, resp)
 	}
 	stop()
@@ -67,7 +71,7 @@ func TestDamagedCacheKeepsTheDeviceClosed(t *testing.T) {
 		e.ns.Run("nft", "delete", "table", "inet", "bulkhead") // a reboot
 		start()
 		time.Sleep(1500 * time.Millisecond) // a few drift checks: a crash would show
-		st := e.call(Request{Op: "status"}).Status
+		st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 		table := e.tableText()
 		if agent.ProcessState != nil {
 			t.Fatalf("%s: the agent exited", p.name)
@@ -100,14 +104,14 @@ func TestDamagedCacheKeepsTheDeviceClosed(t *testing.T) {
 		t.Errorf("recover-cache of a sound cache: %v %s", err, out)
 	}
 	start()
-	if st := e.call(Request{Op: "status"}).Status; st.Mode != "lockdown" || !strings.Contains(strings.Join(st.Why, " "), "no policy has been accepted") {
+	if st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status; st.Mode != "lockdown" || !strings.Contains(strings.Join(st.Why, " "), "no policy has been accepted") {
 		t.Errorf("after recovery: mode %s (%v), want lockdown until a policy arrives", st.Mode, st.Why)
 	}
 	now := time.Now().UTC().Truncate(time.Second)
-	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(1, now)}); !strings.Contains(resp.Error, "rollback") {
+	if resp := e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(1, now)}); !strings.Contains(resp.Error, "rollback") {
 		t.Errorf("v1 replayed into the recovered cache: %q, want a rollback refusal", resp.Error)
 	}
-	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(2, now)}); resp.Error != "" || resp.Status.Mode != "normal" {
+	if resp := e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(2, now)}); resp.Error != "" || resp.Status.Mode != "normal" {
 		t.Errorf("v2 after recovery: %q %+v", resp.Error, resp.Status)
 	}
 	stop()

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -60,7 +61,10 @@ func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 		cmd.Wait()
 	}
 	up := func() {
-		waitFor(t, "agent socket", func() bool { _, err := Call(socket, Request{Op: "status"}); return err == nil })
+		lab.WaitFor(t, "agent socket", shortWait, func() bool {
+			_, err := adminapi.Call(socket, adminapi.Request{Op: adminapi.OpStatus})
+			return err == nil
+		})
 	}
 
 	// Learn the two rulesets from a calm agent.
@@ -68,7 +72,7 @@ func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 	up()
 	snap := map[uint64]string{}
 	for v := uint64(1); v <= 2; v++ {
-		if resp, err := Call(socket, Request{Op: "apply", Bundle: sign(v)}); err != nil || resp.Error != "" {
+		if resp, err := adminapi.Call(socket, adminapi.Request{Op: adminapi.OpApply, Bundle: sign(v)}); err != nil || resp.Error != "" {
 			t.Fatalf("apply v%d: %v %v", v, err, resp)
 		}
 		snap[v%2] = table()
@@ -103,7 +107,7 @@ func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 			continue
 		}
 		up()
-		resp, err := Call(socket, Request{Op: "status"})
+		resp, err := adminapi.Call(socket, adminapi.Request{Op: adminapi.OpStatus})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -112,7 +116,7 @@ func TestSIGKILLLeavesOldOrNewRuleset(t *testing.T) {
 			t.Fatalf("kill %d: restarted agent with v%d in its cache enforces a different ruleset:\n%s", i, cached, got)
 		}
 		version = cached + 1
-		go Call(socket, Request{Op: "apply", Bundle: sign(version)})
+		go adminapi.Call(socket, adminapi.Request{Op: adminapi.OpApply, Bundle: sign(version)})
 		time.Sleep(rand.N(window))
 		kill(cmd)
 		switch got := table(); got {
@@ -142,8 +146,8 @@ func TestCleanupTellsTheTruth(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "agent socket", func() bool {
-		_, err := Call(filepath.Join(e.dir, "run", "admin.sock"), Request{Op: "status"})
+	lab.WaitFor(t, "agent socket", shortWait, func() bool {
+		_, err := adminapi.Call(filepath.Join(e.dir, "run", "admin.sock"), adminapi.Request{Op: adminapi.OpStatus})
 		return err == nil
 	})
 	out, err := e.ns.Command(bin, "cleanup").CombinedOutput()

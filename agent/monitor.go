@@ -5,6 +5,7 @@ import (
 
 	"github.com/go-json-experiment/json"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/flowlog"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
@@ -25,30 +26,6 @@ type monitorState struct {
 	flows   chan controlapi.Flow
 	// monitoring is whether a monitor was in force at the last sync.
 	monitoring bool
-}
-
-// RefusedStatus is what the table refused since the agent started: the
-// first packets of refused connections, at a bounded rate, aggregated.
-type RefusedStatus struct {
-	// Error says why refused connections cannot be read (they are still
-	// refused, and counted by the table's default drop).
-	Error    string                    `json:"error,omitempty"`
-	Flows    []controlapi.ObservedFlow `json:"flows"`
-	Overflow uint64                    `json:"overflow,omitempty"`
-}
-
-// MonitorStatus is the monitor in force and what it has seen.
-type MonitorStatus struct {
-	Until    time.Time `json:"until"`
-	Segments []string  `json:"segments"`
-	// Error says why logged flows cannot be read (the monitor rules
-	// still pass and count them in the table).
-	Error string                    `json:"error,omitempty"`
-	Flows []controlapi.ObservedFlow `json:"flows"`
-	// Overflow counts connections of flows beyond flowlog.MaxFlows, Lost
-	// the times the kernel dropped log messages in a burst.
-	Overflow uint64 `json:"overflow,omitempty"`
-	Lost     uint64 `json:"lost,omitempty"`
 }
 
 // syncFlowLog binds the NFLOG group once the agent runs, and again after
@@ -121,21 +98,21 @@ func (a *Agent) reportFlows() {
 	}
 }
 
-func (a *Agent) refusedStatus() *RefusedStatus {
+func (a *Agent) refusedStatus() *adminapi.RefusedStatus {
 	flows := a.mon.refused.All()
 	if len(flows) == 0 && a.mon.err == "" {
 		return nil
 	}
-	return &RefusedStatus{Error: a.mon.err, Flows: flows, Overflow: a.mon.refused.Overflow}
+	return &adminapi.RefusedStatus{Error: a.mon.err, Flows: flows, Overflow: a.mon.refused.Overflow}
 }
 
-func (a *Agent) monitorStatus() *MonitorStatus {
+func (a *Agent) monitorStatus() *adminapi.MonitorStatus {
 	d := a.desired.Monitor
 	flows := a.mon.log.All()
 	if d == nil && len(flows) == 0 {
 		return nil
 	}
-	s := &MonitorStatus{Error: a.mon.err, Flows: flows, Overflow: a.mon.log.Overflow, Segments: []string{}}
+	s := &adminapi.MonitorStatus{Error: a.mon.err, Flows: flows, Overflow: a.mon.log.Overflow, Segments: []string{}}
 	if d != nil {
 		s.Until = d.Until
 		for _, seg := range d.Segments {

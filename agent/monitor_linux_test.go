@@ -13,6 +13,7 @@ import (
 
 	jsonv2 "github.com/go-json-experiment/json"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -28,7 +29,7 @@ import (
 func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 	s := newTunnelSite(t)
 	s.start()
-	pub := s.call(Request{Op: "status"}).Status.Tunnel.PublicKey
+	pub := s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Tunnel.PublicKey
 	s.gw1.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
 	s.gw2.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
 
@@ -72,8 +73,8 @@ func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 		{Segment: "wms", Protocol: policy.UDP, Address: wmsHost.Addr(), Port: wmsHost.Port()},
 	}
 	var seen []controlapi.ObservedFlow
-	waitFor(t, "the monitored flows in status", func() bool {
-		seen = s.call(Request{Op: "status"}).Status.Monitor.Flows
+	lab.WaitFor(t, "the monitored flows in status", shortWait, func() bool {
+		seen = s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Monitor.Flows
 		return len(seen) >= len(want)
 	})
 	var got []controlapi.Flow
@@ -100,7 +101,7 @@ func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 	if !lab.Reaches(t, s.ns, "tcp", financeHost) {
 		t.Error("finance dropped before the monitor's end")
 	}
-	waitFor(t, "the monitor's end", func() bool { return s.call(Request{Op: "status"}).Status.Monitor.Until.IsZero() })
+	lab.WaitFor(t, "the monitor's end", shortWait, func() bool { return s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Monitor.Until.IsZero() })
 	if lab.Reaches(t, s.ns, "tcp", financeHost) || lab.Reaches(t, s.ns, "udp", wmsHost) {
 		t.Error("a monitored destination still passes after the monitor ended")
 	}
@@ -129,7 +130,7 @@ func TestMonitorLogsInsteadOfDropping(t *testing.T) {
 func TestRefusedConnectionsAreReported(t *testing.T) {
 	s := newTunnelSite(t)
 	s.start()
-	pub := s.call(Request{Op: "status"}).Status.Tunnel.PublicKey
+	pub := s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Tunnel.PublicKey
 	s.gw1.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
 	s.apply(t, s.policy(t, 1, "wms"))
 	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, 10*time.Second) {
@@ -151,9 +152,9 @@ func TestRefusedConnectionsAreReported(t *testing.T) {
 	// retransmits, a second apart.)
 	var seen map[controlapi.Flow]uint64
 	var byDir, counts map[string]uint64
-	waitFor(t, "the refused connections in status, as the kernel counted them", func() bool {
+	lab.WaitFor(t, "the refused connections in status, as the kernel counted them", shortWait, func() bool {
 		seen, byDir = map[controlapi.Flow]uint64{}, map[string]uint64{}
-		if r := s.call(Request{Op: "status"}).Status.Refused; r != nil {
+		if r := s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Refused; r != nil {
 			for _, f := range r.Flows {
 				seen[f.Flow] = f.Count
 				byDir[f.Direction] += f.Count
@@ -266,14 +267,14 @@ func TestMonitorThenPolicySuggest(t *testing.T) {
 	bundle := filepath.Join(t.TempDir(), "v1.dsse")
 	writeFile(t, bundle, string(signFor(t, 1, monitored, s.opsKey)))
 	s.ctl.MustCLI(t, "policy", "push", bundle)
-	waitLong(t, "policy v1", func() bool { return s.a.status(t).PolicyVersion == 1 })
+	lab.WaitFor(t, "policy v1", longWait, func() bool { return s.a.status(t).PolicyVersion == 1 })
 
 	for _, ap := range []netip.AddrPort{wmsHost, financeHost} {
 		if !lab.ReachesWithin(t, s.a.ns, "tcp", ap, 10*time.Second) {
 			t.Fatalf("%s dropped while monitored", ap)
 		}
 	}
-	waitLong(t, "both flows at control", func() bool {
+	lab.WaitFor(t, "both flows at control", longWait, func() bool {
 		out, err := s.ctl.CLI("policy", "suggest", "--class", "scanner", inForce)
 		return err == nil && strings.Contains(out, "2 rules added")
 	})
@@ -300,7 +301,7 @@ func TestMonitorThenPolicySuggest(t *testing.T) {
 
 	writeFile(t, bundle, string(signFor(t, 2, draft, s.opsKey)))
 	s.ctl.MustCLI(t, "policy", "push", bundle)
-	waitLong(t, "the draft as v2", func() bool { return s.a.status(t).PolicyVersion == 2 })
+	lab.WaitFor(t, "the draft as v2", longWait, func() bool { return s.a.status(t).PolicyVersion == 2 })
 	if st := s.a.status(t); st.Monitor == nil || !st.Monitor.Until.IsZero() || len(st.Open) != 2 {
 		t.Errorf("after v2: open %v, monitor %+v; want wms and finance open, the monitor ended", st.Open, st.Monitor)
 	}

@@ -37,8 +37,8 @@ func TestOrderOutlivesItsDeliveries(t *testing.T) {
 		t.Fatal("quarantined while cut off from control")
 	}
 	s.linkA(t, true)
-	waitUntil(t, "the quarantine to land after the outage", afterOutage, func() bool { return s.a.status(t).Mode == "quarantine" })
-	waitLong(t, "control to see it applied", func() bool {
+	lab.WaitFor(t, "the quarantine to land after the outage", afterOutage, func() bool { return s.a.status(t).Mode == "quarantine" })
+	lab.WaitFor(t, "control to see it applied", longWait, func() bool {
 		out, err := s.ctl.CLI("orders")
 		return err == nil && strings.Contains(out, devA) && strings.Contains(out, "applied")
 	})
@@ -55,7 +55,7 @@ func TestReleaseReachesADeviceThatWasAway(t *testing.T) {
 	s.ctl.MustCLI(t, "release", devA, "--reason", "INC-41 closed", "--key", key, "--valid-for", "3s")
 	time.Sleep(4 * time.Second) // the release has expired
 	s.linkA(t, true)
-	waitUntil(t, "the expired release to lift the quarantine", afterOutage, func() bool { return s.a.status(t).Mode == "normal" })
+	lab.WaitFor(t, "the expired release to lift the quarantine", afterOutage, func() bool { return s.a.status(t).Mode == "normal" })
 	if !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, lab.FirstContact) {
 		t.Error("wms not reachable after the release")
 	}
@@ -81,7 +81,7 @@ func TestEnrolledAfterARevocation(t *testing.T) {
 	pub := s.b.status(t).Tunnel.PublicKey
 	s.gw1.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.3/32")
 	s.gw2.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.3/32")
-	waitLong(t, "policy v1 on the new device", func() bool { return s.b.status(t).PolicyVersion == 1 })
+	lab.WaitFor(t, "policy v1 on the new device", longWait, func() bool { return s.b.status(t).PolicyVersion == 1 })
 	if !lab.ReachesWithin(t, s.b.ns, "tcp", wmsHost, lab.FirstContact) {
 		t.Error("the new device does not reach wms")
 	}
@@ -127,7 +127,7 @@ func TestRestoredCacheGetsTheRevocation(t *testing.T) {
 		t.Fatalf("backup: %v %s", err, out)
 	}
 	s.a.start(t)
-	waitLong(t, "reconnect", func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
+	lab.WaitFor(t, "reconnect", longWait, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
 	s.ctl.MustCLI(t, "revoke-partner", "acme-freight", "--reason", "INC-43 carrier breach", "--wait", "20s")
 	s.a.kill()
 	if err := os.RemoveAll(state); err != nil {
@@ -137,7 +137,7 @@ func TestRestoredCacheGetsTheRevocation(t *testing.T) {
 		t.Fatalf("restore: %v %s", err, out)
 	}
 	s.a.start(t)
-	waitLong(t, "the revocation on the restored device", func() bool { return revoked(t, s.a) })
+	lab.WaitFor(t, "the revocation on the restored device", longWait, func() bool { return revoked(t, s.a) })
 	if lab.Reaches(t, s.a.ns, "tcp", financeHost) {
 		t.Error("the restored device reaches the revoked partner")
 	}

@@ -11,6 +11,7 @@ import (
 
 	"github.com/go-json-experiment/json"
 
+	"github.com/bulkhead-edge/bulkhead/internal/version"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/posture"
@@ -69,7 +70,7 @@ func (a *Agent) startSampler(ctx context.Context) {
 			default:
 			}
 			wants := s.wants.Load()
-			f, err := posture.Gather(ctx, Version, *wants)
+			f, err := posture.Gather(ctx, version.Version, *wants)
 			// A sample is a megabyte of short-lived garbage every
 			// interval; hand its pages back rather than carry them.
 			debug.FreeOSMemory()

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -27,18 +28,18 @@ func TestRequiredProcessDeathRestricts(t *testing.T) {
 	check := func() (string, bool, string) { return e.check("edr-running") }
 	// The interval is 1s and two failures are needed: a few seconds at
 	// most (the bound here is generous; speed is not what is tested).
-	waitLong(t, "the check passing", func() bool { m, f, o := check(); return m == "normal" && !f && strings.Contains(o, "running (pid") })
+	lab.WaitFor(t, "the check passing", longWait, func() bool { m, f, o := check(); return m == "normal" && !f && strings.Contains(o, "running (pid") })
 
 	sensor.Process.Kill()
 	sensor.Wait()
-	waitLong(t, "restricted mode after the sensor died", func() bool { m, f, _ := check(); return m == "restricted" && f })
-	st := e.call(Request{Op: "status"}).Status
+	lab.WaitFor(t, "restricted mode after the sensor died", longWait, func() bool { m, f, _ := check(); return m == "restricted" && f })
+	st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	why := strings.Join(st.Why, "; ")
 	if !strings.Contains(why, "check edr-running failed: observed "+name+" not running, expected "+name+" running") {
 		t.Errorf("status does not name the check: %q", why)
 	}
 	// explain answers a denial with the check that caused it.
-	if v := e.call(Request{Op: "explain", To: "10.50.0.5:22/tcp"}).Verdict; v == nil || v.Allowed || !strings.Contains(v.Reason, "check edr-running failed: observed "+name+" not running") {
+	if v := e.call(adminapi.Request{Op: adminapi.OpExplain, To: "10.50.0.5:22/tcp"}).Verdict; v == nil || v.Allowed || !strings.Contains(v.Reason, "check edr-running failed: observed "+name+" not running") {
 		t.Errorf("explain does not name the check: %+v", v)
 	}
 	// Restricted keeps the profile's segments only (wms for scanners).
@@ -47,7 +48,7 @@ func TestRequiredProcessDeathRestricts(t *testing.T) {
 	}
 
 	run()
-	waitLong(t, "normal mode after the sensor came back", func() bool { m, f, _ := check(); return m == "normal" && !f })
+	lab.WaitFor(t, "normal mode after the sensor came back", longWait, func() bool { m, f, _ := check(); return m == "normal" && !f })
 	e.stop()
 	var failed, recovered bool
 	for _, ev := range e.auditLog() {
@@ -67,7 +68,7 @@ func (e *env) startWithChecks(checks ...policy.Check) {
 	scanner.Checks = checks
 	e.doc.Classes["scanner"] = scanner
 	e.start()
-	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))}); resp.Error != "" {
+	if resp := e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(1, time.Now().UTC().Truncate(time.Second))}); resp.Error != "" {
 		e.t.Fatal(resp.Error)
 	}
 }
@@ -75,7 +76,7 @@ func (e *env) startWithChecks(checks ...policy.Check) {
 // check is the device's mode and one check's state, from status (an
 // empty observation: not judged yet).
 func (e *env) check(id string) (mode string, failing bool, observed string) {
-	st := e.call(Request{Op: "status"}).Status
+	st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	for _, c := range st.Checks {
 		if c.ID == id {
 			return st.Mode, c.Failing, c.Observed
@@ -102,7 +103,7 @@ func TestPostureFollowsChanges(t *testing.T) {
 		policy.Check{ID: "edr-running", Process: &policy.ProcessMatch{Name: name}},
 		policy.Check{ID: "edr-config", File: &policy.FileDigest{Path: conf, SHA256: fmt.Sprintf("%x", sha256.Sum256([]byte("mode=block\n")))}},
 	)
-	waitLong(t, "both checks judged and passing", func() bool {
+	lab.WaitFor(t, "both checks judged and passing", longWait, func() bool {
 		m, f1, o1 := e.check("edr-running")
 		_, f2, o2 := e.check("edr-config")
 		return m == "normal" && o1 != "" && o2 != "" && !f1 && !f2
@@ -110,19 +111,19 @@ func TestPostureFollowsChanges(t *testing.T) {
 
 	sensor.Process.Kill()
 	sensor.Wait()
-	waitLong(t, "restricted mode after the sensor died", func() bool { m, f, _ := e.check("edr-running"); return m == "restricted" && f })
+	lab.WaitFor(t, "restricted mode after the sensor died", longWait, func() bool { m, f, _ := e.check("edr-running"); return m == "restricted" && f })
 
 	// The sensor comes back (not watched: a start has no event to wait
 	// for), then its configuration is rewritten: that sample sees both.
 	run()
 	writeFile(t, conf, "mode=detect\n")
-	waitLong(t, "the config check failing", func() bool {
+	lab.WaitFor(t, "the config check failing", longWait, func() bool {
 		_, f1, _ := e.check("edr-running")
 		m, f2, _ := e.check("edr-config")
 		return m == "restricted" && !f1 && f2
 	})
 	writeFile(t, conf, "mode=block\n")
-	waitLong(t, "normal mode with the config restored", func() bool { m, f, _ := e.check("edr-config"); return m == "normal" && !f })
+	lab.WaitFor(t, "normal mode with the config restored", longWait, func() bool { m, f, _ := e.check("edr-config"); return m == "normal" && !f })
 }
 
 // A table_intact check makes tampering with the table cost the device its
@@ -136,21 +137,21 @@ func TestTableAndClockChecksOffline(t *testing.T) {
 		policy.Check{ID: "table", Profile: "quarantine", TableIntact: true, RecoverAfter: 2},
 		policy.Check{ID: "clock", Profile: "diagnostic", MaxClockSkew: policy.Duration(time.Minute)},
 	)
-	waitLong(t, "the clock check failing for want of control's time", func() bool {
+	lab.WaitFor(t, "the clock check failing for want of control's time", longWait, func() bool {
 		_, f, o := e.check("clock")
 		return f && o == "no time from control since the agent started"
 	})
-	waitLong(t, "the table check judged and passing", func() bool { _, f, o := e.check("table"); return o != "" && !f })
+	lab.WaitFor(t, "the table check judged and passing", longWait, func() bool { _, f, o := e.check("table"); return o != "" && !f })
 	e.ns.MustRun(t, "nft", "delete", "chain", "inet", nft.Table, "forward")
-	waitLong(t, "quarantine after the table was changed", func() bool {
+	lab.WaitFor(t, "quarantine after the table was changed", longWait, func() bool {
 		m, f, o := e.check("table")
 		return m == "quarantine" && f && strings.Contains(o, "table changed from outside: ")
 	})
-	st := e.call(Request{Op: "status"}).Status
+	st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if why := strings.Join(st.Why, "; "); !strings.Contains(why, "check table failed: observed table changed from outside") {
 		t.Errorf("status does not name the check: %q", why)
 	}
-	waitLong(t, "the table check clearing after clean samples", func() bool { m, f, _ := e.check("table"); return m != "quarantine" && !f })
+	lab.WaitFor(t, "the table check clearing after clean samples", longWait, func() bool { m, f, _ := e.check("table"); return m != "quarantine" && !f })
 }
 
 // Against the real control server over TLS, a clock check compares the
@@ -167,7 +168,7 @@ func TestClockCheckAgainstControl(t *testing.T) {
 		scanner.Checks = []policy.Check{{ID: "clock", MaxClockSkew: policy.Duration(2 * time.Second)}}
 		doc.Classes["scanner"] = scanner
 	}))
-	waitLong(t, "the clock check judged", func() bool {
+	lab.WaitFor(t, "the clock check judged", longWait, func() bool {
 		for _, c := range s.a.status(t).Checks {
 			if c.ID == "clock" {
 				return c.Observed != ""
@@ -218,17 +219,17 @@ func TestGeofenceWithGPSFake(t *testing.T) {
 		policy.Check{ID: "yard", Geofence: &policy.Geofence{Circle: &policy.Circle{Lat: yard.Lat, Lon: yard.Lon, RadiusM: 500}}},
 		policy.Check{ID: "fix-fresh", Profile: "diagnostic", MaxFixAge: policy.Duration(3 * time.Second)},
 	)
-	waitLong(t, "the truck judged inside its yard", func() bool {
+	lab.WaitFor(t, "the truck judged inside its yard", longWait, func() bool {
 		m, f, o := e.check("yard")
 		return m == "normal" && !f && strings.Contains(o, "m from the centre")
 	})
-	waitLong(t, "restricted once out of the yard", func() bool { m, f, _ := e.check("yard"); return m == "restricted" && f })
-	st := e.call(Request{Op: "status"}).Status
+	lab.WaitFor(t, "restricted once out of the yard", longWait, func() bool { m, f, _ := e.check("yard"); return m == "restricted" && f })
+	st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if why := strings.Join(st.Why, "; "); !strings.Contains(why, "check yard failed: observed (41.53200, -88.08170), 778 m from the centre") {
 		t.Errorf("status does not name the geofence check with the position: %q", why)
 	}
-	waitLong(t, "normal back in the yard", func() bool { m, f, _ := e.check("yard"); return m == "normal" && !f })
-	waitLong(t, "diagnostic once the fix is stale", func() bool {
+	lab.WaitFor(t, "normal back in the yard", longWait, func() bool { m, f, _ := e.check("yard"); return m == "normal" && !f })
+	lab.WaitFor(t, "diagnostic once the fix is stale", longWait, func() bool {
 		m, f, o := e.check("fix-fresh")
 		return m == "diagnostic" && f && strings.HasPrefix(o, "fix from gpsd ")
 	})
@@ -250,7 +251,7 @@ func TestStaticLocation(t *testing.T) {
 		policy.Check{ID: "yard", Geofence: &policy.Geofence{Circle: &policy.Circle{Lat: 41.5250, Lon: -88.0817, RadiusM: 500}}},
 		policy.Check{ID: "fix-fresh", Profile: "diagnostic", MaxFixAge: policy.Duration(time.Second)},
 	)
-	waitLong(t, "the site judged outside the fence", func() bool {
+	lab.WaitFor(t, "the site judged outside the fence", longWait, func() bool {
 		m, f, o := e.check("yard")
 		return m == "restricted" && f && o == "(41.53040, -88.08170), 600 m from the centre"
 	})

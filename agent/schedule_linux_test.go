@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -22,7 +23,7 @@ import (
 func TestShiftWindowClosesOffline(t *testing.T) {
 	s := newTunnelSite(t)
 	s.start()
-	s.gw1.AllowPeer(t, s.call(Request{Op: "status"}).Status.Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	s.gw1.AllowPeer(t, s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
 	// The connection opens under a policy with no schedule, however long
 	// that takes; the window is added once it is open. Schedules have
 	// minute resolution: the window ends at the next full minute at least
@@ -55,9 +56,9 @@ func TestShiftWindowClosesOffline(t *testing.T) {
 	// The connection carries data for as long as the agent keeps wms
 	// open; once it has closed it, the apply is stamped no earlier than
 	// the end.
-	var st *Status
+	var st *adminapi.Status
 	for {
-		st = s.call(Request{Op: "status"}).Status
+		st = s.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 		if !slices.Contains(st.Open, "wms") {
 			break
 		}

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/spool"
 )
@@ -59,7 +60,7 @@ func syncing(t *testing.T, f *fakeControl) *Agent {
 	}
 	a.ch.spool = sp
 	a.ch.snapshot.Store(&controlapi.SyncRequest{})
-	a.ch.status.Store(&ControlStatus{})
+	a.ch.status.Store(&adminapi.ControlStatus{})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { a.syncLoop(ctx, f, sp); close(done) }()
@@ -151,7 +152,7 @@ func TestRefusedOffersArePaced(t *testing.T) {
 	}
 	defer sp.Close()
 	a.ch.snapshot.Store(&controlapi.SyncRequest{})
-	a.ch.status.Store(&ControlStatus{})
+	a.ch.status.Store(&adminapi.ControlStatus{})
 	pauses := make(chan time.Duration)
 	a.ch.sleep = func(ctx context.Context, d time.Duration) bool {
 		select {

@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
+	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
@@ -42,8 +44,8 @@ func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 	v1 := filepath.Join(t.TempDir(), "v1.dsse")
 	writeFile(t, v1, string(signValidFor(t, 1, s.policyWith(t, scheduledWMS(ahead.Add(-time.Hour), ahead.Add(time.Hour))), s.opsKey, 24*time.Hour)))
 	s.ctl.MustCLI(t, "policy", "push", v1)
-	waitLong(t, "policy v1 from control", func() bool { return s.a.status(t).PolicyVersion == 1 })
-	waitLong(t, "a sync after v1", func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
+	lab.WaitFor(t, "policy v1 from control", longWait, func() bool { return s.a.status(t).PolicyVersion == 1 })
+	lab.WaitFor(t, "a sync after v1", longWait, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
 	st := s.a.status(t)
 	if len(st.Open) != 0 || !within(st.TrustedTime, time.Now()) {
 		t.Fatalf("with control 5 h ahead: open %v, trusted time %s (now %s); want nothing open, trusted time now",
@@ -58,7 +60,7 @@ func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 	o.Args, o.KeepAlive = []string{"--clock-offset", fmt.Sprint(400 * 24 * time.Hour)}, time.Second
 	s.ctl.RestartWith(t, o)
 	restarted := time.Now()
-	waitLong(t, "a sync with control 400 days ahead", func() bool {
+	lab.WaitFor(t, "a sync with control 400 days ahead", longWait, func() bool {
 		c := s.a.status(t).Control
 		return c != nil && c.Connected && c.LastSync.After(restarted)
 	})
@@ -72,7 +74,7 @@ func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 	o.Args, o.KeepAlive = nil, 0
 	s.ctl.RestartWith(t, o)
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 2))
-	waitLong(t, "policy v2 once control's clock is right", func() bool { return s.a.status(t).PolicyVersion == 2 })
+	lab.WaitFor(t, "policy v2 once control's clock is right", longWait, func() bool { return s.a.status(t).PolicyVersion == 2 })
 	if st := s.a.status(t); st.Mode != "normal" {
 		t.Fatalf("on v2: mode %s (%v)", st.Mode, st.Why)
 	}
@@ -88,24 +90,24 @@ func TestWallClockAheadThenCorrectedBricksNothing(t *testing.T) {
 	now := time.Now().UTC().Truncate(time.Second)
 	ahead := func() time.Time { return time.Now().Add(365 * 24 * time.Hour) }
 	e.start()
-	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(1, now)}); resp.Error != "" {
+	if resp := e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(1, now)}); resp.Error != "" {
 		t.Fatalf("apply v1: %s", resp.Error)
 	}
 	e.stop()
 	e.wall = ahead
 	e.start()
-	st := e.call(Request{Op: "status"}).Status
+	st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if st.Mode == "normal" || len(st.Open) != 0 {
 		t.Fatalf("with the clock a year ahead: mode %s, open %v; want the bundle expired and nothing open", st.Mode, st.Open)
 	}
 	e.stop()
 	e.wall = nil // corrected
 	e.start()
-	st = e.call(Request{Op: "status"}).Status
+	st = e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if st.Mode != "normal" || !within(st.TrustedTime, time.Now()) {
 		t.Fatalf("after the clock was corrected: mode %s (%v), trusted time %s; want normal, now", st.Mode, st.Why, st.TrustedTime)
 	}
-	if resp := e.call(Request{Op: "apply", Bundle: e.bundle(2, time.Now().UTC().Truncate(time.Second))}); resp.Error != "" {
+	if resp := e.call(adminapi.Request{Op: adminapi.OpApply, Bundle: e.bundle(2, time.Now().UTC().Truncate(time.Second))}); resp.Error != "" {
 		t.Fatalf("a new bundle after the correction: %s", resp.Error)
 	}
 }
@@ -130,7 +132,7 @@ func TestContactExtendsMaxOffline(t *testing.T) {
 	v1 := filepath.Join(t.TempDir(), "v1.dsse")
 	writeFile(t, v1, string(signValidFor(t, 1, s.policyWith(t, func(doc *policy.Document) { doc.Validity.MaxOffline = policy.Duration(maxOffline) }), s.opsKey, 24*time.Hour)))
 	s.ctl.MustCLI(t, "policy", "push", v1)
-	waitLong(t, "policy v1 from control", func() bool { return s.a.status(t).PolicyVersion == 1 })
+	lab.WaitFor(t, "policy v1 from control", longWait, func() bool { return s.a.status(t).PolicyVersion == 1 })
 	for time.Since(issued) < maxOffline+5*time.Second { // longer than max_offline, connected throughout
 		if st := s.a.status(t); st.Mode != "normal" {
 			t.Fatalf("connected to control %s after v1 (max_offline %s): mode %s: %v", time.Since(issued).Round(time.Second), maxOffline, st.Mode, st.Why)
@@ -139,8 +141,8 @@ func TestContactExtendsMaxOffline(t *testing.T) {
 	}
 
 	s.ctl.Stop()
-	var st *Status
-	waitLong(t, "the offline profile once control is gone", func() bool { st = s.a.status(t); return st.Mode == "offline" })
+	var st *adminapi.Status
+	lab.WaitFor(t, "the offline profile once control is gone", longWait, func() bool { st = s.a.status(t); return st.Mode == "offline" })
 	contact := lastContactIn(t, st)
 	if time.Since(contact) > maxOffline+30*time.Second || contact.Before(issued) {
 		t.Fatalf("last contact %s: not the contact before the cut (v1 issued %s)", contact, issued.UTC())
@@ -163,7 +165,7 @@ func TestContactExtendsMaxOffline(t *testing.T) {
 }
 
 // lastContactIn is the last contact an offline device's status names.
-func lastContactIn(t *testing.T, st *Status) time.Time {
+func lastContactIn(t *testing.T, st *adminapi.Status) time.Time {
 	t.Helper()
 	why := strings.Join(st.Why, "; ")
 	_, rest, ok := strings.Cut(why, "no contact with control since ")

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -85,9 +86,9 @@ func (s *tunnelSite) doc(t *testing.T, segments ...string) *policy.Document {
 	return doc
 }
 
-func (s *tunnelSite) apply(t *testing.T, raw []byte) *Status {
+func (s *tunnelSite) apply(t *testing.T, raw []byte) *adminapi.Status {
 	t.Helper()
-	resp := s.call(Request{Op: "apply", Bundle: raw})
+	resp := s.call(adminapi.Request{Op: adminapi.OpApply, Bundle: raw})
 	if resp.Error != "" {
 		t.Fatalf("apply: %s", resp.Error)
 	}
@@ -116,7 +117,7 @@ func sorted(keys ...string) []string {
 func TestSegmentsFollowBundlesThroughTunnels(t *testing.T) {
 	s := newTunnelSite(t)
 	s.start()
-	st := s.call(Request{Op: "status"}).Status
+	st := s.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if st.Tunnel.PublicKey == "" || st.Tunnel.Error != "" || len(st.Tunnel.Peers) != 0 {
 		t.Fatalf("tunnel status at boot (lockdown) = %+v, want up with no peers", st.Tunnel)
 	}
@@ -159,7 +160,7 @@ func TestSegmentsFollowBundlesThroughTunnels(t *testing.T) {
 	if lab.Reaches(t, s.ns, "tcp", financeSide) {
 		t.Error("a finance host answered over the plain uplink, outside the tunnel")
 	}
-	st = s.call(Request{Op: "status"}).Status
+	st = s.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if len(st.Tunnel.Peers) != 2 {
 		t.Errorf("status lists %d tunnel peers, want 2", len(st.Tunnel.Peers))
 	}
@@ -193,7 +194,7 @@ func TestRotateKeyReHandshakes(t *testing.T) {
 	s := newTunnelSite(t)
 	bin := lab.Binary(t, "cmd/bulkhead")
 	s.start()
-	old := s.call(Request{Op: "status"}).Status.Tunnel.PublicKey
+	old := s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Tunnel.PublicKey
 	s.gw1.AllowPeer(t, old, netip.AddrPort{}, "100.64.0.2/32")
 	s.apply(t, s.policy(t, 1, "wms"))
 	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, lab.FirstContact) {
@@ -204,7 +205,7 @@ func TestRotateKeyReHandshakes(t *testing.T) {
 		t.Fatalf("bulkhead rotate-key: %v: %s", err, out)
 	}
 	pub := strings.TrimPrefix(strings.TrimSpace(string(out)), "new public key ")
-	if pub == old || s.call(Request{Op: "status"}).Status.Tunnel.PublicKey != pub {
+	if pub == old || s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Tunnel.PublicKey != pub {
 		t.Fatalf("rotate-key printed %q; old %s", out, old)
 	}
 	if lab.Reaches(t, s.ns, "tcp", wmsHost) {
@@ -225,7 +226,7 @@ func TestRotateKeyReHandshakes(t *testing.T) {
 	}
 	// A restarted agent keeps the rotated key.
 	s.start()
-	if got := s.call(Request{Op: "status"}).Status.Tunnel.PublicKey; got != pub {
+	if got := s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Tunnel.PublicKey; got != pub {
 		t.Errorf("after restart the public key is %s, want the rotated %s", got, pub)
 	}
 }
@@ -242,7 +243,7 @@ func iperfSite(t *testing.T, change func(*policy.Document)) (s *tunnelSite, serv
 	server = netip.AddrPortFrom(wmsHost.Addr(), 5201)
 	lab.Iperf3Server(t, s.gw1.NS, server)
 	s.start()
-	s.gw1.AllowPeer(t, s.call(Request{Op: "status"}).Status.Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	s.gw1.AllowPeer(t, s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
 	doc = s.doc(t, "wms")
 	doc.Segments[0].Destinations = append(doc.Segments[0].Destinations,
 		policy.Destination{CIDR: netip.MustParsePrefix("10.20.1.0/24"), Protocol: policy.TCP, Ports: []policy.PortRange{{First: 5201, Last: 5201}}})
@@ -322,7 +323,7 @@ func TestTrafficBurstAppliesProfile(t *testing.T) {
 		doc.Classes["scanner"] = class
 	})
 	check := func() (string, localpolicy.Check) {
-		st := s.call(Request{Op: "status"}).Status
+		st := s.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 		for _, c := range st.Checks {
 			if c.ID == "wms-volume" {
 				return st.Mode, c
@@ -330,7 +331,7 @@ func TestTrafficBurstAppliesProfile(t *testing.T) {
 		}
 		return st.Mode, localpolicy.Check{}
 	}
-	waitLong(t, "the traffic check judged and passing", func() bool { m, c := check(); return m == "normal" && c.ID != "" && !c.Failing })
+	lab.WaitFor(t, "the traffic check judged and passing", longWait, func() bool { m, c := check(); return m == "normal" && c.ID != "" && !c.Failing })
 	// Ordinary use (echo round trips) stays far below 20 MiB in 5 s.
 	for range 20 {
 		if !lab.Reaches(t, s.ns, "tcp", wmsHost) {
@@ -348,19 +349,19 @@ func TestTrafficBurstAppliesProfile(t *testing.T) {
 	}
 	stopBurst := sync.OnceFunc(func() { burst.Process.Kill(); burst.Wait() })
 	defer stopBurst()
-	waitLong(t, "restricted mode after the burst", func() bool { m, c := check(); return m == "restricted" && c.Failing })
+	lab.WaitFor(t, "restricted mode after the burst", longWait, func() bool { m, c := check(); return m == "restricted" && c.Failing })
 	stopBurst()
 	_, c := check()
 	if !strings.Contains(c.Observed, "bytes to segment wms in") || c.Expected != "at most 20971520 bytes in 5s" {
 		t.Errorf("the failing check says %q, expected %q", c.Observed, c.Expected)
 	}
-	if why := strings.Join(s.call(Request{Op: "status"}).Status.Why, "; "); !strings.Contains(why, "check wms-volume failed") {
+	if why := strings.Join(s.call(adminapi.Request{Op: adminapi.OpStatus}).Status.Why, "; "); !strings.Contains(why, "check wms-volume failed") {
 		t.Errorf("status does not name the check: %q", why)
 	}
 	if lab.Reaches(t, s.ns, "tcp", wmsHost) {
 		t.Error("wms still reachable in restricted mode")
 	}
-	waitLong(t, "normal mode once the burst left the window", func() bool { m, c := check(); return m == "normal" && !c.Failing })
+	lab.WaitFor(t, "normal mode once the burst left the window", longWait, func() bool { m, c := check(); return m == "normal" && !c.Failing })
 	if !lab.ReachesWithin(t, s.ns, "tcp", wmsHost, 10*time.Second) {
 		t.Error("wms closed after recovery")
 	}

@@ -118,13 +118,13 @@ func quarantineTrials(b B, trials int, flow *udpFlows, a *agentProc, cut, restor
 	b.ResetTimer()
 	for range b.N {
 		for range trials {
-			await(b, 20*time.Second, "the flow runs", func() bool { return flow.running(20*time.Millisecond) && a.status(b).Mode == "normal" })
+			lab.WaitFor(b, "the flow runs", 20*time.Second, func() bool { return flow.running(20*time.Millisecond) && a.status(b).Mode == "normal" })
 			start := time.Now()
 			cut()
 			// The last packet is known once the agent says it is
 			// quarantined (its table is applied by then) and the host
 			// has heard nothing for a while.
-			await(b, 20*time.Second, "the flow stops in quarantine", func() bool {
+			lab.WaitFor(b, "the flow stops in quarantine", 20*time.Second, func() bool {
 				return flow.silent(100*time.Millisecond) && a.status(b).Mode == "quarantine"
 			})
 			ms = append(ms, max(0, float64(flow.last()[0].Sub(start))/float64(time.Millisecond)))

@@ -90,7 +90,7 @@ func benchFanOut(b B) {
 	b.ResetTimer()
 	for range b.N {
 		for range trials {
-			await(b, 60*time.Second, "every poll is held and every flow runs", func() bool {
+			lab.WaitFor(b, "every poll is held and every flow runs", 60*time.Second, func() bool {
 				return cr.held() == size && flows.running(20*time.Millisecond)
 			})
 			start := time.Now()
@@ -100,8 +100,8 @@ func benchFanOut(b B) {
 				b.Fatalf("revoke-partner said %q", out)
 			}
 			id := f[1]
-			await(b, 60*time.Second, "the crowd has the revocation", func() bool { return len(cr.arrivals(id)) == size })
-			await(b, 60*time.Second, "the agents' flows stop", func() bool {
+			lab.WaitFor(b, "the crowd has the revocation", 60*time.Second, func() bool { return len(cr.arrivals(id)) == size })
+			lab.WaitFor(b, "the agents' flows stop", 60*time.Second, func() bool {
 				return flows.silent(100*time.Millisecond) && cut(agents[0]) && cut(agents[1])
 			})
 			for _, at := range cr.arrivals(id) {
@@ -311,14 +311,4 @@ func (f *udpFlows) last() []time.Time {
 		out = append(out, t)
 	}
 	return out
-}
-
-// await polls cond every 5 ms until it holds, failing b after d.
-func await(b testing.TB, d time.Duration, what string, cond func() bool) {
-	b.Helper()
-	for deadline := time.Now().Add(d); !cond(); time.Sleep(5 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			b.Fatalf("timed out waiting until %s", what)
-		}
-	}
 }

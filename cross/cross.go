@@ -57,7 +57,7 @@ const Agent = "github.com/bulkhead-edge/bulkhead/cmd/bulkhead"
 // and Go release give the same bytes on any machine.
 // Extra environment (a fresh GOCACHE) is added last.
 func Build(t Target, version, out string, extra ...string) (size int64, sum string, err error) {
-	ldflags := "-s -w -buildid= -X github.com/bulkhead-edge/bulkhead/agent/cli.Version=" + version
+	ldflags := "-s -w -buildid= -X github.com/bulkhead-edge/bulkhead/internal/version.Version=" + version
 	cmd := exec.Command("go", "build", "-trimpath", "-buildvcs=false", "-tags", AgentTags, "-ldflags", ldflags, "-o", out, Agent)
 	cmd.Env = append(append(append(os.Environ(), "CGO_ENABLED=0"), t.Env...), extra...)
 	var stderr bytes.Buffer

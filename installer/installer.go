@@ -24,12 +24,13 @@ import (
 	"github.com/go-json-experiment/json/jsontext"
 
 	"github.com/bulkhead-edge/bulkhead/agent"
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
+	"github.com/bulkhead-edge/bulkhead/internal/atomicfile"
+	"github.com/bulkhead-edge/bulkhead/internal/strictjson"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
 	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
@@ -191,7 +192,7 @@ func Install(ctx context.Context, o Options) error {
 	return nil
 }
 
-func policyLine(st *agent.Status) string {
+func policyLine(st *adminapi.Status) string {
 	if st.PolicyVersion == 0 {
 		return "no policy yet (lockdown until the control server sends one)"
 	}
@@ -202,11 +203,7 @@ func policyLine(st *agent.Status) string {
 // to the control server, or directly when no agent runs yet.
 func enrol(ctx context.Context, o Options, running bool, socket string) (*controlclient.Record, error) {
 	if running {
-		resp, err := agent.Call(socket, agent.Request{Op: "enroll", URL: o.Control, Token: o.Token, Fingerprint: o.TrustCA})
-		if err == nil && resp.Error != "" {
-			err = errors.New(resp.Error)
-		}
-		if err != nil {
+		if _, err := (adminapi.Client{Socket: socket}).Enroll(o.Control, o.Token, o.TrustCA); err != nil {
 			return nil, err
 		}
 	} else {
@@ -255,9 +252,7 @@ func pinKeys(p printer, cfg *configFile, given []ed25519.PublicKey, rec *control
 	case len(published) > 0:
 		threshold = rec.OpsThreshold
 	}
-	if threshold == 0 {
-		threshold = len(keys)
-	}
+	threshold = opskey.OrAll(threshold, len(keys))
 	var root trustRoot
 	changed := false
 	for _, k := range keys {
@@ -399,16 +394,16 @@ func ensureDir(dir string, mode os.FileMode) (bool, error) {
 }
 
 func agentAnswers(socket string) bool {
-	_, err := agent.Call(socket, agent.Request{Op: "status"})
+	_, err := adminapi.Client{Socket: socket}.Status()
 	return err == nil
 }
 
-func waitForAgent(socket string, timeout time.Duration) (*agent.Status, error) {
+func waitForAgent(socket string, timeout time.Duration) (*adminapi.Status, error) {
 	deadline := time.Now().Add(timeout)
 	for {
-		resp, err := agent.Call(socket, agent.Request{Op: "status"})
-		if err == nil && resp.Status != nil {
-			return resp.Status, nil
+		st, err := adminapi.Client{Socket: socket}.Status()
+		if err == nil && st != nil {
+			return st, nil
 		}
 		if time.Now().After(deadline) {
 			return nil, err

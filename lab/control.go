@@ -2,10 +2,8 @@ package lab
 
 import (
 	"bufio"
-	"bytes"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"fmt"
 	"net"
 	"net/http"
@@ -18,8 +16,8 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/control/opsclient"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
-	"github.com/bulkhead-edge/bulkhead/control/server"
 )
 
 // Control is the real bulkhead-control server running in a namespace.
@@ -210,22 +208,21 @@ func (c *Control) MustCLI(t T, args ...string) string {
 	return out
 }
 
+// Ops is the ops API as the first operator, from inside the server's
+// namespace.
+func (c *Control) Ops(t T) *opsclient.Client {
+	t.Helper()
+	client, err := opsclient.New(c.URL, filepath.Join(c.Data, pki.AdminDir), c.NS.DialContext)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return client
+}
+
 // Deliver gives the server a signed command as the first operator: one
 // signed elsewhere (an ops laptop), or one captured and replayed. It
 // returns the server's refusal, if it refused.
 func (c *Control) Deliver(t T, signed []byte) error {
 	t.Helper()
-	dir := filepath.Join(c.Data, server.AdminDir)
-	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, server.AdminCert), filepath.Join(dir, server.AdminKey))
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := json.Marshal(controlapi.CommandRequest{Signed: signed})
-	client := c.HTTPClient(t, &cert)
-	resp, err := client.Post(c.URL+controlapi.PathAdminCommands, "application/json", bytes.NewReader(body))
-	if err != nil {
-		t.Fatalf("delivering a command: %v", err)
-	}
-	defer resp.Body.Close()
-	return controlapi.ReadResponse(resp, nil)
+	return c.Ops(t).Call("POST", controlapi.PathAdminCommands, controlapi.CommandRequest{Signed: signed}, nil)
 }

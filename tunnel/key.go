@@ -12,7 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
+	"github.com/bulkhead-edge/bulkhead/internal/atomicfile"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 

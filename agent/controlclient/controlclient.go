@@ -28,7 +28,7 @@ import (
 	"github.com/go-json-experiment/json"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
+	"github.com/bulkhead-edge/bulkhead/internal/atomicfile"
 )
 
 // Files in the state directory.

@@ -5,8 +5,8 @@ package main
 import (
 	"os"
 
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 	"github.com/bulkhead-edge/bulkhead/control/opscli"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
 )
 
 func main() { os.Exit(subcmd.Main(opscli.Root())) }

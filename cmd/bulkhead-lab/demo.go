@@ -12,7 +12,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/lab/site"
 )

@@ -19,7 +19,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
 	"github.com/bulkhead-edge/bulkhead/lab/crowd"
 	"github.com/bulkhead-edge/bulkhead/lab/wgbare"
 )

@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"github.com/bulkhead-edge/bulkhead/control/pki"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"log/slog"
 	"net"
@@ -21,10 +22,10 @@ import (
 	"github.com/go-json-experiment/json/jsontext"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 	"github.com/bulkhead-edge/bulkhead/control/server"
 	"github.com/bulkhead-edge/bulkhead/control/suggest"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
+	"github.com/bulkhead-edge/bulkhead/internal/atomicfile"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -56,10 +57,7 @@ func serveCmd() *subcmd.Command {
 					if err != nil {
 						return err
 					}
-					if *opsThreshold == 0 {
-						*opsThreshold = len(keys)
-					}
-					if ops, err = opskey.NewRoots(*opsThreshold, keys...); err != nil {
+					if ops, err = opskey.NewRoots(opskey.OrAll(*opsThreshold, len(keys)), keys...); err != nil {
 						return subcmd.Usagef("--ops-threshold: %v", err)
 					}
 				} else if *opsThreshold != 0 {
@@ -90,7 +88,7 @@ func serveCmd() *subcmd.Command {
 					fmt.Fprintf(env.Stdout, "created a new CA in %s\n", *data)
 				}
 				fmt.Fprintf(env.Stdout, "listening on %s for %s\nCA fingerprint %s\noperator credentials in %s\n",
-					ln.Addr(), strings.Join(names, ", "), srv.Fingerprint(), filepath.Join(*data, server.AdminDir))
+					ln.Addr(), strings.Join(names, ", "), srv.Fingerprint(), filepath.Join(*data, pki.AdminDir))
 				if ops.Len() > 0 {
 					fmt.Fprintf(env.Stdout, "publishing %d ops keys (threshold %d) to enrolling devices: %s\n", ops.Len(), ops.Threshold, strings.Join(ops.IDs(), ", "))
 				} else {
@@ -128,7 +126,7 @@ func tokenCmd() *subcmd.Command {
 				}
 				var t controlapi.TokenResponse
 				for i := range *count {
-					if err := a.call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: *class, TTLSeconds: int64(ttl.Seconds()), AllowUnknownClass: *unknown}, &t); err != nil {
+					if err := a.Call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: *class, TTLSeconds: int64(ttl.Seconds()), AllowUnknownClass: *unknown}, &t); err != nil {
 						if i > 0 {
 							return fmt.Errorf("after %d tokens (printed above, each still usable): %w", i, err)
 						}
@@ -170,7 +168,7 @@ func pushCmd() *subcmd.Command {
 					Version      uint64 `json:"version"`
 					RootsVersion uint64 `json:"roots_version"`
 				}
-				if err := a.call("POST", controlapi.PathAdminBundles, raw, &out); err != nil {
+				if err := a.Call("POST", controlapi.PathAdminBundles, raw, &out); err != nil {
 					return err
 				}
 				if out.RootsVersion > 0 {
@@ -209,7 +207,7 @@ func withdrawCmd() *subcmd.Command {
 					return err
 				}
 				path := fmt.Sprintf("%s/%d?reason=%s", controlapi.PathAdminBundles, v, url.QueryEscape(*reason))
-				if err := a.call("DELETE", path, nil, nil); err != nil {
+				if err := a.Call("DELETE", path, nil, nil); err != nil {
 					return err
 				}
 				fmt.Fprintf(env.Stdout, "withdrew policy version %d\n", v)
@@ -232,7 +230,7 @@ func devicesCmd() *subcmd.Command {
 					return err
 				}
 				var devs []controlapi.Device
-				if err := a.call("GET", controlapi.PathAdminDevices, nil, &devs); err != nil {
+				if err := a.Call("GET", controlapi.PathAdminDevices, nil, &devs); err != nil {
 					return err
 				}
 				if *asJSON {
@@ -271,7 +269,7 @@ func deviceCmd() *subcmd.Command {
 					return err
 				}
 				var d controlapi.Device
-				if err := a.call("GET", controlapi.PathAdminDevices+"/"+args[0], nil, &d); err != nil {
+				if err := a.Call("GET", controlapi.PathAdminDevices+"/"+args[0], nil, &d); err != nil {
 					return err
 				}
 				return printJSON(env, d)
@@ -302,7 +300,7 @@ func auditCmd() *subcmd.Command {
 				printed := 0
 				for next := *after; ; {
 					var page controlapi.AuditPage
-					if err := a.call("GET", fmt.Sprintf("%s?after=%d", controlapi.PathAdminAudit, next), nil, &page); err != nil {
+					if err := a.Call("GET", fmt.Sprintf("%s?after=%d", controlapi.PathAdminAudit, next), nil, &page); err != nil {
 						return err
 					}
 					for _, e := range page.Entries {
@@ -355,7 +353,7 @@ func suggestCmd() *subcmd.Command {
 					return err
 				}
 				var flows []controlapi.ObservedFlow
-				if err := a.call("GET", controlapi.PathAdminFlows+"?class="+url.QueryEscape(*class), nil, &flows); err != nil {
+				if err := a.Call("GET", controlapi.PathAdminFlows+"?class="+url.QueryEscape(*class), nil, &flows); err != nil {
 					return err
 				}
 				d, err := suggest.Rules(doc, *class, flows)

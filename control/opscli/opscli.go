@@ -12,16 +12,14 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
+	"github.com/bulkhead-edge/bulkhead/internal/atomicfile"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
+	"github.com/bulkhead-edge/bulkhead/internal/version"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
-
-// Version is set at build time.
-var Version = "dev"
 
 // Root is the `bulkhead-control` command tree.
 func Root() *subcmd.Command {
@@ -45,7 +43,7 @@ func Root() *subcmd.Command {
 			{Name: "roots", Summary: "sign trust-root rotations", Sub: []*subcmd.Command{rootsSignCmd()}},
 			{Name: "version", Summary: "print the version", Flags: func(*flag.FlagSet) func(*subcmd.Env, []string) error {
 				return func(env *subcmd.Env, _ []string) error {
-					fmt.Fprintf(env.Stdout, "bulkhead-control %s\n", Version)
+					fmt.Fprintf(env.Stdout, "bulkhead-control %s\n", version.Version)
 					return nil
 				}
 			}},
@@ -204,10 +202,7 @@ func rootsSignCmd() *subcmd.Command {
 				if err != nil {
 					return err
 				}
-				if *threshold == 0 {
-					*threshold = len(newKeys)
-				}
-				next, err := opskey.NewRoots(*threshold, newKeys...)
+				next, err := opskey.NewRoots(opskey.OrAll(*threshold, len(newKeys)), newKeys...)
 				if err != nil {
 					return subcmd.Usagef("%v", err)
 				}

@@ -13,7 +13,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 )
 
@@ -127,7 +127,7 @@ func commandCmd(kind command.Kind, summary string) *subcmd.Command {
 					return err
 				}
 				var resp controlapi.CommandResponse
-				if err := a.call("POST", controlapi.PathAdminCommands, req, &resp); err != nil {
+				if err := a.Call("POST", controlapi.PathAdminCommands, req, &resp); err != nil {
 					return err
 				}
 				if resp.DryRun {
@@ -159,7 +159,7 @@ func waitFor(env *subcmd.Env, a *admin, id string, d time.Duration) error {
 	told := map[string]string{}
 	for {
 		var o controlapi.Order
-		if err := a.call("GET", controlapi.PathAdminOrders+"/"+url.PathEscape(id), nil, &o); err != nil {
+		if err := a.Call("GET", controlapi.PathAdminOrders+"/"+url.PathEscape(id), nil, &o); err != nil {
 			return err
 		}
 		var open []controlapi.OrderDevice
@@ -230,7 +230,7 @@ func ordersCmd() *subcmd.Command {
 				var orders []controlapi.Order
 				if len(args) == 1 {
 					var o controlapi.Order
-					if err := a.call("GET", controlapi.PathAdminOrders+"/"+url.PathEscape(args[0]), nil, &o); err != nil {
+					if err := a.Call("GET", controlapi.PathAdminOrders+"/"+url.PathEscape(args[0]), nil, &o); err != nil {
 						return err
 					}
 					orders = []controlapi.Order{o}
@@ -239,7 +239,7 @@ func ordersCmd() *subcmd.Command {
 					if *all {
 						path += "?all=1"
 					}
-					if err := a.call("GET", path, nil, &orders); err != nil {
+					if err := a.Call("GET", path, nil, &orders); err != nil {
 						return err
 					}
 				}

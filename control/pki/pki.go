@@ -23,13 +23,22 @@ import (
 	"path/filepath"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/localpolicy/atomicfile"
+	"github.com/bulkhead-edge/bulkhead/internal/atomicfile"
 )
 
 // Files in the CA directory.
 const (
 	CertFile = "ca.crt"
 	KeyFile  = "ca.key"
+)
+
+// An operator's credentials directory holds the CA's certificate
+// (CertFile), the operator's certificate and its key; serve writes the
+// first operator's to DATA/AdminDir.
+const (
+	AdminDir  = "admin"
+	AdminCert = "admin.crt"
+	AdminKey  = "admin.key"
 )
 
 // How long what the CA issues is valid.

@@ -41,9 +41,6 @@ import (
 const (
 	DBFile         = "control.db"
 	CommandKeyFile = "command.key"
-	AdminDir       = "admin" // the first operator's credentials
-	AdminCert      = "admin.crt"
-	AdminKey       = "admin.key"
 )
 
 // DefaultKeepAlive is how long an idle sync is held open. A device costs
@@ -131,7 +128,7 @@ func Open(cfg Config) (*Server, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
-	if err := ensureAdmin(ca, filepath.Join(cfg.DataDir, AdminDir)); err != nil {
+	if err := ensureAdmin(ca, filepath.Join(cfg.DataDir, pki.AdminDir)); err != nil {
 		return nil, false, err
 	}
 	d, err := openDB(filepath.Join(cfg.DataDir, DBFile))
@@ -241,7 +238,7 @@ func loadOrCreateCommandKey(path string) (ed25519.PrivateKey, error) {
 
 // ensureAdmin issues the first operator's client certificate into dir.
 func ensureAdmin(ca *pki.CA, dir string) error {
-	if _, err := os.Stat(filepath.Join(dir, AdminCert)); err == nil {
+	if _, err := os.Stat(filepath.Join(dir, pki.AdminCert)); err == nil {
 		return nil
 	}
 	return IssueOps(ca, dir, "admin")
@@ -261,13 +258,13 @@ func IssueOps(ca *pki.CA, dir, name string) error {
 	if err != nil {
 		return err
 	}
-	if err := pki.WriteKey(filepath.Join(dir, AdminKey), priv); err != nil {
+	if err := pki.WriteKey(filepath.Join(dir, pki.AdminKey), priv); err != nil {
 		return err
 	}
 	if err := pki.WriteCert(filepath.Join(dir, pki.CertFile), ca.Cert.Raw); err != nil {
 		return err
 	}
-	return pki.WriteCert(filepath.Join(dir, AdminCert), der)
+	return pki.WriteCert(filepath.Join(dir, pki.AdminCert), der)
 }
 
 // Serve listens and serves until ctx ends.

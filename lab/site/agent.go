@@ -9,7 +9,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/agent"
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 )
 
@@ -90,7 +90,7 @@ func (a *Agent) Start(t lab.T) {
 		t.Fatal(err)
 	}
 	a.proc = p
-	if !eventually(10*time.Second, func() bool { _, err := agent.Call(a.Socket, agent.Request{Op: "status"}); return err == nil }) {
+	if !lab.Within(10*time.Second, func() bool { _, err := a.admin().Status(); return err == nil }) {
 		t.Fatalf("the %s's agent never opened its admin socket: %s", a.Name, a.LogTail(20))
 	}
 }
@@ -108,13 +108,15 @@ func (a *Agent) Kill() {
 	a.proc = nil
 }
 
+func (a *Agent) admin() adminapi.Client { return adminapi.Client{Socket: a.Socket} }
+
 // Status is `bulkhead status` as data.
-func (a *Agent) Status(t lab.T) *agent.Status {
-	resp, err := agent.Call(a.Socket, agent.Request{Op: "status"})
-	if err != nil || resp.Error != "" {
-		t.Fatalf("status of the %s: %v %s", a.Name, err, resp.Error)
+func (a *Agent) Status(t lab.T) *adminapi.Status {
+	st, err := a.admin().Status()
+	if err != nil {
+		t.Fatalf("status of the %s: %v", a.Name, err)
 	}
-	return resp.Status
+	return st
 }
 
 // Enroll runs `bulkhead enroll` with token.
@@ -137,16 +139,4 @@ func (a *Agent) CLI(cmd string, args ...string) (string, error) {
 // Explore is the command line that runs `bulkhead CMD` on the device.
 func (a *Agent) Explore(cmd string) string {
 	return fmt.Sprintf("ip netns exec %s %s %s --socket %s", a.NS.Name, a.bin, cmd, a.Socket)
-}
-
-// eventually polls cond every 20 ms until it holds or d has passed.
-func eventually(d time.Duration, cond func() bool) bool {
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			return false
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	return true
 }

@@ -18,19 +18,6 @@ func (s *Site) reach(a *Agent, ap netip.AddrPort) bool {
 	return lab.Reaches(s.t, a.NS, "tcp", ap)
 }
 
-// timeUntil polls cond every 10 ms for up to d, and returns how long
-// after start it first held.
-func timeUntil(start time.Time, d time.Duration, cond func() bool) (time.Duration, bool) {
-	for deadline := time.Now().Add(d); ; time.Sleep(10 * time.Millisecond) {
-		if cond() {
-			return time.Since(start), true
-		}
-		if time.Now().After(deadline) {
-			return time.Since(start), false
-		}
-	}
-}
-
 // flow is a live TCP connection carrying a byte every 10 ms, echoed: an
 // established flow whose death can be timed to the last echo.
 type flow struct {
@@ -67,7 +54,7 @@ func (s *Site) openFlow(a *Agent, ap netip.AddrPort) *flow {
 		}
 	}()
 	s.t.Cleanup(f.close)
-	if !eventually(5*time.Second, func() bool { return f.last.Load() != 0 }) {
+	if !lab.Within(5*time.Second, func() bool { return f.last.Load() != 0 }) {
 		s.t.Fatalf("no echo on a new connection from the %s to %s", a.Name, ap)
 	}
 	return f
@@ -84,7 +71,7 @@ func (f *flow) alive() bool { return time.Since(f.lastEcho()) < 300*time.Millise
 // diesAfter waits up to d for the flow to fall silent and returns how
 // long after start its last echo came.
 func (f *flow) diesAfter(start time.Time, d time.Duration) (time.Duration, bool) {
-	_, ok := timeUntil(start, d, func() bool { return time.Since(f.lastEcho()) > 500*time.Millisecond })
+	_, ok := lab.Until(start, d, func() bool { return time.Since(f.lastEcho()) > 500*time.Millisecond })
 	return f.lastEcho().Sub(start), ok && f.lastEcho().After(start.Add(-300*time.Millisecond))
 }
 

@@ -137,7 +137,7 @@ func compromisedScanner(s *Site, r *Result) {
 			Expected: "refused by the scanner's own table (it was reachable before Bulkhead)", Observed: yesno(open), Pass: !open})
 	}
 	for _, t := range []netip.AddrPort{fin, s.DockSSH} {
-		lat, ok := timeUntil(start, 20*time.Second, func() bool {
+		lat, ok := lab.Until(start, 20*time.Second, func() bool {
 			return s.refusedReported(s.Scanner, controlapi.Flow{Direction: "out", Protocol: policy.TCP, Address: t.Addr(), Port: t.Port()})
 		})
 		r.Check(Check{What: "control hears of the attempt on " + t.String(),
@@ -152,7 +152,7 @@ func compromisedScanner(s *Site, r *Result) {
 	open := s.reach(s.Scanner, s.DockSSH)
 	r.Check(Check{What: "the scanner, its own enforcement gone, tries the dock gateway's ssh",
 		Expected: "refused by the dock gateway's table", Observed: yesno(open), Pass: !open})
-	lat, ok := timeUntil(start, 20*time.Second, func() bool {
+	lat, ok := lab.Until(start, 20*time.Second, func() bool {
 		return s.refusedReported(s.Dock, controlapi.Flow{Direction: "in", Protocol: policy.TCP, Address: s.Scanner.LAN, Port: s.DockSSH.Port()})
 	})
 	r.Check(Check{What: "the dock gateway reports who knocked",
@@ -160,7 +160,7 @@ func compromisedScanner(s *Site, r *Result) {
 		Latency: lat, Of: "attempt -> in control's device record", Pass: ok})
 	start = time.Now()
 	s.Scanner.Start(s.t)
-	lat, ok = timeUntil(start, 10*time.Second, func() bool { return !s.reach(s.Scanner, fin) && s.Scanner.Status(s.t).Mode == "normal" })
+	lat, ok = lab.Until(start, 10*time.Second, func() bool { return !s.reach(s.Scanner, fin) && s.Scanner.Status(s.t).Mode == "normal" })
 	r.Check(Check{What: "the scanner's agent restarts from its cache",
 		Expected: "policy v" + fmt.Sprint(s.Version) + " enforced again, finance refused", Observed: fmt.Sprintf("v%d, %s", s.Scanner.Status(s.t).PolicyVersion, s.Scanner.Status(s.t).Mode),
 		Latency: lat, Of: "agent start -> table back", Pass: ok})
@@ -207,7 +207,7 @@ func partnerDisconnect(s *Site, r *Result) {
 	out = s.Ctl.MustCLI(s.t, "reinstate-partner", "northline-freight", "--reason", "INC-231 closed", "--key", s.OpsKey, "--wait", "20s")
 	r.Note("$ bulkhead-control reinstate-partner northline-freight --key ops.key --wait 20s ...\n%s", strings.TrimSpace(out))
 	for _, a := range []*Agent{s.Dock, s.Tele} {
-		lat, ok := timeUntil(start, 20*time.Second, func() bool { return s.reach(a, edi) })
+		lat, ok := lab.Until(start, 20*time.Second, func() bool { return s.reach(a, edi) })
 		r.Check(Check{What: "reinstated (ops-signed): EDI from the " + a.Name, Expected: "open", Observed: yesno(ok),
 			Latency: lat, Of: "reinstate-partner -> first echo", Pass: ok})
 	}
@@ -240,7 +240,7 @@ func telematicsQuarantine(s *Site, r *Result) {
 
 	start = time.Now()
 	s.Ctl.MustCLI(s.t, "release", s.Tele.ID, "--reason", "INC-232 box replaced", "--key", s.OpsKey)
-	lat, ok = timeUntil(start, 20*time.Second, func() bool { return s.reach(s.Tele, edi) })
+	lat, ok = lab.Until(start, 20*time.Second, func() bool { return s.reach(s.Tele, edi) })
 	r.Check(Check{What: "release (ops-signed)", Expected: "EDI open again", Observed: yesno(ok),
 		Latency: lat, Of: "release -> first echo", Pass: ok})
 	outOfCoverage(s, r)
@@ -269,7 +269,7 @@ func outOfCoverage(s *Site, r *Result) {
 	}
 	start := time.Now()
 	s.setDeviceLink(s.Tele, true)
-	lat, ok := timeUntil(start, 60*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "quarantine" })
+	lat, ok := lab.Until(start, 60*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "quarantine" })
 	r.Check(Check{What: "back in coverage", Expected: "quarantined on its first sync", Observed: "mode " + s.Tele.Status(s.t).Mode,
 		Latency: lat, Of: "link back -> quarantine", Pass: ok})
 	out = s.Ctl.MustCLI(s.t, "release", s.Tele.ID, "--reason", "INC-235 box recovered", "--key", s.OpsKey, "--wait", "20s")
@@ -302,7 +302,7 @@ func ransomwareDrill(s *Site, r *Result) {
 			// Its geofence fails closed (restricted) until gpsd's first
 			// fix is read, which may come after the agent is up.
 			expected += " once gpsd's first fix is read (restricted until then)"
-			ok = st.PolicyVersion == s.Version && eventually(10*time.Second, func() bool { return a.Status(s.t).Mode == "normal" })
+			ok = st.PolicyVersion == s.Version && lab.Within(10*time.Second, func() bool { return a.Status(s.t).Mode == "normal" })
 			observed += fmt.Sprintf(" at start, %s after the first fix", a.Status(s.t).Mode)
 		}
 		r.Check(Check{What: "the " + a.Name + " boots with no control server", Expected: expected,
@@ -327,7 +327,7 @@ func ransomwareDrill(s *Site, r *Result) {
 	r.Note("the ransomware flushes the dock gateway's firewall")
 	start := time.Now()
 	s.Dock.NS.MustRun(s.t, "nft", "flush", "ruleset")
-	lat, ok := timeUntil(start, 5*time.Second, func() bool { return s.Dock.Status(s.t).DriftRepairs > 0 })
+	lat, ok := lab.Until(start, 5*time.Second, func() bool { return s.Dock.Status(s.t).DriftRepairs > 0 })
 	r.Check(Check{What: "the dock gateway's table, flushed offline", Expected: "restored", Observed: found(ok, "restored"),
 		Latency: lat, Of: "flush -> restored", Pass: ok})
 
@@ -336,14 +336,14 @@ func ransomwareDrill(s *Site, r *Result) {
 	s.Ctl.Start(s.t)
 	start = time.Now()
 	for _, a := range s.Agents() {
-		lat, ok := timeUntil(start, 100*time.Second, func() bool { c := a.Status(s.t).Control; return c != nil && c.Connected })
+		lat, ok := lab.Until(start, 100*time.Second, func() bool { c := a.Status(s.t).Control; return c != nil && c.Connected })
 		r.Check(Check{What: "the " + a.Name + " reconnects", Expected: "connected", Observed: found(ok, "connected"),
 			Latency: lat, Of: "control back -> connected (backoff since boot)", Pass: ok})
 	}
 	for _, a := range s.Agents() {
 		var d controlapi.Device
 		var gaps []uint64
-		ok := eventually(20*time.Second, func() bool {
+		ok := lab.Within(20*time.Second, func() bool {
 			d, _ = s.device(a)
 			gaps = missing(d, before[a])
 			_, drift := s.reported(a, "drift-repaired")
@@ -410,7 +410,7 @@ func context(s *Site, r *Result) {
 	}
 	start := time.Now()
 	s.gpsStop = lab.GPSFakeIn(s.t, s.Tele.NS, s.gpsPort, lab.NMEA(track, time.Now()), 200*time.Millisecond, true)
-	lat, ok := timeUntil(start, 30*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "restricted" })
+	lat, ok := lab.Until(start, 30*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "restricted" })
 	st := s.Tele.Status(s.t)
 	r.Check(Check{What: "the telematics box outside its geofence", Expected: "mode restricted: its profile keeps diagnostics only",
 		Observed: fmt.Sprintf("mode %s, open %s (%s)", st.Mode, list(st.Open), strings.Join(st.Why, "; ")),
@@ -421,7 +421,7 @@ func context(s *Site, r *Result) {
 	s.gpsStop()
 	start = time.Now()
 	s.gpsStop = lab.GPSFakeIn(s.t, s.Tele.NS, s.gpsPort, parked(), 200*time.Millisecond, false)
-	lat, ok = timeUntil(start, 30*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "normal" })
+	lat, ok = lab.Until(start, 30*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "normal" })
 	st = s.Tele.Status(s.t)
 	r.Check(Check{What: "back in the yard", Expected: "mode normal",
 		Observed: strings.TrimSpace(fmt.Sprintf("mode %s %s", st.Mode, strings.Join(st.Why, "; "))),
@@ -431,14 +431,14 @@ func context(s *Site, r *Result) {
 	start = time.Now()
 	s.sensor.Process.Kill()
 	s.sensor.Wait()
-	lat, ok = timeUntil(start, 10*time.Second, func() bool { return !s.reach(s.Dock, edi) })
+	lat, ok = lab.Until(start, 10*time.Second, func() bool { return !s.reach(s.Dock, edi) })
 	st = s.Dock.Status(s.t)
 	r.Check(Check{What: "the dock gateway without its required process", Expected: "mode restricted: WMS only",
 		Observed: fmt.Sprintf("mode %s, open %s", st.Mode, list(st.Open)),
 		Latency:  lat, Of: "kill -> EDI refused", Pass: ok && st.Mode == "restricted" && slices.Equal(st.Open, []string{"wms"})})
 	start = time.Now()
 	s.sensor = s.runSensor()
-	lat, ok = timeUntil(start, 10*time.Second, func() bool { return s.Dock.Status(s.t).Mode == "normal" })
+	lat, ok = lab.Until(start, 10*time.Second, func() bool { return s.Dock.Status(s.t).Mode == "normal" })
 	r.Check(Check{What: "the sensor restarted", Expected: "mode normal", Observed: "mode " + s.Dock.Status(s.t).Mode,
 		Latency: lat, Of: "restart -> normal", Pass: ok})
 
@@ -446,7 +446,7 @@ func context(s *Site, r *Result) {
 	r.Check(Check{What: "the scanner during its shift", Expected: "WMS open", Observed: "WMS " + yesno(open), Pass: open})
 	r.Note("waiting for the shift to end at %s UTC (%s from now)", end.Format("15:04:05"), time.Until(end).Round(time.Second))
 	time.Sleep(time.Until(end))
-	lat, ok = timeUntil(end, 10*time.Second, func() bool { return !s.reach(s.Scanner, wms) })
+	lat, ok = lab.Until(end, 10*time.Second, func() bool { return !s.reach(s.Scanner, wms) })
 	st = s.Scanner.Status(s.t)
 	r.Check(Check{What: "the scanner once the shift has ended", Expected: "WMS shut, diagnostics still open",
 		Observed: fmt.Sprintf("open %s", list(st.Open)), Latency: lat, Of: "shift end -> WMS refused",
@@ -482,7 +482,7 @@ func attacks(s *Site, r *Result) {
 	s.Ctl.RestartWith(s.t, taken)
 	start := time.Now()
 	s.Ctl.MustCLI(s.t, "policy", "push", forgedFile)
-	lat, ok := timeUntil(start, 20*time.Second, func() bool {
+	lat, ok := lab.Until(start, 20*time.Second, func() bool {
 		for _, a := range s.Agents() {
 			if _, ok := s.reported(a, "bundle-rejected", "not a trusted ops key"); !ok {
 				return false
@@ -515,7 +515,7 @@ func attacks(s *Site, r *Result) {
 	if err := os.WriteFile(old, raw, 0o600); err != nil {
 		s.t.Fatal(err)
 	}
-	lat, ok = timeUntil(start, 20*time.Second, func() bool {
+	lat, ok = lab.Until(start, 20*time.Second, func() bool {
 		_, ok := s.reported(s.Scanner, "bundle-rejected", "version 1")
 		return ok
 	})
@@ -542,18 +542,18 @@ func attacks(s *Site, r *Result) {
 	}
 	mode := func(m string) bool { return s.Scanner.Status(s.t).Mode == m }
 	s.Ctl.MustCLI(s.t, "quarantine", s.Scanner.ID, "--reason", "INC-233 scanner beaconing")
-	if !eventually(20*time.Second, func() bool { return mode("quarantine") }) {
+	if !lab.Within(20*time.Second, func() bool { return mode("quarantine") }) {
 		s.t.Fatalf("the scanner was never quarantined")
 	}
 	captured := release("cmd-release-233a")
 	if err := s.Ctl.Deliver(s.t, captured); err != nil {
 		s.t.Fatalf("the ops-signed release was refused: %v", err)
 	}
-	if !eventually(20*time.Second, func() bool { return mode("normal") }) {
+	if !lab.Within(20*time.Second, func() bool { return mode("normal") }) {
 		s.t.Fatalf("the ops-signed release was not obeyed")
 	}
 	s.Ctl.MustCLI(s.t, "quarantine", s.Scanner.ID, "--reason", "INC-234 beaconing again")
-	if !eventually(20*time.Second, func() bool { return mode("quarantine") }) {
+	if !lab.Within(20*time.Second, func() bool { return mode("quarantine") }) {
 		s.t.Fatalf("the scanner was never quarantined again")
 	}
 	err = s.Ctl.Deliver(s.t, captured)
@@ -564,7 +564,7 @@ func attacks(s *Site, r *Result) {
 	if err := os.WriteFile(filepath.Join(s.Scanner.Dir, "inbox", "release-233a.dsse"), captured, 0o600); err != nil {
 		s.t.Fatal(err)
 	}
-	lat, ok = timeUntil(start, 20*time.Second, func() bool {
+	lat, ok = lab.Until(start, 20*time.Second, func() bool {
 		_, ok := s.reported(s.Scanner, "command-rejected", "cmd-release-233a", "imposed after")
 		return ok
 	})
@@ -576,7 +576,7 @@ func attacks(s *Site, r *Result) {
 	if err := s.Ctl.Deliver(s.t, release("cmd-release-234")); err != nil {
 		s.t.Fatalf("a fresh release was refused: %v", err)
 	}
-	if !eventually(20*time.Second, func() bool { return mode("normal") }) {
+	if !lab.Within(20*time.Second, func() bool { return mode("normal") }) {
 		s.t.Fatalf("a fresh release was not obeyed")
 	}
 }

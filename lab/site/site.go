@@ -151,7 +151,7 @@ func Build(t lab.T, progress io.Writer) *Site {
 	}
 	s.WaitVersion(s.Version, 30*time.Second)
 	for _, a := range s.Agents() { // the truck's first fix may take a second
-		if !eventually(20*time.Second, func() bool { return a.Status(t).Mode == "normal" }) {
+		if !lab.Within(20*time.Second, func() bool { return a.Status(t).Mode == "normal" }) {
 			st := a.Status(t)
 			t.Fatalf("the %s stays in mode %s: %s", a.Name, st.Mode, strings.Join(st.Why, "; "))
 		}
@@ -305,7 +305,7 @@ func (s *Site) detail(format string, args ...any) {
 // WaitVersion waits until every agent runs policy version v.
 func (s *Site) WaitVersion(v uint64, d time.Duration) {
 	for _, a := range s.Agents() {
-		if !eventually(d, func() bool { return a.Status(s.t).PolicyVersion == v }) {
+		if !lab.Within(d, func() bool { return a.Status(s.t).PolicyVersion == v }) {
 			st := a.Status(s.t)
 			s.t.Fatalf("the %s runs policy v%d in mode %s, not v%d (%s)", a.Name, st.PolicyVersion, st.Mode, v, strings.Join(st.Why, "; "))
 		}

@@ -15,10 +15,10 @@ import (
 
 	"github.com/go-json-experiment/json"
 
+	"github.com/bulkhead-edge/bulkhead/internal/strictjson"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
 )
 
 // PayloadType marks a DSSE envelope as a Bulkhead policy bundle.

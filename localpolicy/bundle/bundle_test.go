@@ -13,10 +13,10 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/examples"
+	"github.com/bulkhead-edge/bulkhead/internal/strictjson"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
 )
 
 var t0 = time.Date(2026, 11, 24, 12, 0, 0, 0, time.UTC)

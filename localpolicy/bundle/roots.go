@@ -7,9 +7,9 @@ import (
 
 	"github.com/go-json-experiment/json"
 
+	"github.com/bulkhead-edge/bulkhead/internal/strictjson"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
 )
 
 // RootsPayloadType marks a DSSE envelope as a trust-root rotation.

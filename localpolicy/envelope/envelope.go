@@ -17,8 +17,8 @@ import (
 	"github.com/go-json-experiment/json"
 	"github.com/secure-systems-lab/go-securesystemslib/dsse"
 
+	"github.com/bulkhead-edge/bulkhead/internal/strictjson"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
 )
 
 // MaxPayload is the largest payload accepted, decoded.

@@ -167,6 +167,14 @@ type Roots struct {
 	keys      map[string]ed25519.PublicKey
 }
 
+// OrAll is the threshold a setting left at 0 means: every one of n keys.
+func OrAll(threshold, n int) int {
+	if threshold == 0 {
+		return n
+	}
+	return threshold
+}
+
 // NewRoots builds a trust-root set. The threshold must be between 1 and the
 // number of distinct keys.
 func NewRoots(threshold int, keys ...ed25519.PublicKey) (Roots, error) {

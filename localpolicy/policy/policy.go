@@ -13,7 +13,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
+	"github.com/bulkhead-edge/bulkhead/internal/strictjson"
 )
 
 // Schema is the only document schema this agent understands.

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/bulkhead-edge/bulkhead/examples"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
+	"github.com/bulkhead-edge/bulkhead/internal/strictjson"
 )
 
 func exampleText(t testing.TB) string { return string(examples.Site()) }

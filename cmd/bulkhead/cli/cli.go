@@ -10,14 +10,12 @@ import (
 	"strings"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
+	"github.com/bulkhead-edge/bulkhead/internal/version"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 )
-
-// Version is set at build time.
-var Version = "dev"
 
 // Root is the `bulkhead` command tree.
 func Root() *subcmd.Command {
@@ -45,7 +43,7 @@ func versionCmd() *subcmd.Command {
 		Name: "version", Summary: "print the agent version",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
 			return func(env *subcmd.Env, args []string) error {
-				fmt.Fprintf(env.Stdout, "bulkhead %s\n", Version)
+				fmt.Fprintf(env.Stdout, "bulkhead %s\n", version.Version)
 				return nil
 			}
 		},
@@ -94,10 +92,7 @@ func loadRoots(files []string, threshold int) (opskey.Roots, error) {
 	if err != nil {
 		return opskey.Roots{}, err
 	}
-	if threshold == 0 {
-		threshold = len(keys)
-	}
-	roots, err := opskey.NewRoots(threshold, keys...)
+	roots, err := opskey.NewRoots(opskey.OrAll(threshold, len(keys)), keys...)
 	if err != nil {
 		return opskey.Roots{}, subcmd.Usagef("%v", err)
 	}

@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 	"github.com/bulkhead-edge/bulkhead/control/opscli"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
 )
 
 type result struct {
@@ -44,7 +44,7 @@ func TestSignAndVerify(t *testing.T) {
 	}
 	bundlePath := filepath.Join(dir, "bundle.dsse")
 	ops(t, "policy", "sign", "--key", k1+"/ops.key", "--key", k2+"/ops.key",
-		"--in", "../../examples/logistics-site.json", "--version", "7",
+		"--in", "../../../examples/logistics-site.json", "--version", "7",
 		"--target", "scanner", "--valid-for", "720h", "--out", bundlePath)
 
 	good := run(Root(), "policy", "verify", "--trust", k1+"/ops.pub", "--trust", k2+"/ops.pub", bundlePath)
@@ -106,7 +106,7 @@ func TestOpsRefusals(t *testing.T) {
 	ops(t, "keygen", "--out", dir)
 	key := filepath.Join(dir, "ops.key")
 	bad := filepath.Join(dir, "bad.json")
-	data, err := os.ReadFile("../../examples/logistics-site.json")
+	data, err := os.ReadFile("../../../examples/logistics-site.json")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -123,7 +123,7 @@ func TestOpsRefusals(t *testing.T) {
 		{"keygen refuses to overwrite", []string{"keygen", "--out", dir}, 1, "refusing to overwrite"},
 		{"sign refuses an invalid policy", []string{"policy", "sign", "--key", key, "--in", bad, "--version", "1", "--target", "scanner", "--valid-for", "1h", "--out", out}, 1, `names unknown segment "finanse"`},
 		{"sign needs a version", []string{"policy", "sign", "--key", key, "--in", bad, "--target", "scanner", "--valid-for", "1h", "--out", out}, 2, "--version"},
-		{"sign refuses an unknown target class", []string{"policy", "sign", "--key", key, "--in", "../../examples/logistics-site.json", "--version", "1", "--target", "forklift", "--valid-for", "1h", "--out", out}, 1, `target class "forklift"`},
+		{"sign refuses an unknown target class", []string{"policy", "sign", "--key", key, "--in", "../../../examples/logistics-site.json", "--version", "1", "--target", "forklift", "--valid-for", "1h", "--out", out}, 1, `target class "forklift"`},
 		{"validate names the problem", []string{"policy", "validate", bad}, 1, `classes.dock-gateway.rules[4].segment`},
 		{"unknown command", []string{"polcy"}, 2, `unknown command "polcy"`},
 	}
@@ -142,7 +142,7 @@ func TestOpsRefusals(t *testing.T) {
 	if err := os.Chmod(key, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	r := run(opscli.Root(), "policy", "sign", "--key", key, "--in", "../../examples/logistics-site.json", "--version", "1", "--target", "scanner", "--valid-for", "1h", "--out", out)
+	r := run(opscli.Root(), "policy", "sign", "--key", key, "--in", "../../../examples/logistics-site.json", "--version", "1", "--target", "scanner", "--valid-for", "1h", "--out", out)
 	if r.code != 1 || !strings.Contains(r.stderr, "chmod 600") {
 		t.Errorf("signing with a world-readable key: exit %d, %q; want a refusal naming chmod 600", r.code, r.stderr)
 	}

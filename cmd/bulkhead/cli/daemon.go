@@ -14,9 +14,10 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent"
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 	"github.com/bulkhead-edge/bulkhead/installer"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
@@ -40,7 +41,6 @@ func runCmd() *subcmd.Command {
 				if err != nil {
 					return err
 				}
-				agent.Version = Version
 				// An idle agent's heap is a few MiB that barely changes,
 				// and the runtime's default lets it double before it
 				// collects. Collecting at half again bounds it at 1.5
@@ -87,15 +87,8 @@ func socketFlag(fs *flag.FlagSet) *string {
 	return fs.String("socket", agent.DefaultSocket, "the agent's admin `SOCKET`")
 }
 
-func call(socket string, req agent.Request) (*agent.Response, error) {
-	resp, err := agent.Call(socket, req)
-	if err != nil {
-		return nil, err
-	}
-	if resp.Error != "" {
-		return nil, fmt.Errorf("%s", resp.Error)
-	}
-	return resp, nil
+func call(socket string, req adminapi.Request) (*adminapi.Response, error) {
+	return adminapi.Client{Socket: socket}.Do(req)
 }
 
 func statusCmd() *subcmd.Command {
@@ -106,7 +99,7 @@ func statusCmd() *subcmd.Command {
 			socket := socketFlag(fs)
 			asJSON := fs.Bool("json", false, "print JSON")
 			return func(env *subcmd.Env, args []string) error {
-				resp, err := call(*socket, agent.Request{Op: "status"})
+				resp, err := call(*socket, adminapi.Request{Op: adminapi.OpStatus})
 				if err != nil {
 					return err
 				}
@@ -122,7 +115,7 @@ func statusCmd() *subcmd.Command {
 	}
 }
 
-func printStatus(env *subcmd.Env, s *agent.Status) {
+func printStatus(env *subcmd.Env, s *adminapi.Status) {
 	w := env.Stdout
 	fmt.Fprintf(w, "mode      %s\n", s.Mode)
 	for _, why := range s.Why {
@@ -166,7 +159,7 @@ func printStatus(env *subcmd.Env, s *agent.Status) {
 	}
 }
 
-func printMonitor(env *subcmd.Env, m *agent.MonitorStatus) {
+func printMonitor(env *subcmd.Env, m *adminapi.MonitorStatus) {
 	if m == nil {
 		return
 	}
@@ -188,7 +181,7 @@ func printMonitor(env *subcmd.Env, m *agent.MonitorStatus) {
 	}
 }
 
-func printRefused(env *subcmd.Env, r *agent.RefusedStatus) {
+func printRefused(env *subcmd.Env, r *adminapi.RefusedStatus) {
 	if r == nil {
 		return
 	}
@@ -209,7 +202,7 @@ func printRefused(env *subcmd.Env, r *agent.RefusedStatus) {
 	}
 }
 
-func printTunnel(env *subcmd.Env, t agent.TunnelStatus) {
+func printTunnel(env *subcmd.Env, t adminapi.TunnelStatus) {
 	w := env.Stdout
 	if t.PublicKey == "" {
 		fmt.Fprintf(w, "tunnel    %s DOWN: %s (segments stay closed)\n", t.Interface, t.Error)
@@ -239,7 +232,7 @@ func rotateKeyCmd() *subcmd.Command {
 				if len(args) > 0 {
 					return subcmd.Usagef("rotate-key takes no arguments")
 				}
-				resp, err := call(*socket, agent.Request{Op: "rotate-key"})
+				resp, err := call(*socket, adminapi.Request{Op: adminapi.OpRotateKey})
 				if err != nil {
 					return err
 				}
@@ -264,7 +257,7 @@ func explainCmd() *subcmd.Command {
 				if _, _, _, err := agent.ParseTarget(*to); err != nil {
 					return subcmd.Usagef("%v", err)
 				}
-				resp, err := call(*socket, agent.Request{Op: "explain", To: *to})
+				resp, err := call(*socket, adminapi.Request{Op: adminapi.OpExplain, To: *to})
 				if err != nil {
 					return err
 				}
@@ -295,7 +288,7 @@ func applyCmd() *subcmd.Command {
 				if err != nil {
 					return err
 				}
-				resp, err := call(*socket, agent.Request{Op: "apply", Bundle: raw})
+				resp, err := call(*socket, adminapi.Request{Op: adminapi.OpApply, Bundle: raw})
 				if err != nil {
 					return err
 				}
@@ -397,7 +390,7 @@ func enrollCmd() *subcmd.Command {
 				if _, err := controlapi.ParseFingerprint(*fp); err != nil {
 					return subcmd.Usagef("%v", err)
 				}
-				resp, err := call(*socket, agent.Request{Op: "enroll", URL: *url, Token: *token, Fingerprint: *fp})
+				resp, err := call(*socket, adminapi.Request{Op: adminapi.OpEnroll, URL: *url, Token: *token, Fingerprint: *fp})
 				if err != nil {
 					return err
 				}

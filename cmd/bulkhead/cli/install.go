@@ -8,10 +8,10 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
-	"github.com/bulkhead-edge/bulkhead/cmd/subcmd"
 	"github.com/bulkhead-edge/bulkhead/installer"
+	"github.com/bulkhead-edge/bulkhead/internal/strictjson"
+	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/strictjson"
 )
 
 func installCmd() *subcmd.Command {
