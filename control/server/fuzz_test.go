@@ -58,7 +58,12 @@ func newHarness(t testing.TB) *harness {
 
 // do posts body to path, as the holder of cert (nil: no certificate).
 func (h *harness) do(path string, body []byte, cert *x509.Certificate) *httptest.ResponseRecorder {
-	r := httptest.NewRequest(http.MethodPost, path, bytes.NewReader(body))
+	return h.send(http.MethodPost, path, body, cert)
+}
+
+// send makes a request of the server as TLS would hand it over.
+func (h *harness) send(method, path string, body []byte, cert *x509.Certificate) *httptest.ResponseRecorder {
+	r := httptest.NewRequest(method, path, bytes.NewReader(body))
 	r.RemoteAddr = "192.0.2.7:40000"
 	r.TLS = &tls.ConnectionState{}
 	if cert != nil {
@@ -101,7 +106,7 @@ func FuzzEnrollRequest(f *testing.F) {
 // FuzzSyncRequest: whatever an enrolled device sends to sync is answered
 // or refused, and what it says of itself is stored within bounds.
 func FuzzSyncRequest(f *testing.F) {
-	f.Add([]byte(`{"policy_version":0,"cursor":0,"wait_seconds":0,"state":{"mode":"normal","why":"x"}}`))
+	f.Add([]byte(`{"policy_version":0,"wait_seconds":0,"state":{"mode":"normal","why":"x","orders":{"mode":"order-00000001"}}}`))
 	f.Add([]byte(`{"state":{"revoked_partners":{"a":"b"}},"refused":["x"]}`))
 	h := newHarness(f)
 	f.Fuzz(func(t *testing.T, body []byte) {
