@@ -18,6 +18,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
@@ -50,8 +51,11 @@ func (a *Agent) handle(r request) adminapi.Response {
 		return a.enroll(r.Request)
 	case adminapi.OpApply:
 		if _, err := a.install(r.Bundle); err != nil {
-			if _, rot := bundle.PeekRotation(r.Bundle); rot == nil {
+			switch kind, _ := envelope.TypeOf(r.Bundle); kind {
+			case bundle.RootsPayloadType:
 				return adminapi.Response{Error: err.Error() + "; the trust roots in force are unchanged"}
+			case command.PayloadType:
+				return adminapi.Response{Error: "command refused, the device's state is unchanged: " + err.Error()}
 			}
 			return adminapi.Response{Error: "bundle rejected, previous policy still enforced: " + err.Error()}
 		}

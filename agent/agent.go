@@ -17,6 +17,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -460,13 +461,14 @@ func (a *Agent) checkDrift(check func(nft.Ruleset) error) {
 // through the socket or the drop directory (a release carried to a device
 // cut off from control); a rejected one changes nothing.
 func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
-	if _, err := command.Peek(raw); err == nil {
+	kind, _ := envelope.TypeOf(raw) // a malformed one is refused by the bundle's verifier
+	if kind == command.PayloadType {
 		return a.bundle, a.obey(raw)
 	}
 	if a.store == nil {
 		return nil, fmt.Errorf("policy cache unusable (%s); no bundle can be accepted safely", a.noPolicy)
 	}
-	if _, err := bundle.PeekRotation(raw); err == nil {
+	if kind == bundle.RootsPayloadType {
 		return a.bundle, a.rotateRoots(raw)
 	}
 	b, err := a.store.Install(bytes.NewReader(raw), a.roots, a.clock.Now(), a.device())

@@ -774,7 +774,12 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 		fail(w, http.StatusRequestEntityTooLarge, err.Error())
 		return
 	}
-	if _, err := bundle.PeekRotation(raw); err == nil {
+	kind, err := envelope.TypeOf(raw)
+	if err != nil {
+		fail(w, http.StatusBadRequest, "neither a policy bundle nor a trust-root rotation: "+err.Error())
+		return
+	}
+	if kind == bundle.RootsPayloadType {
 		next, err := s.trust.checkRotation(raw)
 		if err != nil {
 			fail(w, http.StatusUnprocessableEntity, "trust-root rotation refused: "+err.Error())
@@ -790,8 +795,8 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 		reply(w, map[string]any{"roots_version": next.version})
 		return
 	}
-	if _, err := bundle.Peek(raw); err != nil {
-		fail(w, http.StatusBadRequest, "neither a policy bundle nor a trust-root rotation: "+err.Error())
+	if kind != bundle.PayloadType {
+		fail(w, http.StatusBadRequest, fmt.Sprintf("neither a policy bundle nor a trust-root rotation: payload type %q (a command is given with quarantine, release, ...)", kind))
 		return
 	}
 	b, err := s.trust.checkBundle(raw, s.now())

@@ -140,6 +140,21 @@ func Open(raw []byte, payloadType string, sets ...opskey.Roots) (*Signed, error)
 	return &Signed{Payload: payload, Signers: signers}, nil
 }
 
+// TypeOf is the payload type raw declares, read without checking any
+// signature or decoding the payload: it routes an envelope to the one
+// verifier of its kind (a bundle, a trust-root rotation, a command), and
+// is never grounds for trusting it.
+func TypeOf(raw []byte) (string, error) {
+	if len(raw) > MaxEnvelope {
+		return "", fmt.Errorf("%w: envelope is %d bytes, limit %d", ErrTooLarge, len(raw), MaxEnvelope)
+	}
+	var env dsse.Envelope
+	if err := strictjson.Unmarshal(raw, &env); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrMalformed, err)
+	}
+	return env.PayloadType, nil
+}
+
 // PeekUnverified returns the payload of a well-formed envelope without
 // checking any signature. Its only use is learning which keys must have
 // signed (a root rotation names them inside); never act on what it returns

@@ -19,6 +19,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/installer"
 	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 )
@@ -292,8 +293,12 @@ func applyCmd() *subcmd.Command {
 				if err != nil {
 					return err
 				}
-				if _, err := bundle.PeekRotation(raw); err == nil {
+				switch kind, _ := envelope.TypeOf(raw); kind {
+				case bundle.RootsPayloadType:
 					fmt.Fprintf(env.Stdout, "trust roots rotated to version %d; policy version %d, mode %s\n", resp.Status.RootsVersion, resp.Status.PolicyVersion, resp.Status.Mode)
+					return nil
+				case command.PayloadType:
+					fmt.Fprintf(env.Stdout, "command obeyed (or already in force): mode %s\n", resp.Status.Mode)
 					return nil
 				}
 				fmt.Fprintf(env.Stdout, "applied: policy version %d, mode %s\n", resp.Status.PolicyVersion, resp.Status.Mode)
