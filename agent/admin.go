@@ -167,7 +167,7 @@ func listenAdmin(path string) (net.Listener, error) {
 	return ln, nil
 }
 
-func serveAdmin(ctx context.Context, ln net.Listener, reqs chan<- request, log *slog.Logger) {
+func serveAdmin(ctx context.Context, ln net.Listener, do func(context.Context, adminapi.Request) adminapi.Response, log *slog.Logger) {
 	go func() { <-ctx.Done(); ln.Close() }()
 	for {
 		c, err := ln.Accept()
@@ -185,13 +185,7 @@ func serveAdmin(ctx context.Context, ln net.Listener, reqs chan<- request, log *
 			} else if req, err = adminapi.DecodeRequest(line); err != nil {
 				resp.Error = "malformed request: " + err.Error()
 			} else {
-				r := request{Request: req, reply: make(chan adminapi.Response, 1)}
-				select {
-				case reqs <- r:
-					resp = <-r.reply
-				case <-ctx.Done():
-					resp.Error = "agent is stopping"
-				}
+				resp = do(ctx, req)
 			}
 			if err := json.NewEncoder(c).Encode(resp); err != nil {
 				log.Debug("admin reply", "err", err)

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
@@ -46,12 +47,14 @@ const (
 type Agent struct {
 	cfg      *Config
 	log      *slog.Logger
-	enforcer *nft.Enforcer
+	enforcer Enforcer
 	// openTunnel makes the WireGuard device (tunnel.Open; tests open it
-	// inside their namespace).
-	openTunnel func(tunnel.Config) (*tunnel.Tunnel, error)
-	wall       func() time.Time
-	reqs       chan request
+	// inside their namespace, or fake it).
+	openTunnel  func(tunnel.Config) (Tunnel, error)
+	openFlowLog func() (FlowLog, error)
+	posture     Posture
+	wall        func() time.Time
+	reqs        chan request
 
 	// Owned by the event loop.
 	store *store.Store // nil when the cache cannot be opened
@@ -69,8 +72,8 @@ type Agent struct {
 	lastApply    time.Time
 	repairs      int
 	applyErr     string
-	tun          *tunnel.Tunnel // nil until the tunnel is up
-	tunErr       string         // why the tunnel is not up, or its last failed apply
+	tun          Tunnel // nil until the tunnel is up
+	tunErr       string // why the tunnel is not up, or its last failed apply
 	traffic      []tunnel.PeerState
 	ch           channel
 	sample       sampler
@@ -104,14 +107,24 @@ type Agent struct {
 // Option adjusts an Agent; tests use them.
 type Option func(*Agent)
 
-// WithEnforcer replaces the enforcer (a test enforces in its own namespace).
-func WithEnforcer(e *nft.Enforcer) Option { return func(a *Agent) { a.enforcer = e } }
+// WithEnforcer replaces the enforcer (a test enforces in its own
+// namespace, or in memory).
+func WithEnforcer(e Enforcer) Option { return func(a *Agent) { a.enforcer = e } }
 
 // WithTunnel replaces how the tunnel is opened (a test opens it in its own
-// namespace).
-func WithTunnel(open func(tunnel.Config) (*tunnel.Tunnel, error)) Option {
+// namespace, or in memory).
+func WithTunnel(open func(tunnel.Config) (Tunnel, error)) Option {
 	return func(a *Agent) { a.openTunnel = open }
 }
+
+// WithFlowLog replaces how the table's log is bound (by default in the
+// enforcer's network namespace).
+func WithFlowLog(open func() (FlowLog, error)) Option {
+	return func(a *Agent) { a.openFlowLog = open }
+}
+
+// WithPosture replaces what gathers the device's facts.
+func WithPosture(p Posture) Option { return func(a *Agent) { a.posture = p } }
 
 // WithWallClock replaces the wall clock (time.Now) the agent's trusted
 // time starts from; tests set it ahead or behind. The monotonic clock
@@ -124,7 +137,7 @@ func WithLogger(l *slog.Logger) Option { return func(a *Agent) { a.log = l } }
 // New makes an agent; it touches nothing until Boot.
 func New(cfg *Config, opts ...Option) *Agent {
 	a := &Agent{
-		cfg: cfg, enforcer: nft.NewEnforcer(), openTunnel: tunnel.Open, wall: time.Now,
+		cfg: cfg, enforcer: nft.NewEnforcer(), openTunnel: openTunnel, posture: hostPosture{}, wall: time.Now,
 		log:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
 		reqs: make(chan request),
 	}
@@ -134,6 +147,9 @@ func New(cfg *Config, opts ...Option) *Agent {
 	a.mon.flows = make(chan controlapi.Flow, 64)
 	for _, o := range opts {
 		o(a)
+	}
+	if a.openFlowLog == nil {
+		a.openFlowLog = kernelFlowLog(a.enforcer)
 	}
 	return a
 }
@@ -353,7 +369,26 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	defer ln.Close()
-	go serveAdmin(ctx, ln, a.reqs, a.log)
+	go serveAdmin(ctx, ln, a.Do, a.log)
+	a.loop(ctx)
+	return nil
+}
+
+// Do hands an admin request to the event loop and returns its answer; the
+// admin socket calls it for each request, tests call it directly.
+func (a *Agent) Do(ctx context.Context, req adminapi.Request) adminapi.Response {
+	r := request{Request: req, reply: make(chan adminapi.Response, 1)}
+	select {
+	case a.reqs <- r:
+		return <-r.reply
+	case <-ctx.Done():
+		return adminapi.Response{Error: "agent is stopping"}
+	}
+}
+
+// loop is the event loop: it owns the agent's state until ctx ends, and
+// then closes what it holds. Every other goroutine reaches it by message.
+func (a *Agent) loop(ctx context.Context) {
 	a.ch.runCtx = ctx
 	a.startSync()
 	a.startSampler(ctx)
@@ -390,7 +425,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			if a.ch.spool != nil {
 				a.ch.spool.Close()
 			}
-			return nil
+			return
 		case r := <-a.reqs:
 			r.reply <- a.handle(r)
 		case s := <-a.sample.samples:

@@ -67,19 +67,6 @@ func newEnv(t *testing.T) *env {
 	return &env{t: t, ns: ns, iface: iface, dir: dir, cfg: cfg, key: key, doc: *doc}
 }
 
-// newOpsKey makes an ops signing key in dir/ops (ops.key, ops.pub).
-func newOpsKey(t *testing.T, dir string) ed25519.PrivateKey {
-	t.Helper()
-	if _, err := opskey.Generate(filepath.Join(dir, "ops")); err != nil {
-		t.Fatal(err)
-	}
-	key, err := opskey.LoadPrivate(filepath.Join(dir, "ops", opskey.PrivateFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return key
-}
-
 // signFor signs doc for scanners as bundle version, valid for an hour.
 func signFor(t *testing.T, version uint64, doc *policy.Document, key ed25519.PrivateKey) []byte {
 	t.Helper()
@@ -98,13 +85,6 @@ func signValidFor(t *testing.T, version uint64, doc *policy.Document, key ed2551
 	return raw
 }
 
-func writeFile(t *testing.T, path, s string) {
-	t.Helper()
-	if err := os.WriteFile(path, []byte(s), 0o600); err != nil {
-		t.Fatal(err)
-	}
-}
-
 func (e *env) bundle(version uint64, issued time.Time) []byte {
 	raw, err := bundle.Sign(bundle.Payload{Version: version, IssuedAt: issued, ExpiresAt: issued.Add(24 * time.Hour),
 		Target: bundle.Target{Classes: []string{"scanner"}}, Policy: e.doc}, e.key)
@@ -120,8 +100,9 @@ func (e *env) start() {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	open := func(c tunnel.Config) (t *tunnel.Tunnel, err error) {
-		err = e.ns.Do(func() error { t, err = tunnel.Open(c); return err })
+	open := func(c tunnel.Config) (Tunnel, error) {
+		var t Tunnel
+		err := e.ns.Do(func() (err error) { t, err = openTunnel(c); return err })
 		return t, err
 	}
 	opts := []Option{WithEnforcer(nft.NewEnforcer(nft.WithNetNS(e.ns.FD()))), WithTunnel(open), WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil)))}
@@ -161,19 +142,7 @@ func (e *env) call(req adminapi.Request) *adminapi.Response {
 const shortWait, longWait = 5 * time.Second, 20 * time.Second
 
 // auditLog reads the stopped agent's audit log.
-func (e *env) auditLog() []store.Event {
-	e.t.Helper()
-	s, err := store.Open(filepath.Join(e.dir, "state", "state.db"))
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	defer s.Close()
-	events, err := s.AuditLog()
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	return events
-}
+func (e *env) auditLog() []store.Event { return auditLogIn(e.t, e.dir) }
 
 func (e *env) tableText() string {
 	out, _ := e.ns.Run("nft", "list", "table", "inet", nft.Table)

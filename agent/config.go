@@ -5,6 +5,7 @@
 package agent
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -28,20 +29,14 @@ const (
 	DefaultSocket   = "/run/bulkhead/admin.sock"
 )
 
-// Config is the agent's local configuration (docs/config.md). It holds what
-// no signed policy may change: who the device is, which keys it trusts, and
-// its safety floor.
+// Config is the agent's local configuration (docs/config.md), as written:
+// Resolve gives the effective settings. It holds what no signed policy may
+// change: who the device is, which keys it trusts, and its safety floor.
 type Config struct {
-	Device struct {
-		ID    string `json:"id"`
-		Class string `json:"class"`
-	} `json:"device"`
-	// Trust pins the ops keys (ops.pub files) and how many must sign. It is
-	// read on first start; later rotations live in the state store.
-	Trust struct {
-		Keys      []string `json:"keys"`
-		Threshold int      `json:"threshold,omitzero"`
-	} `json:"trust"`
+	Device Identity `json:"device"`
+	// Trust pins the ops keys. It is read on first start; later rotations
+	// live in the state store.
+	Trust       Trust                   `json:"trust"`
 	SafetyFloor []localpolicy.FloorRule `json:"safety_floor,omitzero"`
 	Control     []policy.Endpoint       `json:"control,omitzero"`
 	StateDir    string                  `json:"state_dir,omitzero"`
@@ -51,28 +46,55 @@ type Config struct {
 	DHCP *bool `json:"dhcp,omitzero"`
 	// Tunnel is the WireGuard interface segment traffic must use. Its key
 	// lives in the state directory (wg.key, 0600).
-	Tunnel struct {
-		Interface  string         `json:"interface,omitzero"`
-		Addresses  []netip.Prefix `json:"addresses,omitzero"`
-		ListenPort uint16         `json:"listen_port,omitzero"`
-		MTU        int            `json:"mtu,omitzero"`
-		Buffers    uint32         `json:"buffers,omitzero"`
-	} `json:"tunnel,omitzero"`
+	Tunnel TunnelConfig `json:"tunnel,omitzero"`
 	// Posture says how often the device samples itself for the policy's
 	// posture checks (default 30s).
-	Posture struct {
-		Interval policy.Duration `json:"interval,omitzero"`
-	} `json:"posture,omitzero"`
+	Posture PostureConfig `json:"posture,omitzero"`
 	// Location is where the device's position comes from, for the
 	// policy's geofence and fix-age checks: gpsd (a moving device), or a
 	// static position (a fixed site). Neither: those checks fail.
-	Location struct {
-		GPSD   string `json:"gpsd,omitzero"` // host:port, usually 127.0.0.1:2947
-		Static *struct {
-			Lat float64 `json:"lat"`
-			Lon float64 `json:"lon"`
-		} `json:"static,omitzero"`
-	} `json:"location,omitzero"`
+	Location LocationConfig `json:"location,omitzero"`
+}
+
+// Identity is who the device is: its class (what it enrols as) and, once
+// enrolled, its id.
+type Identity struct {
+	ID    string `json:"id"`
+	Class string `json:"class"`
+}
+
+// Trust names the ops.pub files to pin and how many of those keys must
+// sign (0: all of them).
+type Trust struct {
+	Keys      []string `json:"keys"`
+	Threshold int      `json:"threshold,omitzero"`
+}
+
+// TunnelConfig is the WireGuard device's setup.
+type TunnelConfig struct {
+	Interface  string         `json:"interface,omitzero"`
+	Addresses  []netip.Prefix `json:"addresses,omitzero"`
+	ListenPort uint16         `json:"listen_port,omitzero"`
+	MTU        int            `json:"mtu,omitzero"`
+	Buffers    uint32         `json:"buffers,omitzero"`
+}
+
+// PostureConfig paces the device's samples of itself.
+type PostureConfig struct {
+	Interval policy.Duration `json:"interval,omitzero"`
+}
+
+// LocationConfig is where positions come from: gpsd's host:port (usually
+// 127.0.0.1:2947), or a fixed position.
+type LocationConfig struct {
+	GPSD   string    `json:"gpsd,omitzero"`
+	Static *Position `json:"static,omitzero"`
+}
+
+// Position is a latitude and longitude in degrees.
+type Position struct {
+	Lat float64 `json:"lat"`
+	Lon float64 `json:"lon"`
 }
 
 // LoadConfig reads and checks a configuration file. Errors name the line and
@@ -85,20 +107,24 @@ func LoadConfig(path string) (*Config, error) {
 	return ParseConfig(data, path)
 }
 
-// ParseConfig checks a configuration as LoadConfig does, naming it path in
-// errors; the installer checks what it is about to write with it.
+// ParseConfig reads a configuration as LoadConfig does, naming it path in
+// errors, and returns the effective settings.
 func ParseConfig(data []byte, path string) (*Config, error) {
 	var c Config
 	if err := strictjson.Unmarshal(data, &c); err != nil {
 		return nil, fmt.Errorf("config %s: %s", path, strictjson.Line(data, err))
 	}
-	if err := c.check(); err != nil {
+	eff, err := c.Resolve()
+	if err != nil {
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
-	return &c, nil
+	return eff, nil
 }
 
-func (c *Config) check() error {
+// Resolve checks the configuration and returns the effective settings:
+// a copy with every default filled in. c itself is not changed, so what
+// was written can be written back as it was.
+func (c Config) Resolve() (*Config, error) {
 	var errs []error
 	if c.Device.Class == "" && c.Device.ID == "" {
 		errs = append(errs, errors.New("device: give at least class (and id once enrolled)"))
@@ -119,15 +145,9 @@ func (c *Config) check() error {
 			errs = append(errs, fmt.Errorf("control[%d]: needs address and port", i))
 		}
 	}
-	if c.StateDir == "" {
-		c.StateDir = DefaultStateDir
-	}
-	if c.DropDir == "" {
-		c.DropDir = filepath.Join(c.StateDir, "inbox")
-	}
-	if c.AdminSocket == "" {
-		c.AdminSocket = DefaultSocket
-	}
+	c.StateDir = cmp.Or(c.StateDir, DefaultStateDir)
+	c.DropDir = cmp.Or(c.DropDir, filepath.Join(c.StateDir, "inbox"))
+	c.AdminSocket = cmp.Or(c.AdminSocket, DefaultSocket)
 	if c.DHCP == nil {
 		yes := true
 		c.DHCP = &yes
@@ -150,13 +170,14 @@ func (c *Config) check() error {
 			errs = append(errs, fmt.Errorf("location.static: (%g, %g) is not a latitude in -90..90 and a longitude in -180..180", l.Static.Lat, l.Static.Lon))
 		}
 	}
-	if c.Tunnel.Interface == "" {
-		c.Tunnel.Interface = tunnel.DefaultInterface
-	}
+	c.Tunnel.Interface = cmp.Or(c.Tunnel.Interface, tunnel.DefaultInterface)
 	if err := c.tunnel().Check(); err != nil {
 		errs = append(errs, err)
 	}
-	return errors.Join(errs...)
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return &c, nil
 }
 
 // tunnel is the tunnel's setup; the key file is fixed inside the state

@@ -186,16 +186,6 @@ func (s *controlSite) policyWith(t *testing.T, change func(*policy.Document)) *p
 	return doc
 }
 
-// sign signs a command with key.
-func sign(t *testing.T, c command.Command, key ed25519.PrivateKey) []byte {
-	t.Helper()
-	raw, err := command.Sign(c, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return raw
-}
-
 // signed gives control a command signed with key, as an ops laptop does,
 // and fails the test if control refuses it.
 func (s *controlSite) signed(t *testing.T, c command.Command, key ed25519.PrivateKey) []byte {

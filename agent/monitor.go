@@ -8,7 +8,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/flowlog"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 )
 
 // flowReportEvery is how often the flows seen in monitor mode, and the
@@ -21,7 +20,7 @@ const flowReportEvery = 5 * time.Second
 type monitorState struct {
 	log     flowlog.Log // monitored segments' flows
 	refused flowlog.Log // refused connections, by direction
-	reader  *flowlog.Reader
+	reader  FlowLog
 	err     string // why the group could not be bound
 	flows   chan controlapi.Flow
 	// monitoring is whether a monitor was in force at the last sync.
@@ -44,7 +43,7 @@ func (a *Agent) syncFlowLog() {
 	if a.ch.runCtx == nil || m.reader != nil {
 		return
 	}
-	r, err := flowlog.Open(a.enforcer.NetNS(), nft.LogGroup)
+	r, err := a.openFlowLog()
 	if err != nil {
 		if err.Error() != m.err { // retried with every tunnel check; say it once
 			a.log.Error("cannot read the table's log: refused connections go unreported, monitored flows still pass; both are counted in the table", "err", err)

@@ -230,14 +230,6 @@ func logCounters(t *testing.T, ns *lab.NS) map[string]uint64 {
 	return out
 }
 
-func kinds(events []store.Event) []string {
-	var out []string
-	for _, e := range events {
-		out = append(out, e.Kind)
-	}
-	return out
-}
-
 // Discovery end to end, all real binaries over mTLS: a class with no
 // rules, monitored; a device opens two flows; control collects them;
 // `bulkhead-control policy suggest` drafts rules for exactly those two;

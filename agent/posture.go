@@ -70,7 +70,7 @@ func (a *Agent) startSampler(ctx context.Context) {
 			default:
 			}
 			wants := s.wants.Load()
-			f, err := posture.Gather(ctx, version.Version, *wants)
+			f, err := a.posture.Gather(ctx, version.Version, *wants)
 			// A sample is a megabyte of short-lived garbage every
 			// interval; hand its pages back rather than carry them.
 			debug.FreeOSMemory()
@@ -86,7 +86,7 @@ func (a *Agent) startSampler(ctx context.Context) {
 			// What the checks watch (a required process, a pinned
 			// file) is sampled again the moment it changes, not at
 			// the next tick.
-			changed, stop := posture.Watch(*wants, f)
+			changed, stop := a.posture.Watch(*wants, f)
 			select {
 			case <-ctx.Done():
 			case <-tick.C:

@@ -1,0 +1,264 @@
+package controlclient
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/go-json-experiment/json"
+
+	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/control/pki"
+)
+
+// control is a control server over real TLS 1.3 with its own CA: it
+// enrols any CSR (or answers as answer says), and echoes what an enrolled
+// device's sync and report requests carried, and whose certificate they
+// came with.
+type control struct {
+	t      *testing.T
+	ca     *pki.CA
+	srv    *httptest.Server
+	url    string
+	fp     string
+	answer func(*controlapi.EnrollResponse) // bends the enrolment answer
+	// peer is the client certificate on the latest sync or report.
+	peer *x509.Certificate
+}
+
+func newControl(t *testing.T) *control {
+	t.Helper()
+	ca, _, err := pki.LoadOrCreate(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &control{t: t, ca: ca, fp: controlapi.Fingerprint(ca.Cert)}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST "+controlapi.PathEnroll, c.enroll)
+	mux.HandleFunc("POST "+controlapi.PathSync, func(w http.ResponseWriter, r *http.Request) {
+		var req controlapi.SyncRequest
+		c.read(w, r, &req)
+		c.write(w, controlapi.SyncResponse{Commands: [][]byte{[]byte(req.State.Why)}})
+	})
+	mux.HandleFunc("POST "+controlapi.PathReport, func(w http.ResponseWriter, r *http.Request) {
+		var req controlapi.ReportRequest
+		c.read(w, r, &req)
+		if len(req.Events) == 0 {
+			http.Error(w, `{"error": "no events"}`, http.StatusBadRequest)
+			return
+		}
+		c.write(w, controlapi.ReportResponse{Acked: req.Events[len(req.Events)-1].Seq})
+	})
+	c.srv = httptest.NewUnstartedServer(mux)
+	cert, err := ca.ServerCert([]string{"127.0.0.1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.srv.TLS = &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, ClientAuth: tls.VerifyClientCertIfGiven, ClientCAs: ca.Pool()}
+	c.srv.StartTLS()
+	t.Cleanup(c.srv.Close)
+	c.url = c.srv.URL
+	return c
+}
+
+func (c *control) enroll(w http.ResponseWriter, r *http.Request) {
+	var req controlapi.EnrollRequest
+	c.read(w, r, &req)
+	csr, err := x509.ParseCertificateRequest(req.CSR)
+	if err != nil {
+		http.Error(w, `{"error": "bad csr"}`, http.StatusBadRequest)
+		return
+	}
+	der, err := c.ca.ClientCert(csr.PublicKey, controlapi.DeviceURIPrefix+"dev-1", "dev-1")
+	if err != nil {
+		c.t.Error(err)
+	}
+	cmd, _, _ := ed25519.GenerateKey(rand.Reader)
+	resp := controlapi.EnrollResponse{DeviceID: "dev-1", Class: req.Class, Certificate: der, CA: c.ca.Cert.Raw, CommandKey: cmd}
+	if c.answer != nil {
+		c.answer(&resp)
+	}
+	c.write(w, resp)
+}
+
+func (c *control) read(w http.ResponseWriter, r *http.Request, v any) {
+	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+		c.peer = r.TLS.PeerCertificates[0]
+	}
+	if err := json.UnmarshalRead(r.Body, v); err != nil {
+		c.t.Errorf("%s: %v", r.URL.Path, err)
+	}
+}
+
+func (c *control) write(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	if err := json.MarshalWrite(w, v); err != nil {
+		c.t.Error(err)
+	}
+}
+
+func (c *control) endpoint() netip.AddrPort {
+	c.t.Helper()
+	ep, err := Endpoint(context.Background(), c.url)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return ep
+}
+
+// enrolIn enrols into dir as a scanner with the pinned fingerprint fp.
+func (c *control) enrolIn(dir, fp string) (*Record, error) {
+	return Enroll(context.Background(), dir, c.url, "token", fp, "scanner", "", c.endpoint())
+}
+
+func TestEnrolThenSyncAndReportOverMutualTLS(t *testing.T) {
+	c := newControl(t)
+	dir := t.TempDir()
+	rec, err := c.enrolIn(dir, c.fp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.DeviceID != "dev-1" || rec.Class != "scanner" || rec.Fingerprint != c.fp || rec.Endpoint != c.endpoint() {
+		t.Fatalf("record %+v", rec)
+	}
+	for _, f := range []string{IdentityFile, CertFile, RecordFile} {
+		if fi, err := os.Stat(filepath.Join(dir, f)); err != nil || fi.Mode().Perm() != 0o600 {
+			t.Fatalf("%s: %v, %v; want it written 0600", f, fi, err)
+		}
+	}
+	loaded, err := Load(dir)
+	if err != nil || loaded.DeviceID != rec.DeviceID || loaded.Endpoint != rec.Endpoint || string(loaded.CA) != string(rec.CA) {
+		t.Fatalf("Load = %+v, %v; want what Enroll returned", loaded, err)
+	}
+	client, err := New(dir, loaded)
+	if err != nil {
+		t.Fatal(err)
+	}
+	connected := false
+	resp, err := client.Sync(context.Background(), controlapi.SyncRequest{State: controlapi.DeviceState{Why: "echo"}}, func() { connected = true })
+	if err != nil || !connected || len(resp.Commands) != 1 || string(resp.Commands[0]) != "echo" {
+		t.Fatalf("Sync = %+v, %v (connected %v)", resp, err, connected)
+	}
+	if c.peer == nil || len(c.peer.URIs) != 1 || c.peer.URIs[0].String() != controlapi.DeviceURIPrefix+"dev-1" {
+		t.Fatalf("the sync came with certificate %v, want the enrolled device's", c.peer)
+	}
+	rr, err := client.Report(context.Background(), controlapi.ReportRequest{Events: []controlapi.Event{{Seq: 7, Kind: "inventory"}}})
+	if err != nil || rr.Acked != 7 {
+		t.Fatalf("Report = %+v, %v", rr, err)
+	}
+	if _, err := client.Report(context.Background(), controlapi.ReportRequest{}); err == nil || !strings.Contains(err.Error(), "no events") {
+		t.Fatalf("a refused report: %v, want the server's reason", err)
+	}
+}
+
+func TestEnrolmentRefusesWhatItCannotTrust(t *testing.T) {
+	other, _, err := pki.LoadOrCreate(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name   string
+		fp     func(*control) string
+		answer func(*controlapi.EnrollResponse)
+		want   string
+	}{
+		{name: "another CA pinned", fp: func(*control) string { return controlapi.Fingerprint(other.Cert) }, want: "not the pinned"},
+		{name: "a certificate for another key", answer: func(r *controlapi.EnrollResponse) {
+			pub, _, _ := ed25519.GenerateKey(rand.Reader)
+			r.Certificate, _ = other.ClientCert(pub, controlapi.DeviceURIPrefix+"dev-1", "dev-1")
+		}, want: "not for this device's identity key"},
+		{name: "a CA other than the pinned one", answer: func(r *controlapi.EnrollResponse) { r.CA = other.Cert.Raw }, want: "differs from the one the connection was pinned to"},
+		{name: "no command key", answer: func(r *controlapi.EnrollResponse) { r.CommandKey = nil }, want: "no command key"},
+		{name: "another class", answer: func(r *controlapi.EnrollResponse) { r.Class = "gateway" }, want: `enrolled as class "gateway"`},
+		{name: "a short ops key", answer: func(r *controlapi.EnrollResponse) { r.OpsKeys = [][]byte{{1, 2, 3}} }, want: "not an Ed25519 public key"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newControl(t)
+			c.answer = tc.answer
+			fp := c.fp
+			if tc.fp != nil {
+				fp = tc.fp(c)
+			}
+			dir := t.TempDir()
+			_, err := c.enrolIn(dir, fp)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("Enroll: %v, want %q", err, tc.want)
+			}
+			if entries, _ := os.ReadDir(dir); len(entries) != 0 {
+				t.Fatalf("a refused enrolment left %v behind", entries)
+			}
+			if _, err := Load(dir); err != ErrNotEnrolled {
+				t.Fatalf("Load after a refused enrolment: %v, want ErrNotEnrolled", err)
+			}
+		})
+	}
+}
+
+func TestProbeSaysWhichCheckFailed(t *testing.T) {
+	c := newControl(t)
+	if _, err := Probe(context.Background(), c.url, c.fp); err != nil {
+		t.Fatalf("Probe of the pinned server: %v", err)
+	}
+	other, _, _ := pki.LoadOrCreate(t.TempDir())
+	if _, err := Probe(context.Background(), c.url, controlapi.Fingerprint(other.Cert)); err == nil || !strings.Contains(err.Error(), "not the pinned") {
+		t.Fatalf("Probe with another CA pinned: %v", err)
+	}
+	c.srv.Close()
+	if _, err := Probe(context.Background(), c.url, c.fp); err == nil || !strings.Contains(err.Error(), "cannot reach the control server") {
+		t.Fatalf("Probe of a stopped server: %v", err)
+	}
+	if _, err := Probe(context.Background(), c.url, "md5:00"); err == nil || !strings.Contains(err.Error(), "must start with SHA256:") {
+		t.Fatalf("Probe with a malformed fingerprint: %v", err)
+	}
+}
+
+func TestEndpoint(t *testing.T) {
+	for raw, want := range map[string]string{
+		"https://10.99.0.1:8443": "10.99.0.1:8443",
+		"https://10.99.0.1":      "10.99.0.1:443",
+		"https://[fd00::1]:8443": "[fd00::1]:8443",
+		"https://localhost:9":    "", // resolved; either loopback
+		"http://10.99.0.1:8443":  "error",
+		"10.99.0.1:8443":         "error",
+		"https://10.99.0.1:x":    "error",
+	} {
+		ep, err := Endpoint(context.Background(), raw)
+		switch {
+		case want == "error":
+			if err == nil {
+				t.Errorf("Endpoint(%q) = %v, want an error", raw, ep)
+			}
+		case err != nil:
+			t.Errorf("Endpoint(%q): %v", raw, err)
+		case want == "":
+			if !ep.Addr().IsLoopback() || ep.Port() != 9 {
+				t.Errorf("Endpoint(%q) = %v, want loopback port 9", raw, ep)
+			}
+		case ep.String() != want:
+			t.Errorf("Endpoint(%q) = %v, want %s", raw, ep, want)
+		}
+	}
+}
+
+func TestNewRefusesAStoredCAThatIsNotThePinnedOne(t *testing.T) {
+	c := newControl(t)
+	dir := t.TempDir()
+	rec, err := c.enrolIn(dir, c.fp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, _, _ := pki.LoadOrCreate(t.TempDir())
+	rec.CA = other.Cert.Raw
+	if _, err := New(dir, rec); err == nil || !strings.Contains(err.Error(), "does not match the pinned fingerprint") {
+		t.Fatalf("New with a swapped CA: %v", err)
+	}
+}
