@@ -20,19 +20,19 @@ var layers = [][]string{
 	{"localpolicy/bundle"},
 	{"localpolicy", "localpolicy/command", "localpolicy/store", "localpolicy/nft", "posture", "posture/", "tunnel"},
 	{"agent/controlapi", "agent/adminapi"},
-	{"agent/controlclient", "agent/spool", "agent/flowlog", "control/pki", "control/suggest", "control/opsclient"},
+	{"agent/config", "agent/controlclient", "agent/spool", "agent/flowlog", "control/pki", "control/suggest", "control/opsclient"},
 	{"agent", "control/server"},
 	{"installer", "control/opscli"},
-	{"cmd/bulkhead/cli", "lab", "lab/crowd"},
+	{"cmd/bulkhead/cli", "lab", "lab/agentproc", "lab/crowd"},
 	{"lab/site", "bench"},
 	{"", "cmd/", "bench/cmd/", "cross/cmd/", "examples"},
 }
 
 const module = "github.com/bulkhead-edge/bulkhead"
 
-// testSupport may be imported by any package's tests: the lab harness
-// and the example documents tests read.
-var testSupport = []string{"lab", "examples"}
+// testSupport may be imported by any package's tests: the lab harness,
+// the agent process harness and the example documents tests read.
+var testSupport = []string{"lab", "lab/agentproc", "examples"}
 
 // layerOf is the layer of a package (relative to the module), or -1.
 func layerOf(pkg string) int {

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
+	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
@@ -45,7 +46,7 @@ const (
 // Agent is the daemon. Everything below the configuration is owned by the
 // goroutine running Run; other goroutines reach it through requests.
 type Agent struct {
-	cfg      *Config
+	cfg      *config.Config
 	log      *slog.Logger
 	enforcer Enforcer
 	// openTunnel makes the WireGuard device (tunnel.Open; tests open it
@@ -135,7 +136,7 @@ func WithWallClock(wall func() time.Time) Option { return func(a *Agent) { a.wal
 func WithLogger(l *slog.Logger) Option { return func(a *Agent) { a.log = l } }
 
 // New makes an agent; it touches nothing until Boot.
-func New(cfg *Config, opts ...Option) *Agent {
+func New(cfg *config.Config, opts ...Option) *Agent {
 	a := &Agent{
 		cfg: cfg, enforcer: nft.NewEnforcer(), openTunnel: openTunnel, posture: hostPosture{}, wall: time.Now,
 		log:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
@@ -197,7 +198,7 @@ func (a *Agent) lockdownFirst() error {
 	if rec, err := controlclient.Load(a.cfg.StateDir); err == nil && rec.Endpoint.IsValid() {
 		eps = append(eps[:len(eps):len(eps)], policy.Endpoint{Address: rec.Endpoint.Addr(), Port: rec.Endpoint.Port()})
 	}
-	d := localpolicy.Evaluate(localpolicy.Input{NoPolicy: "starting: the policy cache is not read yet", Device: a.cfg.device(),
+	d := localpolicy.Evaluate(localpolicy.Input{NoPolicy: "starting: the policy cache is not read yet", Device: a.cfg.Identity(),
 		Now: a.wall(), Floor: a.cfg.SafetyFloor, Control: eps})
 	if _, err := a.enforcer.Apply(nft.Build(d, a.nftOptions())); err != nil {
 		return fmt.Errorf("static lockdown table: %w", err)
@@ -219,7 +220,7 @@ func (a *Agent) nftOptions() nft.Options {
 
 // startTunnel brings the WireGuard device up; it reports whether it is up.
 func (a *Agent) startTunnel() bool {
-	cfg := a.cfg.tunnel()
+	cfg := a.cfg.WireGuard()
 	cfg.Logger = a.log
 	t, err := a.openTunnel(cfg)
 	if err != nil {
@@ -268,7 +269,7 @@ func (a *Agent) openStore() error {
 	if _, ok, err := st.Roots(); err != nil {
 		return err
 	} else if !ok {
-		pinned, err := a.cfg.pinnedRoots()
+		pinned, err := a.cfg.PinnedRoots()
 		if err != nil {
 			return fmt.Errorf("pin trust roots: %w", err)
 		}

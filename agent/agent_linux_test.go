@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
+	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/examples"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
@@ -96,7 +97,7 @@ func (e *env) bundle(version uint64, issued time.Time) []byte {
 
 func (e *env) start() {
 	e.t.Helper()
-	cfg, err := LoadConfig(e.cfg)
+	cfg, err := config.Load(e.cfg)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -297,30 +298,6 @@ func TestSpecialFilesInTheDropDirectory(t *testing.T) {
 	}
 	if refused != 2 {
 		t.Errorf("%d refusals of the FIFO and the link audited, want 2", refused)
-	}
-}
-
-func TestConfigErrorsNameLineAndField(t *testing.T) {
-	dir := t.TempDir()
-	path := filepath.Join(dir, "c.json")
-	writeFile(t, path, "{\n  \"device\": {\"class\": \"scanner\"},\n  \"trust\": {\"keys\": [\"x\"]},\n  \"safty_floor\": []\n}")
-	_, err := LoadConfig(path)
-	if err == nil || !strings.Contains(err.Error(), "line 4") || !strings.Contains(err.Error(), "safty_floor") {
-		t.Errorf("LoadConfig = %v, want line 4 and the unknown field", err)
-	}
-	writeFile(t, path, `{"device": {"class": "scanner"}, "trust": {"keys": ["x"]}, "safety_floor": [{"name": "plc", "cidr": "10.0.0.1/24", "protocol": "tcp", "ports": ["502"]}]}`)
-	if _, err := LoadConfig(path); err == nil || !strings.Contains(err.Error(), "safety_floor[0]") || !strings.Contains(err.Error(), "host bits") {
-		t.Errorf("LoadConfig = %v, want safety_floor[0] host bits", err)
-	}
-	for _, tc := range []struct{ location, want string }{
-		{`{"gpsd": "127.0.0.1:2947", "static": {"lat": 1, "lon": 2}}`, "location: give gpsd or static, not both"},
-		{`{"gpsd": "localhost"}`, `location.gpsd: "localhost" is not host:port`},
-		{`{"static": {"lat": 95, "lon": 2}}`, "location.static: (95, 2) is not a latitude"},
-	} {
-		writeFile(t, path, `{"device": {"class": "scanner"}, "trust": {"keys": ["x"]}, "location": `+tc.location+`}`)
-		if _, err := LoadConfig(path); err == nil || !strings.Contains(err.Error(), tc.want) {
-			t.Errorf("location %s: LoadConfig = %v, want %q", tc.location, err, tc.want)
-		}
 	}
 }
 

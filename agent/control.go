@@ -75,7 +75,7 @@ type syncResult struct {
 // device is the identity bundles and commands are targeted at: the id
 // control assigned at enrolment, else the configured one.
 func (a *Agent) device() bundle.Device {
-	d := a.cfg.device()
+	d := a.cfg.Identity()
 	if a.ch.rec != nil {
 		d.ID = a.ch.rec.DeviceID
 	}

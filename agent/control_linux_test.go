@@ -3,7 +3,6 @@ package agent
 import (
 	"crypto/ed25519"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"net/netip"
 	"os"
@@ -12,11 +11,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
+	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
 	"github.com/bulkhead-edge/bulkhead/control/server"
 	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/lab/agentproc"
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
@@ -33,20 +34,10 @@ type controlSite struct {
 	opsKey   ed25519.PrivateKey
 	opsPub   string
 	gw1, gw2 *lab.Gateway
-	a, b     *binAgent
+	a, b     *agentproc.Agent
 	safety   netip.AddrPort
 	// aLink is agent a's end of its link to control.
 	aLink string
-}
-
-// binAgent is `bulkhead run` in a namespace.
-type binAgent struct {
-	ns     *lab.NS
-	dir    string
-	cfg    string
-	socket string
-	iface  string
-	proc   *lab.Process
 }
 
 // newControlSite builds the site; serve are further flags for the control
@@ -60,15 +51,15 @@ func newControlSite(t *testing.T, serve ...string) *controlSite {
 	ctlNS, nsA := lab.NewNS(t, "ctl"), lab.NewNS(t, "agent")
 	truck := lab.StartTelematics(t, nsA, netip.MustParsePrefix("192.168.50.0/29"))
 	s.safety = truck.Controller
-	s.a, s.b = s.newAgent(t, nsA, "100.64.0.2/32", truck.FloorJSON()), s.newAgent(t, lab.NewNS(t, "agent"), "100.64.0.3/32", truck.FloorJSON())
-	s.aLink, _ = lab.Link(t, s.a.ns, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
-	lab.Link(t, s.b.ns, "10.99.0.6/30", ctlNS, "10.99.0.5/30")
-	s.b.ns.MustRun(t, "ip", "route", "add", "10.99.0.1/32", "via", "10.99.0.5")
+	s.a, s.b = s.newAgent(t, nsA, "100.64.0.2/32", truck.Floor()), s.newAgent(t, lab.NewNS(t, "agent"), "100.64.0.3/32", truck.Floor())
+	s.aLink, _ = lab.Link(t, s.a.NS, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
+	lab.Link(t, s.b.NS, "10.99.0.6/30", ctlNS, "10.99.0.5/30")
+	s.b.NS.MustRun(t, "ip", "route", "add", "10.99.0.1/32", "via", "10.99.0.5")
 	s.ctl = lab.StartControlWith(t, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), lab.ControlOptions{OpsPub: []string{s.opsPub}, Args: serve})
 
 	n1, n2 := lab.NewNS(t, "gw1"), lab.NewNS(t, "gw2")
-	lab.Link(t, s.a.ns, "192.0.2.2/30", n1, "192.0.2.1/30")
-	lab.Link(t, s.a.ns, "192.0.2.6/30", n2, "192.0.2.5/30")
+	lab.Link(t, s.a.NS, "192.0.2.2/30", n1, "192.0.2.1/30")
+	lab.Link(t, s.a.NS, "192.0.2.6/30", n2, "192.0.2.5/30")
 	s.gw1 = lab.StartGateway(t, n1, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
 	s.gw2 = lab.StartGateway(t, n2, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.5"), 51820, "100.64.0.1/24")
 	s.gw1.Serve(t, wmsHost.Addr(), wmsHost.Port())
@@ -77,61 +68,13 @@ func newControlSite(t *testing.T, serve ...string) *controlSite {
 }
 
 // newAgent configures an agent in ns with the safety floor entry floor.
-func (s *controlSite) newAgent(t *testing.T, ns *lab.NS, tunAddr, floor string) *binAgent {
-	dir := t.TempDir()
-	a := &binAgent{ns: ns, dir: dir, cfg: filepath.Join(dir, "config.json"), socket: filepath.Join(dir, "admin.sock"), iface: "bh-" + ns.Name[len(ns.Name)-6:]}
-	writeFile(t, a.cfg, fmt.Sprintf(`{
-  "device": {"class": "scanner"},
-  "trust": {"keys": [%q]},
-  "safety_floor": [%s],
-  "state_dir": %q,
-  "admin_socket": %q,
-  "tunnel": {"interface": %q, "addresses": [%q]}
-}`, s.opsPub, floor, filepath.Join(dir, "state"), a.socket, a.iface, tunAddr))
-	t.Cleanup(func() {
-		a.kill()
-		if t.Failed() {
-			log, _ := os.ReadFile(filepath.Join(dir, "agent.log"))
-			t.Logf("agent in %s:\n%s", ns.Name, log)
-		}
-		ns.Run("nft", "delete", "table", "inet", "bulkhead")
-		os.Remove("/var/run/wireguard/" + a.iface + ".sock")
+func (s *controlSite) newAgent(t *testing.T, ns *lab.NS, tunAddr string, floor localpolicy.FloorRule) *agentproc.Agent {
+	return agentproc.New(t, ns, config.Config{
+		Device:      config.Device{Class: "scanner"},
+		Trust:       config.Trust{Keys: []string{s.opsPub}},
+		SafetyFloor: []localpolicy.FloorRule{floor},
+		Tunnel:      config.TunnelConfig{Addresses: []netip.Prefix{netip.MustParsePrefix(tunAddr)}},
 	})
-	return a
-}
-
-func (a *binAgent) start(t *testing.T) {
-	t.Helper()
-	p, err := lab.StartProcess(a.ns, filepath.Join(a.dir, "agent.log"), lab.Binary(t, "cmd/bulkhead"), "run", "--config", a.cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.proc = p
-	lab.WaitFor(t, "the agent's admin socket", shortWait, func() bool {
-		_, err := adminapi.Call(a.socket, adminapi.Request{Op: adminapi.OpStatus})
-		return err == nil
-	})
-}
-
-func (a *binAgent) kill() {
-	a.proc.Kill()
-	a.proc = nil
-}
-
-func (a *binAgent) status(t *testing.T) *adminapi.Status {
-	t.Helper()
-	resp, err := adminapi.Call(a.socket, adminapi.Request{Op: adminapi.OpStatus})
-	if err != nil || resp.Error != "" {
-		t.Fatalf("status: %v %s", err, resp.Error)
-	}
-	return resp.Status
-}
-
-// enroll runs `bulkhead enroll` and returns its output and error.
-func (a *binAgent) enroll(t *testing.T, url, token, fp string) (string, error) {
-	t.Helper()
-	out, err := a.ns.Command(lab.Binary(t, "cmd/bulkhead"), "enroll", "--socket", a.socket, "--control", url, "--token", token, "--trust-ca", fp).CombinedOutput()
-	return string(out), err
 }
 
 func (s *controlSite) token(t *testing.T, class, ttl string) string {
@@ -197,27 +140,6 @@ func (s *controlSite) signed(t *testing.T, c command.Command, key ed25519.Privat
 	return raw
 }
 
-// drop carries a signed file to the agent's drop directory, past control
-// (a USB stick, or an attacker on the device's network), and reports
-// whether the agent took it.
-func (a *binAgent) drop(t *testing.T, name string, raw []byte) bool {
-	t.Helper()
-	inbox := filepath.Join(a.dir, "state", "inbox")
-	if err := os.MkdirAll(inbox, 0o700); err != nil {
-		t.Fatal(err)
-	}
-	path := filepath.Join(inbox, name+".dsse")
-	writeFile(t, path, string(raw))
-	rejected := false
-	lab.WaitFor(t, "the agent to take up "+name+" from its drop directory", longWait, func() bool {
-		_, err := os.Stat(path + ".rejected")
-		rejected = err == nil
-		_, err = os.Stat(path)
-		return rejected || errors.Is(err, os.ErrNotExist)
-	})
-	return !rejected
-}
-
 func (s *controlSite) controlKey(t *testing.T) ed25519.PrivateKey {
 	k, err := pki.ReadKey(filepath.Join(s.ctl.Data, server.CommandKeyFile))
 	if err != nil {
@@ -230,21 +152,21 @@ func (s *controlSite) controlKey(t *testing.T) ed25519.PrivateKey {
 // pushes policy v1 and waits for it; it returns the device id.
 func (s *controlSite) enrolledOnV1(t *testing.T) string {
 	t.Helper()
-	s.a.start(t)
-	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+	s.a.Start(t)
+	if out, err := s.a.Enroll(s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
 		t.Fatalf("enroll: %v %s", err, out)
 	}
-	s.gw1.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	s.gw1.AllowPeer(t, s.a.Status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1))
-	lab.WaitFor(t, "policy v1", longWait, func() bool { return s.a.status(t).PolicyVersion == 1 })
-	return s.a.status(t).DeviceID
+	lab.WaitFor(t, "policy v1", longWait, func() bool { return s.a.Status(t).PolicyVersion == 1 })
+	return s.a.Status(t).DeviceID
 }
 
 // linkA cuts or restores agent a's link to control: a truck out of
 // coverage.
 func (s *controlSite) linkA(t *testing.T, up bool) {
 	t.Helper()
-	s.a.ns.MustRun(t, "ip", "link", "set", s.aLink, map[bool]string{true: "up", false: "down"}[up])
+	s.a.NS.MustRun(t, "ip", "link", "set", s.aLink, map[bool]string{true: "up", false: "down"}[up])
 }
 
 func releaseCmd(id, dev string) command.Command {
@@ -259,47 +181,47 @@ const afterOutage = 100 * time.Second
 
 func TestEnrolmentRefusals(t *testing.T) {
 	s := newControlSite(t)
-	s.a.start(t)
-	s.b.start(t)
+	s.a.Start(t)
+	s.b.Start(t)
 	good := s.token(t, "scanner", "1h")
 
 	wrongFP := "SHA256:" + strings.Repeat("ab", 32)
-	if out, err := s.a.enroll(t, s.ctl.URL, good, wrongFP); err == nil || !strings.Contains(out, "not the pinned") {
+	if out, err := s.a.Enroll(s.ctl.URL, good, wrongFP); err == nil || !strings.Contains(out, "not the pinned") {
 		t.Errorf("wrong CA fingerprint: err %v, output %q", err, out)
 	}
-	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "truck", "1h"), s.ctl.Fingerprint); err == nil || !strings.Contains(out, "another class") {
+	if out, err := s.a.Enroll(s.ctl.URL, s.token(t, "truck", "1h"), s.ctl.Fingerprint); err == nil || !strings.Contains(out, "another class") {
 		t.Errorf("wrong-class token: err %v, output %q", err, out)
 	}
 	short := s.token(t, "scanner", "1s")
 	time.Sleep(1100 * time.Millisecond)
-	if out, err := s.a.enroll(t, s.ctl.URL, short, s.ctl.Fingerprint); err == nil || !strings.Contains(out, "expired") {
+	if out, err := s.a.Enroll(s.ctl.URL, short, s.ctl.Fingerprint); err == nil || !strings.Contains(out, "expired") {
 		t.Errorf("expired token: err %v, output %q", err, out)
 	}
-	if out, err := s.a.enroll(t, s.ctl.URL, "bht_"+strings.Repeat("0", 40), s.ctl.Fingerprint); err == nil || !strings.Contains(out, "unknown") {
+	if out, err := s.a.Enroll(s.ctl.URL, "bht_"+strings.Repeat("0", 40), s.ctl.Fingerprint); err == nil || !strings.Contains(out, "unknown") {
 		t.Errorf("made-up token: err %v, output %q", err, out)
 	}
 	// None of that left anything behind.
-	if st := s.a.status(t); st.Control != nil {
+	if st := s.a.Status(t); st.Control != nil {
 		t.Fatalf("after refusals the agent reports control %+v", st.Control)
 	}
-	if _, err := os.Stat(filepath.Join(s.a.dir, "state", "enrolment.json")); err == nil {
+	if _, err := os.Stat(filepath.Join(s.a.Dir, "state", "enrolment.json")); err == nil {
 		t.Fatal("a refused enrolment left a record")
 	}
 
-	out, err := s.a.enroll(t, s.ctl.URL, good, strings.ToUpper(s.ctl.Fingerprint[7:9])+s.ctl.Fingerprint[9:])
+	out, err := s.a.Enroll(s.ctl.URL, good, strings.ToUpper(s.ctl.Fingerprint[7:9])+s.ctl.Fingerprint[9:])
 	if err == nil {
 		t.Fatalf("a fingerprint without SHA256: was accepted: %s", out)
 	}
-	if out, err := s.a.enroll(t, s.ctl.URL, good, s.ctl.Fingerprint); err != nil || !strings.Contains(out, "enrolled as dev-") {
+	if out, err := s.a.Enroll(s.ctl.URL, good, s.ctl.Fingerprint); err != nil || !strings.Contains(out, "enrolled as dev-") {
 		t.Fatalf("enrolment: %v %s", err, out)
 	}
-	if out, err := s.b.enroll(t, s.ctl.URL, good, s.ctl.Fingerprint); err == nil || !strings.Contains(out, "already used") {
+	if out, err := s.b.Enroll(s.ctl.URL, good, s.ctl.Fingerprint); err == nil || !strings.Contains(out, "already used") {
 		t.Errorf("reused token: err %v, output %q", err, out)
 	}
-	st := s.a.status(t)
-	lab.WaitFor(t, "the first sync", longWait, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
+	st := s.a.Status(t)
+	lab.WaitFor(t, "the first sync", longWait, func() bool { c := s.a.Status(t).Control; return c != nil && c.Connected })
 	for _, f := range []string{"identity.key", "device.crt", "enrolment.json"} {
-		info, err := os.Stat(filepath.Join(s.a.dir, "state", f))
+		info, err := os.Stat(filepath.Join(s.a.Dir, "state", f))
 		if err != nil || info.Mode().Perm() != 0o600 {
 			t.Errorf("%s: %v mode %v, want 0600", f, err, info.Mode().Perm())
 		}
@@ -323,7 +245,7 @@ func TestEnrolmentRefusals(t *testing.T) {
 		!strings.Contains(lines[2], "2 tokens for class scanner") {
 		t.Fatalf("token create --count 2 printed %q", lines)
 	}
-	if out, err := s.b.enroll(t, s.ctl.URL, lines[1], s.ctl.Fingerprint); err != nil {
+	if out, err := s.b.Enroll(s.ctl.URL, lines[1], s.ctl.Fingerprint); err != nil {
 		t.Errorf("enrolment with a batch token: %v %s", err, out)
 	}
 	if out, err := s.ctl.CLI("token", "create", "--allow-unknown-class", "--class", "scanner", "--count", "0"); err == nil || !strings.Contains(out, "--count 0 is outside 1-10000") {
@@ -342,44 +264,44 @@ func TestEnrolmentRefusals(t *testing.T) {
 // revocation reaches every agent and survives agent and control restarts.
 func TestQuarantineAndPartnerRevocation(t *testing.T) {
 	s := newControlSite(t)
-	s.a.start(t)
-	s.b.start(t)
-	for _, a := range []*binAgent{s.a, s.b} {
-		if out, err := a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+	s.a.Start(t)
+	s.b.Start(t)
+	for _, a := range []*agentproc.Agent{s.a, s.b} {
+		if out, err := a.Enroll(s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
 			t.Fatalf("enroll: %v %s", err, out)
 		}
 	}
-	devA, devB := s.a.status(t).DeviceID, s.b.status(t).DeviceID
-	s.gw1.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
-	s.gw2.AllowPeer(t, s.a.status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	devA, devB := s.a.Status(t).DeviceID, s.b.Status(t).DeviceID
+	s.gw1.AllowPeer(t, s.a.Status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
+	s.gw2.AllowPeer(t, s.a.Status(t).Tunnel.PublicKey, netip.AddrPort{}, "100.64.0.2/32")
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1))
-	for _, a := range []*binAgent{s.a, s.b} {
-		lab.WaitFor(t, "policy v1 from control", longWait, func() bool { return a.status(t).PolicyVersion == 1 })
+	for _, a := range []*agentproc.Agent{s.a, s.b} {
+		lab.WaitFor(t, "policy v1 from control", longWait, func() bool { return a.Status(t).PolicyVersion == 1 })
 	}
-	if !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, 10*time.Second) || !lab.ReachesWithin(t, s.a.ns, "tcp", financeHost, 10*time.Second) {
+	if !lab.ReachesWithin(t, s.a.NS, "tcp", wmsHost, 10*time.Second) || !lab.ReachesWithin(t, s.a.NS, "tcp", financeHost, 10*time.Second) {
 		t.Fatal("policy v1 does not open wms and finance through the tunnels")
 	}
-	if !lab.Reaches(t, s.a.ns, "tcp", s.safety) {
+	if !lab.Reaches(t, s.a.NS, "tcp", s.safety) {
 		t.Fatal("the safety controller is not reachable through the floor")
 	}
 
 	// Quarantine, signed by the control server's key.
-	conn := lab.Conn(t, s.a.ns, wmsHost)
+	conn := lab.Conn(t, s.a.NS, wmsHost)
 	if !lab.RoundTrip(conn, time.Second) {
 		t.Fatal("no round trip on the established wms connection before quarantine")
 	}
 	s.ctl.MustCLI(t, "quarantine", devA, "--reason", "INC-7 scanner compromised")
-	lab.WaitFor(t, "quarantine", longWait, func() bool { return s.a.status(t).Mode == "quarantine" })
+	lab.WaitFor(t, "quarantine", longWait, func() bool { return s.a.Status(t).Mode == "quarantine" })
 	if lab.RoundTrip(conn, time.Second) {
 		t.Error("the established wms connection still carries data in quarantine")
 	}
-	if lab.Reaches(t, s.a.ns, "tcp", wmsHost) {
+	if lab.Reaches(t, s.a.NS, "tcp", wmsHost) {
 		t.Error("wms reachable in quarantine")
 	}
-	if !lab.Reaches(t, s.a.ns, "tcp", s.safety) {
+	if !lab.Reaches(t, s.a.NS, "tcp", s.safety) {
 		t.Error("the safety controller is unreachable in quarantine")
 	}
-	st := s.a.status(t)
+	st := s.a.Status(t)
 	if !strings.Contains(strings.Join(st.Why, " "), "INC-7") || len(st.Tunnel.Peers) != 0 {
 		t.Errorf("quarantined status: why %q, %d peers", st.Why, len(st.Tunnel.Peers))
 	}
@@ -387,7 +309,7 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 		out := s.ctl.MustCLI(t, "devices")
 		return strings.Contains(out, "quarantine") && strings.Contains(out, "INC-7")
 	})
-	if c := s.a.status(t).Control; c == nil || !c.Connected {
+	if c := s.a.Status(t).Control; c == nil || !c.Connected {
 		t.Errorf("control channel in quarantine: %+v", c)
 	}
 
@@ -402,75 +324,75 @@ func TestQuarantineAndPartnerRevocation(t *testing.T) {
 		t.Errorf("control took a release signed by its own key: %v", err)
 	}
 	// ...and at the device, if someone holding that key gets one through.
-	if s.a.drop(t, "forged-release", forged) {
+	if s.a.Drop(t, "forged-release", forged, longWait) {
 		t.Error("the agent took a release signed by the control key")
 	}
 	lab.WaitFor(t, "the forged release to be refused", longWait, func() bool { return auditHas(t, s, devA, "command-rejected", "ops keys") })
-	if s.a.status(t).Mode != "quarantine" {
+	if s.a.Status(t).Mode != "quarantine" {
 		t.Fatal("a control-signed release lifted the quarantine")
 	}
 	// An ops-signed release restores access.
 	r1 := s.signed(t, releaseCmd("ops-release-1", devA), s.opsKey)
-	lab.WaitFor(t, "release", longWait, func() bool { return s.a.status(t).Mode == "normal" })
-	if !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, 10*time.Second) {
+	lab.WaitFor(t, "release", longWait, func() bool { return s.a.Status(t).Mode == "normal" })
+	if !lab.ReachesWithin(t, s.a.NS, "tcp", wmsHost, 10*time.Second) {
 		t.Error("wms not reachable after release")
 	}
 	// Quarantined again, the old release replayed is refused: by control
 	// (given once), and by the device (the quarantine came after it).
 	s.ctl.MustCLI(t, "quarantine", devA, "--reason", "INC-8")
-	lab.WaitFor(t, "second quarantine", longWait, func() bool { return s.a.status(t).Mode == "quarantine" })
+	lab.WaitFor(t, "second quarantine", longWait, func() bool { return s.a.Status(t).Mode == "quarantine" })
 	if err := s.ctl.Deliver(t, r1); err == nil || !strings.Contains(err.Error(), "already given") {
 		t.Errorf("control took a replayed release: %v", err)
 	}
-	if s.a.drop(t, "replayed-release", r1) {
+	if s.a.Drop(t, "replayed-release", r1, longWait) {
 		t.Error("the agent took a replayed release")
 	}
 	lab.WaitFor(t, "the replayed release to be refused", longWait, func() bool { return auditHas(t, s, devA, "command-rejected", "imposed after") })
-	if s.a.status(t).Mode != "quarantine" {
+	if s.a.Status(t).Mode != "quarantine" {
 		t.Fatal("a replayed release lifted the quarantine")
 	}
 	s.signed(t, releaseCmd("ops-release-2", devA), s.opsKey)
-	lab.WaitFor(t, "second release", longWait, func() bool { return s.a.status(t).Mode == "normal" })
+	lab.WaitFor(t, "second release", longWait, func() bool { return s.a.Status(t).Mode == "normal" })
 
 	// Partner revocation, fleet-wide.
-	if !lab.ReachesWithin(t, s.a.ns, "tcp", financeHost, 10*time.Second) {
+	if !lab.ReachesWithin(t, s.a.NS, "tcp", financeHost, 10*time.Second) {
 		t.Fatal("finance not reachable before revocation")
 	}
-	fin := lab.Conn(t, s.a.ns, financeHost)
+	fin := lab.Conn(t, s.a.NS, financeHost)
 	out := s.ctl.MustCLI(t, "revoke-partner", "acme-freight", "--reason", "partner breach")
 	if !strings.Contains(out, devA) || !strings.Contains(out, devB) {
 		t.Errorf("revoke-partner reached %q, want both devices", out)
 	}
-	for _, a := range []*binAgent{s.a, s.b} {
-		lab.WaitFor(t, "revocation on every agent", longWait, func() bool { return a.status(t).Mode == "normal" && revoked(t, a) })
+	for _, a := range []*agentproc.Agent{s.a, s.b} {
+		lab.WaitFor(t, "revocation on every agent", longWait, func() bool { return a.Status(t).Mode == "normal" && revoked(t, a) })
 	}
-	if lab.RoundTrip(fin, time.Second) || lab.Reaches(t, s.a.ns, "tcp", financeHost) {
+	if lab.RoundTrip(fin, time.Second) || lab.Reaches(t, s.a.NS, "tcp", financeHost) {
 		t.Error("finance still reachable after the partner was revoked")
 	}
-	if !lab.Reaches(t, s.a.ns, "tcp", wmsHost) {
+	if !lab.Reaches(t, s.a.NS, "tcp", wmsHost) {
 		t.Error("wms lost with the partner's revocation")
 	}
 	// It holds across an agent restart and a control restart.
-	s.a.kill()
+	s.a.Kill()
 	s.ctl.Stop()
-	s.a.start(t)
-	if !revoked(t, s.a) || lab.Reaches(t, s.a.ns, "tcp", financeHost) {
+	s.a.Start(t)
+	if !revoked(t, s.a) || lab.Reaches(t, s.a.NS, "tcp", financeHost) {
 		t.Error("revocation lost across an agent restart with control down")
 	}
 	s.ctl.Start(t)
-	lab.WaitFor(t, "reconnect", afterOutage, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
-	if !revoked(t, s.a) || lab.Reaches(t, s.a.ns, "tcp", financeHost) {
+	lab.WaitFor(t, "reconnect", afterOutage, func() bool { c := s.a.Status(t).Control; return c != nil && c.Connected })
+	if !revoked(t, s.a) || lab.Reaches(t, s.a.NS, "tcp", financeHost) {
 		t.Error("revocation lost across a control restart")
 	}
 	s.ctl.MustCLI(t, "reinstate-partner", "acme-freight", "--reason", "cleared", "--key", filepath.Join(filepath.Dir(s.opsPub), opskey.PrivateFile))
 	lab.WaitFor(t, "reinstatement", longWait, func() bool { return !revoked(t, s.a) })
-	if !lab.ReachesWithin(t, s.a.ns, "tcp", financeHost, 10*time.Second) {
+	if !lab.ReachesWithin(t, s.a.NS, "tcp", financeHost, 10*time.Second) {
 		t.Error("finance not reachable after reinstatement")
 	}
 }
 
-func revoked(t *testing.T, a *binAgent) bool {
-	st := a.status(t)
+func revoked(t *testing.T, a *agentproc.Agent) bool {
+	st := a.Status(t)
 	for _, d := range st.Decisions {
 		if d.Segment == "finance" && strings.Contains(d.Reason, "revoked") {
 			return true
@@ -523,8 +445,8 @@ func TestForgedBundleIsRefusedOnce(t *testing.T) {
 	writeFile(t, forged, string(signFor(t, 2, s.policyWith(t, nil), attacker)))
 	s.ctl.MustCLI(t, "policy", "push", forged)
 	lab.WaitFor(t, "the forged bundle's refusal at control", longWait, func() bool { return auditHas(t, s, dev, "bundle-rejected", "not a trusted ops key") })
-	s.a.kill() // a restart forgets nothing it refused
-	s.a.start(t)
+	s.a.Kill() // a restart forgets nothing it refused
+	s.a.Start(t)
 	time.Sleep(3 * time.Second) // a loop would audit thousands meanwhile
 	var d controlapi.Device
 	if err := json.Unmarshal([]byte(s.ctl.MustCLI(t, "device", "show", dev)), &d); err != nil {
@@ -536,12 +458,12 @@ func TestForgedBundleIsRefusedOnce(t *testing.T) {
 			refusals++
 		}
 	}
-	if refusals != 1 || s.a.status(t).PolicyVersion != 1 {
-		t.Errorf("forged bundle: %d refusals audited (want 1), device on v%d (want 1)", refusals, s.a.status(t).PolicyVersion)
+	if refusals != 1 || s.a.Status(t).PolicyVersion != 1 {
+		t.Errorf("forged bundle: %d refusals audited (want 1), device on v%d (want 1)", refusals, s.a.Status(t).PolicyVersion)
 	}
 	s.ctl.RestartWith(t, honest)
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 3))
-	lab.WaitFor(t, "a valid v3 after the forged v2", longWait, func() bool { return s.a.status(t).PolicyVersion == 3 })
+	lab.WaitFor(t, "a valid v3 after the forged v2", longWait, func() bool { return s.a.Status(t).PolicyVersion == 3 })
 }
 
 // The ops keys are rotated through control: the rotation (signed by the
@@ -566,13 +488,13 @@ func TestTrustRootRotationThroughControl(t *testing.T) {
 	if out := s.ctl.MustCLI(t, "policy", "push", rotation); !strings.Contains(out, "pushed trust-root rotation version 2") {
 		t.Fatalf("push of a rotation printed %q", out)
 	}
-	lab.WaitFor(t, "the rotation on the device", longWait, func() bool { return s.a.status(t).RootsVersion == 2 })
+	lab.WaitFor(t, "the rotation on the device", longWait, func() bool { return s.a.Status(t).RootsVersion == 2 })
 	lab.WaitFor(t, "the rotation audited at control", longWait, func() bool { return auditHas(t, s, dev, "roots-rotated", "1 keys") })
 	// Restarted before any bundle from the new keys, the device still
 	// runs the policy it accepted under the old ones.
-	s.a.kill()
-	s.a.start(t)
-	if st := s.a.status(t); st.RootsVersion != 2 || st.PolicyVersion != 1 || st.Mode != "normal" {
+	s.a.Kill()
+	s.a.Start(t)
+	if st := s.a.Status(t); st.RootsVersion != 2 || st.PolicyVersion != 1 || st.Mode != "normal" {
 		t.Fatalf("restarted after the rotation: roots v%d, policy v%d, mode %s (%v); want roots v2, policy v1, normal", st.RootsVersion, st.PolicyVersion, st.Mode, st.Why)
 	}
 
@@ -583,20 +505,20 @@ func TestTrustRootRotationThroughControl(t *testing.T) {
 	if out, err := s.ctl.CLI("policy", "push", old); err == nil || !strings.Contains(out, "not a trusted ops key") {
 		t.Fatalf("control took a bundle of the rotated-out key: %v %s", err, out)
 	}
-	if out, err := s.a.ns.Command(lab.Binary(t, "cmd/bulkhead"), "policy", "apply", "--socket", s.a.socket, old).CombinedOutput(); err == nil || !strings.Contains(string(out), "not a trusted ops key") {
+	if out, err := s.a.NS.Command(lab.Binary(t, "cmd/bulkhead"), "policy", "apply", "--socket", s.a.Socket, old).CombinedOutput(); err == nil || !strings.Contains(string(out), "not a trusted ops key") {
 		t.Fatalf("the device took a bundle of the rotated-out key: %v %s", err, out)
 	}
 	fresh := filepath.Join(dir, "new-key-v3.dsse")
 	writeFile(t, fresh, string(signFor(t, 3, s.policyWith(t, nil), newKey)))
 	s.ctl.MustCLI(t, "policy", "push", fresh)
-	lab.WaitFor(t, "the new key's bundle", longWait, func() bool { return s.a.status(t).PolicyVersion == 3 })
+	lab.WaitFor(t, "the new key's bundle", longWait, func() bool { return s.a.Status(t).PolicyVersion == 3 })
 
-	s.a.kill()
-	s.a.start(t)
-	if st := s.a.status(t); st.RootsVersion != 2 || st.PolicyVersion != 3 || st.Mode != "normal" {
+	s.a.Kill()
+	s.a.Start(t)
+	if st := s.a.Status(t); st.RootsVersion != 2 || st.PolicyVersion != 3 || st.Mode != "normal" {
 		t.Errorf("after a restart: roots v%d, policy v%d, mode %s; want roots v2, policy v3, normal", st.RootsVersion, st.PolicyVersion, st.Mode)
 	}
-	out, err := s.a.ns.Command(lab.Binary(t, "cmd/bulkhead"), "policy", "apply", "--socket", s.a.socket, rotation).CombinedOutput()
+	out, err := s.a.NS.Command(lab.Binary(t, "cmd/bulkhead"), "policy", "apply", "--socket", s.a.Socket, rotation).CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "root set version 2 is not above the current 2") {
 		t.Errorf("a replayed rotation: %v %s", err, out)
 	}
@@ -610,17 +532,17 @@ func TestOutageLosesNoReports(t *testing.T) {
 	dev := s.enrolledOnV1(t)
 
 	s.ctl.Stop()
-	s.a.kill()
-	s.a.start(t)
-	if st := s.a.status(t); st.PolicyVersion != 1 || st.Mode != "normal" || !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, 10*time.Second) {
+	s.a.Kill()
+	s.a.Start(t)
+	if st := s.a.Status(t); st.PolicyVersion != 1 || st.Mode != "normal" || !lab.ReachesWithin(t, s.a.NS, "tcp", wmsHost, 10*time.Second) {
 		t.Fatalf("after a restart with control down: v%d %s", st.PolicyVersion, st.Mode)
 	}
 	// Events during the outage: three drift repairs.
 	for i := range 3 {
-		s.a.ns.MustRun(t, "nft", "flush", "ruleset")
-		lab.WaitFor(t, "drift repair", longWait, func() bool { return s.a.status(t).DriftRepairs == i+1 })
+		s.a.NS.MustRun(t, "nft", "flush", "ruleset")
+		lab.WaitFor(t, "drift repair", longWait, func() bool { return s.a.Status(t).DriftRepairs == i+1 })
 	}
-	if c := s.a.status(t).Control; c == nil || c.Connected {
+	if c := s.a.Status(t).Control; c == nil || c.Connected {
 		t.Errorf("control status during the outage: %+v", c)
 	}
 	s.ctl.Start(t)

@@ -5,6 +5,7 @@ import (
 	"crypto/ed25519"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -14,8 +15,11 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
+	"github.com/bulkhead-edge/bulkhead/agent/config"
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
@@ -80,16 +84,17 @@ func newDevice(t *testing.T) *device {
 
 func (d *device) inbox() string { return filepath.Join(d.dir, "state", "inbox") }
 
-func (d *device) config() *Config {
+func (d *device) config() *config.Config {
 	d.t.Helper()
-	cfg, err := ParseConfig([]byte(`{
-  "device": {"id": "scanner-17", "class": "scanner"},
-  "trust": {"keys": ["`+filepath.Join(d.dir, "ops", "ops.pub")+`"]},
-  "safety_floor": [{"name": "plc", "cidr": "192.168.50.0/29", "protocol": "tcp", "ports": ["502"]}],
-  "state_dir": "`+filepath.Join(d.dir, "state")+`",
-  "admin_socket": "`+filepath.Join(d.dir, "run", "admin.sock")+`",
-  "posture": {"interval": "10m"}
-}`), "config.json")
+	floor := policy.Destination{CIDR: netip.MustParsePrefix("192.168.50.0/29"), Protocol: policy.TCP, Ports: []policy.PortRange{{First: 502, Last: 502}}}
+	cfg, err := config.Config{
+		Device:      config.Device{ID: "scanner-17", Class: "scanner"},
+		Trust:       config.Trust{Keys: []string{filepath.Join(d.dir, "ops", opskey.PublicFile)}},
+		SafetyFloor: []localpolicy.FloorRule{{Name: "plc", Destination: floor}},
+		StateDir:    filepath.Join(d.dir, "state"),
+		AdminSocket: filepath.Join(d.dir, "run", "admin.sock"),
+		Posture:     config.PostureConfig{Interval: policy.Duration(10 * time.Minute)},
+	}.Resolve()
 	if err != nil {
 		d.t.Fatal(err)
 	}

@@ -237,11 +237,11 @@ func logCounters(t *testing.T, ns *lab.NS) map[string]uint64 {
 // and a host of the same segment it never used stays shut.
 func TestMonitorThenPolicySuggest(t *testing.T) {
 	s := newControlSite(t)
-	s.a.start(t)
-	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+	s.a.Start(t)
+	if out, err := s.a.Enroll(s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
 		t.Fatalf("enroll: %v %s", err, out)
 	}
-	pub := s.a.status(t).Tunnel.PublicKey
+	pub := s.a.Status(t).Tunnel.PublicKey
 	s.gw1.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
 	s.gw2.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.2/32")
 	unused := netip.MustParseAddrPort("10.20.1.11:443")
@@ -259,10 +259,10 @@ func TestMonitorThenPolicySuggest(t *testing.T) {
 	bundle := filepath.Join(t.TempDir(), "v1.dsse")
 	writeFile(t, bundle, string(signFor(t, 1, monitored, s.opsKey)))
 	s.ctl.MustCLI(t, "policy", "push", bundle)
-	lab.WaitFor(t, "policy v1", longWait, func() bool { return s.a.status(t).PolicyVersion == 1 })
+	lab.WaitFor(t, "policy v1", longWait, func() bool { return s.a.Status(t).PolicyVersion == 1 })
 
 	for _, ap := range []netip.AddrPort{wmsHost, financeHost} {
-		if !lab.ReachesWithin(t, s.a.ns, "tcp", ap, 10*time.Second) {
+		if !lab.ReachesWithin(t, s.a.NS, "tcp", ap, 10*time.Second) {
 			t.Fatalf("%s dropped while monitored", ap)
 		}
 	}
@@ -293,16 +293,16 @@ func TestMonitorThenPolicySuggest(t *testing.T) {
 
 	writeFile(t, bundle, string(signFor(t, 2, draft, s.opsKey)))
 	s.ctl.MustCLI(t, "policy", "push", bundle)
-	lab.WaitFor(t, "the draft as v2", longWait, func() bool { return s.a.status(t).PolicyVersion == 2 })
-	if st := s.a.status(t); st.Monitor == nil || !st.Monitor.Until.IsZero() || len(st.Open) != 2 {
+	lab.WaitFor(t, "the draft as v2", longWait, func() bool { return s.a.Status(t).PolicyVersion == 2 })
+	if st := s.a.Status(t); st.Monitor == nil || !st.Monitor.Until.IsZero() || len(st.Open) != 2 {
 		t.Errorf("after v2: open %v, monitor %+v; want wms and finance open, the monitor ended", st.Open, st.Monitor)
 	}
 	for _, ap := range []netip.AddrPort{wmsHost, financeHost} {
-		if !lab.ReachesWithin(t, s.a.ns, "tcp", ap, lab.FirstContact) {
+		if !lab.ReachesWithin(t, s.a.NS, "tcp", ap, lab.FirstContact) {
 			t.Errorf("%s, observed and drafted, is not reachable under the draft", ap)
 		}
 	}
-	if lab.Reaches(t, s.a.ns, "tcp", unused) {
+	if lab.Reaches(t, s.a.NS, "tcp", unused) {
 		t.Errorf("%s, never observed, is reachable under the draft", unused)
 	}
 }

@@ -33,11 +33,11 @@ func TestOrderOutlivesItsDeliveries(t *testing.T) {
 		t.Errorf("--wait with the device cut off: err %v, output %q; want a failure naming it pending", err, out)
 	}
 	time.Sleep(5 * time.Second) // more than twice the lifetime of a delivery
-	if m := s.a.status(t).Mode; m == "quarantine" {
+	if m := s.a.Status(t).Mode; m == "quarantine" {
 		t.Fatal("quarantined while cut off from control")
 	}
 	s.linkA(t, true)
-	lab.WaitFor(t, "the quarantine to land after the outage", afterOutage, func() bool { return s.a.status(t).Mode == "quarantine" })
+	lab.WaitFor(t, "the quarantine to land after the outage", afterOutage, func() bool { return s.a.Status(t).Mode == "quarantine" })
 	lab.WaitFor(t, "control to see it applied", longWait, func() bool {
 		out, err := s.ctl.CLI("orders")
 		return err == nil && strings.Contains(out, devA) && strings.Contains(out, "applied")
@@ -55,8 +55,8 @@ func TestReleaseReachesADeviceThatWasAway(t *testing.T) {
 	s.ctl.MustCLI(t, "release", devA, "--reason", "INC-41 closed", "--key", key, "--valid-for", "3s")
 	time.Sleep(4 * time.Second) // the release has expired
 	s.linkA(t, true)
-	lab.WaitFor(t, "the expired release to lift the quarantine", afterOutage, func() bool { return s.a.status(t).Mode == "normal" })
-	if !lab.ReachesWithin(t, s.a.ns, "tcp", wmsHost, lab.FirstContact) {
+	lab.WaitFor(t, "the expired release to lift the quarantine", afterOutage, func() bool { return s.a.Status(t).Mode == "normal" })
+	if !lab.ReachesWithin(t, s.a.NS, "tcp", wmsHost, lab.FirstContact) {
 		t.Error("wms not reachable after the release")
 	}
 }
@@ -70,27 +70,27 @@ func TestEnrolledAfterARevocation(t *testing.T) {
 
 	// b reaches both gateways, as a reaches them: only its policy and
 	// the revocation decide what it gets.
-	lab.Link(t, s.b.ns, "192.0.2.9/30", s.gw1.NS, "192.0.2.10/30")
-	lab.Link(t, s.b.ns, "192.0.2.13/30", s.gw2.NS, "192.0.2.14/30")
-	s.b.ns.MustRun(t, "ip", "route", "add", "192.0.2.1/32", "via", "192.0.2.10")
-	s.b.ns.MustRun(t, "ip", "route", "add", "192.0.2.5/32", "via", "192.0.2.14")
-	s.b.start(t)
-	if out, err := s.b.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+	lab.Link(t, s.b.NS, "192.0.2.9/30", s.gw1.NS, "192.0.2.10/30")
+	lab.Link(t, s.b.NS, "192.0.2.13/30", s.gw2.NS, "192.0.2.14/30")
+	s.b.NS.MustRun(t, "ip", "route", "add", "192.0.2.1/32", "via", "192.0.2.10")
+	s.b.NS.MustRun(t, "ip", "route", "add", "192.0.2.5/32", "via", "192.0.2.14")
+	s.b.Start(t)
+	if out, err := s.b.Enroll(s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
 		t.Fatalf("enroll: %v %s", err, out)
 	}
-	pub := s.b.status(t).Tunnel.PublicKey
+	pub := s.b.Status(t).Tunnel.PublicKey
 	s.gw1.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.3/32")
 	s.gw2.AllowPeer(t, pub, netip.AddrPort{}, "100.64.0.3/32")
-	lab.WaitFor(t, "policy v1 on the new device", longWait, func() bool { return s.b.status(t).PolicyVersion == 1 })
-	if !lab.ReachesWithin(t, s.b.ns, "tcp", wmsHost, lab.FirstContact) {
+	lab.WaitFor(t, "policy v1 on the new device", longWait, func() bool { return s.b.Status(t).PolicyVersion == 1 })
+	if !lab.ReachesWithin(t, s.b.NS, "tcp", wmsHost, lab.FirstContact) {
 		t.Error("the new device does not reach wms")
 	}
-	if lab.Reaches(t, s.b.ns, "tcp", financeHost) {
+	if lab.Reaches(t, s.b.NS, "tcp", financeHost) {
 		t.Error("the new device reaches the revoked partner's finance segment")
 	}
 	// The agent logs every change of its tunnel's peers; its policy has
 	// two gateways, wms's and the revoked partner's.
-	log, err := os.ReadFile(filepath.Join(s.b.dir, "agent.log"))
+	log, err := os.ReadFile(filepath.Join(s.b.Dir, "agent.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,25 +120,25 @@ func TestEnrolledAfterARevocation(t *testing.T) {
 func TestRestoredCacheGetsTheRevocation(t *testing.T) {
 	s := newControlSite(t)
 	s.enrolledOnV1(t)
-	state := filepath.Join(s.a.dir, "state")
+	state := filepath.Join(s.a.Dir, "state")
 	backup := filepath.Join(t.TempDir(), "state")
-	s.a.kill()
+	s.a.Kill()
 	if out, err := exec.Command("cp", "-a", state, backup).CombinedOutput(); err != nil {
 		t.Fatalf("backup: %v %s", err, out)
 	}
-	s.a.start(t)
-	lab.WaitFor(t, "reconnect", longWait, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
+	s.a.Start(t)
+	lab.WaitFor(t, "reconnect", longWait, func() bool { c := s.a.Status(t).Control; return c != nil && c.Connected })
 	s.ctl.MustCLI(t, "revoke-partner", "acme-freight", "--reason", "INC-43 carrier breach", "--wait", "20s")
-	s.a.kill()
+	s.a.Kill()
 	if err := os.RemoveAll(state); err != nil {
 		t.Fatal(err)
 	}
 	if out, err := exec.Command("cp", "-a", backup, state).CombinedOutput(); err != nil {
 		t.Fatalf("restore: %v %s", err, out)
 	}
-	s.a.start(t)
+	s.a.Start(t)
 	lab.WaitFor(t, "the revocation on the restored device", longWait, func() bool { return revoked(t, s.a) })
-	if lab.Reaches(t, s.a.ns, "tcp", financeHost) {
+	if lab.Reaches(t, s.a.NS, "tcp", financeHost) {
 		t.Error("the restored device reaches the revoked partner")
 	}
 }

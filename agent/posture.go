@@ -18,10 +18,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/posture/gpsd"
 )
 
-// DefaultPostureInterval is how often the device samples itself when the
-// configuration does not say.
-const DefaultPostureInterval = 30 * time.Second
-
 // minResample spaces the samples a watched change triggers: a fact that
 // changes all the time (a pinned file something keeps writing) must not
 // keep the device sampling back to back. One sample costs about 20 ms of

@@ -159,8 +159,8 @@ func TestTableAndClockChecksOffline(t *testing.T) {
 // both read the same clock, so the skew is the answer's transit time.
 func TestClockCheckAgainstControl(t *testing.T) {
 	s := newControlSite(t)
-	s.a.start(t)
-	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+	s.a.Start(t)
+	if out, err := s.a.Enroll(s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
 		t.Fatalf("enroll: %v %s", err, out)
 	}
 	s.ctl.MustCLI(t, "policy", "push", s.bundleWith(t, 1, func(doc *policy.Document) {
@@ -169,14 +169,14 @@ func TestClockCheckAgainstControl(t *testing.T) {
 		doc.Classes["scanner"] = scanner
 	}))
 	lab.WaitFor(t, "the clock check judged", longWait, func() bool {
-		for _, c := range s.a.status(t).Checks {
+		for _, c := range s.a.Status(t).Checks {
 			if c.ID == "clock" {
 				return c.Observed != ""
 			}
 		}
 		return false
 	})
-	st := s.a.status(t)
+	st := s.a.Status(t)
 	for _, c := range st.Checks {
 		if c.ID == "clock" {
 			t.Logf("%s: %s", c.ID, c.Observed)

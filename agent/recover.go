@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
 )
@@ -40,7 +41,7 @@ type Recovery struct {
 // delivered again by control.
 //
 // It refuses a cache that is not damaged, and a running agent.
-func RecoverCache(cfg *Config, refuseUpTo uint64, now time.Time) (Recovery, error) {
+func RecoverCache(cfg *config.Config, refuseUpTo uint64, now time.Time) (Recovery, error) {
 	if c, err := net.DialTimeout("unix", cfg.AdminSocket, time.Second); err == nil {
 		c.Close()
 		return Recovery{}, fmt.Errorf("the agent is running (its socket %s answers); stop it first (systemctl stop bulkhead)", cfg.AdminSocket)
@@ -58,7 +59,7 @@ func RecoverCache(cfg *Config, refuseUpTo uint64, now time.Time) (Recovery, erro
 		return Recovery{}, err
 	}
 	damage := err
-	roots, err := cfg.pinnedRoots()
+	roots, err := cfg.PinnedRoots()
 	if err != nil {
 		return Recovery{}, fmt.Errorf("the configuration's ops keys: %w", err)
 	}

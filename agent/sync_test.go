@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
+	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/spool"
 )
@@ -53,7 +54,7 @@ func (f *fakeControl) Report(ctx context.Context, req controlapi.ReportRequest) 
 // syncing runs the agent's syncer against f with a fresh outbox.
 func syncing(t *testing.T, f *fakeControl) *Agent {
 	t.Helper()
-	a := New(&Config{}, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	a := New(&config.Config{}, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
 	sp, err := spool.Open(filepath.Join(t.TempDir(), "channel.db"), spool.DefaultLimit)
 	if err != nil {
 		t.Fatal(err)
@@ -145,7 +146,7 @@ func (o *offering) Sync(ctx context.Context, _ controlapi.SyncRequest, connected
 // refuse, and audit, thousands a second (4,140 in 10 s, before).
 func TestRefusedOffersArePaced(t *testing.T) {
 	f := &offering{*newFakeControl()}
-	a := New(&Config{}, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
+	a := New(&config.Config{}, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
 	sp, err := spool.Open(filepath.Join(t.TempDir(), "channel.db"), spool.DefaultLimit)
 	if err != nil {
 		t.Fatal(err)

@@ -35,8 +35,8 @@ func within(got, want time.Time) bool { return got.Sub(want).Abs() < time.Minute
 // be put right.
 func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 	s := newControlSite(t, "--clock-offset", "5h")
-	s.a.start(t)
-	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+	s.a.Start(t)
+	if out, err := s.a.Enroll(s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
 		t.Fatalf("enroll: %v %s", err, out)
 	}
 	// A window open at the server's time and closed at the real one.
@@ -44,14 +44,14 @@ func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 	v1 := filepath.Join(t.TempDir(), "v1.dsse")
 	writeFile(t, v1, string(signValidFor(t, 1, s.policyWith(t, scheduledWMS(ahead.Add(-time.Hour), ahead.Add(time.Hour))), s.opsKey, 24*time.Hour)))
 	s.ctl.MustCLI(t, "policy", "push", v1)
-	lab.WaitFor(t, "policy v1 from control", longWait, func() bool { return s.a.status(t).PolicyVersion == 1 })
-	lab.WaitFor(t, "a sync after v1", longWait, func() bool { c := s.a.status(t).Control; return c != nil && c.Connected })
-	st := s.a.status(t)
+	lab.WaitFor(t, "policy v1 from control", longWait, func() bool { return s.a.Status(t).PolicyVersion == 1 })
+	lab.WaitFor(t, "a sync after v1", longWait, func() bool { c := s.a.Status(t).Control; return c != nil && c.Connected })
+	st := s.a.Status(t)
 	if len(st.Open) != 0 || !within(st.TrustedTime, time.Now()) {
 		t.Fatalf("with control 5 h ahead: open %v, trusted time %s (now %s); want nothing open, trusted time now",
 			st.Open, st.TrustedTime, time.Now().UTC())
 	}
-	if table := s.a.ns.MustRun(t, "nft", "list", "table", "inet", "bulkhead"); strings.Contains(table, "10.20.1.0/24") {
+	if table := s.a.NS.MustRun(t, "nft", "list", "table", "inet", "bulkhead"); strings.Contains(table, "10.20.1.0/24") {
 		t.Fatalf("wms is in the table outside its window:\n%s", table)
 	}
 
@@ -61,12 +61,12 @@ func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 	s.ctl.RestartWith(t, o)
 	restarted := time.Now()
 	lab.WaitFor(t, "a sync with control 400 days ahead", longWait, func() bool {
-		c := s.a.status(t).Control
+		c := s.a.Status(t).Control
 		return c != nil && c.Connected && c.LastSync.After(restarted)
 	})
-	s.a.kill()
-	s.a.start(t)
-	st = s.a.status(t)
+	s.a.Kill()
+	s.a.Start(t)
+	st = s.a.Status(t)
 	if st.Mode != "normal" || st.PolicyVersion != 1 || !within(st.TrustedTime, time.Now()) {
 		t.Fatalf("after control ran 400 days ahead and a restart: mode %s (%v), v%d, trusted time %s; want normal, v1, now",
 			st.Mode, st.Why, st.PolicyVersion, st.TrustedTime)
@@ -74,8 +74,8 @@ func TestControlsClockMovesNoTrustedTime(t *testing.T) {
 	o.Args, o.KeepAlive = nil, 0
 	s.ctl.RestartWith(t, o)
 	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 2))
-	lab.WaitFor(t, "policy v2 once control's clock is right", longWait, func() bool { return s.a.status(t).PolicyVersion == 2 })
-	if st := s.a.status(t); st.Mode != "normal" {
+	lab.WaitFor(t, "policy v2 once control's clock is right", longWait, func() bool { return s.a.Status(t).PolicyVersion == 2 })
+	if st := s.a.Status(t); st.Mode != "normal" {
 		t.Fatalf("on v2: mode %s (%v)", st.Mode, st.Why)
 	}
 }
@@ -124,17 +124,17 @@ func TestContactExtendsMaxOffline(t *testing.T) {
 	// Control's clock runs an hour ahead: the contacts it answers are
 	// dated by the device's clock, or it would hold off the deadline.
 	s := newControlSite(t, "--keepalive", "2s", "--clock-offset", "1h")
-	s.a.start(t)
-	if out, err := s.a.enroll(t, s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+	s.a.Start(t)
+	if out, err := s.a.Enroll(s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
 		t.Fatalf("enroll: %v %s", err, out)
 	}
 	issued := time.Now()
 	v1 := filepath.Join(t.TempDir(), "v1.dsse")
 	writeFile(t, v1, string(signValidFor(t, 1, s.policyWith(t, func(doc *policy.Document) { doc.Validity.MaxOffline = policy.Duration(maxOffline) }), s.opsKey, 24*time.Hour)))
 	s.ctl.MustCLI(t, "policy", "push", v1)
-	lab.WaitFor(t, "policy v1 from control", longWait, func() bool { return s.a.status(t).PolicyVersion == 1 })
+	lab.WaitFor(t, "policy v1 from control", longWait, func() bool { return s.a.Status(t).PolicyVersion == 1 })
 	for time.Since(issued) < maxOffline+5*time.Second { // longer than max_offline, connected throughout
-		if st := s.a.status(t); st.Mode != "normal" {
+		if st := s.a.Status(t); st.Mode != "normal" {
 			t.Fatalf("connected to control %s after v1 (max_offline %s): mode %s: %v", time.Since(issued).Round(time.Second), maxOffline, st.Mode, st.Why)
 		}
 		time.Sleep(500 * time.Millisecond)
@@ -142,7 +142,7 @@ func TestContactExtendsMaxOffline(t *testing.T) {
 
 	s.ctl.Stop()
 	var st *adminapi.Status
-	lab.WaitFor(t, "the offline profile once control is gone", longWait, func() bool { st = s.a.status(t); return st.Mode == "offline" })
+	lab.WaitFor(t, "the offline profile once control is gone", longWait, func() bool { st = s.a.Status(t); return st.Mode == "offline" })
 	contact := lastContactIn(t, st)
 	if time.Since(contact) > maxOffline+30*time.Second || contact.Before(issued) {
 		t.Fatalf("last contact %s: not the contact before the cut (v1 issued %s)", contact, issued.UTC())
@@ -153,9 +153,9 @@ func TestContactExtendsMaxOffline(t *testing.T) {
 
 	// A restart while cut off: the device comes back offline, naming a
 	// contact no later than before.
-	s.a.kill()
-	s.a.start(t)
-	st = s.a.status(t)
+	s.a.Kill()
+	s.a.Start(t)
+	st = s.a.Status(t)
 	if st.Mode != "offline" {
 		t.Fatalf("restarted while cut off past the deadline: mode %s (%v), want offline", st.Mode, st.Why)
 	}

@@ -4,28 +4,26 @@ import (
 	"crypto/ed25519"
 	"encoding/json"
 	"fmt"
+	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/lab/agentproc"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
-// agentProc is the real agent (`bulkhead run`) in a namespace.
+// agentProc is the real agent (`bulkhead run`, agentproc.Agent) in a namespace.
 type agentProc struct {
-	ns       *lab.NS
-	bin, dir string
-	sock     string
-	class    string
-	pid      int
-	ops      opsKeys // what it trusts
+	*agentproc.Agent
+	class string
+	ops   opsKeys // what it trusts
 	// PublicKey is the agent's WireGuard key.
 	PublicKey string
 }
@@ -36,42 +34,21 @@ type agentProc struct {
 // and UAPI socket removed, at cleanup.
 func runAgent(b testing.TB, ns *lab.NS, class, tunAddr string, listenPort uint16, ops *opsKeys) *agentProc {
 	b.Helper()
-	a := &agentProc{ns: ns, bin: lab.Binary(b, "cmd/bulkhead"), dir: b.TempDir(), class: class}
 	if ops == nil {
-		ops = newOpsKeys(b, a.dir)
+		ops = newOpsKeys(b, b.TempDir())
 	}
-	a.ops = *ops
-	pubFile := a.ops.pubFile
-	iface := "bh-" + ns.Name[len(ns.Name)-6:]
-	a.sock = filepath.Join(a.dir, "admin.sock")
-	cfg := filepath.Join(a.dir, "config.json")
-	os.WriteFile(cfg, []byte(fmt.Sprintf(`{"device": {"class": %q}, "trust": {"keys": [%q]}, "state_dir": %q, "admin_socket": %q,
-  "tunnel": {"interface": %q, "addresses": [%q], "listen_port": %d}}`,
-		class, pubFile, filepath.Join(a.dir, "state"), a.sock, iface, tunAddr, listenPort)), 0o600)
-	cmd := ns.Command(a.bin, "run", "--config", cfg)
-	logf, _ := os.Create(filepath.Join(a.dir, "agent.log"))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		b.Fatal(err)
-	}
-	a.pid = cmd.Process.Pid
-	b.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-		ns.Run("nft", "delete", "table", "inet", nft.Table)
-		os.Remove("/var/run/wireguard/" + iface + ".sock")
-	})
-	deadline := time.Now().Add(10 * time.Second)
-	for a.PublicKey == "" {
+	a := &agentProc{class: class, ops: *ops, Agent: agentproc.New(b, ns, config.Config{
+		Device: config.Device{Class: class},
+		Trust:  config.Trust{Keys: []string{ops.pubFile}},
+		Tunnel: config.TunnelConfig{Addresses: []netip.Prefix{netip.MustParsePrefix(tunAddr)}, ListenPort: listenPort},
+	})}
+	a.Start(b)
+	lab.WaitFor(b, "the agent's tunnel in "+ns.Name, 10*time.Second, func() bool {
 		if st, err := a.tryStatus(); err == nil {
 			a.PublicKey = st.Tunnel.PublicKey
 		}
-		if time.Now().After(deadline) {
-			log, _ := os.ReadFile(logf.Name())
-			b.Fatalf("agent in %s did not come up: %s", ns.Name, log)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return a.PublicKey != ""
+	})
 	return a
 }
 
@@ -86,9 +63,9 @@ func (a *agentProc) apply(b testing.TB, version uint64, doc policy.Document) str
 	if err != nil {
 		b.Fatal(err)
 	}
-	file := filepath.Join(a.dir, fmt.Sprintf("policy-%d.dsse", version))
+	file := filepath.Join(a.Dir, fmt.Sprintf("policy-%d.dsse", version))
 	os.WriteFile(file, raw, 0o600)
-	if out, err := exec.Command(a.bin, "policy", "apply", "--socket", a.sock, file).CombinedOutput(); err != nil {
+	if out, err := a.CLI("policy apply", file); err != nil {
 		b.Fatalf("policy apply: %v: %s", err, out)
 	}
 	return file
@@ -98,7 +75,7 @@ func (a *agentProc) apply(b testing.TB, version uint64, doc policy.Document) str
 func (a *agentProc) enroll(b testing.TB, ctl *lab.Control) string {
 	b.Helper()
 	token := strings.TrimSpace(strings.Split(ctl.MustCLI(b, "token", "create", "--allow-unknown-class", "--class", a.class), "\n")[0])
-	out, err := a.ns.Command(a.bin, "enroll", "--socket", a.sock, "--control", ctl.URL, "--token", token, "--trust-ca", ctl.Fingerprint).CombinedOutput()
+	out, err := a.Agent.Enroll(ctl.URL, token, ctl.Fingerprint)
 	if err != nil {
 		b.Fatalf("enroll: %v %s", err, out)
 	}
@@ -125,9 +102,9 @@ type agentStatus struct {
 
 func (a *agentProc) tryStatus() (agentStatus, error) {
 	var st agentStatus
-	out, err := exec.Command(a.bin, "status", "--json", "--socket", a.sock).Output()
+	out, err := a.CLI("status", "--json")
 	if err == nil {
-		err = json.Unmarshal(out, &st)
+		err = json.Unmarshal([]byte(out), &st)
 	}
 	return st, err
 }
@@ -136,7 +113,7 @@ func (a *agentProc) status(b testing.TB) agentStatus {
 	b.Helper()
 	st, err := a.tryStatus()
 	if err != nil {
-		b.Fatalf("bulkhead status in %s: %v", a.ns.Name, err)
+		b.Fatalf("bulkhead status in %s: %v", a.NS.Name, err)
 	}
 	return st
 }

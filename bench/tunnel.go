@@ -168,7 +168,7 @@ func startAgent(b testing.TB, ns *lab.NS, gw *lab.Gateway, gwAddr, uplink, addr 
 		extra(&doc)
 	}
 	a.apply(b, 1, doc)
-	return a.pid
+	return a.PID()
 }
 
 func key(b testing.TB, s string) policy.Key {

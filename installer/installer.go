@@ -23,8 +23,8 @@ import (
 	"github.com/go-json-experiment/json"
 	"github.com/go-json-experiment/json/jsontext"
 
-	"github.com/bulkhead-edge/bulkhead/agent"
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
+	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/internal/atomicfile"
@@ -43,7 +43,7 @@ const (
 	LocalBinary = "/usr/local/sbin/bulkhead"
 	ConfigDir   = "/etc/bulkhead"
 	ConfigFile  = ConfigDir + "/config.json"
-	StateDir    = agent.DefaultStateDir
+	StateDir    = config.DefaultStateDir
 )
 
 // Options are install's inputs.
@@ -317,7 +317,7 @@ func placeBinary(p printer) (string, bool, error) {
 // configFile is the configuration as written, without the defaults the
 // agent fills in, so that writing it back changes nothing.
 type configFile struct {
-	raw  agent.Config
+	raw  config.Config // as written; Resolve gives what the agent runs with
 	was  []byte
 	path string
 }
@@ -342,7 +342,7 @@ func (c *configFile) socket() string {
 	if c.raw.AdminSocket != "" {
 		return c.raw.AdminSocket
 	}
-	return agent.DefaultSocket
+	return config.DefaultSocket
 }
 
 // write checks the configuration as the agent will read it, and writes
@@ -353,7 +353,7 @@ func (c *configFile) write() (bool, error) {
 		return false, err
 	}
 	data = append(data, '\n')
-	if _, err := agent.ParseConfig(data, c.path); err != nil {
+	if _, err := config.Parse(data, c.path); err != nil {
 		return false, err
 	}
 	if err := os.MkdirAll(filepath.Dir(c.path), 0o755); err != nil {

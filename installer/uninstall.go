@@ -6,7 +6,7 @@ import (
 	"io"
 	"os"
 
-	"github.com/bulkhead-edge/bulkhead/agent"
+	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/nft"
 )
 
@@ -22,7 +22,7 @@ func Uninstall(purge bool, out io.Writer) error {
 	if err != nil && !purge {
 		return err
 	}
-	socket := agent.DefaultSocket
+	socket := config.DefaultSocket
 	if cfg != nil {
 		socket = cfg.socket()
 	}

@@ -36,3 +36,6 @@ func (p *Process) Kill() {
 		<-p.done
 	}
 }
+
+// PID is the process id.
+func (p *Process) PID() int { return p.proc.Pid }

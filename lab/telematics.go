@@ -1,14 +1,16 @@
 package lab
 
 import (
-	"fmt"
 	"net/netip"
+
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 // Telematics is a truck's in-cab network: the vehicle safety controller,
 // a host in a namespace of its own on a link from the device, answering
 // TCP echo on the Modbus port. No policy names it. The agent's safety
-// floor (device configuration, FloorJSON) is the only thing that opens
+// floor (device configuration, Floor) is the only thing that opens
 // it, and it stays open in every mode, quarantine included.
 type Telematics struct {
 	NS         *NS
@@ -35,8 +37,9 @@ func StartTelematics(t T, dev *NS, network netip.Prefix) *Telematics {
 	return tm
 }
 
-// FloorJSON is the agent configuration's safety_floor entry that keeps
-// the controller reachable.
-func (tm *Telematics) FloorJSON() string {
-	return fmt.Sprintf(`{"name": "vehicle safety controller", "cidr": %q, "protocol": "tcp", "ports": ["%d"]}`, tm.Net, ModbusPort)
+// Floor is the agent configuration's safety_floor entry that keeps the
+// controller reachable.
+func (tm *Telematics) Floor() localpolicy.FloorRule {
+	return localpolicy.FloorRule{Name: "vehicle safety controller",
+		Destination: policy.Destination{CIDR: tm.Net, Protocol: policy.TCP, Ports: []policy.PortRange{{First: ModbusPort, Last: ModbusPort}}}}
 }

@@ -506,7 +506,7 @@ func attacks(s *Site, r *Result) {
 
 	// An old bundle, validly signed, dropped on the scanner (a USB stick
 	// from last month, or a network replaying it).
-	old := filepath.Join(s.Scanner.Dir, "inbox", "policy-v1.dsse")
+	old := filepath.Join(s.Scanner.Inbox(), "policy-v1.dsse")
 	raw, err := os.ReadFile(s.Bundles[1])
 	if err != nil {
 		s.t.Fatal(err)
@@ -561,7 +561,7 @@ func attacks(s *Site, r *Result) {
 		Expected: "refused (already given)", Observed: fmt.Sprint(err), Pass: err != nil && strings.Contains(err.Error(), "already given")})
 	// The same release carried to the scanner's inbox, past control.
 	start = time.Now()
-	if err := os.WriteFile(filepath.Join(s.Scanner.Dir, "inbox", "release-233a.dsse"), captured, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(s.Scanner.Inbox(), "release-233a.dsse"), captured, 0o600); err != nil {
 		s.t.Fatal(err)
 	}
 	lat, ok = lab.Until(start, 20*time.Second, func() bool {

@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 // Segment is one segment of the site: an echo service on a host behind
@@ -199,14 +201,14 @@ func (s *Site) network() {
 		{Name: "telematics box", Class: "telematics", Tunnel: "100.64.0.4/32"},
 	}
 	s.ctlNS, _, _ = hang("ctl", false, "10.99.0.0/24", 0)
-	control := map[string]any{"address": controlAddr.Addr().String(), "port": controlAddr.Port()}
+	control := policy.Endpoint{Address: controlAddr.Addr(), Port: controlAddr.Port()}
 	opsPub := filepath.Join(s.dir, "ops", "ops.pub")
 	var agents []*Agent
 	for i, c := range devs {
 		ns, addr, link := hang([]string{"dock", "scan", "tele"}[i], true, "10.10.1.0/24", i)
 		if i == 2 {
 			s.Truck = lab.StartTelematics(t, ns, truckNet)
-			c.Floor = []map[string]any{{"name": "vehicle safety controller", "cidr": truckNet.String(), "protocol": "tcp", "ports": []string{fmt.Sprint(lab.ModbusPort)}}}
+			c.Floor = []localpolicy.FloorRule{s.Truck.Floor()}
 			s.gpsPort = 2947
 			c.GPSD = fmt.Sprintf("127.0.0.1:%d", s.gpsPort)
 		}

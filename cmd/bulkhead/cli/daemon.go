@@ -15,6 +15,7 @@ import (
 
 	"github.com/bulkhead-edge/bulkhead/agent"
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
+	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/installer"
 	"github.com/bulkhead-edge/bulkhead/internal/subcmd"
@@ -33,12 +34,12 @@ func runCmd() *subcmd.Command {
 		Summary: "Run the agent in the foreground (the service runs this). It enforces the cached\n" +
 			"policy, or lockdown, before anything else, and leaves the table in place when it stops.",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
-			config := fs.String("config", DefaultConfig, "configuration `FILE`")
+			configFile := fs.String("config", DefaultConfig, "configuration `FILE`")
 			return func(env *subcmd.Env, args []string) error {
 				if len(args) > 0 {
 					return subcmd.Usagef("run takes no arguments")
 				}
-				cfg, err := agent.LoadConfig(*config)
+				cfg, err := config.Load(*configFile)
 				if err != nil {
 					return err
 				}
@@ -85,7 +86,7 @@ func notifyReady() error {
 }
 
 func socketFlag(fs *flag.FlagSet) *string {
-	return fs.String("socket", agent.DefaultSocket, "the agent's admin `SOCKET`")
+	return fs.String("socket", config.DefaultSocket, "the agent's admin `SOCKET`")
 }
 
 func call(socket string, req adminapi.Request) (*adminapi.Response, error) {
@@ -347,7 +348,7 @@ func recoverCacheCmd() *subcmd.Command {
 			"Started again, the agent enforces lockdown until a policy arrives from control (the enrolment\n" +
 			"is kept) or through `bulkhead policy apply`.",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
-			config := fs.String("config", DefaultConfig, "configuration `FILE`")
+			configFile := fs.String("config", DefaultConfig, "configuration `FILE`")
 			refuse := fs.Uint64("refuse-up-to", 0, "refuse bundles up to this `VERSION` (the one the device last ran, from\n"+
 				"`bulkhead-control devices`), so an old bundle cannot be replayed into the empty cache;\n"+
 				"0 starts rollback protection afresh")
@@ -355,7 +356,7 @@ func recoverCacheCmd() *subcmd.Command {
 				if len(args) > 0 {
 					return subcmd.Usagef("recover-cache takes no arguments")
 				}
-				cfg, err := agent.LoadConfig(*config)
+				cfg, err := config.Load(*configFile)
 				if err != nil {
 					return err
 				}

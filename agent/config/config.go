@@ -1,8 +1,8 @@
-// Package agent owns the device daemon: its configuration, the boot
-// sequence that enforces the cached policy before any network activity, the
-// one event loop that owns all state, and the root-only admin socket that
-// the CLI talks to.
-package agent
+// Package config owns the device agent's local configuration: the file
+// as written (Config, named types throughout, so installers and tests
+// build it as data) and the effective settings Resolve derives from it,
+// defaults filled in and every field checked.
+package config
 
 import (
 	"cmp"
@@ -27,13 +27,15 @@ import (
 const (
 	DefaultStateDir = "/var/lib/bulkhead"
 	DefaultSocket   = "/run/bulkhead/admin.sock"
+	// DefaultPostureInterval is how often the device samples itself.
+	DefaultPostureInterval = 30 * time.Second
 )
 
 // Config is the agent's local configuration (docs/config.md), as written:
 // Resolve gives the effective settings. It holds what no signed policy may
 // change: who the device is, which keys it trusts, and its safety floor.
 type Config struct {
-	Device Identity `json:"device"`
+	Device Device `json:"device"`
 	// Trust pins the ops keys. It is read on first start; later rotations
 	// live in the state store.
 	Trust       Trust                   `json:"trust"`
@@ -56,9 +58,9 @@ type Config struct {
 	Location LocationConfig `json:"location,omitzero"`
 }
 
-// Identity is who the device is: its class (what it enrols as) and, once
+// Device is who the device is: its class (what it enrols as) and, once
 // enrolled, its id.
-type Identity struct {
+type Device struct {
 	ID    string `json:"id"`
 	Class string `json:"class"`
 }
@@ -97,19 +99,19 @@ type Position struct {
 	Lon float64 `json:"lon"`
 }
 
-// LoadConfig reads and checks a configuration file. Errors name the line and
-// the field.
-func LoadConfig(path string) (*Config, error) {
+// Load reads a configuration file and returns the effective settings.
+// Errors name the line and the field.
+func Load(path string) (*Config, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	return ParseConfig(data, path)
+	return Parse(data, path)
 }
 
-// ParseConfig reads a configuration as LoadConfig does, naming it path in
-// errors, and returns the effective settings.
-func ParseConfig(data []byte, path string) (*Config, error) {
+// Parse reads a configuration as Load does, naming it path in errors, and
+// returns the effective settings.
+func Parse(data []byte, path string) (*Config, error) {
 	var c Config
 	if err := strictjson.Unmarshal(data, &c); err != nil {
 		return nil, fmt.Errorf("config %s: %s", path, strictjson.Line(data, err))
@@ -171,7 +173,7 @@ func (c Config) Resolve() (*Config, error) {
 		}
 	}
 	c.Tunnel.Interface = cmp.Or(c.Tunnel.Interface, tunnel.DefaultInterface)
-	if err := c.tunnel().Check(); err != nil {
+	if err := c.WireGuard().Check(); err != nil {
 		errs = append(errs, err)
 	}
 	if err := errors.Join(errs...); err != nil {
@@ -180,29 +182,26 @@ func (c Config) Resolve() (*Config, error) {
 	return &c, nil
 }
 
-// tunnel is the tunnel's setup; the key file is fixed inside the state
+// WireGuard is the tunnel's setup; the key file is fixed inside the state
 // directory so that backups and purges find it with the rest.
-func (c *Config) tunnel() tunnel.Config {
+func (c *Config) WireGuard() tunnel.Config {
 	return tunnel.Config{
 		Interface: c.Tunnel.Interface, Addresses: c.Tunnel.Addresses, ListenPort: c.Tunnel.ListenPort,
 		MTU: c.Tunnel.MTU, Buffers: c.Tunnel.Buffers, KeyFile: filepath.Join(c.StateDir, "wg.key"),
 	}
 }
 
-// device is the identity bundles are targeted at.
-func (c *Config) device() bundle.Device {
+// Identity is who bundles and commands are targeted at, before enrolment
+// assigns an id.
+func (c *Config) Identity() bundle.Device {
 	return bundle.Device{ID: c.Device.ID, Class: c.Device.Class}
 }
 
-// pinnedRoots reads the trust keys named in the configuration.
-func (c *Config) pinnedRoots() (opskey.Roots, error) {
+// PinnedRoots reads the trust keys the configuration names.
+func (c *Config) PinnedRoots() (opskey.Roots, error) {
 	keys, err := opskey.LoadPublicKeys(c.Trust.Keys)
 	if err != nil {
 		return opskey.Roots{}, err
 	}
-	k := c.Trust.Threshold
-	if k == 0 {
-		k = len(keys)
-	}
-	return opskey.NewRoots(k, keys...)
+	return opskey.NewRoots(opskey.OrAll(c.Trust.Threshold, len(keys)), keys...)
 }
