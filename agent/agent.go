@@ -1,3 +1,7 @@
+// Package agent owns the device daemon: the boot sequence that enforces
+// the cached policy before any network activity, the one event loop that
+// owns all state, and the root-only admin socket that the CLI talks to.
+// Its side effects go through the small interfaces in seams.go.
 package agent
 
 import (
