@@ -21,11 +21,33 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
 type request struct {
 	adminapi.Request
-	reply chan adminapi.Response
+	reply chan answer
+}
+
+// answer is the loop's answer to a request. A status in it carries the
+// tunnel's peers as last read by the loop; live, when set, reads them
+// afresh (UAPI I/O), after the loop has moved on.
+type answer struct {
+	adminapi.Response
+	live func(*adminapi.TunnelStatus)
+}
+
+// answer completes resp on the loop.
+func (a *Agent) answer(resp adminapi.Response) answer {
+	if resp.Status == nil || a.tun == nil {
+		return answer{Response: resp}
+	}
+	tun, segs, wall := a.tun, a.peerSegments(), a.wall
+	return answer{Response: resp, live: func(ts *adminapi.TunnelStatus) {
+		if st, err := tun.State(); err == nil {
+			ts.Peers = peerStatus(st, segs, wall())
+		}
+	}}
 }
 
 func (a *Agent) handle(r request) adminapi.Response {
@@ -47,8 +69,6 @@ func (a *Agent) handle(r request) adminapi.Response {
 		return adminapi.Response{Ruleset: a.ruleset.Text()}
 	case adminapi.OpRotateKey:
 		return a.rotateKey()
-	case adminapi.OpEnroll:
-		return a.enroll(r.Request)
 	case adminapi.OpApply:
 		if _, err := a.install(r.Bundle); err != nil {
 			switch kind, _ := envelope.TypeOf(r.Bundle); kind {
@@ -80,7 +100,7 @@ func (a *Agent) status() *adminapi.Status {
 	}
 	s.Tunnel = a.tunnelStatus()
 	s.Monitor, s.Refused = a.monitorStatus(), a.refusedStatus()
-	s.Control = a.ch.status.Load()
+	s.Control = a.controlStatus()
 	if a.ch.rec != nil {
 		s.DeviceID = a.ch.rec.DeviceID
 	}
@@ -93,23 +113,30 @@ func (a *Agent) tunnelStatus() adminapi.TunnelStatus {
 		return ts
 	}
 	ts.PublicKey = a.tun.PublicKey().String()
-	if st, err := a.tun.State(); err == nil {
-		a.traffic = st
-	}
-	segs := map[policy.Key][]string{}
+	ts.Peers = peerStatus(a.traffic, a.peerSegments(), a.wall())
+	return ts
+}
+
+// peerSegments maps each wanted peer to the segments it carries.
+func (a *Agent) peerSegments() map[policy.Key][]string {
+	segs := make(map[policy.Key][]string, len(a.desired.Peers))
 	for _, p := range a.desired.Peers {
 		segs[p.PublicKey] = p.Segments
 	}
-	now := a.wall()
-	for _, p := range a.traffic {
+	return segs
+}
+
+func peerStatus(traffic []tunnel.PeerState, segs map[policy.Key][]string, now time.Time) []adminapi.PeerStatus {
+	out := []adminapi.PeerStatus{}
+	for _, p := range traffic {
 		ps := adminapi.PeerStatus{PublicKey: p.PublicKey.String(), Segments: segs[p.PublicKey], Endpoint: p.Endpoint.String(),
 			LastHandshake: p.LastHandshake, HandshakeAge: -1, RxBytes: p.RxBytes, TxBytes: p.TxBytes}
 		if !p.LastHandshake.IsZero() {
 			ps.HandshakeAge = int64(now.Sub(p.LastHandshake) / time.Second)
 		}
-		ts.Peers = append(ts.Peers, ps)
+		out = append(out, ps)
 	}
-	return ts
+	return out
 }
 
 // rotateKey replaces the device's WireGuard key; the old one stops working

@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"runtime/debug"
@@ -18,7 +19,6 @@ import (
 
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/config"
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
@@ -60,6 +60,10 @@ type Agent struct {
 	posture     Posture
 	wall        func() time.Time
 	reqs        chan request
+	enrolments  chan enrolStep
+	// enrol is the exchange with the server (controlclient.Enroll; the
+	// decision tests hold it).
+	enrol func(ctx context.Context, dir, url, token, fingerprint, class, wgKey string, ep netip.AddrPort) (*controlclient.Record, error)
 
 	// Owned by the event loop.
 	store *store.Store // nil when the cache cannot be opened
@@ -106,7 +110,7 @@ type Agent struct {
 	stale      chan struct{}
 	// lastInventory is the inventory last reported.
 	lastInventory string
-	mon           monitorState
+	mon           flowMonitor
 }
 
 // Option adjusts an Agent; tests use them.
@@ -144,18 +148,18 @@ func New(cfg *config.Config, opts ...Option) *Agent {
 	a := &Agent{
 		cfg: cfg, enforcer: nft.NewEnforcer(), openTunnel: openTunnel, posture: hostPosture{}, wall: time.Now,
 		log:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
-		reqs: make(chan request),
+		reqs: make(chan request), enrolments: make(chan enrolStep), enrol: controlclient.Enroll,
 	}
-	a.ch.synced, a.ch.kick = make(chan syncResult), make(chan struct{}, 1)
+	a.ch.answers = make(chan syncResult)
 	a.sample.kick, a.sample.samples = make(chan struct{}, 1), make(chan sample)
 	a.fixes, a.stale = make(chan gpsd.Position, 1), make(chan struct{}, 1)
-	a.mon.flows = make(chan controlapi.Flow, 64)
 	for _, o := range opts {
 		o(a)
 	}
 	if a.openFlowLog == nil {
 		a.openFlowLog = kernelFlowLog(a.enforcer)
 	}
+	a.mon = newFlowMonitor(a.openFlowLog, a.log)
 	return a
 }
 
@@ -382,10 +386,18 @@ func (a *Agent) Run(ctx context.Context) error {
 // Do hands an admin request to the event loop and returns its answer; the
 // admin socket calls it for each request, tests call it directly.
 func (a *Agent) Do(ctx context.Context, req adminapi.Request) adminapi.Response {
-	r := request{Request: req, reply: make(chan adminapi.Response, 1)}
+	r := request{Request: req, reply: make(chan answer, 1)}
 	select {
 	case a.reqs <- r:
-		return <-r.reply
+	case <-ctx.Done():
+		return adminapi.Response{Error: "agent is stopping"}
+	}
+	select {
+	case ans := <-r.reply:
+		if ans.live != nil {
+			ans.live(&ans.Status.Tunnel)
+		}
+		return ans.Response
 	case <-ctx.Done():
 		return adminapi.Response{Error: "agent is stopping"}
 	}
@@ -394,11 +406,13 @@ func (a *Agent) Do(ctx context.Context, req adminapi.Request) adminapi.Response 
 // loop is the event loop: it owns the agent's state until ctx ends, and
 // then closes what it holds. Every other goroutine reaches it by message.
 func (a *Agent) loop(ctx context.Context) {
-	a.ch.runCtx = ctx
-	a.startSync()
+	if a.ch.sync != nil {
+		a.ch.sync.start(ctx)
+	}
 	a.startSampler(ctx)
 	a.startLocation(ctx)
 	startTrimmer(ctx)
+	a.mon.start(ctx)
 	a.syncFlowLog() // a monitor applied at boot
 
 	drift := time.NewTicker(driftCheckEvery)
@@ -424,22 +438,26 @@ func (a *Agent) loop(ctx context.Context) {
 			if a.tun != nil {
 				a.tun.Close()
 			}
-			if a.mon.reader != nil {
-				a.mon.reader.Close()
-			}
-			if a.ch.spool != nil {
-				a.ch.spool.Close()
+			a.mon.close()
+			if a.ch.sync != nil {
+				a.ch.sync.close()
 			}
 			return
 		case r := <-a.reqs:
-			r.reply <- a.handle(r)
+			if r.Op == adminapi.OpEnroll {
+				a.beginEnrol(ctx, r) // answered when it is done
+			} else {
+				r.reply <- a.answer(a.handle(r))
+			}
+		case s := <-a.enrolments:
+			a.enrolStepped(ctx, s)
 		case s := <-a.sample.samples:
 			a.observe(s)
 		case p := <-a.fixes:
 			a.newFix(p)
 		case <-a.stale:
 			a.kickSample()
-		case res := <-a.ch.synced:
+		case res := <-a.ch.answers:
 			res.done <- a.handleSync(res.resp)
 		case <-next.C:
 			a.reconcile("scheduled change")
@@ -456,7 +474,7 @@ func (a *Agent) loop(ctx context.Context) {
 		case f := <-drops:
 			f.verdict <- a.dropFile(f)
 		case f := <-a.mon.flows:
-			a.logged(f)
+			a.mon.add(f, a.clock.Now())
 		case <-flows.C:
 			a.reportFlows()
 		}

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"crypto/ed25519"
+	"errors"
 	"io"
 	"log/slog"
 	"net/netip"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/config"
+	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
@@ -474,4 +476,63 @@ func count(s []string, v string) int {
 		}
 	}
 	return n
+}
+
+// Enrolment runs off the loop: while the server keeps the device waiting
+// (up to enrolTimeout), the loop answers status, refuses a second
+// enrolment and repairs drift; the table lets the server through only
+// while the enrolment lasts. Before, the whole exchange ran on the loop:
+// status waited for it, and so did drift repair.
+func TestDecideEnrolmentDoesNotHoldTheLoop(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		d := newDevice(t)
+		r := d.boot(newMemPosture("init"))
+		release := make(chan error)
+		r.a.enrol = func(ctx context.Context, _, _, _, _, _, _ string, _ netip.AddrPort) (*controlclient.Record, error) {
+			select {
+			case err := <-release:
+				return nil, err
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		r.run()
+		if err := r.apply(d.bundle(1, nil)); err != "" {
+			t.Fatal(err)
+		}
+		const server = "10.77.0.9"
+		if strings.Contains(r.table.text(), server) {
+			t.Fatalf("the table lets %s through before any enrolment:\n%s", server, r.table.text())
+		}
+		enrolled := make(chan adminapi.Response)
+		go func() {
+			enrolled <- r.a.Do(r.ctx, adminapi.Request{Op: adminapi.OpEnroll, URL: "https://" + server + ":8443", Token: "t", Fingerprint: "f"})
+		}()
+		synctest.Wait() // the exchange is under way, held by the server
+		if !strings.Contains(r.table.text(), server) {
+			t.Fatalf("the table does not let the server through during the enrolment:\n%s", r.table.text())
+		}
+		if resp := r.do(adminapi.Request{Op: adminapi.OpEnroll, URL: "https://10.77.0.10:8443"}); !strings.Contains(resp.Error, "an enrolment with https://10.77.0.9:8443 is in progress") {
+			t.Fatalf("a second enrolment during the first: %q", resp.Error)
+		}
+		r.table.tamper("rule accept added to chain output")
+		time.Sleep(driftCheckEvery)
+		synctest.Wait()
+		if st := r.status(); st.DriftRepairs != 1 {
+			t.Fatalf("during the enrolment: drift repairs %d, want 1", st.DriftRepairs)
+		}
+		release <- errors.New("the server hung up")
+		if resp := <-enrolled; resp.Error != "enrolment failed: the server hung up" {
+			t.Fatalf("failed enrolment answered %q", resp.Error)
+		}
+		synctest.Wait()
+		if strings.Contains(r.table.text(), server) {
+			t.Fatalf("the table still lets the server through after the enrolment failed:\n%s", r.table.text())
+		}
+		r.want("after the failed enrolment", "normal", closedHours)
+		r.stop()
+		if audit := d.auditKinds(); !slices.Contains(audit, "enrolment-failed") {
+			t.Errorf("audit %v: no enrolment-failed", audit)
+		}
+	})
 }

@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"context"
+	"log/slog"
 	"time"
 
 	"github.com/go-json-experiment/json"
@@ -15,44 +17,52 @@ import (
 // are any.
 const flowReportEvery = 5 * time.Second
 
-// monitorState is what the event loop holds of the table's log: the
-// flows monitor mode passed, and the connections the table refused.
-type monitorState struct {
-	log     flowlog.Log // monitored segments' flows
-	refused flowlog.Log // refused connections, by direction
+// flowMonitor is the table's log as a component: a reader goroutine bound
+// to the log group while the loop runs, and what it read: the flows
+// monitor mode passed, and the connections the table refused. The loop
+// calls its methods; the reader reaches the loop only through flows.
+type flowMonitor struct {
+	open func() (FlowLog, error)
+	log  *slog.Logger
+	// running is the loop's context, set by start: the group is bound
+	// only while the loop runs (at boot, it waits for it).
+	running context.Context
 	reader  FlowLog
 	err     string // why the group could not be bound
 	flows   chan controlapi.Flow
+	seen    flowlog.Log // monitored segments' flows
+	refused flowlog.Log // refused connections, by direction
 	// monitoring is whether a monitor was in force at the last sync.
 	monitoring bool
 }
 
-// syncFlowLog binds the NFLOG group once the agent runs, and again after
-// its reading failed: the table always logs refused connections, and
-// monitored segments' flows while a monitor is in force. Outside Run (at
-// boot) it waits for Run.
-func (a *Agent) syncFlowLog() {
-	m := &a.mon
-	if a.desired.Monitor == nil && m.monitoring {
-		a.reportFlows() // what the monitor saw last, at its end
-	}
-	m.monitoring = a.desired.Monitor != nil
+func newFlowMonitor(open func() (FlowLog, error), log *slog.Logger) flowMonitor {
+	return flowMonitor{open: open, log: log, flows: make(chan controlapi.Flow, 64)}
+}
+
+// start lets the monitor bind the group from now until ctx ends.
+func (m *flowMonitor) start(ctx context.Context) { m.running = ctx }
+
+// bind binds the group once the loop runs, and again after its reading
+// failed: the table always logs refused connections, and monitored
+// segments' flows while a monitor is in force.
+func (m *flowMonitor) bind() {
 	if m.reader != nil && m.reader.Closed() { // its reading failed: bind afresh
 		m.reader = nil
 	}
-	if a.ch.runCtx == nil || m.reader != nil {
+	if m.running == nil || m.reader != nil {
 		return
 	}
-	r, err := a.openFlowLog()
+	r, err := m.open()
 	if err != nil {
 		if err.Error() != m.err { // retried with every tunnel check; say it once
-			a.log.Error("cannot read the table's log: refused connections go unreported, monitored flows still pass; both are counted in the table", "err", err)
+			m.log.Error("cannot read the table's log: refused connections go unreported, monitored flows still pass; both are counted in the table", "err", err)
 		}
 		m.err = err.Error()
 		return
 	}
 	m.reader, m.err = r, ""
-	ctx, flows := a.ch.runCtx, m.flows
+	ctx, flows, log := m.running, m.flows, m.log
 	go func() {
 		err := r.Read(func(f controlapi.Flow) {
 			select {
@@ -61,39 +71,65 @@ func (a *Agent) syncFlowLog() {
 			}
 		})
 		if err != nil {
-			a.log.Error("reading the table's log stopped; binding again at the next tunnel check", "err", err)
+			log.Error("reading the table's log stopped; binding again at the next tunnel check", "err", err)
 			r.Close()
 		}
 	}()
 }
 
-// logged files a flow the table logged: a refused connection has a
+// add files a flow the table logged: a refused connection has a
 // direction, a monitored one a segment.
-func (a *Agent) logged(f controlapi.Flow) {
+func (m *flowMonitor) add(f controlapi.Flow, now time.Time) {
 	if f.Direction != "" {
-		a.mon.refused.Add(f, a.clock.Now())
+		m.refused.Add(f, now)
 		return
 	}
-	a.mon.log.Add(f, a.clock.Now())
+	m.seen.Add(f, now)
 }
 
-// reportFlows reports the monitored flows and the refused connections
-// seen since the last report, if any.
-func (a *Agent) reportFlows() {
+// take returns the audit events (kind and JSON detail) for what was seen
+// since the last take, if anything.
+func (m *flowMonitor) take() (kinds, details []string) {
 	for _, r := range []struct {
 		kind string
 		log  *flowlog.Log
-	}{{controlapi.EventFlows, &a.mon.log}, {controlapi.EventRefused, &a.mon.refused}} {
+	}{{controlapi.EventFlows, &m.seen}, {controlapi.EventRefused, &m.refused}} {
 		taken := r.log.Take()
 		if len(taken) == 0 {
 			continue
 		}
 		detail, err := json.Marshal(taken)
 		if err != nil {
-			a.log.Error("flows report", "err", err)
+			m.log.Error("flows report", "err", err)
 			continue
 		}
-		a.audit(r.kind, string(detail))
+		kinds, details = append(kinds, r.kind), append(details, string(detail))
+	}
+	return kinds, details
+}
+
+func (m *flowMonitor) close() {
+	if m.reader != nil {
+		m.reader.Close()
+	}
+}
+
+// syncFlowLog follows the Desired state: a monitor that ended has what it
+// saw last reported; the group is bound (again) if it is not.
+func (a *Agent) syncFlowLog() {
+	if a.desired.Monitor == nil && a.mon.monitoring {
+		a.reportFlows()
+	}
+	a.mon.monitoring = a.desired.Monitor != nil
+	a.mon.bind()
+}
+
+// reportFlows reports the monitored flows and the refused connections
+// seen since the last report, if any.
+func (a *Agent) reportFlows() {
+	kinds, details := a.mon.take()
+	for i, kind := range kinds {
+		a.audit(kind, details[i])
 	}
 }
 
@@ -107,11 +143,11 @@ func (a *Agent) refusedStatus() *adminapi.RefusedStatus {
 
 func (a *Agent) monitorStatus() *adminapi.MonitorStatus {
 	d := a.desired.Monitor
-	flows := a.mon.log.All()
+	flows := a.mon.seen.All()
 	if d == nil && len(flows) == 0 {
 		return nil
 	}
-	s := &adminapi.MonitorStatus{Error: a.mon.err, Flows: flows, Overflow: a.mon.log.Overflow, Segments: []string{}}
+	s := &adminapi.MonitorStatus{Error: a.mon.err, Flows: flows, Overflow: a.mon.seen.Overflow, Segments: []string{}}
 	if d != nil {
 		s.Until = d.Until
 		for _, seg := range d.Segments {

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
-	"github.com/bulkhead-edge/bulkhead/agent/config"
 	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/spool"
 )
@@ -51,22 +50,23 @@ func (f *fakeControl) Report(ctx context.Context, req controlapi.ReportRequest) 
 	}
 }
 
-// syncing runs the agent's syncer against f with a fresh outbox.
-func syncing(t *testing.T, f *fakeControl) *Agent {
+// syncing runs a syncer against f with a fresh outbox; answers go to the
+// returned channel.
+func syncing(t *testing.T, f controlClient, opts ...func(*syncer)) (*syncer, chan syncResult) {
 	t.Helper()
-	a := New(&config.Config{}, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
 	sp, err := spool.Open(filepath.Join(t.TempDir(), "channel.db"), spool.DefaultLimit)
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.ch.spool = sp
-	a.ch.snapshot.Store(&controlapi.SyncRequest{})
-	a.ch.status.Store(&adminapi.ControlStatus{})
+	answers := make(chan syncResult)
+	s := newSyncer(f, sp, adminapi.ControlStatus{}, answers, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	for _, o := range opts {
+		o(s)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { a.syncLoop(ctx, f, sp); close(done) }()
-	t.Cleanup(func() { cancel(); <-done; sp.Close() })
-	return a
+	s.start(ctx)
+	t.Cleanup(func() { cancel(); s.close() })
+	return s, answers
 }
 
 // nextReport waits for the syncer's next report. The bound is far below
@@ -98,12 +98,12 @@ func kindsOf(r controlapi.ReportRequest) []string {
 // as a refused-flows report, was never reported in time.
 func TestEventDuringAReportIsNotLeftForThePoll(t *testing.T) {
 	f := newFakeControl()
-	a := syncing(t, f)
-	a.report(time.Now(), "first", "")
+	s, _ := syncing(t, f)
+	s.queue(time.Now(), "first", "")
 	if got := kindsOf(nextReport(t, f, "the first event")); len(got) != 1 || got[0] != "first" {
 		t.Fatalf("first report %v", got)
 	}
-	a.report(time.Now(), "second", "") // while the first is in flight
+	s.queue(time.Now(), "second", "") // while the first is in flight
 	f.answer <- nil
 	if got := kindsOf(nextReport(t, f, "the event added during the first report")); len(got) != 1 || got[0] != "second" {
 		t.Fatalf("second report %v, want [second]", got)
@@ -116,8 +116,8 @@ func TestEventDuringAReportIsNotLeftForThePoll(t *testing.T) {
 // arrive.
 func TestRefusedReportIsRetriedWhilePolling(t *testing.T) {
 	f := newFakeControl()
-	a := syncing(t, f)
-	a.report(time.Now(), "refused-once", "")
+	s, _ := syncing(t, f)
+	s.queue(time.Now(), "refused-once", "")
 	nextReport(t, f, "the event")
 	f.answer <- errors.New("503 service unavailable")
 	select {
@@ -146,30 +146,20 @@ func (o *offering) Sync(ctx context.Context, _ controlapi.SyncRequest, connected
 // refuse, and audit, thousands a second (4,140 in 10 s, before).
 func TestRefusedOffersArePaced(t *testing.T) {
 	f := &offering{*newFakeControl()}
-	a := New(&config.Config{}, WithLogger(slog.New(slog.NewTextHandler(io.Discard, nil))))
-	sp, err := spool.Open(filepath.Join(t.TempDir(), "channel.db"), spool.DefaultLimit)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sp.Close()
-	a.ch.snapshot.Store(&controlapi.SyncRequest{})
-	a.ch.status.Store(&adminapi.ControlStatus{})
 	pauses := make(chan time.Duration)
-	a.ch.sleep = func(ctx context.Context, d time.Duration) bool {
-		select {
-		case pauses <- d:
-			return true
-		case <-ctx.Done():
-			return false
+	_, answers := syncing(t, f, func(s *syncer) {
+		s.sleep = func(ctx context.Context, d time.Duration) bool {
+			select {
+			case pauses <- d:
+				return true
+			case <-ctx.Done():
+				return false
+			}
 		}
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { a.syncLoop(ctx, f, sp); close(done) }()
-	defer func() { cancel(); <-done }()
+	})
 	want := backoffFirst
 	for i := range 9 {
-		res := <-a.ch.synced
+		res := <-answers
 		res.done <- true // refused
 		d := <-pauses
 		if d < want/2 || d > want*3/2 {
