@@ -87,7 +87,7 @@ func (a *Agent) handle(r request) adminapi.Response {
 func (a *Agent) status() *adminapi.Status {
 	s := &adminapi.Status{
 		DeviceID: a.cfg.Device.ID, DeviceClass: a.cfg.Device.Class,
-		Mode: a.desired.Mode.String(), Why: a.desired.Why, PolicyVersion: a.desired.PolicyVersion, RootsVersion: a.rootsVersion,
+		Mode: a.desired.Mode.String(), Why: a.desired.Why, PolicyVersion: a.desired.PolicyVersion, RootsVersion: a.rootsVersion(),
 		TrustedTime: a.clock.Now().UTC(), LastApply: a.lastApply, ApplyError: a.applyErr,
 		DriftRepairs: a.repairs, NextChange: a.desired.NextChange, Decisions: a.desired.Decisions, Checks: a.currentChecks(),
 		Open: []string{},

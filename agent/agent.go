@@ -66,29 +66,28 @@ type Agent struct {
 	enrol func(ctx context.Context, dir, url, token, fingerprint, class, wgKey string, ep netip.AddrPort) (*controlclient.Record, error)
 
 	// Owned by the event loop.
-	store *store.Store // nil when the cache cannot be opened
-	roots opskey.Roots
-	// rootsVersion is the version of the trust-root set in force (1: the
-	// keys pinned at install).
-	rootsVersion uint64
-	clock        *trustedtime.Clock
-	bundle       *bundle.Bundle
-	noPolicy     string
-	sticky       localpolicy.Sticky
-	desired      localpolicy.Desired
-	evaluated    bool // desired holds an evaluation (false until the boot apply)
-	ruleset      nft.Ruleset
-	lastApply    time.Time
-	repairs      int
-	applyErr     string
-	tun          Tunnel // nil until the tunnel is up
-	tunErr       string // why the tunnel is not up, or its last failed apply
-	traffic      []tunnel.PeerState
-	ch           channel
-	sample       sampler
-	fixes        chan gpsd.Position
-	tracker      posture.Tracker
-	checks       []localpolicy.Check // every check's state after the latest sample
+	// store is the one owner of the cached bundle, the trust roots, the
+	// sticky state, trusted time and the last contact; nil when the cache
+	// cannot be opened.
+	store     *store.Store
+	clock     *trustedtime.Clock
+	bundle    *bundle.Bundle
+	noPolicy  string
+	sticky    localpolicy.Sticky
+	desired   localpolicy.Desired
+	evaluated bool // desired holds an evaluation (false until the boot apply)
+	ruleset   nft.Ruleset
+	lastApply time.Time
+	repairs   int
+	applyErr  string
+	tun       Tunnel // nil until the tunnel is up
+	tunErr    string // why the tunnel is not up, or its last failed apply
+	traffic   []tunnel.PeerState
+	ch        channel
+	sample    sampler
+	fixes     chan gpsd.Position
+	tracker   posture.Tracker
+	checks    []localpolicy.Check // every check's state after the latest sample
 	// ctlTime is control's time in its latest answer, and ctlAt the
 	// wall() reading (with its monotonic part) when it arrived.
 	ctlTime, ctlAt time.Time
@@ -274,18 +273,10 @@ func (a *Agent) openStore() error {
 	}
 	a.store = st
 	st.OnAudit(func(e store.Event) { a.report(e.Time, e.Kind, e.Detail) })
-	if _, ok, err := st.Roots(); err != nil {
+	if err := st.PinRoots(a.cfg.PinnedRoots); err != nil {
 		return err
-	} else if !ok {
-		pinned, err := a.cfg.PinnedRoots()
-		if err != nil {
-			return fmt.Errorf("pin trust roots: %w", err)
-		}
-		if _, err := st.SetRoots(bundle.NewRootSet(1, pinned)); err != nil {
-			return err
-		}
 	}
-	if a.roots, a.rootsVersion, err = st.CurrentRoots(); err != nil {
+	if _, _, err := st.CurrentRoots(); err != nil {
 		return err
 	}
 	if a.sticky, err = st.Sticky(); err != nil {
@@ -310,7 +301,7 @@ func (a *Agent) openStore() error {
 }
 
 func (a *Agent) loadBundle() {
-	b, err := a.store.Load(a.roots, a.device())
+	b, err := a.store.Load(a.device())
 	switch {
 	case err == nil:
 		a.bundle, a.noPolicy = b, ""
@@ -529,7 +520,7 @@ func (a *Agent) install(raw []byte) (*bundle.Bundle, error) {
 	if kind == bundle.RootsPayloadType {
 		return a.bundle, a.rotateRoots(raw)
 	}
-	b, err := a.store.Install(bytes.NewReader(raw), a.roots, a.clock.Now(), a.device())
+	b, err := a.store.Install(bytes.NewReader(raw), a.clock.Now(), a.device())
 	if err != nil {
 		a.log.Warn("bundle rejected", "err", err)
 		return nil, err
@@ -563,10 +554,32 @@ func (a *Agent) rotateRoots(raw []byte) error {
 	if err != nil {
 		return err
 	}
-	a.roots, a.rootsVersion = roots, v
 	a.log.Info("trust roots rotated", "version", v, "keys", roots.Len(), "threshold", roots.Threshold)
 	a.publish()
 	return nil
+}
+
+// rootsVersion is the version of the trust roots in force (1: the keys
+// pinned at install; 0: no usable cache).
+func (a *Agent) rootsVersion() uint64 {
+	if a.store == nil {
+		return 0
+	}
+	_, v, _ := a.store.CurrentRoots()
+	return v
+}
+
+// commandRoots are the ops keys a command is verified against: those in
+// force, or with no usable cache the keys pinned at install (a command is
+// then refused anyway, for the cache, once its signature is judged).
+func (a *Agent) commandRoots() opskey.Roots {
+	if a.store != nil {
+		if roots, _, err := a.store.CurrentRoots(); err == nil {
+			return roots
+		}
+	}
+	roots, _ := a.cfg.PinnedRoots()
+	return roots
 }
 
 // dropFile installs a file from the drop directory (read by watchDrops,

@@ -179,7 +179,7 @@ func (a *Agent) publish() {
 		st.Why = a.desired.Why[0]
 	}
 	next := &controlapi.SyncRequest{PolicyVersion: a.highest(), WaitSeconds: int(syncWait / time.Second), State: st,
-		RootsVersion: a.rootsVersion, Refused: slices.Clone(a.ch.refused)}
+		RootsVersion: a.rootsVersion(), Refused: slices.Clone(a.ch.refused)}
 	a.ch.sync.offer(next)
 }
 
@@ -292,7 +292,7 @@ func (a *Agent) obey(raw []byte) error {
 	if a.ch.rec != nil {
 		controlKey = a.ch.rec.CommandKey
 	}
-	v, err := command.Verify(raw, a.roots, controlKey)
+	v, err := command.Verify(raw, a.commandRoots(), controlKey)
 	if err == nil && a.store == nil {
 		err = errors.New("policy cache unusable; commands cannot be remembered safely")
 	}

@@ -12,12 +12,12 @@ import (
 )
 
 // Install is the one way a new bundle enters the cache: read with a hard
-// cap, verified against roots, admitted (newer than anything accepted, for
+// cap, verified against the trust roots in force, admitted (newer than anything accepted, for
 // this device, valid at now), then stored. Every outcome is audited; a
 // rejected bundle changes nothing else, so the previous policy stays in
 // force.
-func (s *Store) Install(r io.Reader, roots opskey.Roots, now time.Time, dev bundle.Device) (*bundle.Bundle, error) {
-	b, err := s.install(r, roots, now, dev)
+func (s *Store) Install(r io.Reader, now time.Time, dev bundle.Device) (*bundle.Bundle, error) {
+	b, err := s.install(r, now, dev)
 	if err != nil {
 		if aerr := s.Audit(now, "bundle-rejected", err.Error()); aerr != nil {
 			return nil, errors.Join(err, fmt.Errorf("audit: %w", aerr))
@@ -27,8 +27,12 @@ func (s *Store) Install(r io.Reader, roots opskey.Roots, now time.Time, dev bund
 	return b, nil
 }
 
-func (s *Store) install(r io.Reader, roots opskey.Roots, now time.Time, dev bundle.Device) (*bundle.Bundle, error) {
+func (s *Store) install(r io.Reader, now time.Time, dev bundle.Device) (*bundle.Bundle, error) {
 	raw, err := envelope.ReadAll(r)
+	if err != nil {
+		return nil, err
+	}
+	roots, _, err := s.CurrentRoots()
 	if err != nil {
 		return nil, err
 	}
@@ -49,8 +53,15 @@ func (s *Store) install(r io.Reader, roots opskey.Roots, now time.Time, dev bund
 	return b, nil
 }
 
-// CurrentRoots returns the trust roots in force and their version.
+// CurrentRoots returns the trust roots in force and their version. The
+// store keeps them decoded between changes: the agent asks on every
+// decision it reports.
 func (s *Store) CurrentRoots() (opskey.Roots, uint64, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.current != nil {
+		return s.current.roots, s.current.version, nil
+	}
 	set, ok, err := s.Roots()
 	if err != nil {
 		return opskey.Roots{}, 0, err
@@ -62,7 +73,23 @@ func (s *Store) CurrentRoots() (opskey.Roots, uint64, error) {
 	if err != nil {
 		return opskey.Roots{}, 0, fmt.Errorf("%w: trust roots: %w", ErrCorrupt, err)
 	}
+	s.current = &currentRoots{roots: roots, version: set.Version}
 	return roots, set.Version, nil
+}
+
+// PinRoots stores the keys pinned at install (pinned reads them) as the
+// first trust-root set, version 1, unless a set is stored: from then on
+// only a rotation changes them.
+func (s *Store) PinRoots(pinned func() (opskey.Roots, error)) error {
+	if _, ok, err := s.Roots(); err != nil || ok {
+		return err
+	}
+	roots, err := pinned()
+	if err != nil {
+		return fmt.Errorf("pin trust roots: %w", err)
+	}
+	_, err = s.SetRoots(bundle.NewRootSet(1, roots))
+	return err
 }
 
 // Rotate replaces the trust roots with a rotation signed by a threshold of

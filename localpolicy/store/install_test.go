@@ -19,10 +19,10 @@ import (
 // bundle exactly as it was.
 func TestInstallAuditsAndKeepsPreviousPolicy(t *testing.T) {
 	f := newFixture(t)
-	s := open(t, filepath.Join(t.TempDir(), "cache.db"))
+	s := f.open(t, filepath.Join(t.TempDir(), "cache.db"))
 	now := t0.Add(time.Minute)
 	v5 := f.bundle(t, 5, time.Hour)
-	if _, err := s.Install(bytes.NewReader(v5.Raw), f.roots, now, scanner); err != nil {
+	if _, err := s.Install(bytes.NewReader(v5.Raw), now, scanner); err != nil {
 		t.Fatalf("Install(v5): %v", err)
 	}
 	tampered := bytes.Clone(f.bundle(t, 6, time.Hour).Raw)
@@ -36,11 +36,11 @@ func TestInstallAuditsAndKeepsPreviousPolicy(t *testing.T) {
 		{[]byte("not a bundle"), envelope.ErrMalformed},
 	}
 	for _, r := range rejects {
-		if _, err := s.Install(bytes.NewReader(r.raw), f.roots, now, scanner); !errors.Is(err, r.want) {
+		if _, err := s.Install(bytes.NewReader(r.raw), now, scanner); !errors.Is(err, r.want) {
 			t.Errorf("Install = %v, want %v", err, r.want)
 		}
 	}
-	got, err := s.Load(f.roots, scanner)
+	got, err := s.Load(scanner)
 	if err != nil || !bytes.Equal(got.Raw, v5.Raw) {
 		t.Fatalf("after rejects the cache holds %v, %v; want v5 unchanged", got, err)
 	}
@@ -104,12 +104,9 @@ func TestRotate(t *testing.T) {
 func TestRotationKeepsTheCachedBundle(t *testing.T) {
 	f := newFixture(t)
 	path := filepath.Join(t.TempDir(), "cache.db")
-	s := open(t, path)
-	if _, err := s.SetRoots(bundle.NewRootSet(1, f.roots)); err != nil {
-		t.Fatal(err)
-	}
+	s := f.open(t, path)
 	dev := scanner
-	if _, err := s.Install(bytes.NewReader(f.bundle(t, 1, time.Hour).Raw), f.roots, t0, dev); err != nil {
+	if _, err := s.Install(bytes.NewReader(f.bundle(t, 1, time.Hour).Raw), t0, dev); err != nil {
 		t.Fatal(err)
 	}
 	_, newPriv, next := newKeySet(t)
@@ -121,15 +118,14 @@ func TestRotationKeepsTheCachedBundle(t *testing.T) {
 		t.Fatal(err)
 	}
 	s.Close()
-	s = open(t, path)
-	current, _, err := s.CurrentRoots()
-	if err != nil {
-		t.Fatal(err)
+	s = f.open(t, path) // pins nothing: the rotated set is stored
+	if _, v, err := s.CurrentRoots(); err != nil || v != 2 {
+		t.Fatalf("trust roots after a rotation and a restart: version %d, %v", v, err)
 	}
-	if b, err := s.Load(current, dev); err != nil || b.Version != 1 {
+	if b, err := s.Load(dev); err != nil || b.Version != 1 {
 		t.Fatalf("the cached bundle after a rotation and a restart: %v", err)
 	}
-	if _, err := s.Install(bytes.NewReader(f.bundle(t, 2, time.Hour).Raw), current, t0, dev); !errors.Is(err, envelope.ErrUnknownSigner) {
+	if _, err := s.Install(bytes.NewReader(f.bundle(t, 2, time.Hour).Raw), t0, dev); !errors.Is(err, envelope.ErrUnknownSigner) {
 		t.Errorf("a new bundle from the retired key = %v, want refused", err)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"sync"
 	"time"
 
 	"github.com/go-json-experiment/json"
@@ -56,10 +57,19 @@ var (
 	keyAuditTop    = []byte("audit_head")
 )
 
-// Store is the open cache. Its methods are safe for concurrent use.
+// Store is the open cache, and the one owner of what it holds: the
+// bundle, the trust roots, the sticky state, trusted time and the last
+// contact. Its methods are safe for concurrent use.
 type Store struct {
 	db      *bolt.DB
 	onAudit func(Event)
+	mu      sync.Mutex
+	current *currentRoots // decoded trust roots in force; nil: read them
+}
+
+type currentRoots struct {
+	roots   opskey.Roots
+	version uint64
 }
 
 // Open opens or creates the cache at path (mode 0600) and checks the file's
@@ -213,12 +223,12 @@ func (s *Store) Accept(b *bundle.Bundle, now time.Time) error {
 
 // Load reads the cached bundle back and verifies it again from its signed
 // bytes: against the root set it was accepted under, when the store
-// recorded one, else against roots. A trust-root rotation therefore leaves
+// recorded one, else against the roots in force. A trust-root rotation therefore leaves
 // the running policy valid until a bundle signed by the new keys replaces
 // it, across restarts. ErrNoBundle means the device never accepted one;
 // anything else means the cache cannot be trusted and the device belongs
 // in lockdown.
-func (s *Store) Load(roots opskey.Roots, dev bundle.Device) (*bundle.Bundle, error) {
+func (s *Store) Load(dev bundle.Device) (*bundle.Bundle, error) {
 	var raw, acceptedUnder []byte
 	var highest uint64
 	err := s.view(func(meta *bolt.Bucket, _ *bolt.Tx) error {
@@ -231,20 +241,15 @@ func (s *Store) Load(roots opskey.Roots, dev bundle.Device) (*bundle.Bundle, err
 	if err != nil {
 		return nil, err
 	}
-	if acceptedUnder != nil {
-		var set bundle.RootSet
-		if err := json.Unmarshal(acceptedUnder, &set); err != nil {
-			return nil, fmt.Errorf("%w: the cached bundle's trust roots: %v", ErrCorrupt, err)
-		}
-		if roots, err = set.Roots(); err != nil {
-			return nil, fmt.Errorf("%w: the cached bundle's trust roots: %w", ErrCorrupt, err)
-		}
-	}
 	if raw == nil {
 		if highest > 0 {
 			return nil, fmt.Errorf("%w: version %d was accepted but the cached bundle is missing", ErrCorrupt, highest)
 		}
 		return nil, ErrNoBundle
+	}
+	roots, err := s.acceptedUnder(acceptedUnder)
+	if err != nil {
+		return nil, err
 	}
 	b, err := bundle.Verify(raw, roots)
 	if err != nil {
@@ -254,6 +259,24 @@ func (s *Store) Load(roots opskey.Roots, dev bundle.Device) (*bundle.Bundle, err
 		return nil, fmt.Errorf("%w: %w", ErrCorrupt, err)
 	}
 	return b, nil
+}
+
+// acceptedUnder decodes the root set a bundle was accepted under; a cache
+// that recorded none (written before rotations) means the roots in force.
+func (s *Store) acceptedUnder(enc []byte) (opskey.Roots, error) {
+	if enc == nil {
+		roots, _, err := s.CurrentRoots()
+		return roots, err
+	}
+	var set bundle.RootSet
+	if err := json.Unmarshal(enc, &set); err != nil {
+		return opskey.Roots{}, fmt.Errorf("%w: the cached bundle's trust roots: %v", ErrCorrupt, err)
+	}
+	roots, err := set.Roots()
+	if err != nil {
+		return opskey.Roots{}, fmt.Errorf("%w: the cached bundle's trust roots: %w", ErrCorrupt, err)
+	}
+	return roots, nil
 }
 
 // TrustedTime is the latest time the device has reason to trust.
@@ -367,6 +390,9 @@ func (s *Store) SetRoots(set bundle.RootSet) (changed bool, err error) {
 	if err != nil {
 		return false, err
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.current = nil
 	return s.putIfChanged(keyRoots, enc)
 }
 

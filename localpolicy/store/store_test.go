@@ -58,6 +58,17 @@ func (f *fixture) bundle(t *testing.T, version uint64, validFor time.Duration) *
 	return b
 }
 
+// open opens the cache at path with the fixture's keys pinned, as the
+// agent's first boot does.
+func (f *fixture) open(t *testing.T, path string) *Store {
+	t.Helper()
+	s := open(t, path)
+	if err := s.PinRoots(func() (opskey.Roots, error) { return f.roots, nil }); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 func open(t *testing.T, path string) *Store {
 	t.Helper()
 	s, err := Open(path)
@@ -85,12 +96,12 @@ func rawEdit(t *testing.T, path string, fn func(meta *bolt.Bucket, tx *bolt.Tx) 
 func TestAcceptKeepsOriginalBytes(t *testing.T) {
 	f := newFixture(t)
 	path := filepath.Join(t.TempDir(), "cache.db")
-	s := open(t, path)
+	s := f.open(t, path)
 	b := f.bundle(t, 3, 7*24*time.Hour)
 	if err := s.Accept(b, t0); err != nil {
 		t.Fatal(err)
 	}
-	got, err := s.Load(f.roots, scanner)
+	got, err := s.Load(scanner)
 	if err != nil {
 		t.Fatalf("Load: %v", err)
 	}
@@ -104,8 +115,8 @@ func TestAcceptKeepsOriginalBytes(t *testing.T) {
 
 func TestFirstBootHasNoBundle(t *testing.T) {
 	f := newFixture(t)
-	s := open(t, filepath.Join(t.TempDir(), "cache.db"))
-	if _, err := s.Load(f.roots, scanner); !errors.Is(err, ErrNoBundle) {
+	s := f.open(t, filepath.Join(t.TempDir(), "cache.db"))
+	if _, err := s.Load(scanner); !errors.Is(err, ErrNoBundle) {
 		t.Fatalf("Load on a new cache = %v, want ErrNoBundle", err)
 	}
 }
@@ -113,13 +124,13 @@ func TestFirstBootHasNoBundle(t *testing.T) {
 func TestRollbackRefusedAcrossRestart(t *testing.T) {
 	f := newFixture(t)
 	path := filepath.Join(t.TempDir(), "cache.db")
-	s := open(t, path)
+	s := f.open(t, path)
 	if err := s.Accept(f.bundle(t, 5, time.Hour), t0); err != nil {
 		t.Fatal(err)
 	}
 	s.Close()
 
-	s = open(t, path)
+	s = f.open(t, path)
 	old := f.bundle(t, 4, time.Hour)
 	highest, err := s.Highest()
 	if err != nil || highest != 5 {
@@ -134,7 +145,7 @@ func TestRollbackRefusedAcrossRestart(t *testing.T) {
 	if err := s.Accept(f.bundle(t, 5, time.Hour), t0); !errors.Is(err, bundle.ErrRollback) {
 		t.Errorf("Accept(v5 again) = %v, want ErrRollback", err)
 	}
-	if b, err := s.Load(f.roots, scanner); err != nil || b.Version != 5 {
+	if b, err := s.Load(scanner); err != nil || b.Version != 5 {
 		t.Errorf("Load = v%v, %v; want v5", b, err)
 	}
 }
@@ -165,15 +176,15 @@ func TestTamperedCacheMeansLockdown(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "cache.db")
-			s := open(t, path)
+			s := f.open(t, path)
 			if err := s.Accept(f.bundle(t, 3, time.Hour), t0); err != nil {
 				t.Fatal(err)
 			}
 			s.Close()
 			rawEdit(t, path, func(meta *bolt.Bucket, tx *bolt.Tx) error { return tt.edit(t, f, meta, tx) })
 
-			s = open(t, path)
-			_, err := s.Load(f.roots, scanner)
+			s = f.open(t, path)
+			_, err := s.Load(scanner)
 			if !errors.Is(err, ErrCorrupt) {
 				t.Fatalf("Load = %v, want ErrCorrupt", err)
 			}
@@ -235,7 +246,7 @@ func TestCorruptionPatternsAreErrCorrupt(t *testing.T) {
 // that opening it is ErrCorrupt (or a fresh cache), never a crash.
 func corrupted(t *testing.T, f *fixture, oldFormat bool, corrupt func([]byte) []byte) {
 	path := filepath.Join(t.TempDir(), "cache.db")
-	s := open(t, path)
+	s := f.open(t, path)
 	if _, err := s.SetRoots(bundle.NewRootSet(1, f.roots)); err != nil {
 		t.Fatal(err)
 	}
@@ -265,7 +276,7 @@ func corrupted(t *testing.T, f *fixture, oldFormat bool, corrupt func([]byte) []
 		// Damage bbolt's own checks missed must still not
 		// yield a trusted policy.
 		defer s.Close()
-		_, err = s.Load(f.roots, scanner)
+		_, err = s.Load(scanner)
 	}
 	// A damaged meta page is what the second one is for: a cache that
 	// still yields the bundle it held is fine too.
@@ -297,7 +308,7 @@ func TestSecondOpenIsLocked(t *testing.T) {
 func TestClockSetBackwardsDoesNotReviveExpiredBundle(t *testing.T) {
 	f := newFixture(t)
 	path := filepath.Join(t.TempDir(), "cache.db")
-	s := open(t, path)
+	s := f.open(t, path)
 	b := f.bundle(t, 3, 24*time.Hour)
 	if err := s.Accept(b, t0); err != nil {
 		t.Fatal(err)
@@ -319,14 +330,14 @@ func TestClockSetBackwardsDoesNotReviveExpiredBundle(t *testing.T) {
 	}
 	s.Close()
 
-	s = open(t, path)
+	s = f.open(t, path)
 	floor, err := s.TrustedTime()
 	if err != nil {
 		t.Fatal(err)
 	}
 	setBack := func() time.Time { return t0.Add(time.Hour) } // before expiry
 	clock = trustedtime.New(floor, setBack)
-	cached, err := s.Load(f.roots, scanner)
+	cached, err := s.Load(scanner)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -343,7 +354,7 @@ func TestClockSetBackwardsDoesNotReviveExpiredBundle(t *testing.T) {
 func TestNoWriteWithoutChange(t *testing.T) {
 	f := newFixture(t)
 	path := filepath.Join(t.TempDir(), "cache.db")
-	s := open(t, path)
+	s := f.open(t, path)
 	if err := s.Accept(f.bundle(t, 3, time.Hour), t0); err != nil {
 		t.Fatal(err)
 	}
@@ -367,7 +378,7 @@ func TestNoWriteWithoutChange(t *testing.T) {
 		if err := s.AdvanceTrustedTime(t0.Add(-time.Hour)); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := s.Load(f.roots, scanner); err != nil {
+		if _, err := s.Load(scanner); err != nil {
 			t.Fatal(err)
 		}
 		if _, err := s.AuditLog(); err != nil {
