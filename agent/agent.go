@@ -84,7 +84,7 @@ type Agent struct {
 	tunErr    string // why the tunnel is not up, or its last failed apply
 	traffic   []tunnel.PeerState
 	ch        channel
-	sample    sampler
+	sample    *sampler
 	fixes     chan gpsd.Position
 	tracker   posture.Tracker
 	checks    []localpolicy.Check // every check's state after the latest sample
@@ -150,7 +150,6 @@ func New(cfg *config.Config, opts ...Option) *Agent {
 		reqs: make(chan request), enrolments: make(chan enrolStep), enrol: controlclient.Enroll,
 	}
 	a.ch.answers = make(chan syncResult)
-	a.sample.kick, a.sample.samples = make(chan struct{}, 1), make(chan sample)
 	a.fixes, a.stale = make(chan gpsd.Position, 1), make(chan struct{}, 1)
 	for _, o := range opts {
 		o(a)
@@ -159,6 +158,7 @@ func New(cfg *config.Config, opts ...Option) *Agent {
 		a.openFlowLog = kernelFlowLog(a.enforcer)
 	}
 	a.mon = newFlowMonitor(a.openFlowLog, a.log)
+	a.sample = newSampler(a.posture, time.Duration(cfg.Posture.Interval), a.log)
 	return a
 }
 
@@ -400,7 +400,8 @@ func (a *Agent) loop(ctx context.Context) {
 	if a.ch.sync != nil {
 		a.ch.sync.start(ctx)
 	}
-	a.startSampler(ctx)
+	a.kickSample() // the first sample gathers for the policy booted with
+	go a.sample.run(ctx)
 	a.startLocation(ctx)
 	startTrimmer(ctx)
 	a.mon.start(ctx)

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"log/slog"
 	"runtime/debug"
 	"slices"
 	"sync/atomic"
@@ -25,10 +26,14 @@ import (
 // after a quiet spell (timed samples do not count) is judged at once.
 const minResample = 250 * time.Millisecond
 
-// sampler gathers posture facts off the event loop, every interval,
-// whenever kicked (a new policy may name new checks) and whenever a
-// watched fact changes, and hands each sample to the loop.
+// sampler is the posture component: one goroutine (run) that gathers
+// facts every interval, whenever asked (a new policy may name new checks)
+// and whenever a watched fact changes, and hands each sample to the loop.
+// The loop judges samples; the sampler only gathers.
 type sampler struct {
+	posture  Posture
+	log      *slog.Logger
+	interval time.Duration
 	// wants is what the current policy's checks need gathered; each
 	// policy stores a new one, which also tells a sample gathered for an
 	// older policy from a current one.
@@ -43,6 +48,70 @@ type sample struct {
 	wants *posture.Wants
 }
 
+func newSampler(p Posture, interval time.Duration, log *slog.Logger) *sampler {
+	s := &sampler{posture: p, log: log, interval: interval, kick: make(chan struct{}, 1), samples: make(chan sample)}
+	s.wants.Store(&posture.Wants{})
+	return s
+}
+
+// ask asks for a sample now, gathering what w names.
+func (s *sampler) ask(w posture.Wants) {
+	s.wants.Store(&w)
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// current tells a sample gathered for the latest ask from an older one.
+func (s *sampler) current(smp sample) bool { return smp.wants == s.wants.Load() }
+
+// run samples until ctx ends.
+func (s *sampler) run(ctx context.Context) {
+	tick := time.NewTicker(s.interval)
+	defer tick.Stop()
+	var lastChange time.Time // when the latest change-triggered sample began
+	for {
+		select {
+		case <-s.kick: // this sample answers it
+		default:
+		}
+		wants := s.wants.Load()
+		f, err := s.posture.Gather(ctx, version.Version, *wants)
+		// A sample is a megabyte of short-lived garbage every interval;
+		// hand its pages back rather than carry them.
+		debug.FreeOSMemory()
+		if err != nil {
+			s.log.Warn("posture sample", "err", err)
+		} else {
+			select {
+			case s.samples <- sample{f, wants}:
+			case <-ctx.Done():
+				return
+			}
+		}
+		// What the checks watch (a required process, a pinned file) is
+		// sampled again the moment it changes, not at the next tick.
+		changed, stop := s.posture.Watch(*wants, f)
+		select {
+		case <-ctx.Done():
+		case <-tick.C:
+		case <-s.kick:
+		case why := <-changed:
+			s.log.Info("posture: sampling now", "because", why)
+			select {
+			case <-ctx.Done():
+			case <-time.After(minResample - time.Since(lastChange)):
+			}
+			lastChange = time.Now()
+		}
+		stop()
+		if ctx.Err() != nil {
+			return
+		}
+	}
+}
+
 // postureChecks are the current policy's checks for this device's class.
 // Only the event loop calls it.
 func (a *Agent) postureChecks() []policy.Check {
@@ -52,72 +121,15 @@ func (a *Agent) postureChecks() []policy.Check {
 	return a.bundle.Payload.Policy.Classes[a.device().Class].Checks
 }
 
-// startSampler runs the sampler until ctx ends.
-func (a *Agent) startSampler(ctx context.Context) {
-	s := &a.sample
-	s.wants.Store(new(posture.Want(a.postureChecks())))
-	go func() {
-		tick := time.NewTicker(time.Duration(a.cfg.Posture.Interval))
-		defer tick.Stop()
-		var lastChange time.Time // when the latest change-triggered sample began
-		for {
-			select {
-			case <-s.kick: // this sample answers it
-			default:
-			}
-			wants := s.wants.Load()
-			f, err := a.posture.Gather(ctx, version.Version, *wants)
-			// A sample is a megabyte of short-lived garbage every
-			// interval; hand its pages back rather than carry them.
-			debug.FreeOSMemory()
-			if err != nil {
-				a.log.Warn("posture sample", "err", err)
-			} else {
-				select {
-				case s.samples <- sample{f, wants}:
-				case <-ctx.Done():
-					return
-				}
-			}
-			// What the checks watch (a required process, a pinned
-			// file) is sampled again the moment it changes, not at
-			// the next tick.
-			changed, stop := a.posture.Watch(*wants, f)
-			select {
-			case <-ctx.Done():
-			case <-tick.C:
-			case <-s.kick:
-			case why := <-changed:
-				a.log.Info("posture: sampling now", "because", why)
-				select {
-				case <-ctx.Done():
-				case <-time.After(minResample - time.Since(lastChange)):
-				}
-				lastChange = time.Now()
-			}
-			stop()
-			if ctx.Err() != nil {
-				return
-			}
-		}
-	}()
-}
-
 // kickSample asks for a sample now, for the current policy's checks (a
 // new policy may name new files, processes or disks).
-func (a *Agent) kickSample() {
-	a.sample.wants.Store(new(posture.Want(a.postureChecks())))
-	select {
-	case a.sample.kick <- struct{}{}:
-	default:
-	}
-}
+func (a *Agent) kickSample() { a.sample.ask(posture.Want(a.postureChecks())) }
 
 // observe judges a sample: check results change the evaluator's input,
 // and every check that changes state is audited with what was seen and
 // what was expected. The inventory is reported when it changes.
 func (a *Agent) observe(s sample) {
-	if s.wants != a.sample.wants.Load() {
+	if !a.sample.current(s) {
 		// Gathered for an older policy: it may lack what the current
 		// checks read, and would fail them for it. The sample asked
 		// for the current policy follows.
