@@ -21,7 +21,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
-	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
 type request struct {
@@ -39,10 +38,10 @@ type answer struct {
 
 // answer completes resp on the loop.
 func (a *Agent) answer(resp adminapi.Response) answer {
-	if resp.Status == nil || a.tun == nil {
+	if resp.Status == nil || a.link.tun == nil {
 		return answer{Response: resp}
 	}
-	tun, segs, wall := a.tun, a.peerSegments(), a.wall
+	tun, segs, wall := a.link.tun, a.peerSegments(), a.wall
 	return answer{Response: resp, live: func(ts *adminapi.TunnelStatus) {
 		if st, err := tun.State(); err == nil {
 			ts.Peers = peerStatus(st, segs, wall())
@@ -66,7 +65,7 @@ func (a *Agent) handle(r request) adminapi.Response {
 		v := localpolicy.Explain(a.desired, doc, addr, port, proto)
 		return adminapi.Response{Verdict: &v, Status: a.status()}
 	case adminapi.OpRuleset:
-		return adminapi.Response{Ruleset: a.ruleset.Text()}
+		return adminapi.Response{Ruleset: a.table.ruleset.Text()}
 	case adminapi.OpRotateKey:
 		return a.rotateKey()
 	case adminapi.OpApply:
@@ -88,8 +87,8 @@ func (a *Agent) status() *adminapi.Status {
 	s := &adminapi.Status{
 		DeviceID: a.cfg.Device.ID, DeviceClass: a.cfg.Device.Class,
 		Mode: a.desired.Mode.String(), Why: a.desired.Why, PolicyVersion: a.desired.PolicyVersion, RootsVersion: a.rootsVersion(),
-		TrustedTime: a.clock.Now().UTC(), LastApply: a.lastApply, ApplyError: a.applyErr,
-		DriftRepairs: a.repairs, NextChange: a.desired.NextChange, Decisions: a.desired.Decisions, Checks: a.currentChecks(),
+		TrustedTime: a.clock.Now().UTC(), LastApply: a.table.lastApply, ApplyError: a.table.applyErr,
+		DriftRepairs: a.table.repairs, NextChange: a.desired.NextChange, Decisions: a.desired.Decisions, Checks: a.currentChecks(),
 		Open: []string{},
 	}
 	if a.bundle != nil {
@@ -108,13 +107,7 @@ func (a *Agent) status() *adminapi.Status {
 }
 
 func (a *Agent) tunnelStatus() adminapi.TunnelStatus {
-	ts := adminapi.TunnelStatus{Interface: a.cfg.Tunnel.Interface, Error: a.tunErr, Peers: []adminapi.PeerStatus{}}
-	if a.tun == nil {
-		return ts
-	}
-	ts.PublicKey = a.tun.PublicKey().String()
-	ts.Peers = peerStatus(a.traffic, a.peerSegments(), a.wall())
-	return ts
+	return a.link.status(a.cfg.Tunnel.Interface, a.peerSegments(), a.wall())
 }
 
 // peerSegments maps each wanted peer to the segments it carries.
@@ -126,27 +119,14 @@ func (a *Agent) peerSegments() map[policy.Key][]string {
 	return segs
 }
 
-func peerStatus(traffic []tunnel.PeerState, segs map[policy.Key][]string, now time.Time) []adminapi.PeerStatus {
-	out := []adminapi.PeerStatus{}
-	for _, p := range traffic {
-		ps := adminapi.PeerStatus{PublicKey: p.PublicKey.String(), Segments: segs[p.PublicKey], Endpoint: p.Endpoint.String(),
-			LastHandshake: p.LastHandshake, HandshakeAge: -1, RxBytes: p.RxBytes, TxBytes: p.TxBytes}
-		if !p.LastHandshake.IsZero() {
-			ps.HandshakeAge = int64(now.Sub(p.LastHandshake) / time.Second)
-		}
-		out = append(out, ps)
-	}
-	return out
-}
-
 // rotateKey replaces the device's WireGuard key; the old one stops working
 // at once and gateways must learn the new public key.
 func (a *Agent) rotateKey() adminapi.Response {
-	if a.tun == nil {
-		return adminapi.Response{Error: "the tunnel is not up, so there is no key to rotate: " + a.tunErr}
+	if a.link.tun == nil {
+		return adminapi.Response{Error: "the tunnel is not up, so there is no key to rotate: " + a.link.err}
 	}
-	old := a.tun.PublicKey()
-	pub, err := a.tun.RotateKey()
+	old := a.link.tun.PublicKey()
+	pub, err := a.link.tun.RotateKey()
 	if err != nil {
 		return adminapi.Response{Error: "key rotation failed: " + err.Error()}
 	}

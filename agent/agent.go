@@ -30,7 +30,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/trustedtime"
 	"github.com/bulkhead-edge/bulkhead/posture"
-	"github.com/bulkhead-edge/bulkhead/posture/gpsd"
 	"github.com/bulkhead-edge/bulkhead/tunnel"
 )
 
@@ -50,12 +49,8 @@ const (
 // Agent is the daemon. Everything below the configuration is owned by the
 // goroutine running Run; other goroutines reach it through requests.
 type Agent struct {
-	cfg      *config.Config
-	log      *slog.Logger
-	enforcer Enforcer
-	// openTunnel makes the WireGuard device (tunnel.Open; tests open it
-	// inside their namespace, or fake it).
-	openTunnel  func(tunnel.Config) (Tunnel, error)
+	cfg         *config.Config
+	log         *slog.Logger
 	openFlowLog func() (FlowLog, error)
 	posture     Posture
 	wall        func() time.Time
@@ -76,18 +71,6 @@ type Agent struct {
 	sticky    localpolicy.Sticky
 	desired   localpolicy.Desired
 	evaluated bool // desired holds an evaluation (false until the boot apply)
-	ruleset   nft.Ruleset
-	lastApply time.Time
-	repairs   int
-	applyErr  string
-	tun       Tunnel // nil until the tunnel is up
-	tunErr    string // why the tunnel is not up, or its last failed apply
-	traffic   []tunnel.PeerState
-	ch        channel
-	sample    *sampler
-	fixes     chan gpsd.Position
-	tracker   posture.Tracker
-	checks    []localpolicy.Check // every check's state after the latest sample
 	// ctlTime is control's time in its latest answer, and ctlAt the
 	// wall() reading (with its monotonic part) when it arrived.
 	ctlTime, ctlAt time.Time
@@ -95,21 +78,18 @@ type Agent struct {
 	// savedContact what the cache holds of it (written only when it has
 	// moved on by a fraction of max_offline: flash wears).
 	lastContact, savedContact time.Time
-	// tampered lists the outside changes to the table found since the
-	// latest sample; tableErr is why the table could not be read back.
-	tampered []string
-	tableErr string
-	// fix is gpsd's latest position (none yet: zero Arrived), and sides
-	// which of the policy's geofences it lies in.
-	fix   gpsd.Position
-	sides uint64
-	// staleTimer fires (on stale) when the fix grows older than the
-	// strictest max_fix_age, so that check is judged at that instant.
-	staleTimer *time.Timer
-	stale      chan struct{}
+	tracker                   posture.Tracker
+	checks                    []localpolicy.Check // every check's state after the latest sample
 	// lastInventory is the inventory last reported.
 	lastInventory string
-	mon           flowMonitor
+
+	// The components: each owns its state (and goroutine, if it has one).
+	table  table       // the kernel table
+	link   link        // the WireGuard tunnel
+	ch     channel     // the control channel (its goroutine: the syncer)
+	sample *sampler    // posture sampling
+	loc    locator     // the device's position
+	mon    flowMonitor // the table's log
 }
 
 // Option adjusts an Agent; tests use them.
@@ -117,12 +97,12 @@ type Option func(*Agent)
 
 // WithEnforcer replaces the enforcer (a test enforces in its own
 // namespace, or in memory).
-func WithEnforcer(e Enforcer) Option { return func(a *Agent) { a.enforcer = e } }
+func WithEnforcer(e Enforcer) Option { return func(a *Agent) { a.table.kernel = e } }
 
 // WithTunnel replaces how the tunnel is opened (a test opens it in its own
 // namespace, or in memory).
 func WithTunnel(open func(tunnel.Config) (Tunnel, error)) Option {
-	return func(a *Agent) { a.openTunnel = open }
+	return func(a *Agent) { a.link.open = open }
 }
 
 // WithFlowLog replaces how the table's log is bound (by default in the
@@ -145,19 +125,20 @@ func WithLogger(l *slog.Logger) Option { return func(a *Agent) { a.log = l } }
 // New makes an agent; it touches nothing until Boot.
 func New(cfg *config.Config, opts ...Option) *Agent {
 	a := &Agent{
-		cfg: cfg, enforcer: nft.NewEnforcer(), openTunnel: openTunnel, posture: hostPosture{}, wall: time.Now,
+		cfg: cfg, table: table{kernel: nft.NewEnforcer()}, link: link{open: openTunnel}, posture: hostPosture{}, wall: time.Now,
 		log:  slog.New(slog.NewTextHandler(os.Stderr, nil)),
 		reqs: make(chan request), enrolments: make(chan enrolStep), enrol: controlclient.Enroll,
 	}
 	a.ch.answers = make(chan syncResult)
-	a.fixes, a.stale = make(chan gpsd.Position, 1), make(chan struct{}, 1)
 	for _, o := range opts {
 		o(a)
 	}
 	if a.openFlowLog == nil {
-		a.openFlowLog = kernelFlowLog(a.enforcer)
+		a.openFlowLog = kernelFlowLog(a.table.kernel)
 	}
 	a.mon = newFlowMonitor(a.openFlowLog, a.log)
+	a.link.log, a.loc = a.log, newLocator(cfg.Location)
+	a.table.log, a.table.wall = a.log, a.wall
 	a.sample = newSampler(a.posture, time.Duration(cfg.Posture.Interval), a.log)
 	return a
 }
@@ -182,7 +163,7 @@ func (a *Agent) Boot() error {
 	if err := a.reconcile("boot"); err != nil {
 		return err
 	}
-	if a.startTunnel() {
+	if a.link.up(a.cfg.WireGuard()) {
 		// Gateways may now reach the tunnel's port.
 		return a.reconcile("tunnel up")
 	}
@@ -197,7 +178,7 @@ func (a *Agent) Boot() error {
 // closed. A table that is there (this agent's, from before a restart) is
 // left alone: its flows keep flowing until the boot apply decides.
 func (a *Agent) lockdownFirst() error {
-	present, err := a.enforcer.Present()
+	present, err := a.table.kernel.Present()
 	if err != nil || present {
 		return err
 	}
@@ -207,7 +188,7 @@ func (a *Agent) lockdownFirst() error {
 	}
 	d := localpolicy.Evaluate(localpolicy.Input{NoPolicy: "starting: the policy cache is not read yet", Device: a.cfg.Identity(),
 		Now: a.wall(), Floor: a.cfg.SafetyFloor, Control: eps})
-	if _, err := a.enforcer.Apply(nft.Build(d, a.nftOptions())); err != nil {
+	if _, err := a.table.apply(nft.Build(d, a.nftOptions())); err != nil {
 		return fmt.Errorf("static lockdown table: %w", err)
 	}
 	a.log.Info("static lockdown table in place before the cache is read")
@@ -219,48 +200,10 @@ func (a *Agent) lockdownFirst() error {
 // device with a fixed port gets the same table before and after).
 func (a *Agent) nftOptions() nft.Options {
 	o := nft.Options{DHCP: *a.cfg.DHCP, Tunnel: a.cfg.Tunnel.Interface, ListenPort: a.cfg.Tunnel.ListenPort}
-	if a.tun != nil {
-		o.ListenPort = a.tun.ListenPort()
+	if a.link.tun != nil {
+		o.ListenPort = a.link.tun.ListenPort()
 	}
 	return o
-}
-
-// startTunnel brings the WireGuard device up; it reports whether it is up.
-func (a *Agent) startTunnel() bool {
-	cfg := a.cfg.WireGuard()
-	cfg.Logger = a.log
-	t, err := a.openTunnel(cfg)
-	if err != nil {
-		if err.Error() != a.tunErr { // retried every full check; say it once
-			a.log.Error("tunnel not up; segments stay closed until it is", "err", err)
-		}
-		a.tunErr = err.Error()
-		return false
-	}
-	a.tun, a.tunErr = t, ""
-	a.log.Info("tunnel up", "interface", t.Name(), "public_key", t.PublicKey().String())
-	return true
-}
-
-// applyTunnel makes the tunnel's peers and routes those of the Desired
-// state and reads back their counters.
-func (a *Agent) applyTunnel() {
-	if a.tun == nil {
-		return
-	}
-	st, changed, err := a.tun.Apply(tunnel.Wanted(a.desired.Peers))
-	if st != nil {
-		a.traffic = st
-	}
-	if err != nil {
-		a.tunErr = err.Error()
-		a.log.Error("tunnel apply failed", "err", err)
-	} else {
-		a.tunErr = ""
-		if changed {
-			a.log.Info("tunnel peers", "peers", len(a.desired.Peers))
-		}
-	}
 }
 
 func (a *Agent) openStore() error {
@@ -325,7 +268,7 @@ func (a *Agent) reconcile(why string) error {
 	if a.bundle != nil {
 		in.Bundle = &a.bundle.Payload
 	}
-	for _, p := range a.traffic {
+	for _, p := range a.link.traffic {
 		in.Traffic = append(in.Traffic, localpolicy.PeerTraffic{PublicKey: p.PublicKey, LastHandshake: p.LastHandshake, RxBytes: p.RxBytes, TxBytes: p.TxBytes})
 	}
 	prev, known := a.desired.Mode, a.evaluated
@@ -333,18 +276,14 @@ func (a *Agent) reconcile(why string) error {
 	// Peers change with the table. Either order is safe: segment rules
 	// accept only packets on the tunnel interface, so a destination whose
 	// peer is gone (its route falls back to the uplink) is already dropped.
-	a.applyTunnel()
+	a.link.apply(a.desired.Peers)
 	a.syncFlowLog()
-	a.ruleset = nft.Build(a.desired, a.nftOptions())
-	changed, err := a.enforcer.Apply(a.ruleset)
+	changed, err := a.table.apply(nft.Build(a.desired, a.nftOptions()))
 	if err != nil {
-		a.applyErr = err.Error()
 		a.log.Error("apply failed; the previous ruleset stays in force", "err", err)
 		return err
 	}
-	a.applyErr = ""
 	if changed {
-		a.lastApply = a.wall()
 		a.log.Info("enforcing", "why", why, "mode", a.desired.Mode, "policy", a.desired.PolicyVersion, "segments", len(a.desired.Segments))
 	}
 	if known && a.desired.Mode != prev { // boot has no mode to change from
@@ -402,7 +341,7 @@ func (a *Agent) loop(ctx context.Context) {
 	}
 	a.kickSample() // the first sample gathers for the policy booted with
 	go a.sample.run(ctx)
-	a.startLocation(ctx)
+	a.loc.start(ctx, a.log)
 	startTrimmer(ctx)
 	a.mon.start(ctx)
 	a.syncFlowLog() // a monitor applied at boot
@@ -426,10 +365,8 @@ func (a *Agent) loop(ctx context.Context) {
 			if a.store != nil {
 				a.store.Close()
 			}
-			a.enforcer.Close()
-			if a.tun != nil {
-				a.tun.Close()
-			}
+			a.table.kernel.Close()
+			a.link.close()
 			a.mon.close()
 			if a.ch.sync != nil {
 				a.ch.sync.close()
@@ -445,24 +382,26 @@ func (a *Agent) loop(ctx context.Context) {
 			a.enrolStepped(ctx, s)
 		case s := <-a.sample.samples:
 			a.observe(s)
-		case p := <-a.fixes:
-			a.newFix(p)
-		case <-a.stale:
+		case p := <-a.loc.fixes:
+			if a.loc.update(p, a.postureChecks()) {
+				a.kickSample()
+			}
+		case <-a.loc.stale:
 			a.kickSample()
 		case res := <-a.ch.answers:
 			res.done <- a.handleSync(res.resp)
 		case <-next.C:
 			a.reconcile("scheduled change")
 		case <-drift.C:
-			a.checkDrift(a.enforcer.Verify)
+			a.checkDrift(false)
 		case <-deep.C:
-			a.checkDrift(a.enforcer.Check)
+			a.checkDrift(true)
 		case <-peers.C:
-			if a.tun == nil && a.startTunnel() {
+			if a.link.up(a.cfg.WireGuard()) {
 				a.reconcile("tunnel up")
 			}
-			a.applyTunnel() // also restores peers edited by hand
-			a.syncFlowLog() // retries a group that could not be bound
+			a.link.apply(a.desired.Peers) // also restores peers edited by hand
+			a.syncFlowLog()               // retries a group that could not be bound
 		case f := <-drops:
 			f.verdict <- a.dropFile(f)
 		case f := <-a.mon.flows:
@@ -481,29 +420,17 @@ func (a *Agent) untilNextChange() time.Duration {
 	return max(a.desired.NextChange.Sub(a.clock.Now()), 0)
 }
 
-func (a *Agent) checkDrift(check func(nft.Ruleset) error) {
-	err := check(a.ruleset)
-	if err == nil {
-		a.tableErr = ""
+// checkDrift compares the kernel's table with what was applied and
+// restores it after an outside change.
+func (a *Agent) checkDrift(deep bool) {
+	drift, repaired := a.table.check(deep)
+	if drift == nil {
 		return
 	}
-	if !errors.Is(err, nft.ErrDrift) {
-		a.log.Warn("cannot read the table back", "err", err)
-		a.tableErr = err.Error()
-		return
-	}
-	a.log.Warn("table changed from outside; restoring", "drift", err)
 	// A table_intact check judges this at once, not at the next tick.
-	a.tampered = append(a.tampered, strings.TrimPrefix(err.Error(), nft.ErrDrift.Error()+": "))
 	a.kickSample()
-	if err := a.enforcer.Reapply(a.ruleset); err != nil {
-		a.log.Error("restore failed", "err", err)
-		return
-	}
-	a.repairs++
-	a.lastApply = a.wall()
-	if a.store != nil {
-		a.audit("drift-repaired", err.Error())
+	if repaired && a.store != nil {
+		a.audit("drift-repaired", drift.Error())
 	}
 }
 

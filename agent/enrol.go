@@ -46,10 +46,7 @@ func (a *Agent) beginEnrol(ctx context.Context, r request) {
 		return
 	}
 	a.ch.enrolling = r.URL
-	wg := ""
-	if a.tun != nil {
-		wg = a.tun.PublicKey().String()
-	}
+	wg := a.link.publicKey()
 	stateDir, class, steps, enrol := a.cfg.StateDir, a.cfg.Device.Class, a.enrolments, a.enrol
 	go func() {
 		ectx, cancel := context.WithTimeout(ctx, enrolTimeout)

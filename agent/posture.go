@@ -16,7 +16,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/posture"
-	"github.com/bulkhead-edge/bulkhead/posture/gpsd"
 )
 
 // minResample spaces the samples a watched change triggers: a fact that
@@ -160,15 +159,14 @@ func (a *Agent) observe(s sample) {
 // Counters are per gateway peer; every segment behind a gateway sees its
 // peer's.
 func (a *Agent) readTunnel(f *posture.Facts) {
-	if a.tun == nil {
+	if a.link.tun == nil {
 		return // no tunnel: no segment is open, nothing can move
 	}
-	st, err := a.tun.State()
+	st, err := a.link.read()
 	if err != nil {
 		f.Unread = append(f.Unread, "tunnel")
 		return
 	}
-	a.traffic = st
 	f.Tunnel = map[string]uint64{}
 	for _, p := range st {
 		for _, want := range a.desired.Peers {
@@ -193,18 +191,11 @@ func (a *Agent) readSelf(f *posture.Facts) {
 		// since it arrived (a clock set back meanwhile moves neither).
 		f.ClockSkew = now.Round(0).Sub(a.ctlTime.Add(now.Sub(a.ctlAt)))
 	}
-	if a.tableErr != "" {
+	if a.table.readErr != "" {
 		f.Unread = append(f.Unread, "table")
 	}
-	switch {
-	case a.cfg.Location.Static != nil:
-		f.Location = &posture.Fix{Lat: a.cfg.Location.Static.Lat, Lon: a.cfg.Location.Static.Lon, Source: "static"}
-	case !a.fix.Arrived.IsZero():
-		f.Location = &posture.Fix{Lat: a.fix.Lat, Lon: a.fix.Lon, Age: a.wall().Sub(a.fix.Arrived), Source: "gpsd"}
-	default:
-		f.Unread = append(f.Unread, "location")
-	}
-	f.Tampered, a.tampered = a.tampered, nil
+	a.loc.read(f, a.wall())
+	f.Tampered = a.table.takeTampered()
 }
 
 // currentChecks are the check results the evaluator sees: those of the
@@ -290,55 +281,4 @@ func observed(f *posture.Facts) (peers, dsts []string) {
 		return s[:min(len(s), maxObserved)]
 	}
 	return bound(peers), bound(dsts)
-}
-
-// startLocation follows gpsd, when configured, until ctx ends: every fix
-// goes to the event loop.
-func (a *Agent) startLocation(ctx context.Context) {
-	addr := a.cfg.Location.GPSD
-	if addr == "" {
-		return
-	}
-	go gpsd.Watch(ctx, addr, func(p gpsd.Position) {
-		// Only the newest matters: one still waiting is replaced.
-		select {
-		case <-a.fixes:
-		default:
-		}
-		a.fixes <- p // the only sender, and the buffer was just emptied
-	}, func(err error) { a.log.Warn("no position from gpsd; retrying", "err", err) })
-}
-
-// newFix keeps the latest position. A fix on the other side of a
-// geofence than the last one is judged at once (a sample is kicked);
-// others wait for the next sample, which sees the latest. The moment the
-// fix grows too old for a max_fix_age check is judged at once too.
-func (a *Agent) newFix(p gpsd.Position) {
-	first := a.fix.Arrived.IsZero()
-	a.fix = p
-	var maxAge time.Duration
-	for _, c := range a.postureChecks() {
-		if age := time.Duration(c.MaxFixAge); age > 0 && (maxAge == 0 || age < maxAge) {
-			maxAge = age
-		}
-	}
-	if a.staleTimer != nil {
-		a.staleTimer.Stop()
-	}
-	if maxAge > 0 {
-		a.staleTimer = time.AfterFunc(maxAge+time.Millisecond, func() {
-			select {
-			case a.stale <- struct{}{}:
-			default:
-			}
-		})
-	}
-	fences := posture.Fences(a.postureChecks())
-	if len(fences) == 0 {
-		return
-	}
-	if sides := posture.Sides(fences, p.Lat, p.Lon); first || sides != a.sides {
-		a.sides = sides
-		a.kickSample()
-	}
 }
