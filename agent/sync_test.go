@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"path/filepath"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
@@ -69,9 +70,10 @@ func syncing(t *testing.T, f controlClient, opts ...func(*syncer)) (*syncer, cha
 	return s, answers
 }
 
-// nextReport waits for the syncer's next report. The bound is far below
-// the poll's own length (syncWait): a report left for the poll to end
-// fails here instead of arriving minutes later.
+// nextReport waits for the syncer's next report. The tests run in
+// synctest bubbles, so the bound is the bubble's time, far below the
+// poll's own length (syncWait): a report left for the poll to end fails
+// here, at once, and never because the machine is slow.
 func nextReport(t *testing.T, f *fakeControl, what string) controlapi.ReportRequest {
 	t.Helper()
 	select {
@@ -97,38 +99,42 @@ func kindsOf(r controlapi.ReportRequest) []string {
 // first: demo scenario 7's rolled-back bundle, rejected on the same tick
 // as a refused-flows report, was never reported in time.
 func TestEventDuringAReportIsNotLeftForThePoll(t *testing.T) {
-	f := newFakeControl()
-	s, _ := syncing(t, f)
-	s.queue(time.Now(), "first", "")
-	if got := kindsOf(nextReport(t, f, "the first event")); len(got) != 1 || got[0] != "first" {
-		t.Fatalf("first report %v", got)
-	}
-	s.queue(time.Now(), "second", "") // while the first is in flight
-	f.answer <- nil
-	if got := kindsOf(nextReport(t, f, "the event added during the first report")); len(got) != 1 || got[0] != "second" {
-		t.Fatalf("second report %v, want [second]", got)
-	}
-	f.answer <- nil
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeControl()
+		s, _ := syncing(t, f)
+		s.queue(time.Now(), "first", "")
+		if got := kindsOf(nextReport(t, f, "the first event")); len(got) != 1 || got[0] != "first" {
+			t.Fatalf("first report %v", got)
+		}
+		s.queue(time.Now(), "second", "") // while the first is in flight
+		f.answer <- nil
+		if got := kindsOf(nextReport(t, f, "the event added during the first report")); len(got) != 1 || got[0] != "second" {
+			t.Fatalf("second report %v, want [second]", got)
+		}
+		f.answer <- nil
+	})
 }
 
 // A report the server does not take stays in the outbox and is posted
 // again after a backoff; meanwhile the poll is held, so orders still
 // arrive.
 func TestRefusedReportIsRetriedWhilePolling(t *testing.T) {
-	f := newFakeControl()
-	s, _ := syncing(t, f)
-	s.queue(time.Now(), "refused-once", "")
-	nextReport(t, f, "the event")
-	f.answer <- errors.New("503 service unavailable")
-	select {
-	case <-f.polls:
-	case <-time.After(30 * time.Second):
-		t.Fatal("no poll after a failed report: orders would not arrive")
-	}
-	if got := kindsOf(nextReport(t, f, "the retry")); len(got) != 1 || got[0] != "refused-once" {
-		t.Fatalf("retried report %v", got)
-	}
-	f.answer <- nil
+	synctest.Test(t, func(t *testing.T) {
+		f := newFakeControl()
+		s, _ := syncing(t, f)
+		s.queue(time.Now(), "refused-once", "")
+		nextReport(t, f, "the event")
+		f.answer <- errors.New("503 service unavailable")
+		select {
+		case <-f.polls:
+		case <-time.After(30 * time.Second):
+			t.Fatal("no poll after a failed report: orders would not arrive")
+		}
+		if got := kindsOf(nextReport(t, f, "the retry")); len(got) != 1 || got[0] != "refused-once" {
+			t.Fatalf("retried report %v", got)
+		}
+		f.answer <- nil
+	})
 }
 
 // offering is a control server that answers every poll at once with an
@@ -145,26 +151,28 @@ func (o *offering) Sync(ctx context.Context, _ controlapi.SyncRequest, connected
 // twice as long each time up to a minute, so the device cannot be made to
 // refuse, and audit, thousands a second (4,140 in 10 s, before).
 func TestRefusedOffersArePaced(t *testing.T) {
-	f := &offering{*newFakeControl()}
-	pauses := make(chan time.Duration)
-	_, answers := syncing(t, f, func(s *syncer) {
-		s.sleep = func(ctx context.Context, d time.Duration) bool {
-			select {
-			case pauses <- d:
-				return true
-			case <-ctx.Done():
-				return false
+	synctest.Test(t, func(t *testing.T) {
+		f := &offering{*newFakeControl()}
+		pauses := make(chan time.Duration)
+		_, answers := syncing(t, f, func(s *syncer) {
+			s.sleep = func(ctx context.Context, d time.Duration) bool {
+				select {
+				case pauses <- d:
+					return true
+				case <-ctx.Done():
+					return false
+				}
 			}
+		})
+		want := backoffFirst
+		for i := range 9 {
+			res := <-answers
+			res.done <- true // refused
+			d := <-pauses
+			if d < want/2 || d > want*3/2 {
+				t.Fatalf("pause %d after a refused offer: %s, want about %s", i, d, want)
+			}
+			want = min(2*want, backoffMax)
 		}
 	})
-	want := backoffFirst
-	for i := range 9 {
-		res := <-answers
-		res.done <- true // refused
-		d := <-pauses
-		if d < want/2 || d > want*3/2 {
-			t.Fatalf("pause %d after a refused offer: %s, want about %s", i, d, want)
-		}
-		want = min(2*want, backoffMax)
-	}
 }
