@@ -68,7 +68,7 @@ fuzz: deps
 	go test -run '^$$' -fuzz '^FuzzEnrollRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./control/server
 	go test -run '^$$' -fuzz '^FuzzSyncRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./control/server
 	go test -run '^$$' -fuzz '^FuzzReportRequest$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./control/server
-	go test -run '^$$' -fuzz '^FuzzSyncResponse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./agent/controlapi
+	go test -run '^$$' -fuzz '^FuzzSyncResponse$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 0 ./api/controlapi
 
 bench: deps
 	@.ci/ensure-debs $(TEST_DEBS)

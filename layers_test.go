@@ -19,7 +19,7 @@ var layers = [][]string{
 	{"localpolicy/policy", "localpolicy/envelope"},
 	{"localpolicy/bundle"},
 	{"localpolicy", "localpolicy/command", "localpolicy/store", "localpolicy/nft", "posture", "posture/", "tunnel"},
-	{"agent/controlapi", "agent/adminapi"},
+	{"api/controlapi", "api/adminapi"},
 	{"agent/config", "agent/controlclient", "agent/spool", "agent/flowlog", "control/pki", "control/suggest", "control/opsclient"},
 	{"agent", "control/server"},
 	{"installer", "control/opscli"},

@@ -10,10 +10,10 @@ import (
 	"slices"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/agent/spool"
+	"github.com/bulkhead-edge/bulkhead/api/adminapi"
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/internal/boltfile"
 	"github.com/bulkhead-edge/bulkhead/internal/version"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"

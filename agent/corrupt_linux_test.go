@@ -8,7 +8,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
+	"github.com/bulkhead-edge/bulkhead/api/adminapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 )
 

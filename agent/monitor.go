@@ -7,9 +7,9 @@ import (
 
 	"github.com/go-json-experiment/json"
 
-	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/flowlog"
+	"github.com/bulkhead-edge/bulkhead/api/adminapi"
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 )
 
 // flowReportEvery is how often the flows seen in monitor mode, and the

@@ -13,8 +13,8 @@ import (
 
 	jsonv2 "github.com/go-json-experiment/json"
 
-	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/api/adminapi"
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/store"

@@ -10,9 +10,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
 	"github.com/bulkhead-edge/bulkhead/agent/spool"
+	"github.com/bulkhead-edge/bulkhead/api/adminapi"
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 )
 
 // The sync client's pacing. A poll is held by the server for syncWait when

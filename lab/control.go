@@ -15,7 +15,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/opsclient"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
 )

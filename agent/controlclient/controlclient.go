@@ -27,7 +27,7 @@ import (
 
 	"github.com/go-json-experiment/json"
 
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/internal/atomicfile"
 )
 

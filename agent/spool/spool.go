@@ -14,7 +14,7 @@ import (
 	"github.com/go-json-experiment/json"
 	bolt "go.etcd.io/bbolt"
 
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/internal/boltfile"
 )
 

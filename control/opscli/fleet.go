@@ -4,8 +4,6 @@ import (
 	"context"
 	"flag"
 	"fmt"
-	"github.com/bulkhead-edge/bulkhead/control/pki"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"log/slog"
 	"net"
 	"net/url"
@@ -18,10 +16,13 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/bulkhead-edge/bulkhead/control/pki"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+
 	"github.com/go-json-experiment/json"
 	"github.com/go-json-experiment/json/jsontext"
 
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/server"
 	"github.com/bulkhead-edge/bulkhead/control/suggest"
 	"github.com/bulkhead-edge/bulkhead/internal/atomicfile"

@@ -22,7 +22,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	bolt "go.etcd.io/bbolt"
+
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
 	"github.com/bulkhead-edge/bulkhead/control/server"
 	"github.com/bulkhead-edge/bulkhead/examples"
@@ -30,7 +32,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
-	bolt "go.etcd.io/bbolt"
 )
 
 // The binaries the tests build (lab.Binary) are removed when they end.

@@ -13,7 +13,7 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/bulkhead-edge/bulkhead/agent/controlapi"
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 

@@ -4,8 +4,8 @@ import (
 	"net/netip"
 	"time"
 
-	"github.com/bulkhead-edge/bulkhead/agent/adminapi"
 	"github.com/bulkhead-edge/bulkhead/agent/config"
+	"github.com/bulkhead-edge/bulkhead/api/adminapi"
 	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/lab/agentproc"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
