@@ -54,6 +54,9 @@ type Record struct {
 	// in the configuration. The agent never trusts them from here.
 	OpsKeys      [][]byte `json:"ops_keys,omitzero"`
 	OpsThreshold int      `json:"ops_threshold,omitzero"`
+	// TunnelAddress is the tunnel address control assigned, bound in the
+	// certificate with the WireGuard key (none: the server has no pool).
+	TunnelAddress netip.Addr `json:"tunnel_address,omitzero"`
 }
 
 // ErrNotEnrolled is returned by Load on a device that never enrolled.
@@ -129,8 +132,11 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 			return nil, errors.New("enrolment answer: an ops key is not an Ed25519 public key")
 		}
 	}
+	if err := checkBinding(cert, wgKey, resp.TunnelAddress); err != nil {
+		return nil, fmt.Errorf("enrolment answer: %w", err)
+	}
 	rec := &Record{URL: rawURL, Fingerprint: fp, DeviceID: resp.DeviceID, Class: resp.Class, Endpoint: endpoint, CA: resp.CA,
-		CommandKey: resp.CommandKey, OpsKeys: resp.OpsKeys, OpsThreshold: resp.OpsThreshold}
+		CommandKey: resp.CommandKey, OpsKeys: resp.OpsKeys, OpsThreshold: resp.OpsThreshold, TunnelAddress: resp.TunnelAddress}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(identity)
 	if err != nil {
 		return nil, err
@@ -154,6 +160,33 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 		}
 	}
 	return rec, nil
+}
+
+// checkBinding checks that the certificate binds the tunnel key the
+// device sent (if it sent one) and the address control assigned (if it
+// assigned one), and nothing else: gateways will admit the device by
+// what its certificate binds.
+func checkBinding(cert *x509.Certificate, wgKey string, addr netip.Addr) error {
+	b, bound, err := controlapi.BindingOf(cert)
+	if err != nil {
+		return err
+	}
+	switch {
+	case wgKey == "" && bound:
+		return errors.New("the certificate binds a WireGuard key the device did not send")
+	case wgKey != "" && (!bound || b.Key.String() != wgKey):
+		return errors.New("the certificate does not bind this device's WireGuard key")
+	case b.Address != addr:
+		return fmt.Errorf("the certificate binds tunnel address %s, the answer assigns %s", orNone(b.Address), orNone(addr))
+	}
+	return nil
+}
+
+func orNone(a netip.Addr) string {
+	if !a.IsValid() {
+		return "none"
+	}
+	return a.String()
 }
 
 // pinnedTLS is the client side of an enrolment: TLS 1.3, and the chain

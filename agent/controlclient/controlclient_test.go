@@ -18,6 +18,7 @@ import (
 
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 // control is a control server over real TLS 1.3 with its own CA: it
@@ -30,7 +31,10 @@ type control struct {
 	srv    *httptest.Server
 	url    string
 	fp     string
-	answer func(*controlapi.EnrollResponse) // bends the enrolment answer
+	answer func(*control, *controlapi.EnrollResponse) // bends the enrolment answer
+	// addr is the tunnel address the server assigns (none: no pool); it
+	// binds it, and the WireGuard key the device sends, as control does.
+	addr netip.Addr
 	// peer is the client certificate on the latest sync or report.
 	peer *x509.Certificate
 }
@@ -78,14 +82,25 @@ func (c *control) enroll(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, `{"error": "bad csr"}`, http.StatusBadRequest)
 		return
 	}
-	der, err := c.ca.ClientCert(csr.PublicKey, controlapi.DeviceURIPrefix+"dev-1", "dev-1")
+	uris, ips := []string{controlapi.DeviceURIPrefix + "dev-1"}, []netip.Addr{}
+	if req.WireGuardKey != "" {
+		var k policy.Key
+		if err := k.UnmarshalText([]byte(req.WireGuardKey)); err != nil {
+			c.t.Error(err)
+		}
+		uris = append(uris, controlapi.TunnelBinding{Key: k}.URI())
+	}
+	if c.addr.IsValid() {
+		ips = append(ips, c.addr)
+	}
+	der, err := c.ca.ClientCert(csr.PublicKey, "dev-1", uris, ips...)
 	if err != nil {
 		c.t.Error(err)
 	}
 	cmd, _, _ := ed25519.GenerateKey(rand.Reader)
-	resp := controlapi.EnrollResponse{DeviceID: "dev-1", Class: req.Class, Certificate: der, CA: c.ca.Cert.Raw, CommandKey: cmd}
+	resp := controlapi.EnrollResponse{DeviceID: "dev-1", Class: req.Class, Certificate: der, CA: c.ca.Cert.Raw, CommandKey: cmd, TunnelAddress: c.addr}
 	if c.answer != nil {
-		c.answer(&resp)
+		c.answer(c, &resp)
 	}
 	c.write(w, resp)
 }
@@ -115,9 +130,10 @@ func (c *control) endpoint() netip.AddrPort {
 	return ep
 }
 
-// enrolIn enrols into dir as a scanner with the pinned fingerprint fp.
-func (c *control) enrolIn(dir, fp string) (*Record, error) {
-	return Enroll(context.Background(), dir, c.url, "token", fp, "scanner", "", c.endpoint())
+// enrolIn enrols into dir as a scanner with the pinned fingerprint fp,
+// and wgKey as its tunnel key, if any.
+func (c *control) enrolIn(dir, fp string, wgKey ...string) (*Record, error) {
+	return Enroll(context.Background(), dir, c.url, "token", fp, "scanner", strings.Join(wgKey, ""), c.endpoint())
 }
 
 func TestEnrolThenSyncAndReportOverMutualTLS(t *testing.T) {
@@ -160,6 +176,37 @@ func TestEnrolThenSyncAndReportOverMutualTLS(t *testing.T) {
 	}
 }
 
+const testWGKey = "5p2fPOTJKkll/Ed47AnOR2v5sJGQzt1u2YTxkfOVjzQ="
+
+// rebind issues the certificate der again, for the same key, with the
+// device URI and extra as its URI SANs.
+func (c *control) rebind(der []byte, extra ...string) []byte {
+	c.t.Helper()
+	orig, err := x509.ParseCertificate(der)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	out, err := c.ca.ClientCert(orig.PublicKey, "dev-1", append([]string{controlapi.DeviceURIPrefix + "dev-1"}, extra...))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return out
+}
+
+// A device enrolled with its tunnel key gets a certificate binding that
+// key and the address control assigned, and keeps the address.
+func TestEnrolmentBindsTheTunnel(t *testing.T) {
+	c := newControl(t)
+	c.addr = netip.MustParseAddr("100.80.0.7")
+	rec, err := c.enrolIn(t.TempDir(), c.fp, testWGKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec.TunnelAddress != c.addr {
+		t.Fatalf("recorded tunnel address %v, want %v", rec.TunnelAddress, c.addr)
+	}
+}
+
 func TestEnrolmentRefusesWhatItCannotTrust(t *testing.T) {
 	other, _, err := pki.LoadOrCreate(t.TempDir())
 	if err != nil {
@@ -168,18 +215,33 @@ func TestEnrolmentRefusesWhatItCannotTrust(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		fp     func(*control) string
-		answer func(*controlapi.EnrollResponse)
+		answer func(*control, *controlapi.EnrollResponse)
+		wgKey  string
 		want   string
 	}{
 		{name: "another CA pinned", fp: func(*control) string { return controlapi.Fingerprint(other.Cert) }, want: "not the pinned"},
-		{name: "a certificate for another key", answer: func(r *controlapi.EnrollResponse) {
+		{name: "a certificate for another key", answer: func(_ *control, r *controlapi.EnrollResponse) {
 			pub, _, _ := ed25519.GenerateKey(rand.Reader)
-			r.Certificate, _ = other.ClientCert(pub, controlapi.DeviceURIPrefix+"dev-1", "dev-1")
+			r.Certificate, _ = other.ClientCert(pub, "dev-1", []string{controlapi.DeviceURIPrefix + "dev-1"})
 		}, want: "not for this device's identity key"},
-		{name: "a CA other than the pinned one", answer: func(r *controlapi.EnrollResponse) { r.CA = other.Cert.Raw }, want: "differs from the one the connection was pinned to"},
-		{name: "no command key", answer: func(r *controlapi.EnrollResponse) { r.CommandKey = nil }, want: "no command key"},
-		{name: "another class", answer: func(r *controlapi.EnrollResponse) { r.Class = "gateway" }, want: `enrolled as class "gateway"`},
-		{name: "a short ops key", answer: func(r *controlapi.EnrollResponse) { r.OpsKeys = [][]byte{{1, 2, 3}} }, want: "not an Ed25519 public key"},
+		{name: "a CA other than the pinned one", answer: func(_ *control, r *controlapi.EnrollResponse) { r.CA = other.Cert.Raw }, want: "differs from the one the connection was pinned to"},
+		{name: "no command key", answer: func(_ *control, r *controlapi.EnrollResponse) { r.CommandKey = nil }, want: "no command key"},
+		{name: "another class", answer: func(_ *control, r *controlapi.EnrollResponse) { r.Class = "gateway" }, want: `enrolled as class "gateway"`},
+		{name: "a short ops key", answer: func(_ *control, r *controlapi.EnrollResponse) { r.OpsKeys = [][]byte{{1, 2, 3}} }, want: "not an Ed25519 public key"},
+		// Gateways admit a device by what its certificate binds: it must
+		// bind exactly the key the device sent and the address assigned.
+		{name: "an address the certificate does not bind", answer: func(_ *control, r *controlapi.EnrollResponse) {
+			r.TunnelAddress = netip.MustParseAddr("100.80.0.1")
+		}, want: "the certificate binds tunnel address none, the answer assigns 100.80.0.1"},
+		{name: "a WireGuard key the device did not send", answer: func(c *control, r *controlapi.EnrollResponse) {
+			r.Certificate = c.rebind(r.Certificate, controlapi.TunnelBinding{Key: policy.Key{1}}.URI())
+		}, want: "binds a WireGuard key the device did not send"},
+		{name: "another WireGuard key", wgKey: testWGKey, answer: func(c *control, r *controlapi.EnrollResponse) {
+			r.Certificate = c.rebind(r.Certificate, controlapi.TunnelBinding{Key: policy.Key{1}}.URI())
+		}, want: "does not bind this device's WireGuard key"},
+		{name: "no WireGuard key", wgKey: testWGKey, answer: func(c *control, r *controlapi.EnrollResponse) {
+			r.Certificate = c.rebind(r.Certificate)
+		}, want: "does not bind this device's WireGuard key"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newControl(t)
@@ -189,7 +251,7 @@ func TestEnrolmentRefusesWhatItCannotTrust(t *testing.T) {
 				fp = tc.fp(c)
 			}
 			dir := t.TempDir()
-			_, err := c.enrolIn(dir, fp)
+			_, err := c.enrolIn(dir, fp, tc.wgKey)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Fatalf("Enroll: %v, want %q", err, tc.want)
 			}

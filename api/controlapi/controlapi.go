@@ -8,6 +8,7 @@ package controlapi
 import (
 	"crypto/sha256"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -39,11 +40,58 @@ const (
 	PathAdminFlows    = "/v1/admin/flows" // GET ?class=C
 )
 
-// URI SANs that say what a client certificate is for.
+// URI SANs that say what a client certificate is for, and (WireGuardURIPrefix)
+// the tunnel key it binds.
 const (
-	DeviceURIPrefix = "bulkhead://device/"
-	OpsURIPrefix    = "bulkhead://ops/"
+	DeviceURIPrefix    = "bulkhead://device/"
+	OpsURIPrefix       = "bulkhead://ops/"
+	WireGuardURIPrefix = "bulkhead://wireguard/"
 )
+
+// TunnelBinding is what a device's certificate binds to its identity for
+// the gateways: its WireGuard public key (a URI SAN, WireGuardURIPrefix
+// and the key in unpadded base64url) and its tunnel address (an IP SAN),
+// both recorded at enrolment. A gateway that trusts the control CA admits
+// a peer only with the key and address its certificate names.
+type TunnelBinding struct {
+	Key     policy.Key
+	Address netip.Addr
+}
+
+// URI is the binding's URI SAN.
+func (b TunnelBinding) URI() string {
+	return WireGuardURIPrefix + base64.RawURLEncoding.EncodeToString(b.Key[:])
+}
+
+// BindingOf reads the tunnel binding of a device certificate: ok is false
+// when it binds no key. A certificate naming two keys or two addresses
+// binds nothing (an error).
+func BindingOf(cert *x509.Certificate) (b TunnelBinding, ok bool, err error) {
+	for _, u := range cert.URIs {
+		rest, found := strings.CutPrefix(u.String(), WireGuardURIPrefix)
+		if !found {
+			continue
+		}
+		if ok {
+			return TunnelBinding{}, false, errors.New("the certificate binds more than one WireGuard key")
+		}
+		raw, derr := base64.RawURLEncoding.DecodeString(rest)
+		if derr != nil || len(raw) != len(b.Key) {
+			return TunnelBinding{}, false, fmt.Errorf("the certificate's WireGuard key %q is not 32 bytes of base64url", rest)
+		}
+		copy(b.Key[:], raw)
+		ok = true
+	}
+	switch len(cert.IPAddresses) {
+	case 0:
+	case 1:
+		a, _ := netip.AddrFromSlice(cert.IPAddresses[0])
+		b.Address = a.Unmap()
+	default:
+		return TunnelBinding{}, false, errors.New("the certificate binds more than one tunnel address")
+	}
+	return b, ok, nil
+}
 
 // MaxWait caps how long the server holds a sync open.
 const MaxWait = 10 * time.Minute
@@ -101,6 +149,10 @@ type EnrollResponse struct {
 	CommandKey []byte `json:"command_key"`
 	// Class is the class the device was enrolled as (the token's).
 	Class string `json:"class"`
+	// TunnelAddress is the device's tunnel address, assigned from the
+	// server's pool and bound in Certificate (none: the server has no
+	// pool, and the device's configuration names its address).
+	TunnelAddress netip.Addr `json:"tunnel_address,omitzero"`
 	// OpsKeys are the ops public keys (raw Ed25519) and OpsThreshold how
 	// many must sign, as the server was told to publish them. The
 	// installer pins them in the device's configuration at install; the
@@ -269,13 +321,16 @@ const (
 
 // Device is the ops desk's view of one device.
 type Device struct {
-	ID           string      `json:"id"`
-	Class        string      `json:"class"`
-	Hostname     string      `json:"hostname,omitzero"`
-	WireGuardKey string      `json:"wireguard_key,omitzero"`
-	EnrolledAt   time.Time   `json:"enrolled_at"`
-	LastSeen     time.Time   `json:"last_seen,omitzero"`
-	State        DeviceState `json:"state"`
+	ID           string `json:"id"`
+	Class        string `json:"class"`
+	Hostname     string `json:"hostname,omitzero"`
+	WireGuardKey string `json:"wireguard_key,omitzero"`
+	// TunnelAddress is the address control assigned the device's tunnel
+	// from its pool (none when the server has no pool).
+	TunnelAddress netip.Addr  `json:"tunnel_address,omitzero"`
+	EnrolledAt    time.Time   `json:"enrolled_at"`
+	LastSeen      time.Time   `json:"last_seen,omitzero"`
+	State         DeviceState `json:"state"`
 	// Reports are the latest events, newest last (device show only).
 	Reports []Event `json:"reports,omitzero"`
 	// ReportsDropped sums what the device's outbox discarded.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -48,6 +49,7 @@ func serveCmd() *subcmd.Command {
 			opsThreshold := fs.Int("ops-threshold", 0, "how many of the --ops-pub keys devices require on a bundle (default: all)")
 			clockOffset := fs.Duration("clock-offset", 0, "for drills and tests only: run the server's clock this far ahead (negative: behind) of the machine's")
 			lifetime := fs.Duration("command-lifetime", server.DefaultCommandLifetime, "how long each delivery of an order the server signs stays valid (1s-1h); the order stays in force until lifted")
+			pool := fs.String("tunnel-pool", "", "`PREFIX` devices' tunnel addresses are assigned from at enrolment, each bound in the device's certificate with its WireGuard key (for example 100.80.0.0/16); default: none, devices name their own")
 			return func(env *subcmd.Env, args []string) error {
 				if len(args) > 0 {
 					return subcmd.Usagef("serve takes no arguments, got %q", args)
@@ -70,11 +72,22 @@ func serveCmd() *subcmd.Command {
 				if *lifetime < time.Second || *lifetime > command.MaxLifetime {
 					return subcmd.Usagef("--command-lifetime must be between 1s and %v", command.MaxLifetime)
 				}
+				var tunnelPool netip.Prefix
+				if *pool != "" {
+					p, err := netip.ParsePrefix(*pool)
+					if err != nil {
+						return subcmd.Usagef("--tunnel-pool %q: not a prefix such as 100.80.0.0/16", *pool)
+					}
+					if err := server.CheckTunnelPool(p); err != nil {
+						return subcmd.Usagef("--tunnel-pool: %v", err)
+					}
+					tunnelPool = p
+				}
 				if len(names) == 0 {
 					names = subcmd.Strings{"localhost", "127.0.0.1"}
 				}
 				log := slog.New(slog.NewTextHandler(env.Stderr, nil))
-				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log, Ops: ops, ClockOffset: *clockOffset, CommandLifetime: *lifetime})
+				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log, Ops: ops, ClockOffset: *clockOffset, CommandLifetime: *lifetime, TunnelPool: tunnelPool})
 				if err != nil {
 					return err
 				}

@@ -18,6 +18,7 @@ import (
 	"io/fs"
 	"math/big"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -134,15 +135,22 @@ func (ca *CA) ServerCert(names []string) (tls.Certificate, error) {
 	return tls.Certificate{Certificate: [][]byte{der, ca.Cert.Raw}, PrivateKey: key}, nil
 }
 
-// ClientCert issues a client certificate for pub whose URI SAN is uri
-// (controlapi.DeviceURIPrefix+id, or OpsURIPrefix+name).
-func (ca *CA) ClientCert(pub crypto.PublicKey, uri, commonName string) ([]byte, error) {
-	u, err := url.Parse(uri)
-	if err != nil {
-		return nil, err
-	}
+// ClientCert issues a client certificate for pub whose URI SANs are uris
+// (the first says what it is for: controlapi.DeviceURIPrefix+id, or
+// OpsURIPrefix+name; a device's may add its tunnel binding) and whose IP
+// SANs are ips.
+func (ca *CA) ClientCert(pub crypto.PublicKey, commonName string, uris []string, ips ...netip.Addr) ([]byte, error) {
 	tmpl := ca.leaf(pkix.Name{CommonName: commonName}, x509.ExtKeyUsageClientAuth)
-	tmpl.URIs = []*url.URL{u}
+	for _, raw := range uris {
+		u, err := url.Parse(raw)
+		if err != nil {
+			return nil, err
+		}
+		tmpl.URIs = append(tmpl.URIs, u)
+	}
+	for _, ip := range ips {
+		tmpl.IPAddresses = append(tmpl.IPAddresses, ip.AsSlice())
+	}
 	return x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, pub, ca.key)
 }
 

@@ -22,7 +22,7 @@ func TestCAIssuesBoundClientCertificates(t *testing.T) {
 		t.Fatalf("load: %v, created %v, same CA %v", err, created, err == nil && again.Cert.Equal(ca.Cert))
 	}
 	pub, _, _ := ed25519.GenerateKey(rand.Reader)
-	der, err := ca.ClientCert(pub, "bulkhead://device/dev-1", "device dev-1")
+	der, err := ca.ClientCert(pub, "device dev-1", []string{"bulkhead://device/dev-1"})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,11 +7,16 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -35,7 +40,7 @@ type api struct {
 	opsKey ed25519.PrivateKey
 }
 
-func newAPI(t *testing.T, keepAlive time.Duration) *api {
+func newAPI(t *testing.T, keepAlive time.Duration, opts ...func(*Config)) *api {
 	t.Helper()
 	pub, priv, _ := ed25519.GenerateKey(rand.Reader)
 	roots, err := opskey.NewRoots(1, pub)
@@ -43,7 +48,11 @@ func newAPI(t *testing.T, keepAlive time.Duration) *api {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	s, _, err := Open(Config{DataDir: dir, KeepAlive: keepAlive, Ops: roots, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	cfg := Config{DataDir: dir, KeepAlive: keepAlive, Ops: roots, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	s, _, err := Open(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -250,5 +259,114 @@ func TestReportsAreTakenOnce(t *testing.T) {
 	decodeOK(t, a.call("GET", controlapi.PathAdminDevices+"/"+deviceID(dev), nil, a.ops), &d)
 	if len(d.Reports) != 2 || d.Reports[0].Seq != 1 || d.Reports[1].Seq != 2 {
 		t.Errorf("reports stored: %+v, want events 1 and 2 once each", d.Reports)
+	}
+}
+
+// enrolKeyed enrols a device of class with a fresh token and tunnel key
+// key, from any goroutine: it returns what went wrong instead of failing
+// the test.
+func (a *api) enrolKeyed(token, class string, key policy.Key) (*x509.Certificate, controlapi.EnrollResponse, error) {
+	_, priv, _ := ed25519.GenerateKey(rand.Reader)
+	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev"}}, priv)
+	w := a.call("POST", controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, CSR: csr, WireGuardKey: key.String()}, nil)
+	var resp controlapi.EnrollResponse
+	if w.Code != http.StatusOK {
+		return nil, resp, fmt.Errorf("status %d: %s", w.Code, w.Body)
+	}
+	if err := json.Unmarshal(w.Body.Bytes(), &resp); err != nil {
+		return nil, resp, err
+	}
+	cert, err := x509.ParseCertificate(resp.Certificate)
+	return cert, resp, err
+}
+
+func (a *api) token(t *testing.T, class string) string {
+	t.Helper()
+	var tok controlapi.TokenResponse
+	decodeOK(t, a.call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: class, TTLSeconds: 3600, AllowUnknownClass: true}, a.ops), &tok)
+	return tok.Token
+}
+
+// Control gives each device the lowest free address of its pool and
+// binds it, with the device's WireGuard key, in the device's certificate:
+// enrolments at once never share an address, and a full pool refuses the
+// enrolment and leaves its token unspent.
+func TestEnrolmentAssignsBoundTunnelAddresses(t *testing.T) {
+	pool := netip.MustParsePrefix("100.80.0.0/29") // .1 to .6; .0 and .7 are never assigned
+	a := newAPI(t, time.Millisecond, func(c *Config) { c.TunnelPool = pool })
+	tokens := make([]string, 6)
+	for i := range tokens {
+		tokens[i] = a.token(t, "scanner")
+	}
+	type enrolled struct {
+		key  policy.Key
+		cert *x509.Certificate
+		resp controlapi.EnrollResponse
+		err  error
+	}
+	results := make([]enrolled, len(tokens))
+	var wg sync.WaitGroup
+	for i, tok := range tokens {
+		wg.Go(func() {
+			r := &results[i]
+			rand.Read(r.key[:])
+			r.cert, r.resp, r.err = a.enrolKeyed(tok, "scanner", r.key)
+		})
+	}
+	wg.Wait()
+	var got []string
+	for _, r := range results {
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		b, ok, err := controlapi.BindingOf(r.cert)
+		if err != nil || !ok || b.Key != r.key || b.Address != r.resp.TunnelAddress {
+			t.Fatalf("device %s: certificate binds %v (bound %v, %v); want key %v and address %v", r.resp.DeviceID, b, ok, err, r.key, r.resp.TunnelAddress)
+		}
+		var d controlapi.Device
+		decodeOK(t, a.call("GET", controlapi.PathAdminDevices+"/"+r.resp.DeviceID, nil, a.ops), &d)
+		if d.TunnelAddress != r.resp.TunnelAddress {
+			t.Errorf("device %s: record says %v, answer %v", d.ID, d.TunnelAddress, r.resp.TunnelAddress)
+		}
+		got = append(got, r.resp.TunnelAddress.String())
+	}
+	slices.Sort(got)
+	if want := []string{"100.80.0.1", "100.80.0.2", "100.80.0.3", "100.80.0.4", "100.80.0.5", "100.80.0.6"}; !slices.Equal(got, want) {
+		t.Fatalf("addresses assigned %v, want each of %v once", got, want)
+	}
+	last := a.token(t, "scanner")
+	if _, _, err := a.enrolKeyed(last, "scanner", policy.Key{7}); err == nil || !strings.Contains(err.Error(), "the tunnel address pool 100.80.0.0/29 is exhausted") {
+		t.Fatalf("an enrolment into a full pool: %v", err)
+	}
+	if err := a.s.db.checkToken(last, "scanner", time.Now()); err != nil {
+		t.Errorf("the refused enrolment spent its token: %v", err)
+	}
+}
+
+// Without a pool, a device names its own address: its certificate binds
+// its key and no address.
+func TestEnrolmentWithoutAPoolBindsTheKeyOnly(t *testing.T) {
+	a := newAPI(t, time.Millisecond)
+	cert, resp, err := a.enrolKeyed(a.token(t, "scanner"), "scanner", policy.Key{9})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b, ok, err := controlapi.BindingOf(cert); err != nil || !ok || b.Key != (policy.Key{9}) || b.Address.IsValid() || resp.TunnelAddress.IsValid() {
+		t.Fatalf("binding %v (bound %v, %v), answer's address %v: want the key and no address", b, ok, err, resp.TunnelAddress)
+	}
+}
+
+func TestCheckTunnelPool(t *testing.T) {
+	for pool, want := range map[string]string{
+		"100.80.0.0/16":   "",
+		"fd7a:115c::/64":  "",
+		"100.80.0.1/16":   "host bits set (did you mean 100.80.0.0/16?)",
+		"100.80.0.0/30":   "too small",
+		"fd7a:115c::/127": "too small",
+	} {
+		err := CheckTunnelPool(netip.MustParsePrefix(pool))
+		if (want == "") != (err == nil) || err != nil && !strings.Contains(err.Error(), want) {
+			t.Errorf("CheckTunnelPool(%s) = %v, want %q", pool, err, want)
+		}
 	}
 }

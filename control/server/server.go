@@ -18,6 +18,7 @@ import (
 	"maps"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -35,6 +36,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 // Files in the data directory.
@@ -72,6 +74,10 @@ type Config struct {
 	// stays valid (DefaultCommandLifetime when zero). The order itself
 	// stays in force until ops lift it.
 	CommandLifetime time.Duration
+	// TunnelPool is where devices' tunnel addresses are assigned from at
+	// enrolment, each bound in the device's certificate with its
+	// WireGuard key (zero: none assigned; devices name their own).
+	TunnelPool netip.Prefix
 }
 
 // Server is a running control server.
@@ -116,6 +122,11 @@ func Open(cfg Config) (*Server, bool, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	if cfg.TunnelPool.IsValid() {
+		if err := CheckTunnelPool(cfg.TunnelPool); err != nil {
+			return nil, false, err
+		}
 	}
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, false, err
@@ -254,7 +265,7 @@ func IssueOps(ca *pki.CA, dir, name string) error {
 	if err != nil {
 		return err
 	}
-	der, err := ca.ClientCert(priv.Public(), controlapi.OpsURIPrefix+name, "operator "+name)
+	der, err := ca.ClientCert(priv.Public(), "operator "+name, []string{controlapi.OpsURIPrefix + name})
 	if err != nil {
 		return err
 	}
@@ -464,10 +475,22 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var der []byte
-	dev, err := s.db.enroll(req.Token, req.Class, now, func(id, class string) (controlapi.Device, error) {
+	dev, err := s.db.enroll(req.Token, req.Class, s.cfg.TunnelPool, now, func(id, class string, addr netip.Addr) (controlapi.Device, error) {
+		uris := []string{controlapi.DeviceURIPrefix + id}
+		if req.WireGuardKey != "" {
+			var key policy.Key
+			if err := key.UnmarshalText([]byte(req.WireGuardKey)); err != nil {
+				return controlapi.Device{}, err
+			}
+			uris = append(uris, controlapi.TunnelBinding{Key: key}.URI())
+		}
+		var ips []netip.Addr
+		if addr.IsValid() {
+			ips = append(ips, addr)
+		}
 		var err error
-		der, err = s.ca.ClientCert(csr.PublicKey, controlapi.DeviceURIPrefix+id, "device "+id)
-		return controlapi.Device{ID: id, Class: class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, EnrolledAt: now.UTC()}, err
+		der, err = s.ca.ClientCert(csr.PublicKey, "device "+id, uris, ips...)
+		return controlapi.Device{ID: id, Class: class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, TunnelAddress: addr, EnrolledAt: now.UTC()}, err
 	})
 	switch {
 	case isTokenError(err):
@@ -478,7 +501,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("device enrolled", "id", dev.ID, "class", dev.Class, "hostname", dev.Hostname)
-	resp := controlapi.EnrollResponse{DeviceID: dev.ID, Class: dev.Class, Certificate: der, CA: s.ca.Cert.Raw,
+	resp := controlapi.EnrollResponse{DeviceID: dev.ID, Class: dev.Class, TunnelAddress: dev.TunnelAddress, Certificate: der, CA: s.ca.Cert.Raw,
 		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), OpsThreshold: s.cfg.Ops.Threshold}
 	for _, k := range s.cfg.Ops.Keys() {
 		resp.OpsKeys = append(resp.OpsKeys, k)

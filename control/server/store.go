@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net/netip"
 	"slices"
 	"time"
 
@@ -59,7 +60,7 @@ func openDB(path string) (*db, error) {
 		return nil, fmt.Errorf("open %s: %w (is another bulkhead-control serve using it?)", path, err)
 	}
 	err = b.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketOrders, bucketReports, bucketAudit, bucketFlows, bucketRoots} {
+		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketOrders, bucketReports, bucketAudit, bucketFlows, bucketRoots, bucketAddresses} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -167,9 +168,10 @@ func tokenUsable(t token, ok bool, class string, now time.Time) error {
 	return nil
 }
 
-// enroll spends the token and records the device, all or nothing: a
-// refused or failed enrolment leaves the token as it was.
-func (d *db) enroll(tok, class string, now time.Time, issue func(id, class string) (controlapi.Device, error)) (controlapi.Device, error) {
+// enroll spends the token, assigns the device a tunnel address from pool
+// (when valid) and records the device, all or nothing: a refused or
+// failed enrolment leaves the token and the pool as they were.
+func (d *db) enroll(tok, class string, pool netip.Prefix, now time.Time, issue func(id, class string, addr netip.Addr) (controlapi.Device, error)) (controlapi.Device, error) {
 	var dev controlapi.Device
 	err := d.bolt.Update(func(tx *bolt.Tx) error {
 		tb := tx.Bucket(bucketTokens)
@@ -181,7 +183,14 @@ func (d *db) enroll(tok, class string, now time.Time, issue func(id, class strin
 			return err
 		}
 		class = t.Class
-		if dev, err = issue(randomID("dev-", 6), class); err != nil {
+		id := randomID("dev-", 6)
+		var addr netip.Addr
+		if pool.IsValid() {
+			if addr, err = assignAddress(tx, pool, id); err != nil {
+				return err
+			}
+		}
+		if dev, err = issue(id, class, addr); err != nil {
 			return err
 		}
 		t.UsedBy = dev.ID
@@ -191,7 +200,11 @@ func (d *db) enroll(tok, class string, now time.Time, issue func(id, class strin
 		if err := put(tx.Bucket(bucketDevices), []byte(dev.ID), dev); err != nil {
 			return err
 		}
-		return audit(tx, now, "device "+dev.ID, "enrolled", fmt.Sprintf("class %s, hostname %q", class, dev.Hostname))
+		detail := fmt.Sprintf("class %s, hostname %q", class, dev.Hostname)
+		if addr.IsValid() {
+			detail += ", tunnel address " + addr.String()
+		}
+		return audit(tx, now, "device "+dev.ID, "enrolled", detail)
 	})
 	return dev, err
 }
