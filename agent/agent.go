@@ -163,7 +163,7 @@ func (a *Agent) Boot() error {
 	if err := a.reconcile("boot"); err != nil {
 		return err
 	}
-	if a.link.up(a.cfg.WireGuard()) {
+	if a.link.up(a.tunnelConfig()) {
 		// Gateways may now reach the tunnel's port.
 		return a.reconcile("tunnel up")
 	}
@@ -204,6 +204,26 @@ func (a *Agent) nftOptions() nft.Options {
 		o.ListenPort = a.link.tun.ListenPort()
 	}
 	return o
+}
+
+// tunnelConfig is the tunnel as configured, with the address control
+// assigned at enrolment when the configuration names none.
+func (a *Agent) tunnelConfig() tunnel.Config {
+	cfg := a.cfg.WireGuard()
+	if p, ok := a.assignedAddress(); ok && len(cfg.Addresses) == 0 {
+		cfg.Addresses = []netip.Prefix{p}
+	}
+	return cfg
+}
+
+// assignedAddress is the tunnel address control assigned at enrolment,
+// as a single-address prefix.
+func (a *Agent) assignedAddress() (netip.Prefix, bool) {
+	if a.ch.rec == nil || !a.ch.rec.TunnelAddress.IsValid() {
+		return netip.Prefix{}, false
+	}
+	addr := a.ch.rec.TunnelAddress
+	return netip.PrefixFrom(addr, addr.BitLen()), true
 }
 
 func (a *Agent) openStore() error {
@@ -397,7 +417,7 @@ func (a *Agent) loop(ctx context.Context) {
 		case <-deep.C:
 			a.checkDrift(true)
 		case <-peers.C:
-			if a.link.up(a.cfg.WireGuard()) {
+			if a.link.up(a.tunnelConfig()) {
 				a.reconcile("tunnel up")
 			}
 			a.link.apply(a.desired.Peers) // also restores peers edited by hand

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -43,6 +44,12 @@ type controlSite struct {
 // newControlSite builds the site; serve are further flags for the control
 // server, which publishes the site's ops key.
 func newControlSite(t *testing.T, serve ...string) *controlSite {
+	return newControlSiteWith(t, "100.64.0.2/32", serve...)
+}
+
+// newControlSiteWith builds the site with aTun as agent a's configured
+// tunnel address ("": none, control assigns one).
+func newControlSiteWith(t *testing.T, aTun string, serve ...string) *controlSite {
 	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go")
 	s := &controlSite{}
 	dir := t.TempDir()
@@ -51,7 +58,7 @@ func newControlSite(t *testing.T, serve ...string) *controlSite {
 	ctlNS, nsA := lab.NewNS(t, "ctl"), lab.NewNS(t, "agent")
 	truck := lab.StartTelematics(t, nsA, netip.MustParsePrefix("192.168.50.0/29"))
 	s.safety = truck.Controller
-	s.a, s.b = s.newAgent(t, nsA, "100.64.0.2/32", truck.Floor()), s.newAgent(t, lab.NewNS(t, "agent"), "100.64.0.3/32", truck.Floor())
+	s.a, s.b = s.newAgent(t, nsA, aTun, truck.Floor()), s.newAgent(t, lab.NewNS(t, "agent"), "100.64.0.3/32", truck.Floor())
 	s.aLink, _ = lab.Link(t, s.a.NS, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
 	lab.Link(t, s.b.NS, "10.99.0.6/30", ctlNS, "10.99.0.5/30")
 	s.b.NS.MustRun(t, "ip", "route", "add", "10.99.0.1/32", "via", "10.99.0.5")
@@ -67,14 +74,18 @@ func newControlSite(t *testing.T, serve ...string) *controlSite {
 	return s
 }
 
-// newAgent configures an agent in ns with the safety floor entry floor.
+// newAgent configures an agent in ns with the safety floor entry floor
+// and tunAddr as its tunnel address ("": none).
 func (s *controlSite) newAgent(t *testing.T, ns *lab.NS, tunAddr string, floor localpolicy.FloorRule) *agentproc.Agent {
-	return agentproc.New(t, ns, config.Config{
+	cfg := config.Config{
 		Device:      config.Device{Class: "scanner"},
 		Trust:       config.Trust{Keys: []string{s.opsPub}},
 		SafetyFloor: []localpolicy.FloorRule{floor},
-		Tunnel:      config.TunnelConfig{Addresses: []netip.Prefix{netip.MustParsePrefix(tunAddr)}},
-	})
+	}
+	if tunAddr != "" {
+		cfg.Tunnel.Addresses = []netip.Prefix{netip.MustParsePrefix(tunAddr)}
+	}
+	return agentproc.New(t, ns, cfg)
 }
 
 func (s *controlSite) token(t *testing.T, class, ttl string) string {
@@ -567,5 +578,64 @@ func TestOutageLosesNoReports(t *testing.T) {
 	}
 	if drift != 3 || d.Reports[0].Kind != "enrolled" || d.ReportsDropped != 0 {
 		t.Errorf("reports after the outage: %d drift repairs (want 3), first %q, %d dropped: %+v", drift, d.Reports[0].Kind, d.ReportsDropped, d.Reports)
+	}
+}
+
+// tunnelAddrs are the addresses on agent a's tunnel interface (the
+// kernel's link-local one aside).
+func (s *controlSite) tunnelAddrs(t *testing.T) []string {
+	t.Helper()
+	var links []struct {
+		AddrInfo []struct {
+			Local     string `json:"local"`
+			PrefixLen int    `json:"prefixlen"`
+			Scope     string `json:"scope"`
+		} `json:"addr_info"`
+	}
+	out := s.a.NS.MustRun(t, "ip", "-j", "addr", "show", "dev", s.a.Status(t).Tunnel.Interface)
+	if err := json.Unmarshal([]byte(out), &links); err != nil {
+		t.Fatalf("ip -j addr: %v: %s", err, out)
+	}
+	var addrs []string
+	for _, l := range links {
+		for _, a := range l.AddrInfo {
+			if a.Scope != "link" {
+				addrs = append(addrs, fmt.Sprintf("%s/%d", a.Local, a.PrefixLen))
+			}
+		}
+	}
+	return addrs
+}
+
+// An agent whose configuration names no tunnel address takes the one
+// control assigns at enrolment: it is on the tunnel at once, a gateway
+// admitting the device by that address carries its traffic, and it is
+// there again after a restart.
+func TestTheTunnelAddressControlAssigns(t *testing.T) {
+	s := newControlSiteWith(t, "", "--tunnel-pool", "100.64.0.64/26")
+	s.a.Start(t)
+	if got := s.tunnelAddrs(t); len(got) != 0 {
+		t.Fatalf("before enrolment the tunnel has addresses %v, want none", got)
+	}
+	if out, err := s.a.Enroll(s.ctl.URL, s.token(t, "scanner", "1h"), s.ctl.Fingerprint); err != nil {
+		t.Fatalf("enroll: %v %s", err, out)
+	}
+	const assigned = "100.64.0.65/32" // the pool's first
+	if got := s.tunnelAddrs(t); !slices.Equal(got, []string{assigned}) {
+		t.Fatalf("after enrolment the tunnel has %v, want %s", got, assigned)
+	}
+	s.gw1.AllowPeer(t, s.a.Status(t).Tunnel.PublicKey, netip.AddrPort{}, assigned)
+	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1))
+	lab.WaitFor(t, "policy v1", longWait, func() bool { return s.a.Status(t).PolicyVersion == 1 })
+	if !lab.ReachesWithin(t, s.a.NS, "tcp", wmsHost, 10*time.Second) {
+		t.Fatal("wms unreachable through the gateway from the assigned address")
+	}
+	s.a.Kill()
+	s.a.Start(t)
+	if got := s.tunnelAddrs(t); !slices.Equal(got, []string{assigned}) {
+		t.Fatalf("after a restart the tunnel has %v, want %s", got, assigned)
+	}
+	if !lab.ReachesWithin(t, s.a.NS, "tcp", wmsHost, 10*time.Second) {
+		t.Fatal("wms unreachable after a restart")
 	}
 }

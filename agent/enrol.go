@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
@@ -94,8 +95,25 @@ func (a *Agent) enrolled(ctx context.Context, s enrolStep) adminapi.Response {
 		a.audit("enrolment-failed", fmt.Sprintf("%s: %v", s.url, err))
 		return adminapi.Response{Error: "enrolment failed: " + err.Error()}
 	}
+	a.takeAddress()
 	a.reconcile("enrolled")
 	a.audit("enrolled", fmt.Sprintf("device %s with %s (CA %s)", s.rec.DeviceID, s.rec.URL, s.rec.Fingerprint))
 	a.ch.sync.start(ctx)
 	return adminapi.Response{Status: a.status()}
+}
+
+// takeAddress puts the tunnel address control assigned on the running
+// tunnel when the configuration names none; a configuration that names
+// another is kept, with a warning: gateways admit the device only from
+// the address its certificate binds.
+func (a *Agent) takeAddress() {
+	p, ok := a.assignedAddress()
+	switch {
+	case !ok:
+	case len(a.cfg.Tunnel.Addresses) == 0:
+		a.link.address(p)
+	case !slices.Contains(a.cfg.Tunnel.Addresses, p):
+		a.log.Warn("the configuration's tunnel addresses differ from the one control assigned; Bulkhead gateways admit this device only from the assigned one",
+			"configured", a.cfg.Tunnel.Addresses, "assigned", p)
+	}
 }

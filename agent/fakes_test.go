@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"slices"
 	"sync"
 
@@ -114,11 +115,17 @@ type memTunnel struct {
 	mu    sync.Mutex
 	key   policy.Key
 	peers []tunnel.Peer
+	// addrs are the interface's addresses: those it was opened with, then
+	// those added.
+	addrs []netip.Prefix
 }
 
 func (m *memTunnel) open(e *edges) func(tunnel.Config) (Tunnel, error) {
-	return func(tunnel.Config) (Tunnel, error) {
+	return func(c tunnel.Config) (Tunnel, error) {
 		e.add("tunnel up")
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		m.addrs = slices.Clone(c.Addresses)
 		return m, nil
 	}
 }
@@ -127,6 +134,13 @@ func (m *memTunnel) Name() string          { return "bh-mem" }
 func (m *memTunnel) ListenPort() uint16    { return 51820 }
 func (m *memTunnel) PublicKey() policy.Key { m.mu.Lock(); defer m.mu.Unlock(); return m.key }
 func (m *memTunnel) Close() error          { return nil }
+
+func (m *memTunnel) AddAddress(p netip.Prefix) error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.addrs = append(m.addrs, p)
+	return nil
+}
 
 func (m *memTunnel) State() ([]tunnel.PeerState, error) {
 	m.mu.Lock()

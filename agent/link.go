@@ -2,6 +2,7 @@ package agent
 
 import (
 	"log/slog"
+	"net/netip"
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/api/adminapi"
@@ -61,6 +62,19 @@ func (l *link) apply(want []localpolicy.Peer) {
 	if changed {
 		l.log.Info("tunnel peers", "peers", len(want))
 	}
+}
+
+// address puts p on the tunnel, if it is up (else the next up does).
+func (l *link) address(p netip.Prefix) {
+	if l.tun == nil {
+		return
+	}
+	if err := l.tun.AddAddress(p); err != nil {
+		l.err = err.Error()
+		l.log.Error("tunnel address", "address", p, "err", err)
+		return
+	}
+	l.log.Info("tunnel address assigned by control", "address", p)
 }
 
 // read reads the peers' counters afresh.

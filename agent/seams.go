@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"net/netip"
 
 	"github.com/bulkhead-edge/bulkhead/agent/flowlog"
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
@@ -43,6 +44,9 @@ type Tunnel interface {
 	// read back and whether anything changed.
 	Apply(want []tunnel.Peer) (state []tunnel.PeerState, changed bool, err error)
 	RotateKey() (policy.Key, error)
+	// AddAddress puts an address on the interface (one control assigned
+	// after the tunnel came up).
+	AddAddress(p netip.Prefix) error
 	Close() error
 }
 

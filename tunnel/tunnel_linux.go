@@ -123,6 +123,10 @@ func tunError(name string, err error) error {
 	return fmt.Errorf("tunnel %s: %w", name, err)
 }
 
+// AddAddress puts p on the interface (an address control assigned after
+// the tunnel came up); one already there is no error.
+func (t *Tunnel) AddAddress(p netip.Prefix) error { return t.addAddress(p) }
+
 func (t *Tunnel) addAddress(p netip.Prefix) error {
 	fam := uint8(unix.AF_INET)
 	if p.Addr().Is6() {
