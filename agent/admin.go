@@ -131,6 +131,7 @@ func (a *Agent) rotateKey() adminapi.Response {
 		return adminapi.Response{Error: "key rotation failed: " + err.Error()}
 	}
 	a.log.Info("wireguard key rotated", "old_public_key", old.String(), "public_key", pub.String())
+	a.publish() // control learns the new key, and gateways from it
 	if a.store != nil {
 		a.audit("wireguard-key-rotated", fmt.Sprintf("public key %s replaces %s", pub, old))
 	}

@@ -25,8 +25,9 @@ import (
 // what the device refused. Owned by the event loop; the syncer
 // (syncer.go) talks to control.
 type channel struct {
-	rec  *controlclient.Record
-	sync *syncer // nil until enrolled
+	rec    *controlclient.Record
+	client *controlclient.Client // the syncer's transport; the loop renews its certificate
+	sync   *syncer               // nil until enrolled
 	// answers carries answers from the syncer to the loop.
 	answers chan syncResult
 	// refusedOrders are the orders control delivered that the agent
@@ -104,7 +105,7 @@ func (a *Agent) useEnrolment(rec *controlclient.Record) error {
 		sp.Close()
 		return err
 	}
-	a.ch.rec, a.ch.unusable = rec, ""
+	a.ch.rec, a.ch.client, a.ch.unusable = rec, client, ""
 	a.ch.sync = newSyncer(client, sp, adminapi.ControlStatus{URL: rec.URL, DeviceID: rec.DeviceID}, a.ch.answers, a.log)
 	a.publish()
 	return nil
@@ -179,7 +180,7 @@ func (a *Agent) publish() {
 		st.Why = a.desired.Why[0]
 	}
 	next := &controlapi.SyncRequest{PolicyVersion: a.highest(), WaitSeconds: int(syncWait / time.Second), State: st,
-		RootsVersion: a.rootsVersion(), Refused: slices.Clone(a.ch.refused)}
+		RootsVersion: a.rootsVersion(), Refused: slices.Clone(a.ch.refused), WireGuardKey: a.link.publicKey()}
 	a.ch.sync.offer(next)
 }
 
@@ -223,6 +224,9 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) (refused bool) {
 	}
 	if resp.Bundle != nil && !a.installOffered(resp.Bundle) {
 		refused = true
+	}
+	if resp.Certificate != nil {
+		a.renewCertificate(resp.Certificate)
 	}
 	a.reconcile("contact with control") // an offline device is back
 	a.publish()
@@ -343,4 +347,18 @@ func later(a, b time.Time) time.Time {
 		return a
 	}
 	return b
+}
+
+// renewCertificate takes the certificate control sent after the tunnel
+// key changed; one that does not bind the key the tunnel has now is
+// refused (audited) and the old one kept.
+func (a *Agent) renewCertificate(der []byte) {
+	key := a.link.publicKey()
+	if err := a.ch.client.Renew(der, key); err != nil {
+		a.log.Warn("certificate from control refused", "err", err)
+		a.audit("certificate-refused", err.Error())
+		return
+	}
+	a.log.Info("certificate renewed: it binds the tunnel key", "public_key", key)
+	a.audit("certificate-renewed", "binds tunnel key "+key)
 }

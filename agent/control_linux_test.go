@@ -2,7 +2,9 @@ package agent
 
 import (
 	"crypto/ed25519"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"net/netip"
 	"os"
@@ -13,6 +15,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/agent/config"
+	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
 	"github.com/bulkhead-edge/bulkhead/control/server"
@@ -638,4 +641,32 @@ func TestTheTunnelAddressControlAssigns(t *testing.T) {
 	if !lab.ReachesWithin(t, s.a.NS, "tcp", wmsHost, 10*time.Second) {
 		t.Fatal("wms unreachable after a restart")
 	}
+
+	// A rotated key reaches control, which binds it in a new certificate
+	// the device presents from then on: an order still arrives.
+	id := s.a.Status(t).DeviceID
+	newKey, err := s.a.CLI("rotate-key")
+	if err != nil {
+		t.Fatalf("rotate-key: %v: %s", err, newKey)
+	}
+	newKey = s.a.Status(t).Tunnel.PublicKey
+	lab.WaitFor(t, "control to record the new key", longWait, func() bool {
+		var d controlapi.Device
+		return json.Unmarshal([]byte(s.ctl.MustCLI(t, "device", "show", id)), &d) == nil && d.WireGuardKey == newKey
+	})
+	lab.WaitFor(t, "the device to present a certificate binding it", longWait, func() bool {
+		raw, err := os.ReadFile(filepath.Join(s.a.Dir, "state", controlclient.CertFile))
+		block, _ := pem.Decode(raw)
+		if err != nil || block == nil {
+			return false
+		}
+		cert, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return false
+		}
+		b, bound, err := controlapi.BindingOf(cert)
+		return err == nil && bound && b.Key.String() == newKey && b.Address.String()+"/32" == assigned
+	})
+	s.ctl.MustCLI(t, "quarantine", id, "--reason", "INC-9 after a key rotation")
+	lab.WaitFor(t, "the order after the rotation", longWait, func() bool { return s.a.Status(t).Mode == "quarantine" })
 }

@@ -8,6 +8,7 @@ package controlclient
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
@@ -22,7 +23,9 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/go-json-experiment/json"
@@ -285,10 +288,15 @@ func Load(dir string) (*Record, error) {
 	return &rec, nil
 }
 
-// Client talks to the control server as an enrolled device.
+// Client talks to the control server as an enrolled device. Its methods
+// are safe for concurrent use.
 type Client struct {
 	rec  *Record
+	dir  string
+	pool *x509.CertPool
 	http *http.Client
+	// cert is the client certificate presented; Renew replaces it.
+	cert atomic.Pointer[tls.Certificate]
 }
 
 // New makes a client from the enrolment in dir.
@@ -306,14 +314,50 @@ func New(dir string, rec *Record) (*Client, error) {
 	}
 	pool := x509.NewCertPool()
 	pool.AddCert(ca)
+	c := &Client{rec: rec, dir: dir, pool: pool}
+	c.cert.Store(&cert)
 	tr := &http.Transport{
-		TLSClientConfig:     &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool, Certificates: []tls.Certificate{cert}},
+		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool,
+			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.cert.Load(), nil }},
 		DialContext:         dialTo(rec.Endpoint),
 		MaxIdleConns:        1,
 		IdleConnTimeout:     controlapi.MaxWait + time.Minute,
 		TLSHandshakeTimeout: 15 * time.Second,
 	}
-	return &Client{rec: rec, http: &http.Client{Transport: tr}}, nil
+	c.http = &http.Client{Transport: tr}
+	return c, nil
+}
+
+// Renew replaces the client certificate with der, which control sent
+// (SyncResponse.Certificate) after the tunnel key changed: it must be
+// the control CA's, for this device and its identity key, and bind
+// exactly wgKey and the tunnel address assigned at enrolment. It is
+// written in place of the old one and presented from the next
+// connection on; one refused changes nothing.
+func (c *Client) Renew(der []byte, wgKey string) error {
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return fmt.Errorf("renewed certificate: %w", err)
+	}
+	cur := c.cert.Load()
+	if pub, ok := leaf.PublicKey.(ed25519.PublicKey); !ok || !pub.Equal(cur.PrivateKey.(crypto.Signer).Public()) {
+		return errors.New("renewed certificate: not for this device's identity key")
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: c.pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		return fmt.Errorf("renewed certificate: %w", err)
+	}
+	if !slices.ContainsFunc(leaf.URIs, func(u *url.URL) bool { return u.String() == controlapi.DeviceURIPrefix+c.rec.DeviceID }) {
+		return fmt.Errorf("renewed certificate: not for device %s", c.rec.DeviceID)
+	}
+	if err := checkBinding(leaf, wgKey, c.rec.TunnelAddress); err != nil {
+		return fmt.Errorf("renewed certificate: %w", err)
+	}
+	if err := atomicfile.Write(filepath.Join(c.dir, CertFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
+		return err
+	}
+	c.cert.Store(&tls.Certificate{Certificate: [][]byte{der}, PrivateKey: cur.PrivateKey, Leaf: leaf})
+	c.http.CloseIdleConnections()
+	return nil
 }
 
 // Sync long-polls; ctx bounds it (the agent gives it the wait plus

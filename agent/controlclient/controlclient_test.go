@@ -2,6 +2,7 @@ package controlclient
 
 import (
 	"context"
+	"crypto"
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/tls"
@@ -322,5 +323,77 @@ func TestNewRefusesAStoredCAThatIsNotThePinnedOne(t *testing.T) {
 	rec.CA = other.Cert.Raw
 	if _, err := New(dir, rec); err == nil || !strings.Contains(err.Error(), "does not match the pinned fingerprint") {
 		t.Fatalf("New with a swapped CA: %v", err)
+	}
+}
+
+// A certificate control sends after the tunnel key changed replaces the
+// device's only when it is the pinned CA's, for this device and identity
+// key, and binds exactly the new key and the assigned address; it is then
+// written and presented from the next request on. One refused leaves the
+// old one in use and on disk.
+func TestRenewTakesOnlyABindingCertificate(t *testing.T) {
+	c := newControl(t)
+	c.addr = netip.MustParseAddr("100.80.0.7")
+	dir := t.TempDir()
+	rec, err := c.enrolIn(dir, c.fp, testWGKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := New(dir, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	identity := func() crypto.PublicKey {
+		leaf, err := x509.ParseCertificate(client.cert.Load().Certificate[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		return leaf.PublicKey
+	}()
+	other, _, err := pki.LoadOrCreate(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	newKey := policy.Key{2}
+	device, bindNew := controlapi.DeviceURIPrefix+"dev-1", controlapi.TunnelBinding{Key: newKey}.URI()
+	stranger, _, _ := ed25519.GenerateKey(rand.Reader)
+	issue := func(ca *pki.CA, pub crypto.PublicKey, uris []string, ips ...netip.Addr) []byte {
+		der, err := ca.ClientCert(pub, "dev", uris, ips...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der
+	}
+	before, _ := os.ReadFile(filepath.Join(dir, CertFile))
+	for _, tc := range []struct {
+		name string
+		der  []byte
+		want string
+	}{
+		{"another identity key", issue(c.ca, stranger, []string{device, bindNew}, c.addr), "not for this device's identity key"},
+		{"another CA", issue(other, identity, []string{device, bindNew}, c.addr), "unknown authority"},
+		{"another device", issue(c.ca, identity, []string{controlapi.DeviceURIPrefix + "dev-2", bindNew}, c.addr), "not for device dev-1"},
+		{"the old key", issue(c.ca, identity, []string{device, controlapi.TunnelBinding{Key: policy.Key{9}}.URI()}, c.addr), "does not bind this device's WireGuard key"},
+		{"another address", issue(c.ca, identity, []string{device, bindNew}, netip.MustParseAddr("100.80.0.8")), "binds tunnel address 100.80.0.8"},
+	} {
+		if err := client.Renew(tc.der, newKey.String()); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: Renew = %v, want %q", tc.name, err, tc.want)
+		}
+	}
+	if after, _ := os.ReadFile(filepath.Join(dir, CertFile)); string(after) != string(before) {
+		t.Fatal("a refused certificate was written")
+	}
+	good := issue(c.ca, identity, []string{device, bindNew}, c.addr)
+	if err := client.Renew(good, newKey.String()); err != nil {
+		t.Fatalf("Renew of a certificate binding the new key: %v", err)
+	}
+	if _, err := client.Sync(context.Background(), controlapi.SyncRequest{}, func() {}); err != nil {
+		t.Fatal(err)
+	}
+	if c.peer == nil || string(c.peer.Raw) != string(good) {
+		t.Fatal("the next sync did not present the renewed certificate")
+	}
+	if again, err := New(dir, rec); err != nil || string(again.cert.Load().Certificate[0]) != string(good) {
+		t.Fatalf("after a restart the device presents another certificate (%v)", err)
 	}
 }

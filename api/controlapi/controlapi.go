@@ -202,6 +202,12 @@ type SyncRequest struct {
 	// them again, so a forged bundle in its store cannot hold the device
 	// in a loop of refusals (each one audited, flooding its outbox).
 	Refused []string `json:"refused,omitzero"`
+	// WireGuardKey is the device's tunnel key now (base64). When the
+	// certificate the device presents binds another (`bulkhead
+	// rotate-key`), the server records the new key and answers at once
+	// with a certificate binding it (SyncResponse.Certificate): gateways
+	// learn the key from control, never from the device alone.
+	WireGuardKey string `json:"wireguard_key,omitzero"`
 }
 
 // MaxRefused is how many refused bundle digests a device remembers.
@@ -223,6 +229,10 @@ type SyncResponse struct {
 	Bundle     []byte    `json:"bundle,omitzero"`
 	Commands   [][]byte  `json:"commands,omitzero"`
 	ServerTime time.Time `json:"server_time"`
+	// Certificate, when present, replaces the device's client
+	// certificate (DER): same identity key and device, binding the
+	// tunnel key the device sent and its tunnel address.
+	Certificate []byte `json:"certificate,omitzero"`
 }
 
 // Event is one report from the agent's outbox.

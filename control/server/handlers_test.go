@@ -370,3 +370,54 @@ func TestCheckTunnelPool(t *testing.T) {
 		}
 	}
 }
+
+// A device that reports a new tunnel key (it ran `bulkhead rotate-key`)
+// gets, in the same answer, a certificate binding that key and its
+// address for the same identity; the record takes the key, audited.
+// Presenting that certificate with that key, it gets none; a malformed
+// key is refused.
+func TestANewTunnelKeyIsBoundAtOnce(t *testing.T) {
+	a := newAPI(t, time.Millisecond, func(c *Config) { c.TunnelPool = netip.MustParsePrefix("100.80.0.0/29") })
+	cert, enrolled, err := a.enrolKeyed(a.token(t, "scanner"), "scanner", policy.Key{1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sync := func(c *x509.Certificate, key string) *httptest.ResponseRecorder {
+		return a.call("POST", controlapi.PathSync, controlapi.SyncRequest{WireGuardKey: key}, c)
+	}
+	answer := func(w *httptest.ResponseRecorder) controlapi.SyncResponse {
+		t.Helper()
+		var resp controlapi.SyncResponse
+		decodeOK(t, w, &resp)
+		return resp
+	}
+	if r := answer(sync(cert, policy.Key{1}.String())); r.Certificate != nil {
+		t.Fatal("a certificate was sent for the key it already binds")
+	}
+	r := answer(sync(cert, policy.Key{2}.String()))
+	renewed, err := x509.ParseCertificate(r.Certificate)
+	if err != nil {
+		t.Fatalf("no certificate for the new key: %v", err)
+	}
+	b, bound, err := controlapi.BindingOf(renewed)
+	if err != nil || !bound || b.Key != (policy.Key{2}) || b.Address != enrolled.TunnelAddress {
+		t.Fatalf("the new certificate binds %v (%v, %v); want the new key and %v", b, bound, err, enrolled.TunnelAddress)
+	}
+	if !renewed.PublicKey.(ed25519.PublicKey).Equal(cert.PublicKey) || deviceID(renewed) != enrolled.DeviceID {
+		t.Fatalf("the new certificate is for %s and another identity key", deviceID(renewed))
+	}
+	var d controlapi.Device
+	decodeOK(t, a.call("GET", controlapi.PathAdminDevices+"/"+enrolled.DeviceID, nil, a.ops), &d)
+	if d.WireGuardKey != (policy.Key{2}).String() {
+		t.Errorf("the record's key is %s, want the new one", d.WireGuardKey)
+	}
+	if w := a.call("GET", controlapi.PathAdminAudit, nil, a.ops); !strings.Contains(w.Body.String(), "wireguard-key-changed") {
+		t.Errorf("no wireguard-key-changed in the audit: %s", w.Body)
+	}
+	if r := answer(sync(renewed, policy.Key{2}.String())); r.Certificate != nil {
+		t.Error("a certificate was sent again for the key the presented one binds")
+	}
+	if w := sync(renewed, "not a key"); w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), "wireguard_key") {
+		t.Errorf("a malformed key: %d %s", w.Code, w.Body)
+	}
+}

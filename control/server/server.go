@@ -36,7 +36,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
-	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
 // Files in the data directory.
@@ -476,20 +475,8 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	}
 	var der []byte
 	dev, err := s.db.enroll(req.Token, req.Class, s.cfg.TunnelPool, now, func(id, class string, addr netip.Addr) (controlapi.Device, error) {
-		uris := []string{controlapi.DeviceURIPrefix + id}
-		if req.WireGuardKey != "" {
-			var key policy.Key
-			if err := key.UnmarshalText([]byte(req.WireGuardKey)); err != nil {
-				return controlapi.Device{}, err
-			}
-			uris = append(uris, controlapi.TunnelBinding{Key: key}.URI())
-		}
-		var ips []netip.Addr
-		if addr.IsValid() {
-			ips = append(ips, addr)
-		}
 		var err error
-		der, err = s.ca.ClientCert(csr.PublicKey, "device "+id, uris, ips...)
+		der, err = s.deviceCert(csr.PublicKey, id, req.WireGuardKey, addr)
 		return controlapi.Device{ID: id, Class: class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, TunnelAddress: addr, EnrolledAt: now.UTC()}, err
 	})
 	switch {
@@ -583,6 +570,15 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 			return
 		}
 	}
+	if _, _, err := parseWGKey(req.WireGuardKey); err != nil {
+		fail(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	cert, err := s.rebind(r.TLS.VerifiedChains[0][0], dev, req.WireGuardKey, now)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
 	wait := min(time.Duration(req.WaitSeconds)*time.Second, s.cfg.KeepAlive, controlapi.MaxWait)
 	timer := time.NewTimer(wait)
 	defer timer.Stop()
@@ -603,7 +599,8 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 			s.log.Error("sync", "device", id, "err", err)
 			panic(http.ErrAbortHandler)
 		}
-		if resp.Bundle != nil || len(resp.Roots) > 0 || len(resp.Commands) > 0 {
+		if resp.Bundle != nil || len(resp.Roots) > 0 || len(resp.Commands) > 0 || cert != nil {
+			resp.Certificate = cert
 			reply(w, resp)
 			return
 		}

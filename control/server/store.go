@@ -239,18 +239,21 @@ func (d *db) devices() ([]controlapi.Device, error) {
 
 // updateDevice applies fn to a stored device.
 func (d *db) updateDevice(id string, fn func(*controlapi.Device)) error {
-	return d.bolt.Update(func(tx *bolt.Tx) error {
-		b := tx.Bucket(bucketDevices)
-		dev, ok, err := get[controlapi.Device](b, []byte(id))
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return fmt.Errorf("%w: %s", errNoDevice, id)
-		}
-		fn(&dev)
-		return put(b, []byte(id), dev)
-	})
+	return d.bolt.Update(func(tx *bolt.Tx) error { return updateDeviceIn(tx, id, fn) })
+}
+
+// updateDeviceIn changes device id's record inside tx.
+func updateDeviceIn(tx *bolt.Tx, id string, fn func(*controlapi.Device)) error {
+	b := tx.Bucket(bucketDevices)
+	dev, ok, err := get[controlapi.Device](b, []byte(id))
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("%w: %s", errNoDevice, id)
+	}
+	fn(&dev)
+	return put(b, []byte(id), dev)
 }
 
 // pushBundle stores a signed bundle under its version; the same version
