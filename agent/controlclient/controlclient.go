@@ -135,7 +135,7 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 			return nil, errors.New("enrolment answer: an ops key is not an Ed25519 public key")
 		}
 	}
-	if err := checkBinding(cert, wgKey, resp.TunnelAddress); err != nil {
+	if err := checkBinding(cert, wgKey, resp.TunnelAddress, resp.Class); err != nil {
 		return nil, fmt.Errorf("enrolment answer: %w", err)
 	}
 	rec := &Record{URL: rawURL, Fingerprint: fp, DeviceID: resp.DeviceID, Class: resp.Class, Endpoint: endpoint, CA: resp.CA,
@@ -166,10 +166,10 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 }
 
 // checkBinding checks that the certificate binds the tunnel key the
-// device sent (if it sent one) and the address control assigned (if it
-// assigned one), and nothing else: gateways will admit the device by
-// what its certificate binds.
-func checkBinding(cert *x509.Certificate, wgKey string, addr netip.Addr) error {
+// device sent (if it sent one), the address control assigned (if it
+// assigned one) and the class it was enrolled as, and nothing else:
+// gateways will admit the device by what its certificate binds.
+func checkBinding(cert *x509.Certificate, wgKey string, addr netip.Addr, class string) error {
 	b, bound, err := controlapi.BindingOf(cert)
 	if err != nil {
 		return err
@@ -181,6 +181,8 @@ func checkBinding(cert *x509.Certificate, wgKey string, addr netip.Addr) error {
 		return errors.New("the certificate does not bind this device's WireGuard key")
 	case b.Address != addr:
 		return fmt.Errorf("the certificate binds tunnel address %s, the answer assigns %s", orNone(b.Address), orNone(addr))
+	case b.Class != class:
+		return fmt.Errorf("the certificate binds class %q, the device is enrolled as %q", b.Class, class)
 	}
 	return nil
 }
@@ -349,7 +351,7 @@ func (c *Client) Renew(der []byte, wgKey string) error {
 	if !slices.ContainsFunc(leaf.URIs, func(u *url.URL) bool { return u.String() == controlapi.DeviceURIPrefix+c.rec.DeviceID }) {
 		return fmt.Errorf("renewed certificate: not for device %s", c.rec.DeviceID)
 	}
-	if err := checkBinding(leaf, wgKey, c.rec.TunnelAddress); err != nil {
+	if err := checkBinding(leaf, wgKey, c.rec.TunnelAddress, c.rec.Class); err != nil {
 		return fmt.Errorf("renewed certificate: %w", err)
 	}
 	if err := atomicfile.Write(filepath.Join(c.dir, CertFile), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {

@@ -83,7 +83,7 @@ func (c *control) enroll(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, `{"error": "bad csr"}`, http.StatusBadRequest)
 		return
 	}
-	uris, ips := []string{controlapi.DeviceURIPrefix + "dev-1"}, []netip.Addr{}
+	uris, ips := []string{controlapi.DeviceURIPrefix + "dev-1", controlapi.ClassURI(req.Class)}, []netip.Addr{}
 	if req.WireGuardKey != "" {
 		var k policy.Key
 		if err := k.UnmarshalText([]byte(req.WireGuardKey)); err != nil {
@@ -165,8 +165,11 @@ func TestEnrolThenSyncAndReportOverMutualTLS(t *testing.T) {
 	if err != nil || !connected || len(resp.Commands) != 1 || string(resp.Commands[0]) != "echo" {
 		t.Fatalf("Sync = %+v, %v (connected %v)", resp, err, connected)
 	}
-	if c.peer == nil || len(c.peer.URIs) != 1 || c.peer.URIs[0].String() != controlapi.DeviceURIPrefix+"dev-1" {
-		t.Fatalf("the sync came with certificate %v, want the enrolled device's", c.peer)
+	if c.peer == nil {
+		t.Fatal("the sync came with no client certificate")
+	}
+	if len(c.peer.URIs) == 0 || c.peer.URIs[0].String() != controlapi.DeviceURIPrefix+"dev-1" {
+		t.Fatalf("the sync came with a certificate for %v, want the enrolled device's", c.peer.URIs)
 	}
 	rr, err := client.Report(context.Background(), controlapi.ReportRequest{Events: []controlapi.Event{{Seq: 7, Kind: "inventory"}}})
 	if err != nil || rr.Acked != 7 {
@@ -180,14 +183,20 @@ func TestEnrolThenSyncAndReportOverMutualTLS(t *testing.T) {
 const testWGKey = "5p2fPOTJKkll/Ed47AnOR2v5sJGQzt1u2YTxkfOVjzQ="
 
 // rebind issues the certificate der again, for the same key, with the
-// device URI and extra as its URI SANs.
+// device and class (scanner) URIs and extra as its URI SANs.
 func (c *control) rebind(der []byte, extra ...string) []byte {
+	return c.reissue(der, append([]string{controlapi.DeviceURIPrefix + "dev-1", controlapi.ClassURI("scanner")}, extra...)...)
+}
+
+// reissue issues the certificate der again, for the same key, with uris
+// as its URI SANs.
+func (c *control) reissue(der []byte, uris ...string) []byte {
 	c.t.Helper()
 	orig, err := x509.ParseCertificate(der)
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	out, err := c.ca.ClientCert(orig.PublicKey, "dev-1", append([]string{controlapi.DeviceURIPrefix + "dev-1"}, extra...))
+	out, err := c.ca.ClientCert(orig.PublicKey, "dev-1", uris)
 	if err != nil {
 		c.t.Fatal(err)
 	}
@@ -243,6 +252,9 @@ func TestEnrolmentRefusesWhatItCannotTrust(t *testing.T) {
 		{name: "no WireGuard key", wgKey: testWGKey, answer: func(c *control, r *controlapi.EnrollResponse) {
 			r.Certificate = c.rebind(r.Certificate)
 		}, want: "does not bind this device's WireGuard key"},
+		{name: "a certificate binding another class", answer: func(c *control, r *controlapi.EnrollResponse) {
+			r.Certificate = c.reissue(r.Certificate, controlapi.DeviceURIPrefix+"dev-1", controlapi.ClassURI("gateway"))
+		}, want: `the certificate binds class "gateway", the device is enrolled as "scanner"`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := newControl(t)
@@ -355,7 +367,7 @@ func TestRenewTakesOnlyABindingCertificate(t *testing.T) {
 		t.Fatal(err)
 	}
 	newKey := policy.Key{2}
-	device, bindNew := controlapi.DeviceURIPrefix+"dev-1", controlapi.TunnelBinding{Key: newKey}.URI()
+	device, bindNew, class := controlapi.DeviceURIPrefix+"dev-1", controlapi.TunnelBinding{Key: newKey}.URI(), controlapi.ClassURI("scanner")
 	stranger, _, _ := ed25519.GenerateKey(rand.Reader)
 	issue := func(ca *pki.CA, pub crypto.PublicKey, uris []string, ips ...netip.Addr) []byte {
 		der, err := ca.ClientCert(pub, "dev", uris, ips...)
@@ -370,11 +382,12 @@ func TestRenewTakesOnlyABindingCertificate(t *testing.T) {
 		der  []byte
 		want string
 	}{
-		{"another identity key", issue(c.ca, stranger, []string{device, bindNew}, c.addr), "not for this device's identity key"},
-		{"another CA", issue(other, identity, []string{device, bindNew}, c.addr), "unknown authority"},
-		{"another device", issue(c.ca, identity, []string{controlapi.DeviceURIPrefix + "dev-2", bindNew}, c.addr), "not for device dev-1"},
-		{"the old key", issue(c.ca, identity, []string{device, controlapi.TunnelBinding{Key: policy.Key{9}}.URI()}, c.addr), "does not bind this device's WireGuard key"},
-		{"another address", issue(c.ca, identity, []string{device, bindNew}, netip.MustParseAddr("100.80.0.8")), "binds tunnel address 100.80.0.8"},
+		{"another identity key", issue(c.ca, stranger, []string{device, class, bindNew}, c.addr), "not for this device's identity key"},
+		{"another CA", issue(other, identity, []string{device, class, bindNew}, c.addr), "unknown authority"},
+		{"another device", issue(c.ca, identity, []string{controlapi.DeviceURIPrefix + "dev-2", class, bindNew}, c.addr), "not for device dev-1"},
+		{"the old key", issue(c.ca, identity, []string{device, class, controlapi.TunnelBinding{Key: policy.Key{9}}.URI()}, c.addr), "does not bind this device's WireGuard key"},
+		{"another address", issue(c.ca, identity, []string{device, class, bindNew}, netip.MustParseAddr("100.80.0.8")), "binds tunnel address 100.80.0.8"},
+		{"another class", issue(c.ca, identity, []string{device, controlapi.ClassURI("gateway"), bindNew}, c.addr), `binds class "gateway"`},
 	} {
 		if err := client.Renew(tc.der, newKey.String()); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: Renew = %v, want %q", tc.name, err, tc.want)
@@ -383,7 +396,7 @@ func TestRenewTakesOnlyABindingCertificate(t *testing.T) {
 	if after, _ := os.ReadFile(filepath.Join(dir, CertFile)); string(after) != string(before) {
 		t.Fatal("a refused certificate was written")
 	}
-	good := issue(c.ca, identity, []string{device, bindNew}, c.addr)
+	good := issue(c.ca, identity, []string{device, class, bindNew}, c.addr)
 	if err := client.Renew(good, newKey.String()); err != nil {
 		t.Fatalf("Renew of a certificate binding the new key: %v", err)
 	}

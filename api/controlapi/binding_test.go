@@ -24,9 +24,10 @@ func TestBindingOf(t *testing.T) {
 	for _, tc := range []struct {
 		name string
 		cert x509.Certificate
-		want string // error; "" for a binding of key and 100.80.0.9
+		want string // error; "" for a binding of key, 100.80.0.9 and scanner
 	}{
-		{name: "key and address", cert: x509.Certificate{URIs: []*url.URL{uri(DeviceURIPrefix + "d"), uri(key.URI())}, IPAddresses: []net.IP{net.ParseIP("100.80.0.9")}}},
+		{name: "key, address and class", cert: x509.Certificate{URIs: []*url.URL{uri(DeviceURIPrefix + "d"), uri(ClassURI("scanner")), uri(key.URI())}, IPAddresses: []net.IP{net.ParseIP("100.80.0.9")}}},
+		{name: "two classes", cert: x509.Certificate{URIs: []*url.URL{uri(ClassURI("scanner")), uri(ClassURI("gateway")), uri(key.URI())}}, want: "more than one class"},
 		{name: "two keys", cert: x509.Certificate{URIs: []*url.URL{uri(key.URI()), uri(TunnelBinding{Key: policy.Key{4}}.URI())}}, want: "more than one WireGuard key"},
 		{name: "two addresses", cert: x509.Certificate{URIs: []*url.URL{uri(key.URI())}, IPAddresses: []net.IP{net.ParseIP("100.80.0.9"), net.ParseIP("100.80.0.10")}}, want: "more than one tunnel address"},
 		{name: "a short key", cert: x509.Certificate{URIs: []*url.URL{uri(WireGuardURIPrefix + "AQID")}}, want: "not 32 bytes"},
@@ -39,7 +40,7 @@ func TestBindingOf(t *testing.T) {
 				}
 				return
 			}
-			if err != nil || !ok || b.Key != key.Key || b.Address.String() != "100.80.0.9" {
+			if err != nil || !ok || b.Key != key.Key || b.Address.String() != "100.80.0.9" || b.Class != "scanner" {
 				t.Fatalf("BindingOf = %v, %v, %v", b, ok, err)
 			}
 		})

@@ -46,28 +46,41 @@ const (
 	DeviceURIPrefix    = "bulkhead://device/"
 	OpsURIPrefix       = "bulkhead://ops/"
 	WireGuardURIPrefix = "bulkhead://wireguard/"
+	ClassURIPrefix     = "bulkhead://class/"
 )
 
 // TunnelBinding is what a device's certificate binds to its identity for
 // the gateways: its WireGuard public key (a URI SAN, WireGuardURIPrefix
-// and the key in unpadded base64url) and its tunnel address (an IP SAN),
-// both recorded at enrolment. A gateway that trusts the control CA admits
-// a peer only with the key and address its certificate names.
+// and the key in unpadded base64url), its tunnel address (an IP SAN) and
+// its class (a URI SAN, ClassURIPrefix and the class), all recorded at
+// enrolment. A gateway that trusts the control CA admits a peer only with
+// the key and address its certificate names, to what its class opens.
 type TunnelBinding struct {
 	Key     policy.Key
 	Address netip.Addr
+	Class   string
 }
 
-// URI is the binding's URI SAN.
+// URI is the URI SAN binding the key.
 func (b TunnelBinding) URI() string {
 	return WireGuardURIPrefix + base64.RawURLEncoding.EncodeToString(b.Key[:])
 }
+
+// ClassURI is the URI SAN binding a device's class.
+func ClassURI(class string) string { return ClassURIPrefix + class }
 
 // BindingOf reads the tunnel binding of a device certificate: ok is false
 // when it binds no key. A certificate naming two keys or two addresses
 // binds nothing (an error).
 func BindingOf(cert *x509.Certificate) (b TunnelBinding, ok bool, err error) {
 	for _, u := range cert.URIs {
+		if class, found := strings.CutPrefix(u.String(), ClassURIPrefix); found {
+			if b.Class != "" {
+				return TunnelBinding{}, false, errors.New("the certificate binds more than one class")
+			}
+			b.Class = class
+			continue
+		}
 		rest, found := strings.CutPrefix(u.String(), WireGuardURIPrefix)
 		if !found {
 			continue

@@ -26,10 +26,10 @@ func parseWGKey(s string) (key policy.Key, ok bool, err error) {
 }
 
 // deviceCert issues device id's certificate for its identity key pub,
-// binding its tunnel key (when it has one) and tunnel address (when
-// valid).
-func (s *Server) deviceCert(pub crypto.PublicKey, id, wgKey string, addr netip.Addr) ([]byte, error) {
-	uris := []string{controlapi.DeviceURIPrefix + id}
+// binding its class, its tunnel key (when it has one) and its tunnel
+// address (when valid).
+func (s *Server) deviceCert(pub crypto.PublicKey, id, class, wgKey string, addr netip.Addr) ([]byte, error) {
+	uris := []string{controlapi.DeviceURIPrefix + id, controlapi.ClassURI(class)}
 	key, ok, err := parseWGKey(wgKey)
 	if err != nil {
 		return nil, err
@@ -46,7 +46,8 @@ func (s *Server) deviceCert(pub crypto.PublicKey, id, wgKey string, addr netip.A
 
 // rebind answers a device whose presented certificate does not bind the
 // tunnel key it reports (it rotated its key, or enrolled before its
-// tunnel was up): the record takes the new key, audited, and the device
+// tunnel was up), or not its address and class (issued before they were
+// bound): the record takes the new key, audited, and the device
 // gets a certificate binding it and its address. Nil when the binding
 // holds.
 func (s *Server) rebind(presented *x509.Certificate, dev controlapi.Device, wgKey string, now time.Time) ([]byte, error) {
@@ -54,10 +55,10 @@ func (s *Server) rebind(presented *x509.Certificate, dev controlapi.Device, wgKe
 	if err != nil || !ok {
 		return nil, err
 	}
-	if b, bound, err := controlapi.BindingOf(presented); err == nil && bound && b.Key == key && b.Address == dev.TunnelAddress {
+	if b, bound, err := controlapi.BindingOf(presented); err == nil && bound && b.Key == key && b.Address == dev.TunnelAddress && b.Class == dev.Class {
 		return nil, nil
 	}
-	der, err := s.deviceCert(presented.PublicKey, dev.ID, wgKey, dev.TunnelAddress)
+	der, err := s.deviceCert(presented.PublicKey, dev.ID, dev.Class, wgKey, dev.TunnelAddress)
 	if err != nil {
 		return nil, err
 	}

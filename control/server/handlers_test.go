@@ -320,8 +320,8 @@ func TestEnrolmentAssignsBoundTunnelAddresses(t *testing.T) {
 			t.Fatal(r.err)
 		}
 		b, ok, err := controlapi.BindingOf(r.cert)
-		if err != nil || !ok || b.Key != r.key || b.Address != r.resp.TunnelAddress {
-			t.Fatalf("device %s: certificate binds %v (bound %v, %v); want key %v and address %v", r.resp.DeviceID, b, ok, err, r.key, r.resp.TunnelAddress)
+		if err != nil || !ok || b.Key != r.key || b.Address != r.resp.TunnelAddress || b.Class != "scanner" {
+			t.Fatalf("device %s: certificate binds %v (bound %v, %v); want key %v, address %v and class scanner", r.resp.DeviceID, b, ok, err, r.key, r.resp.TunnelAddress)
 		}
 		var d controlapi.Device
 		decodeOK(t, a.call("GET", controlapi.PathAdminDevices+"/"+r.resp.DeviceID, nil, a.ops), &d)
@@ -400,7 +400,7 @@ func TestANewTunnelKeyIsBoundAtOnce(t *testing.T) {
 		t.Fatalf("no certificate for the new key: %v", err)
 	}
 	b, bound, err := controlapi.BindingOf(renewed)
-	if err != nil || !bound || b.Key != (policy.Key{2}) || b.Address != enrolled.TunnelAddress {
+	if err != nil || !bound || b.Key != (policy.Key{2}) || b.Address != enrolled.TunnelAddress || b.Class != "scanner" {
 		t.Fatalf("the new certificate binds %v (%v, %v); want the new key and %v", b, bound, err, enrolled.TunnelAddress)
 	}
 	if !renewed.PublicKey.(ed25519.PublicKey).Equal(cert.PublicKey) || deviceID(renewed) != enrolled.DeviceID {

@@ -476,7 +476,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 	var der []byte
 	dev, err := s.db.enroll(req.Token, req.Class, s.cfg.TunnelPool, now, func(id, class string, addr netip.Addr) (controlapi.Device, error) {
 		var err error
-		der, err = s.deviceCert(csr.PublicKey, id, req.WireGuardKey, addr)
+		der, err = s.deviceCert(csr.PublicKey, id, class, req.WireGuardKey, addr)
 		return controlapi.Device{ID: id, Class: class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, TunnelAddress: addr, EnrolledAt: now.UTC()}, err
 	})
 	switch {
