@@ -18,7 +18,7 @@ var layers = [][]string{
 	{"internal/", "localpolicy/opskey", "localpolicy/trustedtime", "cross", "lab/wgbare"},
 	{"localpolicy/policy", "localpolicy/envelope"},
 	{"localpolicy/bundle"},
-	{"localpolicy", "localpolicy/command", "localpolicy/store", "localpolicy/nft", "posture", "posture/", "tunnel"},
+	{"localpolicy", "localpolicy/admit", "localpolicy/command", "localpolicy/store", "localpolicy/nft", "posture", "posture/", "tunnel"},
 	{"api/controlapi", "api/adminapi"},
 	{"agent/config", "agent/controlclient", "agent/spool", "agent/flowlog", "control/pki", "control/suggest", "control/opsclient"},
 	{"agent", "control/server"},
