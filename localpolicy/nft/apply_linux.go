@@ -773,6 +773,11 @@ func (r Rule) exprs(hook string, sets map[string]*nftables.Set) ([]expr.Any, err
 		copy(name, r.Iface)
 		ex = append(ex, &expr.Meta{Key: key, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name})
 	}
+	if r.InIface != "" {
+		name := make([]byte, unix.IFNAMSIZ)
+		copy(name, r.InIface)
+		ex = append(ex, &expr.Meta{Key: expr.MetaKeyIIFNAME, Register: 1}, &expr.Cmp{Op: expr.CmpOpEq, Register: 1, Data: name})
+	}
 	if r.Established {
 		ex = append(ex, ctState(expr.CtStateBitESTABLISHED|expr.CtStateBitRELATED)...)
 	}

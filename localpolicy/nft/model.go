@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/admit"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
@@ -78,8 +79,12 @@ type Rule struct {
 	Direction Direction
 	Lookup    *Lookup
 	// Iface matches the interface a packet arrives on (input) or leaves by
-	// (output): loopback, or the tunnel for segment traffic.
+	// (output, forward): loopback, or the tunnel for segment traffic.
 	Iface string
+	// InIface matches the interface a packet arrived on, in any chain: a
+	// gateway's forward chain judges what comes out of the tunnel apart
+	// from what goes into it.
+	InIface string
 	// ND accepts ICMPv6 router and neighbour discovery (types 133-136),
 	// without which IPv6 stops working altogether.
 	ND bool
@@ -177,6 +182,11 @@ type Options struct {
 	// ListenPort is the tunnel's UDP port: the only local port a gateway's
 	// packets may reach. 0 (the tunnel is not up) admits none.
 	ListenPort uint16
+	// Gateway, when set, makes the table a segment gateway's: the tunnel
+	// is the one devices arrive on, WireGuard reaches ListenPort from
+	// anywhere (WireGuard itself answers only the admitted keys), and
+	// every packet the tunnel carries is judged by its device's group.
+	Gateway *admit.Desired
 }
 
 // Build renders d as the agent's table. Every base-chain rule but the last
@@ -219,7 +229,12 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 	out := Chain{Name: "output", Hook: "output", Rules: []Rule{{Comment: "loopback", Iface: "lo"}}}
 	fwd := Chain{Name: "forward", Hook: "forward"}
 	var jumped []Chain
-	if opt.Tunnel != "" {
+	switch {
+	case opt.Gateway != nil && opt.Tunnel != "":
+		var r rules
+		r, jumped = gateway(&rs, opt.Gateway, opt.Tunnel, opt.ListenPort)
+		in.Rules, out.Rules, fwd.Rules = append(in.Rules, r.in...), append(out.Rules, r.out...), append(fwd.Rules, r.fwd...)
+	case opt.Tunnel != "":
 		var r rules
 		r, jumped = segments(&rs, d, opt.Tunnel)
 		gw := addSets(&rs, "gateways", gateways, func(look func(addr, port Field) *Lookup) (r rules) {
@@ -352,6 +367,76 @@ func segments(rs *Ruleset, d localpolicy.Desired, tun string) (r rules, chains [
 		r.out = append(r.out, Rule{Comment: "segments", Iface: tun, Lookup: &Lookup{Set: out, V6: v6, Map: true, Addr: Dst, Port: Dst}})
 		r.in = append(r.in, Rule{Comment: "segment replies", Iface: tun, Established: true, Lookup: &Lookup{Set: in, V6: v6, Map: true, Addr: Src, Port: Src}})
 	}
+	slices.SortFunc(chains, func(a, b Chain) int { return strings.Compare(a.Name, b.Name) })
+	return r, chains
+}
+
+// gateway adds a segment gateway's part. Each group of devices has a
+// set of what is open to it (gw_N_v4, gw_N_v6) and two chains: gw_N_from
+// accepts a device's packet to an open destination, gw_N_to accepts the
+// replies to it. Two verdict maps keyed by the devices' tunnel addresses
+// send a packet to its device's chains: gw_src (coming out of the
+// tunnel, by source) and gw_dst (going into it, by destination). A
+// packet costs two lookups however many devices and groups there are.
+// A device in no group (removed, quarantined) matches neither map, and
+// its packets are dropped: no established flow survives the apply that
+// removed it, because nothing is accepted for being established alone.
+func gateway(rs *Ruleset, g *admit.Desired, tun string, port uint16) (r rules, chains []Chain) {
+	if port != 0 {
+		var any []Element
+		for _, all := range []netip.Prefix{netip.MustParsePrefix("0.0.0.0/0"), netip.MustParsePrefix("::/0")} {
+			any = append(any, Element{Prefix: all, ProtoFrom: 17, ProtoTo: 17, PortFrom: port, PortTo: port})
+		}
+		r.add(addSets(rs, "gw_wireguard", any, func(look func(addr, port Field) *Lookup) (r rules) {
+			r.in = []Rule{{Comment: "wireguard from devices", Lookup: look(Dst, Dst)}}
+			r.out = []Rule{{Comment: "wireguard to devices", Lookup: look(Src, Src)}}
+			return r
+		}))
+	}
+	var from, to []Element
+	for i, grp := range g.Groups {
+		name := fmt.Sprintf("gw_%d", i)
+		var dsts []Element
+		for _, a := range grp.Segments {
+			dsts = append(dsts, destinations(a)...)
+		}
+		fromChain := Chain{Name: name + "_from"}
+		toChain := Chain{Name: name + "_to"}
+		addSets(rs, name, dsts, func(look func(addr, port Field) *Lookup) rules {
+			fromChain.Rules = append(fromChain.Rules, Rule{Comment: grp.Name, Lookup: look(Dst, Dst)})
+			toChain.Rules = append(toChain.Rules, Rule{Comment: grp.Name + " replies", Established: true, Lookup: look(Src, Src)})
+			return rules{}
+		})
+		fromChain.Rules = append(fromChain.Rules, Rule{Comment: grp.Name + " refused", Drop: true})
+		toChain.Rules = append(toChain.Rules, Rule{Comment: grp.Name + " refused", Drop: true})
+		chains = append(chains, fromChain, toChain)
+		for _, src := range grp.Sources {
+			e := Element{Prefix: netip.PrefixFrom(src, src.BitLen()), ProtoFrom: 0, ProtoTo: 255, PortFrom: 0, PortTo: 65535}
+			e.Chain = fromChain.Name
+			from = append(from, e)
+			e.Chain = toChain.Name
+			to = append(to, e)
+		}
+	}
+	for _, v6 := range []bool{false, true} {
+		f, t := family(from, v6), family(to, v6)
+		if len(f) == 0 {
+			continue
+		}
+		slices.SortFunc(f, compareElements)
+		slices.SortFunc(t, compareElements)
+		src, dst := setName("gw_src", v6), setName("gw_dst", v6)
+		rs.Sets = append(rs.Sets, Set{Name: src, V6: v6, Map: true, Elements: f}, Set{Name: dst, V6: v6, Map: true, Elements: t})
+		r.in = append(r.in, Rule{Comment: "from devices", InIface: tun, Lookup: &Lookup{Set: src, V6: v6, Map: true, Addr: Src, Port: Src}})
+		r.fwd = append(r.fwd, Rule{Comment: "from devices", InIface: tun, Lookup: &Lookup{Set: src, V6: v6, Map: true, Addr: Src, Port: Src}})
+		r.out = append(r.out, Rule{Comment: "to devices", Iface: tun, Lookup: &Lookup{Set: dst, V6: v6, Map: true, Addr: Dst, Port: Dst}})
+		r.fwd = append(r.fwd, Rule{Comment: "to devices", Iface: tun, Lookup: &Lookup{Set: dst, V6: v6, Map: true, Addr: Dst, Port: Dst}})
+	}
+	// Whatever else the tunnel carries is refused here, before the
+	// device-local rules (floor, control) could see it.
+	r.in = append(r.in, Rule{Comment: "from no admitted device", InIface: tun, Drop: true})
+	r.fwd = append(r.fwd, Rule{Comment: "from no admitted device", InIface: tun, Drop: true}, Rule{Comment: "to no admitted device", Iface: tun, Drop: true})
+	r.out = append(r.out, Rule{Comment: "to no admitted device", Iface: tun, Drop: true})
 	slices.SortFunc(chains, func(a, b Chain) int { return strings.Compare(a.Name, b.Name) })
 	return r, chains
 }
@@ -763,7 +848,7 @@ func (rs Ruleset) Equal(o Ruleset) bool {
 
 func (r Rule) equal(o Rule) bool {
 	return r.Comment == o.Comment && r.Established == o.Established && r.New == o.New && r.Direction == o.Direction &&
-		r.Iface == o.Iface && r.ND == o.ND && r.Limit == o.Limit && r.Log == o.Log && r.Drop == o.Drop && r.DstPort == o.DstPort &&
+		r.Iface == o.Iface && r.InIface == o.InIface && r.ND == o.ND && r.Limit == o.Limit && r.Log == o.Log && r.Drop == o.Drop && r.DstPort == o.DstPort &&
 		same(r.Lookup, o.Lookup) && same(r.DHCP, o.DHCP) && same(r.Over, o.Over)
 }
 
@@ -835,6 +920,9 @@ func (r Rule) text(hook string) string {
 			dir = "iifname"
 		}
 		parts = append(parts, fmt.Sprintf("%s %q", dir, r.Iface))
+	}
+	if r.InIface != "" {
+		parts = append(parts, fmt.Sprintf("iifname %q", r.InIface))
 	}
 	if r.Established {
 		parts = append(parts, "ct state established,related")

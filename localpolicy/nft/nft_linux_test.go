@@ -71,6 +71,15 @@ func desired(t *testing.T, class string, sticky localpolicy.Sticky) localpolicy.
 	})
 }
 
+// rulesetFor is the table of a device of class, or of a segment gateway
+// with 300 devices ("segment-gateway").
+func rulesetFor(t *testing.T, class string) Ruleset {
+	if class == "segment-gateway" {
+		return gatewayRuleset(t, 300)
+	}
+	return Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0", ListenPort: 51820})
+}
+
 // nftView is what `nft -j list table` says about the table, reduced to
 // what the agent decides: rule comments in order per chain, chain
 // policies, and set elements.
@@ -211,8 +220,8 @@ func TestApplyMatchesNftListing(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	ns := lab.NewNS(t, "nft")
 	e := NewEnforcer(WithNetNS(ns.FD()))
-	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner", "sharded"} {
-		rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0", ListenPort: 51820})
+	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner", "sharded", "segment-gateway"} {
+		rs := rulesetFor(t, class)
 		if _, err := e.Apply(rs); err != nil {
 			t.Fatalf("%s: Apply: %v", class, err)
 		}
@@ -229,7 +238,7 @@ func TestApplyMatchesNftListing(t *testing.T) {
 // The same ruleset loaded by nft -f from Text and built through netlink
 // must list identically: our netlink encoding is what nft itself makes.
 func TestNetlinkMatchesNftText(t *testing.T) {
-	for _, class := range []string{"dock-gateway", "monitored-scanner", "sharded"} {
+	for _, class := range []string{"dock-gateway", "monitored-scanner", "sharded", "segment-gateway"} {
 		t.Run(class, func(t *testing.T) { netlinkMatchesNftText(t, class) })
 	}
 }
@@ -237,7 +246,7 @@ func TestNetlinkMatchesNftText(t *testing.T) {
 func netlinkMatchesNftText(t *testing.T, class string) {
 	lab.RequirePrivileged(t, "nft")
 	viaNetlink, viaText := lab.NewNS(t, "nl"), lab.NewNS(t, "txt")
-	rs := Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0", ListenPort: 51820})
+	rs := rulesetFor(t, class)
 	if _, err := NewEnforcer(WithNetNS(viaNetlink.FD())).Apply(rs); err != nil {
 		t.Fatal(err)
 	}
