@@ -166,6 +166,13 @@ type EnrollResponse struct {
 	// server's pool and bound in Certificate (none: the server has no
 	// pool, and the device's configuration names its address).
 	TunnelAddress netip.Addr `json:"tunnel_address,omitzero"`
+	// TunnelPool is the pool the address came from: a gateway puts its
+	// address on its interface with the pool's length, so every device
+	// is on its link.
+	TunnelPool netip.Prefix `json:"tunnel_pool,omitzero"`
+	// Role and Segments are the token's: a gateway's segments.
+	Role     string   `json:"role,omitzero"`
+	Segments []string `json:"segments,omitzero"`
 	// OpsKeys are the ops public keys (raw Ed25519) and OpsThreshold how
 	// many must sign, as the server was told to publish them. The
 	// installer pins them in the device's configuration at install; the
@@ -221,6 +228,51 @@ type SyncRequest struct {
 	// with a certificate binding it (SyncResponse.Certificate): gateways
 	// learn the key from control, never from the device alone.
 	WireGuardKey string `json:"wireguard_key,omitzero"`
+	// Gateway is what a segment gateway holds of the roster and the
+	// orders; the server answers a gateway's sync with what lies past it.
+	// A device that is not a gateway gets nothing for it.
+	Gateway *GatewayCursor `json:"gateway,omitzero"`
+}
+
+// The roles a token enrols.
+const (
+	RoleDevice  = "device"
+	RoleGateway = "gateway"
+)
+
+// GatewayCursor is how far a gateway has taken the roster (Device.Rev)
+// and the orders (their sequence numbers).
+type GatewayCursor struct {
+	Roster uint64 `json:"roster"`
+	Orders uint64 `json:"orders"`
+}
+
+// GatewayUpdate is what a gateway lacks: devices whose certificate
+// changed past its roster cursor, oldest change first, and the orders
+// given past its order cursor, in the order they were given. More says
+// the roster has more past RosterCursor: sync again at once.
+type GatewayUpdate struct {
+	Roster       []RosterEntry  `json:"roster,omitzero"`
+	RosterCursor uint64         `json:"roster_cursor"`
+	Orders       []GatewayOrder `json:"orders,omitzero"`
+	OrderCursor  uint64         `json:"order_cursor"`
+	More         bool           `json:"more,omitzero"`
+}
+
+// RosterEntry is an enrolled device as a gateway learns it: its id and
+// its certificate, which binds its class, WireGuard key and tunnel
+// address under control's CA. The gateway believes the certificate,
+// never the server's word alone.
+type RosterEntry struct {
+	ID          string `json:"id"`
+	Certificate []byte `json:"certificate"`
+}
+
+// GatewayOrder is an order as a gateway receives it: signed, as a device
+// receives it, but for every device the order names.
+type GatewayOrder struct {
+	Seq uint64 `json:"seq"`
+	Raw []byte `json:"raw"`
 }
 
 // MaxRefused is how many refused bundle digests a device remembers.
@@ -246,6 +298,8 @@ type SyncResponse struct {
 	// certificate (DER): same identity key and device, binding the
 	// tunnel key the device sent and its tunnel address.
 	Certificate []byte `json:"certificate,omitzero"`
+	// Gateway is a gateway's update (nil: nothing new, or not a gateway).
+	Gateway *GatewayUpdate `json:"gateway,omitzero"`
 }
 
 // Event is one report from the agent's outbox.
@@ -272,6 +326,10 @@ type ReportResponse struct {
 type TokenRequest struct {
 	Class      string `json:"class"`
 	TTLSeconds int64  `json:"ttl_seconds"`
+	// Role is RoleDevice (the default) or RoleGateway: a gateway token
+	// names the segments the gateway fronts.
+	Role     string   `json:"role,omitzero"`
+	Segments []string `json:"segments,omitzero"`
 	// AllowUnknownClass issues a token for a class no stored policy
 	// defines (a policy for it is still to come).
 	AllowUnknownClass bool `json:"allow_unknown_class,omitzero"`
@@ -281,6 +339,8 @@ type TokenRequest struct {
 type TokenResponse struct {
 	Token     string    `json:"token"`
 	Class     string    `json:"class"`
+	Role      string    `json:"role,omitzero"`
+	Segments  []string  `json:"segments,omitzero"`
 	ExpiresAt time.Time `json:"expires_at"`
 }
 
@@ -350,10 +410,20 @@ type Device struct {
 	WireGuardKey string `json:"wireguard_key,omitzero"`
 	// TunnelAddress is the address control assigned the device's tunnel
 	// from its pool (none when the server has no pool).
-	TunnelAddress netip.Addr  `json:"tunnel_address,omitzero"`
-	EnrolledAt    time.Time   `json:"enrolled_at"`
-	LastSeen      time.Time   `json:"last_seen,omitzero"`
-	State         DeviceState `json:"state"`
+	TunnelAddress netip.Addr `json:"tunnel_address,omitzero"`
+	// Role is RoleGateway for a segment gateway ("" is a device), and
+	// Segments the segments it fronts.
+	Role     string   `json:"role,omitzero"`
+	Segments []string `json:"segments,omitzero"`
+	// Certificate is the device's current client certificate (DER):
+	// what gateways check its key, address and class against.
+	Certificate []byte `json:"certificate,omitzero"`
+	// Rev orders the changes gateways must learn: it is set from one
+	// server-wide counter whenever the certificate changes.
+	Rev        uint64      `json:"rev,omitzero"`
+	EnrolledAt time.Time   `json:"enrolled_at"`
+	LastSeen   time.Time   `json:"last_seen,omitzero"`
+	State      DeviceState `json:"state"`
 	// Reports are the latest events, newest last (device show only).
 	Reports []Event `json:"reports,omitzero"`
 	// ReportsDropped sums what the device's outbox discarded.

@@ -123,13 +123,25 @@ func tokenCmd() *subcmd.Command {
 			"once and enrols one device; only their hashes are stored.",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
 			connect := adminFlags(fs)
-			class := fs.String("class", "", "device `CLASS` the token enrols (required)")
+			class := fs.String("class", "", "device `CLASS` the token enrols (required for a device; a gateway's defaults to segment-gateway)")
+			role := fs.String("role", "device", "what the token enrols: device, or gateway (a segment gateway, with --segment)")
+			var segments subcmd.Strings
+			fs.Var(&segments, "segment", "a `SEGMENT` the gateway fronts (repeat for several; gateway tokens only)")
 			ttl := fs.Duration("ttl", 24*time.Hour, "how long the token is valid")
 			count := fs.Int("count", 1, "how many tokens to make, for a batch of devices (at most 10000)")
 			unknown := fs.Bool("allow-unknown-class", false, "issue tokens for a class no stored policy defines yet (its devices sit in lockdown until one does)")
 			return func(env *subcmd.Env, args []string) error {
-				if *class == "" || len(args) > 0 {
-					return subcmd.Usagef("token create needs --class CLASS and no arguments")
+				switch {
+				case len(args) > 0:
+					return subcmd.Usagef("token create takes no arguments (got %q)", args[0])
+				case *role != "device" && *role != "gateway":
+					return subcmd.Usagef("token create: --role %q is neither device nor gateway", *role)
+				case *role == "gateway" && len(segments) == 0:
+					return subcmd.Usagef("token create --role gateway needs --segment SEGMENT (the segments the gateway fronts)")
+				case *role == "device" && len(segments) > 0:
+					return subcmd.Usagef("token create: --segment is for --role gateway")
+				case *role == "device" && *class == "":
+					return subcmd.Usagef("token create needs --class CLASS")
 				}
 				if *count < 1 || *count > 10000 {
 					return subcmd.Usagef("token create: --count %d is outside 1-10000", *count)
@@ -140,7 +152,7 @@ func tokenCmd() *subcmd.Command {
 				}
 				var t controlapi.TokenResponse
 				for i := range *count {
-					if err := a.Call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: *class, TTLSeconds: int64(ttl.Seconds()), AllowUnknownClass: *unknown}, &t); err != nil {
+					if err := a.Call("POST", controlapi.PathAdminTokens, controlapi.TokenRequest{Class: *class, Role: *role, Segments: segments, TTLSeconds: int64(ttl.Seconds()), AllowUnknownClass: *unknown}, &t); err != nil {
 						if i > 0 {
 							return fmt.Errorf("after %d tokens (printed above, each still usable): %w", i, err)
 						}
@@ -152,7 +164,11 @@ func tokenCmd() *subcmd.Command {
 				if *count > 1 {
 					plural = fmt.Sprintf("%d tokens", *count)
 				}
-				fmt.Fprintf(env.Stderr, "%s for class %s, valid until %s, each usable once\n", plural, t.Class, t.ExpiresAt.Format(time.RFC3339))
+				what := "class " + t.Class
+				if t.Role == "gateway" {
+					what = "a gateway of " + strings.Join(t.Segments, ", ")
+				}
+				fmt.Fprintf(env.Stderr, "%s for %s, valid until %s, each usable once\n", plural, what, t.ExpiresAt.Format(time.RFC3339))
 				return nil
 			}
 		},

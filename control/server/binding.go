@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/x509"
 	"errors"
@@ -55,34 +56,42 @@ func (s *Server) rebind(presented *x509.Certificate, dev controlapi.Device, wgKe
 	if err != nil || !ok {
 		return nil, err
 	}
-	if b, bound, err := controlapi.BindingOf(presented); err == nil && bound && b.Key == key && b.Address == dev.TunnelAddress && b.Class == dev.Class {
+	if b, bound, err := controlapi.BindingOf(presented); err == nil && bound && b.Key == key && b.Address == dev.TunnelAddress && b.Class == dev.Class &&
+		bytes.Equal(presented.Raw, dev.Certificate) {
 		return nil, nil
 	}
 	der, err := s.deviceCert(presented.PublicKey, dev.ID, dev.Class, wgKey, dev.TunnelAddress)
 	if err != nil {
 		return nil, err
 	}
+	if err := s.db.rebind(dev.ID, wgKey, der, now); err != nil {
+		return nil, err
+	}
 	if wgKey != dev.WireGuardKey {
-		if err := s.db.rekey(dev.ID, wgKey, now); err != nil {
-			return nil, err
-		}
 		s.log.Info("device tunnel key changed", "id", dev.ID, "public_key", wgKey)
 	}
+	s.notify() // gateways learn the new binding
 	return der, nil
 }
 
-// rekey records a device's new tunnel key, audited with the old one.
-func (d *db) rekey(id, wgKey string, now time.Time) error {
+// rebind records a device's new certificate and tunnel key, with a new
+// rev for the gateways; a changed key is audited with the old one.
+func (d *db) rebind(id, wgKey string, der []byte, now time.Time) error {
 	return d.bolt.Update(func(tx *bolt.Tx) error {
-		old := "none"
-		err := updateDeviceIn(tx, id, func(dev *controlapi.Device) {
-			if dev.WireGuardKey != "" {
-				old = dev.WireGuardKey
-			}
-			dev.WireGuardKey = wgKey
-		})
+		old := ""
+		rev, err := tx.Bucket(bucketDevices).NextSequence()
 		if err != nil {
 			return err
+		}
+		err = updateDeviceIn(tx, id, func(dev *controlapi.Device) {
+			old = dev.WireGuardKey
+			dev.WireGuardKey, dev.Certificate, dev.Rev = wgKey, der, rev
+		})
+		if err != nil || old == wgKey {
+			return err
+		}
+		if old == "" {
+			old = "none"
 		}
 		return audit(tx, now, "device "+id, "wireguard-key-changed", fmt.Sprintf("%s replaces %s", wgKey, old))
 	})

@@ -38,7 +38,7 @@ func newHarness(t testing.TB) *harness {
 	}
 	t.Cleanup(func() { s.Close() })
 	h := &harness{s: s, h: s.Handler()}
-	tok, err := s.db.newToken("scanner", time.Hour, time.Now(), "test")
+	tok, err := s.db.newToken("scanner", "", nil, time.Hour, time.Now(), "test")
 	if err != nil {
 		t.Fatal(err)
 	}

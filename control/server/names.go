@@ -16,11 +16,11 @@ import (
 // partners earlier orders named (a reinstatement may follow a partner
 // out of the policy).
 type names struct {
-	classes, partners, devices map[string]bool
+	classes, partners, devices, segments map[string]bool
 }
 
 func (s *Server) names(devs []controlapi.Device) (names, error) {
-	n := names{classes: map[string]bool{}, partners: map[string]bool{}, devices: map[string]bool{}}
+	n := names{classes: map[string]bool{}, partners: map[string]bool{}, devices: map[string]bool{}, segments: map[string]bool{}}
 	for _, d := range devs {
 		n.devices[d.ID], n.classes[d.Class] = true, true
 	}
@@ -36,6 +36,7 @@ func (s *Server) names(devs []controlapi.Device) (names, error) {
 			n.classes[c] = true
 		}
 		for _, seg := range p.Policy.Segments {
+			n.segments[seg.Name] = true
 			if seg.Partner != "" {
 				n.partners[seg.Partner] = true
 			}

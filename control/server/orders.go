@@ -145,12 +145,18 @@ func refusedBy(st controlapi.DeviceState, id string) string {
 // afresh by the server for this device alone, keeping the time it was
 // imposed.
 func (s *Server) delivery(o *order, dev bundle.Device, now time.Time) ([]byte, error) {
+	return s.deliveryFor(o, command.Target{Devices: []string{dev.ID}}, now)
+}
+
+// deliveryFor is o as sent at now to the devices target names (a device
+// itself, or a gateway taking it for every device the order names).
+func (s *Server) deliveryFor(o *order, target command.Target, now time.Time) ([]byte, error) {
 	c := o.Command
 	if c.Kind.Loosens() || (o.Raw != nil && now.Add(time.Minute).Before(c.ExpiresAt)) {
 		return o.Raw, nil
 	}
 	d := command.Command{ID: c.ID, Kind: c.Kind, Partner: c.Partner, Reason: c.Reason,
-		Target:   command.Target{Devices: []string{dev.ID}},
+		Target:   target,
 		IssuedAt: now.UTC(), ExpiresAt: now.Add(s.cfg.CommandLifetime).UTC(), OrderedAt: c.Since().UTC()}
 	if d.OrderedAt.After(d.IssuedAt) {
 		d.OrderedAt = d.IssuedAt

@@ -474,10 +474,11 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var der []byte
-	dev, err := s.db.enroll(req.Token, req.Class, s.cfg.TunnelPool, now, func(id, class string, addr netip.Addr) (controlapi.Device, error) {
+	dev, err := s.db.enroll(req.Token, req.Class, s.cfg.TunnelPool, now, func(id string, t token, addr netip.Addr) (controlapi.Device, error) {
 		var err error
-		der, err = s.deviceCert(csr.PublicKey, id, class, req.WireGuardKey, addr)
-		return controlapi.Device{ID: id, Class: class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, TunnelAddress: addr, EnrolledAt: now.UTC()}, err
+		der, err = s.deviceCert(csr.PublicKey, id, t.Class, req.WireGuardKey, addr)
+		return controlapi.Device{ID: id, Class: t.Class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, TunnelAddress: addr,
+			Certificate: der, EnrolledAt: now.UTC()}, err
 	})
 	switch {
 	case isTokenError(err):
@@ -487,9 +488,13 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
 	}
-	s.log.Info("device enrolled", "id", dev.ID, "class", dev.Class, "hostname", dev.Hostname)
+	s.log.Info("device enrolled", "id", dev.ID, "class", dev.Class, "hostname", dev.Hostname, "role", dev.Role)
+	s.notify() // gateways learn the new device
 	resp := controlapi.EnrollResponse{DeviceID: dev.ID, Class: dev.Class, TunnelAddress: dev.TunnelAddress, Certificate: der, CA: s.ca.Cert.Raw,
-		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), OpsThreshold: s.cfg.Ops.Threshold}
+		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), OpsThreshold: s.cfg.Ops.Threshold, Role: dev.Role, Segments: dev.Segments}
+	if dev.TunnelAddress.IsValid() {
+		resp.TunnelPool = s.cfg.TunnelPool
+	}
 	for _, k := range s.cfg.Ops.Keys() {
 		resp.OpsKeys = append(resp.OpsKeys, k)
 	}
@@ -599,7 +604,13 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 			s.log.Error("sync", "device", id, "err", err)
 			panic(http.ErrAbortHandler)
 		}
-		if resp.Bundle != nil || len(resp.Roots) > 0 || len(resp.Commands) > 0 || cert != nil {
+		if dev.Role == controlapi.RoleGateway && req.Gateway != nil {
+			if resp.Gateway, err = s.gatewayUpdate(*req.Gateway, s.now()); err != nil {
+				s.log.Error("sync", "gateway", id, "err", err)
+				panic(http.ErrAbortHandler)
+			}
+		}
+		if resp.Bundle != nil || len(resp.Roots) > 0 || len(resp.Commands) > 0 || cert != nil || resp.Gateway != nil {
 			resp.Certificate = cert
 			reply(w, resp)
 			return
@@ -711,6 +722,7 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, id string) {
 }
 
 func (s *Server) withSeen(dev controlapi.Device) controlapi.Device {
+	dev.Certificate = nil // gateways' business; the desk sees the binding fields
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if t, ok := s.seen[dev.ID]; ok && t.After(dev.LastSeen) {
@@ -759,22 +771,50 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request, actor strin
 		return
 	}
 	ttl := time.Duration(req.TTLSeconds) * time.Second
-	if req.Class == "" || ttl <= 0 || ttl > 30*24*time.Hour {
+	if req.Role == controlapi.RoleGateway && req.Class == "" {
+		req.Class = GatewayClass
+	}
+	switch {
+	case req.Class == "" || ttl <= 0 || ttl > 30*24*time.Hour:
 		fail(w, http.StatusBadRequest, "a token needs a class and a ttl between 1s and 30 days")
 		return
+	case !classForm.MatchString(req.Class):
+		fail(w, http.StatusBadRequest, "class: 1-32 characters of a-z, 0-9, '-' or '_'")
+		return
+	case req.Role != "" && req.Role != controlapi.RoleDevice && req.Role != controlapi.RoleGateway:
+		fail(w, http.StatusBadRequest, fmt.Sprintf("role %q is neither %s nor %s", req.Role, controlapi.RoleDevice, controlapi.RoleGateway))
+		return
+	case req.Role == controlapi.RoleGateway && len(req.Segments) == 0:
+		fail(w, http.StatusBadRequest, "a gateway token names the segments the gateway fronts (--segment)")
+		return
+	case req.Role != controlapi.RoleGateway && len(req.Segments) > 0:
+		fail(w, http.StatusBadRequest, "segments are for a gateway token (--role gateway)")
+		return
 	}
-	if !req.AllowUnknownClass {
-		n, err := s.names(nil)
-		if err != nil {
-			fail(w, http.StatusInternalServerError, err.Error())
-			return
-		}
+	if req.Role == controlapi.RoleDevice {
+		req.Role = ""
+	}
+	n, err := s.names(nil)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	var bad []string
+	for _, seg := range req.Segments {
+		bad = append(bad, unknownName("segment", seg, n.segments)...)
+	}
+	if bad != nil {
+		fail(w, http.StatusNotFound, strings.Join(bad, "; ")+" in the stored policies")
+		return
+	}
+	if req.Role != controlapi.RoleGateway && !req.AllowUnknownClass {
 		if bad := unknownName("class", req.Class, n.classes); bad != nil {
 			fail(w, http.StatusNotFound, bad[0]+" in the stored policies; a device enrolled with it would sit in lockdown (--allow-unknown-class issues it anyway)")
 			return
 		}
 	}
-	resp, err := s.db.newToken(req.Class, ttl, s.now(), actor)
+	slices.Sort(req.Segments)
+	resp, err := s.db.newToken(req.Class, req.Role, slices.Compact(req.Segments), ttl, s.now(), actor)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return

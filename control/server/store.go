@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"cmp"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
@@ -10,6 +11,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/go-json-experiment/json"
@@ -48,6 +50,8 @@ var (
 
 type token struct {
 	Class     string    `json:"class"`
+	Role      string    `json:"role,omitzero"`
+	Segments  []string  `json:"segments,omitzero"`
 	ExpiresAt time.Time `json:"expires_at"`
 	UsedBy    string    `json:"used_by,omitzero"`
 }
@@ -129,14 +133,18 @@ func audit(tx *bolt.Tx, now time.Time, actor, action, detail string) error {
 }
 
 // newToken stores a one-time token and returns it; only its hash is kept.
-func (d *db) newToken(class string, ttl time.Duration, now time.Time, actor string) (controlapi.TokenResponse, error) {
+func (d *db) newToken(class, role string, segments []string, ttl time.Duration, now time.Time, actor string) (controlapi.TokenResponse, error) {
 	t := randomID("bht_", 20)
-	resp := controlapi.TokenResponse{Token: t, Class: class, ExpiresAt: now.Add(ttl).UTC()}
+	resp := controlapi.TokenResponse{Token: t, Class: class, Role: role, Segments: segments, ExpiresAt: now.Add(ttl).UTC()}
 	err := d.bolt.Update(func(tx *bolt.Tx) error {
-		if err := put(tx.Bucket(bucketTokens), hashToken(t), token{Class: class, ExpiresAt: resp.ExpiresAt}); err != nil {
+		if err := put(tx.Bucket(bucketTokens), hashToken(t), token{Class: class, Role: role, Segments: segments, ExpiresAt: resp.ExpiresAt}); err != nil {
 			return err
 		}
-		return audit(tx, now, actor, "token-created", fmt.Sprintf("class %s, expires %s", class, resp.ExpiresAt.Format(time.RFC3339)))
+		detail := fmt.Sprintf("class %s, expires %s", class, resp.ExpiresAt.Format(time.RFC3339))
+		if role == controlapi.RoleGateway {
+			detail = fmt.Sprintf("gateway of %s, %s", strings.Join(segments, ", "), detail)
+		}
+		return audit(tx, now, actor, "token-created", detail)
 	})
 	return resp, err
 }
@@ -171,7 +179,7 @@ func tokenUsable(t token, ok bool, class string, now time.Time) error {
 // enroll spends the token, assigns the device a tunnel address from pool
 // (when valid) and records the device, all or nothing: a refused or
 // failed enrolment leaves the token and the pool as they were.
-func (d *db) enroll(tok, class string, pool netip.Prefix, now time.Time, issue func(id, class string, addr netip.Addr) (controlapi.Device, error)) (controlapi.Device, error) {
+func (d *db) enroll(tok, class string, pool netip.Prefix, now time.Time, issue func(id string, t token, addr netip.Addr) (controlapi.Device, error)) (controlapi.Device, error) {
 	var dev controlapi.Device
 	err := d.bolt.Update(func(tx *bolt.Tx) error {
 		tb := tx.Bucket(bucketTokens)
@@ -190,7 +198,11 @@ func (d *db) enroll(tok, class string, pool netip.Prefix, now time.Time, issue f
 				return err
 			}
 		}
-		if dev, err = issue(id, class, addr); err != nil {
+		if dev, err = issue(id, t, addr); err != nil {
+			return err
+		}
+		dev.Role, dev.Segments = t.Role, t.Segments
+		if dev.Rev, err = tx.Bucket(bucketDevices).NextSequence(); err != nil {
 			return err
 		}
 		t.UsedBy = dev.ID
@@ -201,6 +213,9 @@ func (d *db) enroll(tok, class string, pool netip.Prefix, now time.Time, issue f
 			return err
 		}
 		detail := fmt.Sprintf("class %s, hostname %q", class, dev.Hostname)
+		if t.Role == controlapi.RoleGateway {
+			detail = fmt.Sprintf("gateway of %s, %s", strings.Join(t.Segments, ", "), detail)
+		}
 		if addr.IsValid() {
 			detail += ", tunnel address " + addr.String()
 		}
@@ -235,6 +250,33 @@ func (d *db) devices() ([]controlapi.Device, error) {
 		})
 	})
 	return out, err
+}
+
+// roster is, in change order, up to limit devices (gateways left out)
+// whose certificate changed after rev, and the rev of the last one
+// (after, when none); more says others follow it.
+func (d *db) roster(after uint64, limit int) (out []controlapi.Device, cursor uint64, more bool, err error) {
+	err = d.bolt.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
+			var dev controlapi.Device
+			if err := json.Unmarshal(v, &dev); err != nil {
+				return fmt.Errorf("stored device %s: %w", k, err)
+			}
+			if dev.Rev > after && dev.Role != controlapi.RoleGateway && len(dev.Certificate) > 0 {
+				out = append(out, dev)
+			}
+			return nil
+		})
+	})
+	slices.SortFunc(out, func(a, b controlapi.Device) int { return cmp.Compare(a.Rev, b.Rev) })
+	if len(out) > limit {
+		out, more = out[:limit], true
+	}
+	cursor = after
+	if len(out) > 0 {
+		cursor = out[len(out)-1].Rev
+	}
+	return out, cursor, more, err
 }
 
 // updateDevice applies fn to a stored device.

@@ -1,0 +1,52 @@
+package server
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
+)
+
+// GatewayClass is the class a gateway token gives when it names none: a
+// gateway is no policy device, and its own table opens only control and
+// its floor (and its segments' tunnel).
+const GatewayClass = "segment-gateway"
+
+// rosterBatch bounds the roster entries one answer carries: a new
+// gateway of a large fleet takes the roster in a few round trips.
+const rosterBatch = 1000
+
+// gatewayUpdate is what a gateway holding have lacks, or nil: the
+// devices whose certificate changed since, and every order given since,
+// each signed for all the devices it names (lifts as ops signed them).
+// The gateway verifies both itself; nothing here is taken on the
+// server's word.
+func (s *Server) gatewayUpdate(have controlapi.GatewayCursor, now time.Time) (*controlapi.GatewayUpdate, error) {
+	u := &controlapi.GatewayUpdate{OrderCursor: have.Orders}
+	devs, cursor, more, err := s.db.roster(have.Roster, rosterBatch)
+	if err != nil {
+		return nil, err
+	}
+	u.RosterCursor, u.More = cursor, more
+	for _, d := range devs {
+		u.Roster = append(u.Roster, controlapi.RosterEntry{ID: d.ID, Certificate: d.Certificate})
+	}
+	orders := slices.SortedFunc(slices.Values(s.book.all()), func(a, b *order) int { return cmp.Compare(a.Seq, b.Seq) })
+	for _, o := range orders {
+		if o.Seq <= have.Orders {
+			continue
+		}
+		raw, err := s.deliveryFor(o, o.Command.Target, now)
+		if err != nil {
+			return nil, fmt.Errorf("sign order %s for gateways: %w", o.Command.ID, err)
+		}
+		u.Orders = append(u.Orders, controlapi.GatewayOrder{Seq: o.Seq, Raw: raw})
+		u.OrderCursor = o.Seq
+	}
+	if len(u.Roster) == 0 && len(u.Orders) == 0 {
+		return nil, nil
+	}
+	return u, nil
+}
