@@ -1,8 +1,8 @@
 // Package store owns the device's offline policy cache: one bbolt file that
 // holds the last accepted bundle as its original signed bytes, the highest
 // version ever accepted, the trust roots, sticky state set by commands,
-// remembered command ids, the latest trusted time, and a hash-chained audit
-// log. Every setter writes only when the value changes: these devices live
+// remembered command ids, the latest trusted time, a hash-chained audit
+// log, and on a segment gateway control's roster and the orders it took. Every setter writes only when the value changes: these devices live
 // on flash that wears out, and an idle agent writes nothing.
 package store
 
