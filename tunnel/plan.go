@@ -18,8 +18,12 @@ import (
 // Peer is one peer as the device holds it: what Apply sets and what the
 // device reports back.
 type Peer struct {
-	PublicKey  policy.Key
-	Endpoint   netip.AddrPort
+	PublicKey policy.Key
+	Endpoint  netip.AddrPort
+	// Roams is a peer with no configured endpoint (a device behind NAT,
+	// at a segment gateway): it is answered where it was last
+	// authenticated from, and Endpoint is only what was learned.
+	Roams      bool
 	AllowedIPs []netip.Prefix
 }
 
@@ -33,14 +37,15 @@ type PeerState struct {
 	TxBytes       uint64
 }
 
-// Wanted converts the Desired state's peers. A peer whose endpoint is not
-// an IP:port (the policy validator refuses those) is left out rather than
-// guessed at.
+// Wanted converts the Desired state's peers. A peer with no endpoint
+// roams (a device at a gateway); one whose endpoint is not an IP:port (the
+// policy validator refuses those) is left out rather than guessed at.
 func Wanted(peers []localpolicy.Peer) []Peer {
 	out := make([]Peer, 0, len(peers))
 	for _, p := range peers {
 		ep, err := netip.ParseAddrPort(p.Endpoint)
-		if err != nil {
+		roams := p.Endpoint == ""
+		if err != nil && !roams {
 			continue
 		}
 		ips := make([]netip.Prefix, len(p.AllowedIPs))
@@ -49,7 +54,11 @@ func Wanted(peers []localpolicy.Peer) []Peer {
 		}
 		sortPrefixes(ips)
 		ips = slices.Compact(ips)
-		out = append(out, Peer{PublicKey: p.PublicKey, Endpoint: netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port()), AllowedIPs: ips})
+		w := Peer{PublicKey: p.PublicKey, Roams: roams, AllowedIPs: ips}
+		if !roams {
+			w.Endpoint = netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port())
+		}
+		out = append(out, w)
 	}
 	return out
 }
@@ -68,14 +77,19 @@ func Diff(have, want []Peer) string {
 	for _, w := range want {
 		keep[w.PublicKey] = true
 		h, exists := old[w.PublicKey]
-		if exists && h.Endpoint == w.Endpoint && slices.Equal(h.AllowedIPs, w.AllowedIPs) {
+		sameEndpoint := h.Roams == w.Roams && (w.Roams || h.Endpoint == w.Endpoint)
+		if exists && sameEndpoint && slices.Equal(h.AllowedIPs, w.AllowedIPs) {
 			continue
 		}
 		fmt.Fprintf(&b, "public_key=%s\n", hex.EncodeToString(w.PublicKey[:]))
 		if exists {
 			b.WriteString("update_only=true\n")
 		}
-		if !exists || h.Endpoint != w.Endpoint {
+		switch {
+		case exists && sameEndpoint:
+		case w.Roams:
+			fmt.Fprintf(&b, "endpoint=%s%s\n", roamPrefix, hex.EncodeToString(w.PublicKey[:]))
+		default:
 			fmt.Fprintf(&b, "endpoint=%s\n", w.Endpoint)
 		}
 		if !exists || !slices.Equal(h.AllowedIPs, w.AllowedIPs) {
@@ -102,6 +116,18 @@ func Routes(peers []Peer) []netip.Prefix {
 	}
 	sortPrefixes(out)
 	return slices.Compact(out)
+}
+
+// OffLink is routes less those inside the prefix of one of the
+// interface's own addresses: the kernel's route for that prefix already
+// sends them through the tunnel. A segment gateway with thousands of
+// device peers on the tunnel pool routes none of them one by one.
+func OffLink(routes, addrs []netip.Prefix) []netip.Prefix {
+	return slices.DeleteFunc(slices.Clone(routes), func(r netip.Prefix) bool {
+		return slices.ContainsFunc(addrs, func(a netip.Prefix) bool {
+			return a.Bits() < a.Addr().BitLen() && a.Bits() <= r.Bits() && a.Masked().Contains(r.Addr())
+		})
+	})
 }
 
 // RouteDiff says which routes to add and which to delete to go from have
@@ -176,7 +202,9 @@ func ParseState(text string) ([]PeerState, error) {
 		var err error
 		switch key {
 		case "endpoint":
-			cur.Endpoint, err = netip.ParseAddrPort(value)
+			if value != noEndpoint {
+				cur.Endpoint, err = netip.ParseAddrPort(value)
+			}
 		case "allowed_ip":
 			var p netip.Prefix
 			if p, err = netip.ParsePrefix(value); err == nil {

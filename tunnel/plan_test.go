@@ -4,6 +4,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -155,5 +156,20 @@ func TestListenPortOf(t *testing.T) {
 		if _, err := ListenPortOf(bad); err == nil {
 			t.Errorf("ListenPortOf(%q) has no error", bad)
 		}
+	}
+}
+
+// Peers inside the tunnel's own prefix need no route each; others do,
+// and a host address (a device's /32) covers nothing.
+func TestOffLink(t *testing.T) {
+	p := netip.MustParsePrefix
+	routes := []netip.Prefix{p("100.64.0.5/32"), p("100.64.3.9/32"), p("10.20.1.0/24"), p("100.64.0.0/15")}
+	got := OffLink(routes, []netip.Prefix{p("100.64.0.1/16"), p("100.99.0.1/32")})
+	want := []netip.Prefix{p("10.20.1.0/24"), p("100.64.0.0/15")}
+	if !slices.Equal(got, want) {
+		t.Errorf("OffLink = %v, want %v", got, want)
+	}
+	if got := OffLink(routes, []netip.Prefix{p("100.64.0.5/32")}); len(got) != len(routes) {
+		t.Errorf("a host address took routes: %v", got)
 	}
 }

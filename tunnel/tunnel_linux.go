@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 
@@ -31,13 +32,17 @@ type Tunnel struct {
 	cfg  Config
 	log  *slog.Logger
 	dev  *device.Device
+	bind *roamingBind
 	uapi net.Listener
 	rt   *rtnetlink.Conn
 	link uint32 // ifindex of the TUN interface
 	port uint16 // the UDP port the device listens on, as bound at Open
 
-	mu  sync.Mutex // guards key, and orders Apply against RotateKey
+	mu  sync.Mutex // guards key and addrs, and orders Apply against RotateKey
 	key PrivateKey
+	// addrs are the interface's own addresses: a peer address inside one
+	// of their prefixes is on the link and needs no route of its own.
+	addrs []netip.Prefix
 
 	done sync.WaitGroup // the UAPI accept loop
 }
@@ -66,7 +71,8 @@ func Open(cfg Config) (*Tunnel, error) {
 		return nil, tunError(cfg.Interface, err)
 	}
 	opts := []device.Option{device.WithPreallocatedBuffersPerPool(cfg.Buffers)}
-	t.dev = device.NewDevice(tdev, conn.NewDefaultBind(), &device.Logger{
+	t.bind = newRoamingBind(conn.NewDefaultBind())
+	t.dev = device.NewDevice(tdev, t.bind, &device.Logger{
 		Verbosef: func(string, ...any) {},
 		Errorf:   func(format string, args ...any) { t.log.Warn("wireguard: " + fmt.Sprintf(format, args...)) },
 	}, opts...)
@@ -102,6 +108,7 @@ func Open(cfg Config) (*Tunnel, error) {
 			return fail(err)
 		}
 	}
+	t.addrs = slices.Clone(cfg.Addresses)
 	if err := t.rt.Link.Set(&rtnetlink.LinkMessage{Family: unix.AF_UNSPEC, Index: t.link, Flags: unix.IFF_UP, Change: unix.IFF_UP}); err != nil {
 		return fail(fmt.Errorf("tunnel %s: set up: %w", cfg.Interface, err))
 	}
@@ -125,7 +132,15 @@ func tunError(name string, err error) error {
 
 // AddAddress puts p on the interface (an address control assigned after
 // the tunnel came up); one already there is no error.
-func (t *Tunnel) AddAddress(p netip.Prefix) error { return t.addAddress(p) }
+func (t *Tunnel) AddAddress(p netip.Prefix) error {
+	if err := t.addAddress(p); err != nil {
+		return err
+	}
+	t.mu.Lock()
+	t.addrs = append(t.addrs, p)
+	t.mu.Unlock()
+	return nil
+}
 
 func (t *Tunnel) addAddress(p netip.Prefix) error {
 	fam := uint8(unix.AF_INET)
@@ -188,7 +203,11 @@ func (t *Tunnel) State() ([]PeerState, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tunnel %s: %w", t.cfg.Interface, err)
 	}
-	return ParseState(text)
+	state, err := ParseState(text)
+	for i := range state {
+		state[i].Roams = t.bind.roams(state[i].PublicKey)
+	}
+	return state, err
 }
 
 // Apply makes the device's peers and the tunnel routes exactly want.
@@ -211,12 +230,17 @@ func (t *Tunnel) Apply(want []Peer) (state []PeerState, changed bool, err error)
 		if state, err = t.State(); err != nil {
 			return nil, true, err
 		}
+		wanted := make(map[[32]byte]bool, len(want))
+		for _, p := range want {
+			wanted[p.PublicKey] = true
+		}
+		t.bind.forget(func(k [32]byte) bool { return wanted[k] })
 	}
 	routes, err := t.routes()
 	if err != nil {
 		return state, changed, err
 	}
-	add, del := RouteDiff(routes, Routes(want))
+	add, del := RouteDiff(routes, OffLink(Routes(want), t.addrs))
 	for _, p := range add {
 		if err := t.rt.Route.Replace(t.routeMessage(p)); err != nil {
 			return state, changed, fmt.Errorf("tunnel %s: route %s: %w", t.cfg.Interface, p, err)

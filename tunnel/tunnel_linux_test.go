@@ -212,3 +212,60 @@ func TestRotateKey(t *testing.T) {
 		t.Errorf("key file after rotation holds %v (err %v), want the new key", reread.Public(), err)
 	}
 }
+
+// A peer with no endpoint (a device behind NAT, at a segment gateway) is
+// answered where it was authenticated from, as kernel WireGuard does:
+// Debian's wireguard-go initiates to our tunnel and reaches a host behind
+// it. A client whose key is not a peer gets no handshake at all. The
+// devices on the tunnel's own prefix need no route each.
+func TestRoamingPeersAreAnsweredWhereTheyAre(t *testing.T) {
+	lab.RequirePrivileged(t, "wg", "wireguard-go")
+	gw, dev, stranger := lab.NewNS(t, "gw"), lab.NewNS(t, "dev"), lab.NewNS(t, "strgr")
+	lab.Link(t, dev, "192.0.2.2/30", gw, "192.0.2.1/30")
+	lab.Link(t, stranger, "192.0.2.6/30", gw, "192.0.2.5/30")
+	host := netip.MustParseAddrPort("10.20.1.10:443")
+	gw.MustRun(t, "ip", "addr", "add", "10.20.1.10/32", "dev", "lo")
+	lab.Echo(t, gw, host)
+	cfg := Config{Interface: "bh-" + gw.Name[len(gw.Name)-6:], Addresses: []netip.Prefix{netip.MustParsePrefix("100.64.0.1/24")},
+		ListenPort: 51820, KeyFile: filepath.Join(t.TempDir(), "wg.key")}
+	var tun *Tunnel
+	if err := gw.Do(func() error {
+		var err error
+		tun, err = Open(cfg)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tun.Close() })
+	device := lab.StartGateway(t, dev, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.2"), 51830, "100.64.0.2/32")
+	device.RouteVia(t, tun.PublicKey().String(), netip.MustParseAddrPort("192.0.2.1:51820"), "10.20.1.0/24")
+	outsider := lab.StartGateway(t, stranger, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.6"), 51830, "100.64.0.3/32")
+	outsider.RouteVia(t, tun.PublicKey().String(), netip.MustParseAddrPort("192.0.2.5:51820"), "10.20.1.0/24")
+
+	want := []Peer{{PublicKey: key(t, device.PublicKey), Roams: true, AllowedIPs: []netip.Prefix{netip.MustParsePrefix("100.64.0.2/32")}}}
+	if _, _, err := tun.Apply(want); err != nil {
+		t.Fatal(err)
+	}
+	if !lab.ReachesWithin(t, dev, "tcp", host, lab.FirstContact) {
+		t.Fatalf("the roaming device does not reach %s through the tunnel", host)
+	}
+	st, err := tun.State()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st) != 1 || !st[0].Roams || st[0].Endpoint != netip.MustParseAddrPort("192.0.2.2:51830") || st[0].LastHandshake.IsZero() {
+		t.Errorf("state %+v: want the roaming device, heard from 192.0.2.2:51830", st)
+	}
+	if _, changed, err := tun.Apply(want); err != nil || changed {
+		t.Errorf("second Apply: changed %v, err %v; want a no-op (a learned endpoint is not a change)", changed, err)
+	}
+	if got := gw.MustRun(t, "ip", "route", "show", "proto", "98"); strings.Contains(got, "100.64.0.2") {
+		t.Errorf("a route was made for a device on the tunnel's own prefix: %q", got)
+	}
+	if lab.ReachesWithin(t, stranger, "tcp", host, lab.FirstContact) {
+		t.Fatal("a key that is not a peer reached the host")
+	}
+	if !outsider.LatestHandshake(t, tun.PublicKey().String()).IsZero() {
+		t.Error("a key that is not a peer completed a handshake")
+	}
+}
