@@ -112,8 +112,8 @@ func (a *Agent) tunnelStatus() adminapi.TunnelStatus {
 
 // peerSegments maps each wanted peer to the segments it carries.
 func (a *Agent) peerSegments() map[policy.Key][]string {
-	segs := make(map[policy.Key][]string, len(a.desired.Peers))
-	for _, p := range a.desired.Peers {
+	segs := make(map[policy.Key][]string, len(a.peers()))
+	for _, p := range a.peers() {
 		segs[p.PublicKey] = p.Segments
 	}
 	return segs

@@ -90,6 +90,7 @@ type Agent struct {
 	sample *sampler    // posture sampling
 	loc    locator     // the device's position
 	mon    flowMonitor // the table's log
+	gw     *gateway    // the segment-gateway role; nil on a device
 }
 
 // Option adjusts an Agent; tests use them.
@@ -223,6 +224,10 @@ func (a *Agent) assignedAddress() (netip.Prefix, bool) {
 		return netip.Prefix{}, false
 	}
 	addr := a.ch.rec.TunnelAddress
+	if pool := a.ch.rec.TunnelPool; a.ch.rec.Gateway() && pool.IsValid() {
+		// A gateway is on the link of every device in the pool.
+		return netip.PrefixFrom(addr, pool.Bits()), true
+	}
 	return netip.PrefixFrom(addr, addr.BitLen()), true
 }
 
@@ -293,12 +298,20 @@ func (a *Agent) reconcile(why string) error {
 	}
 	prev, known := a.desired.Mode, a.evaluated
 	a.desired, a.evaluated = localpolicy.Evaluate(in), true
+	opts := a.nftOptions()
+	if a.gw != nil {
+		// A gateway's peers are the devices it admits, and its table
+		// judges their packets; its own class opens nothing beyond.
+		a.decideGateway(in)
+		opts.Gateway = &a.gw.desired
+	}
 	// Peers change with the table. Either order is safe: segment rules
 	// accept only packets on the tunnel interface, so a destination whose
-	// peer is gone (its route falls back to the uplink) is already dropped.
-	a.link.apply(a.desired.Peers)
+	// peer is gone (its route falls back to the uplink) is already dropped;
+	// a gateway's table drops what no admitted device sends.
+	a.link.apply(a.peers())
 	a.syncFlowLog()
-	changed, err := a.table.apply(nft.Build(a.desired, a.nftOptions()))
+	changed, err := a.table.apply(nft.Build(a.desired, opts))
 	if err != nil {
 		a.log.Error("apply failed; the previous ruleset stays in force", "err", err)
 		return err
@@ -420,8 +433,8 @@ func (a *Agent) loop(ctx context.Context) {
 			if a.link.up(a.tunnelConfig()) {
 				a.reconcile("tunnel up")
 			}
-			a.link.apply(a.desired.Peers) // also restores peers edited by hand
-			a.syncFlowLog()               // retries a group that could not be bound
+			a.link.apply(a.peers()) // also restores peers edited by hand
+			a.syncFlowLog()         // retries a group that could not be bound
 		case f := <-drops:
 			f.verdict <- a.dropFile(f)
 		case f := <-a.mon.flows:
@@ -433,11 +446,24 @@ func (a *Agent) loop(ctx context.Context) {
 	}
 }
 
+// peers are the tunnel peers wanted now: a device's gateways, or a
+// gateway's admitted devices.
+func (a *Agent) peers() []localpolicy.Peer {
+	if a.gw != nil {
+		return a.gw.desired.Peers
+	}
+	return a.desired.Peers
+}
+
 func (a *Agent) untilNextChange() time.Duration {
-	if a.desired.NextChange.IsZero() {
+	next := a.desired.NextChange
+	if a.gw != nil && !a.gw.desired.NextChange.IsZero() && (next.IsZero() || a.gw.desired.NextChange.Before(next)) {
+		next = a.gw.desired.NextChange
+	}
+	if next.IsZero() {
 		return time.Hour
 	}
-	return max(a.desired.NextChange.Sub(a.clock.Now()), 0)
+	return max(next.Sub(a.clock.Now()), 0)
 }
 
 // checkDrift compares the kernel's table with what was applied and

@@ -106,6 +106,11 @@ func (a *Agent) useEnrolment(rec *controlclient.Record) error {
 		return err
 	}
 	a.ch.rec, a.ch.client, a.ch.unusable = rec, client, ""
+	if err := a.loadGateway(); err != nil {
+		sp.Close()
+		a.ch.rec, a.ch.client = nil, nil
+		return err
+	}
 	a.ch.sync = newSyncer(client, sp, adminapi.ControlStatus{URL: rec.URL, DeviceID: rec.DeviceID}, a.ch.answers, a.log)
 	a.publish()
 	return nil
@@ -181,6 +186,10 @@ func (a *Agent) publish() {
 	}
 	next := &controlapi.SyncRequest{PolicyVersion: a.highest(), WaitSeconds: int(syncWait / time.Second), State: st,
 		RootsVersion: a.rootsVersion(), Refused: slices.Clone(a.ch.refused), WireGuardKey: a.link.publicKey()}
+	if a.gw != nil {
+		cursor := a.gw.cursor
+		next.Gateway = &cursor
+	}
 	a.ch.sync.offer(next)
 }
 
@@ -228,6 +237,7 @@ func (a *Agent) handleSync(resp controlapi.SyncResponse) (refused bool) {
 	if resp.Certificate != nil {
 		a.renewCertificate(resp.Certificate)
 	}
+	a.takeGateway(resp.Gateway)
 	a.reconcile("contact with control") // an offline device is back
 	a.publish()
 	return refused

@@ -588,6 +588,12 @@ func TestOutageLosesNoReports(t *testing.T) {
 // kernel's link-local one aside).
 func (s *controlSite) tunnelAddrs(t *testing.T) []string {
 	t.Helper()
+	return tunnelAddrs(t, s.a)
+}
+
+// tunnelAddrs are the addresses on agent a's tunnel interface.
+func tunnelAddrs(t *testing.T, a *agentproc.Agent) []string {
+	t.Helper()
 	var links []struct {
 		AddrInfo []struct {
 			Local     string `json:"local"`
@@ -595,7 +601,7 @@ func (s *controlSite) tunnelAddrs(t *testing.T) []string {
 			Scope     string `json:"scope"`
 		} `json:"addr_info"`
 	}
-	out := s.a.NS.MustRun(t, "ip", "-j", "addr", "show", "dev", s.a.Status(t).Tunnel.Interface)
+	out := a.NS.MustRun(t, "ip", "-j", "addr", "show", "dev", a.Status(t).Tunnel.Interface)
 	if err := json.Unmarshal([]byte(out), &links); err != nil {
 		t.Fatalf("ip -j addr: %v: %s", err, out)
 	}

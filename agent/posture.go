@@ -168,13 +168,10 @@ func (a *Agent) readTunnel(f *posture.Facts) {
 		return
 	}
 	f.Tunnel = map[string]uint64{}
+	segs := a.peerSegments()
 	for _, p := range st {
-		for _, want := range a.desired.Peers {
-			if want.PublicKey == p.PublicKey {
-				for _, seg := range want.Segments {
-					f.Tunnel[seg] = p.RxBytes + p.TxBytes
-				}
-			}
+		for _, seg := range segs[p.PublicKey] {
+			f.Tunnel[seg] = p.RxBytes + p.TxBytes
 		}
 	}
 }

@@ -121,7 +121,8 @@ func (s *syncer) close() error {
 func sameRequest(a, b *controlapi.SyncRequest) bool {
 	return a.PolicyVersion == b.PolicyVersion && a.RootsVersion == b.RootsVersion && slices.Equal(a.Refused, b.Refused) && a.State.Mode == b.State.Mode &&
 		a.State.Why == b.State.Why && a.State.PolicyVersion == b.State.PolicyVersion && maps.Equal(a.State.Revoked, b.State.Revoked) &&
-		maps.Equal(a.State.Orders, b.State.Orders) && slices.Equal(a.State.RefusedOrders, b.State.RefusedOrders)
+		maps.Equal(a.State.Orders, b.State.Orders) && slices.Equal(a.State.RefusedOrders, b.State.RefusedOrders) &&
+		a.WireGuardKey == b.WireGuardKey && (a.Gateway == nil) == (b.Gateway == nil) && (a.Gateway == nil || *a.Gateway == *b.Gateway)
 }
 
 // run long-polls and posts reports until ctx ends.

@@ -60,7 +60,16 @@ type Record struct {
 	// TunnelAddress is the tunnel address control assigned, bound in the
 	// certificate with the WireGuard key (none: the server has no pool).
 	TunnelAddress netip.Addr `json:"tunnel_address,omitzero"`
+	// TunnelPool is the pool the address came from.
+	TunnelPool netip.Prefix `json:"tunnel_pool,omitzero"`
+	// Role is controlapi.RoleGateway for a segment gateway, and Segments
+	// the segments it fronts (the token's; "" is a device).
+	Role     string   `json:"role,omitzero"`
+	Segments []string `json:"segments,omitzero"`
 }
+
+// Gateway reports whether the record enrolled a segment gateway.
+func (r *Record) Gateway() bool { return r != nil && r.Role == controlapi.RoleGateway }
 
 // ErrNotEnrolled is returned by Load on a device that never enrolled.
 var ErrNotEnrolled = errors.New("not enrolled")
@@ -139,7 +148,8 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 		return nil, fmt.Errorf("enrolment answer: %w", err)
 	}
 	rec := &Record{URL: rawURL, Fingerprint: fp, DeviceID: resp.DeviceID, Class: resp.Class, Endpoint: endpoint, CA: resp.CA,
-		CommandKey: resp.CommandKey, OpsKeys: resp.OpsKeys, OpsThreshold: resp.OpsThreshold, TunnelAddress: resp.TunnelAddress}
+		CommandKey: resp.CommandKey, OpsKeys: resp.OpsKeys, OpsThreshold: resp.OpsThreshold, TunnelAddress: resp.TunnelAddress,
+		TunnelPool: resp.TunnelPool, Role: resp.Role, Segments: resp.Segments}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(identity)
 	if err != nil {
 		return nil, err

@@ -241,13 +241,24 @@ func Decide(v *Verified, st localpolicy.Sticky, now time.Time, dev bundle.Device
 	if !v.Target.Matches(dev) {
 		return st, false, fmt.Errorf("%w: %s targets %s", ErrWrongTarget, v.ID, v.Target)
 	}
-	if now.Before(v.IssuedAt.Add(-bundle.ClockSkew)) {
-		return st, false, fmt.Errorf("%w: %s was issued at %s, after this device's time %s", ErrNotYetValid, v.ID, stamp(v.IssuedAt), stamp(now))
-	}
-	if !now.Before(v.ExpiresAt) && !(v.ByOps && v.Kind.Loosens()) {
-		return st, false, fmt.Errorf("%w: %s expired at %s (device time %s)", ErrExpired, v.ID, stamp(v.ExpiresAt), stamp(now))
+	if err := Current(v, now); err != nil {
+		return st, false, err
 	}
 	return Effect(st, v.Command, v.ByOps)
+}
+
+// Current says why v may not be taken at now, or nil: it must be within
+// its validity, except an ops-signed lift (see Decide). A segment gateway
+// takes an order for all the devices it names with this check, and
+// keeps it.
+func Current(v *Verified, now time.Time) error {
+	if now.Before(v.IssuedAt.Add(-bundle.ClockSkew)) {
+		return fmt.Errorf("%w: %s was issued at %s, after this device's time %s", ErrNotYetValid, v.ID, stamp(v.IssuedAt), stamp(now))
+	}
+	if !now.Before(v.ExpiresAt) && !(v.ByOps && v.Kind.Loosens()) {
+		return fmt.Errorf("%w: %s expired at %s (device time %s)", ErrExpired, v.ID, stamp(v.ExpiresAt), stamp(now))
+	}
+	return nil
 }
 
 var strictness = map[localpolicy.Mode]int{localpolicy.Normal: 0, localpolicy.Diagnostic: 1, localpolicy.Quarantine: 2}

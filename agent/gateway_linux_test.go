@@ -1,0 +1,207 @@
+package agent
+
+import (
+	"crypto/ed25519"
+	"fmt"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/bulkhead-edge/bulkhead/agent/config"
+	"github.com/bulkhead-edge/bulkhead/lab"
+	"github.com/bulkhead-edge/bulkhead/lab/agentproc"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/opskey"
+	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
+)
+
+// gatewaySite is control with a tunnel pool, a Bulkhead segment gateway
+// fronting wms and finance (partner acme-freight), with their hosts on
+// its loopback, and a scanner whose tunnel goes to it. Everything runs as
+// the real binaries.
+type gatewaySite struct {
+	ctl     *lab.Control
+	opsKey  ed25519.PrivateKey
+	opsPub  string
+	gw, dev *agentproc.Agent
+	gwKey   string
+	// devLink is the scanner's uplink address toward the gateway.
+	devLink netip.Addr
+}
+
+var (
+	wmsOther  = netip.MustParseAddrPort("10.20.1.10:8080") // on a wms host, a port no rule opens
+	gwOwnPort = netip.MustParseAddrPort("100.64.0.1:2222") // a service of the gateway itself, on its tunnel address
+)
+
+const gatewayEndpoint = "192.0.2.1:51820"
+
+func newGatewaySite(t *testing.T) *gatewaySite {
+	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go")
+	s := &gatewaySite{devLink: netip.MustParseAddr("192.0.2.2")}
+	dir := t.TempDir()
+	s.opsKey = newOpsKey(t, dir)
+	s.opsPub = filepath.Join(dir, "ops", opskey.PublicFile)
+	ctlNS, gwNS, devNS := lab.NewNS(t, "ctl"), lab.NewNS(t, "gw"), lab.NewNS(t, "dev")
+	lab.Link(t, gwNS, "10.99.0.2/30", ctlNS, "10.99.0.1/30")
+	lab.Link(t, devNS, "10.99.0.6/30", ctlNS, "10.99.0.5/30")
+	devNS.MustRun(t, "ip", "route", "add", "10.99.0.1/32", "via", "10.99.0.5")
+	lab.Link(t, devNS, "192.0.2.2/30", gwNS, "192.0.2.1/30")
+	s.ctl = lab.StartControlWith(t, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"),
+		lab.ControlOptions{OpsPub: []string{s.opsPub}, Args: []string{"--tunnel-pool", "100.64.0.0/24"}})
+	for _, ap := range []netip.AddrPort{wmsHost, wmsOther, financeHost} {
+		gwNS.MustRun(t, "ip", "addr", "replace", netip.PrefixFrom(ap.Addr(), 32).String(), "dev", "lo")
+		lab.Echo(t, gwNS, ap)
+	}
+
+	s.gw = agentproc.New(t, gwNS, config.Config{Device: config.Device{Class: "segment-gateway"}, Trust: config.Trust{Keys: []string{s.opsPub}},
+		Tunnel: config.TunnelConfig{ListenPort: 51820}})
+	s.dev = agentproc.New(t, devNS, config.Config{Device: config.Device{Class: "scanner"}, Trust: config.Trust{Keys: []string{s.opsPub}}})
+	s.gw.Start(t)
+	s.gwKey = s.gw.Status(t).Tunnel.PublicKey
+	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 1, nil))
+	tok := firstLine(s.ctl.MustCLI(t, "token", "create", "--role", "gateway", "--segment", "wms", "--segment", "finance"))
+	if out, err := s.gw.Enroll(s.ctl.URL, tok, s.ctl.Fingerprint); err != nil {
+		t.Fatalf("gateway enrolment: %v %s", err, out)
+	}
+	lab.WaitFor(t, "the gateway's tunnel address", longWait, func() bool { return slices.Contains(tunnelAddrs(t, s.gw), "100.64.0.1/24") })
+	lab.Echo(t, gwNS, gwOwnPort)
+	s.dev.Start(t)
+	if out, err := s.dev.Enroll(s.ctl.URL, firstLine(s.ctl.MustCLI(t, "token", "create", "--class", "scanner")), s.ctl.Fingerprint); err != nil {
+		t.Fatalf("scanner enrolment: %v %s", err, out)
+	}
+	for _, a := range []*agentproc.Agent{s.gw, s.dev} {
+		lab.WaitFor(t, "policy v1 on "+a.NS.Name, longWait, func() bool { return a.Status(t).PolicyVersion == 1 })
+	}
+	return s
+}
+
+func firstLine(s string) string { return strings.TrimSpace(strings.Split(s, "\n")[0]) }
+
+// bundle signs the site's policy as version v, for scanners and segment
+// gateways: wms and finance through the Bulkhead gateway, both open to
+// scanners on 443.
+func (s *gatewaySite) bundle(t *testing.T, v uint64, change func(*policy.Document)) string {
+	t.Helper()
+	doc, err := policy.Parse([]byte(fmt.Sprintf(`{
+  "schema": "bulkhead.policy/v1",
+  "control": [{"address": "10.99.0.1", "port": 8443}],
+  "validity": {"max_offline": "72h"},
+  "segments": [
+    {"name": "wms", "data_class": "operational", "tier": 0,
+     "destinations": [{"cidr": "10.20.1.0/24", "protocol": "tcp", "ports": ["443", "8080"]}],
+     "gateway": {"public_key": %[1]q, "endpoint": %[2]q}},
+    {"name": "finance", "data_class": "financial", "tier": 1, "partner": "acme-freight",
+     "destinations": [{"cidr": "10.30.0.0/24", "protocol": "tcp", "ports": ["443"]}],
+     "gateway": {"public_key": %[1]q, "endpoint": %[2]q}}
+  ],
+  "classes": {"scanner": {"rules": [{"segment": "wms", "ports": ["443"]}, {"segment": "finance"}]},
+              "segment-gateway": {"rules": []}}
+}`, s.gwKey, gatewayEndpoint)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if change != nil {
+		change(doc)
+		if err := doc.Validate(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	path := filepath.Join(t.TempDir(), "policy.dsse")
+	now := time.Now().UTC().Truncate(time.Second)
+	raw, err := bundle.Sign(bundle.Payload{Version: v, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
+		Target: bundle.Target{Classes: []string{"scanner", "segment-gateway"}}, Policy: *doc}, s.opsKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, path, string(raw))
+	return path
+}
+
+func (s *gatewaySite) opsKeyFile(t *testing.T) string {
+	return filepath.Join(filepath.Dir(s.opsPub), opskey.PrivateFile)
+}
+
+// root plays root on the scanner: the agent killed, its table flushed,
+// and its stolen WireGuard key in Debian's wireguard-go, routing all of
+// 10/8 and the tunnel pool through the gateway.
+func (s *gatewaySite) root(t *testing.T) {
+	t.Helper()
+	addr := tunnelAddrs(t, s.dev)
+	s.dev.Kill()
+	s.dev.NS.MustRun(t, "nft", "flush", "ruleset")
+	if out := s.dev.NS.MustRun(t, "nft", "list", "ruleset"); strings.TrimSpace(out) != "" {
+		t.Fatalf("the scanner's table survived the flush: %s", out)
+	}
+	if len(addr) != 1 {
+		t.Fatalf("the scanner had tunnel addresses %v, want the one control assigned", addr)
+	}
+	rogue := lab.StartGateway(t, s.dev.NS, lab.DebianWireGuard, s.devLink, 51899, addr[0])
+	s.dev.NS.MustRun(t, "wg", "set", rogue.Iface, "private-key", filepath.Join(s.dev.Dir, "state", "wg.key"))
+	rogue.RouteVia(t, s.gwKey, netip.MustParseAddrPort(gatewayEndpoint), "10.0.0.0/8", "100.64.0.0/24")
+}
+
+// The gateway is where the policy holds when the device is not: with
+// the scanner's agent killed, its table flushed and its key in a
+// WireGuard of root's own, routing everything through the gateway, the
+// scanner reaches what its class opens and nothing else; a quarantine
+// and a partner revocation each cut its live flow at the gateway, and
+// lifting either takes the ops keys.
+func TestGatewayHoldsTheMatrixWhenTheDeviceIsRooted(t *testing.T) {
+	s := newGatewaySite(t)
+	devID := s.dev.Status(t).DeviceID
+	matrix := func(when string) {
+		t.Helper()
+		for ap, want := range map[netip.AddrPort]bool{wmsHost: true, financeHost: true, wmsOther: false, gwOwnPort: false} {
+			reached := lab.Reaches(t, s.dev.NS, "tcp", ap)
+			if want {
+				reached = lab.ReachesWithin(t, s.dev.NS, "tcp", ap, lab.FirstContact)
+			}
+			if reached != want {
+				t.Errorf("%s: %v reached %v, want %v", when, ap, reached, want)
+			}
+		}
+	}
+	matrix("agent running")
+	s.root(t)
+	matrix("rooted")
+
+	cut := func(what string, conn net.Conn) {
+		t.Helper()
+		lab.WaitFor(t, what+" to cut the live flow at the gateway", longWait, func() bool { return !lab.RoundTrip(conn, 300*time.Millisecond) })
+	}
+	wms := lab.Conn(t, s.dev.NS, wmsHost)
+	if !lab.RoundTrip(wms, lab.FirstContact) {
+		t.Fatal("no round trip to wms through the rooted tunnel")
+	}
+	s.ctl.MustCLI(t, "quarantine", devID, "--reason", "INC-9 rooted scanner")
+	cut("quarantine", wms)
+	if lab.Reaches(t, s.dev.NS, "tcp", wmsHost) || lab.Reaches(t, s.dev.NS, "tcp", financeHost) {
+		t.Error("a quarantined device reaches a segment through the gateway")
+	}
+	if out, err := s.ctl.CLI("release", devID, "--reason", "try"); err == nil {
+		t.Errorf("a release without the ops keys was taken: %s", out)
+	}
+	s.ctl.MustCLI(t, "release", devID, "--reason", "reimaged", "--key", s.opsKeyFile(t))
+	if !lab.ReachesWithin(t, s.dev.NS, "tcp", wmsHost, longWait) {
+		t.Fatal("wms not reachable after the ops-signed release")
+	}
+
+	fin := lab.Conn(t, s.dev.NS, financeHost)
+	if !lab.RoundTrip(fin, lab.FirstContact) {
+		t.Fatal("no round trip to finance before the revocation")
+	}
+	s.ctl.MustCLI(t, "revoke-partner", "acme-freight", "--reason", "partner breach")
+	cut("partner revocation", fin)
+	if !lab.Reaches(t, s.dev.NS, "tcp", wmsHost) {
+		t.Error("wms lost with the partner's revocation")
+	}
+	s.ctl.MustCLI(t, "reinstate-partner", "acme-freight", "--reason", "cleared", "--key", s.opsKeyFile(t))
+	if !lab.ReachesWithin(t, s.dev.NS, "tcp", financeHost, longWait) {
+		t.Error("finance not reachable after reinstatement")
+	}
+}
