@@ -25,7 +25,7 @@ TEST_DEBS := iproute2 nftables wireguard-tools wireguard-go iperf3 curl gpsd gps
 # The pure packages (decision core, formats, caches) whose tests run for
 # ARM under qemu-user in `make cross-test`. TestGatherReadsThisHost is
 # skipped there: under qemu-user a process's executable is qemu itself.
-CROSS_TEST_PKGS := ./localpolicy ./localpolicy/policy ./localpolicy/bundle ./localpolicy/command \
+CROSS_TEST_PKGS := ./localpolicy ./localpolicy/admit ./localpolicy/policy ./localpolicy/bundle ./localpolicy/command \
 	./localpolicy/opskey ./internal/strictjson ./localpolicy/trustedtime ./localpolicy/store \
 	./agent/spool ./cmd/bulkhead/cli ./control/suggest ./posture ./posture/gpsd
 

@@ -103,6 +103,7 @@ func (a *Agent) status() *adminapi.Status {
 	if a.ch.rec != nil {
 		s.DeviceID = a.ch.rec.DeviceID
 	}
+	s.Gateway = a.gatewayStatus()
 	return s
 }
 

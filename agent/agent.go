@@ -58,7 +58,7 @@ type Agent struct {
 	enrolments  chan enrolStep
 	// enrol is the exchange with the server (controlclient.Enroll; the
 	// decision tests hold it).
-	enrol func(ctx context.Context, dir, url, token, fingerprint, class, wgKey string, ep netip.AddrPort) (*controlclient.Record, error)
+	enrol func(ctx context.Context, dir, url, token, fingerprint string, who controlclient.Who, wgKey string, ep netip.AddrPort) (*controlclient.Record, error)
 
 	// Owned by the event loop.
 	// store is the one owner of the cached bundle, the trust roots, the

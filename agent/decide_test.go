@@ -488,7 +488,7 @@ func TestDecideEnrolmentDoesNotHoldTheLoop(t *testing.T) {
 		d := newDevice(t)
 		r := d.boot(newMemPosture("init"))
 		release := make(chan error)
-		r.a.enrol = func(ctx context.Context, _, _, _, _, _, _ string, _ netip.AddrPort) (*controlclient.Record, error) {
+		r.a.enrol = func(ctx context.Context, _, _, _, _ string, _ controlclient.Who, _ string, _ netip.AddrPort) (*controlclient.Record, error) {
 			select {
 			case err := <-release:
 				return nil, err

@@ -48,7 +48,10 @@ func (a *Agent) beginEnrol(ctx context.Context, r request) {
 	}
 	a.ch.enrolling = r.URL
 	wg := a.link.publicKey()
-	stateDir, class, steps, enrol := a.cfg.StateDir, a.cfg.Device.Class, a.enrolments, a.enrol
+	stateDir, who, steps, enrol := a.cfg.StateDir, controlclient.Who{Class: a.cfg.Device.Class}, a.enrolments, a.enrol
+	if g := a.cfg.Gateway; g != nil {
+		who.Segments = slices.Clone(g.Segments)
+	}
 	go func() {
 		ectx, cancel := context.WithTimeout(ctx, enrolTimeout)
 		defer cancel()
@@ -62,7 +65,7 @@ func (a *Agent) beginEnrol(ctx context.Context, r request) {
 			case <-ctx.Done():
 				return
 			}
-			out.rec, out.err = enrol(ectx, stateDir, r.URL, r.Token, r.Fingerprint, class, wg, out.ep)
+			out.rec, out.err = enrol(ectx, stateDir, r.URL, r.Token, r.Fingerprint, who, wg, out.ep)
 		}
 		select {
 		case steps <- out:

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/bulkhead-edge/bulkhead/agent/controlclient"
+	"github.com/bulkhead-edge/bulkhead/api/adminapi"
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/admit"
@@ -98,6 +99,13 @@ func (a *Agent) takeGateway(u *controlapi.GatewayUpdate) {
 	}
 	roster := map[string][]byte{}
 	for _, e := range u.Roster {
+		if e.Revoked {
+			delete(a.gw.members, e.ID)
+			roster[e.ID] = nil
+			a.log.Info("gateway: device revoked", "id", e.ID)
+			a.audit("device-revoked", "gateway: "+e.ID+" is out of the roster")
+			continue
+		}
 		a.admitMember(e.ID, e.Certificate)
 		roster[e.ID] = e.Certificate
 	}
@@ -124,6 +132,22 @@ func (a *Agent) takeGateway(u *controlapi.GatewayUpdate) {
 			a.log.Warn("persist gateway roster", "err", err)
 		}
 	}
+}
+
+// gatewayStatus is the role's part of `bulkhead status` (nil: a device).
+func (a *Agent) gatewayStatus() *adminapi.GatewayStatus {
+	g := a.gw
+	if g == nil {
+		return nil
+	}
+	st := &adminapi.GatewayStatus{Segments: g.segments, Roster: len(g.members), Admitted: g.desired.Admitted(), Groups: len(g.desired.Groups),
+		Orders: len(g.orders), OrderCursor: g.cursor.Orders, RosterCursor: g.cursor.Roster}
+	for _, v := range g.desired.Verdicts {
+		if !v.Admitted && len(st.Refused) < 100 {
+			st.Refused = append(st.Refused, adminapi.GatewayRefusal{Device: v.ID, Reason: v.Reason})
+		}
+	}
+	return st
 }
 
 // decideGateway is the gateway's decision on the inputs of in.

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -59,7 +60,7 @@ func newGatewaySite(t *testing.T) *gatewaySite {
 	}
 
 	s.gw = agentproc.New(t, gwNS, config.Config{Device: config.Device{Class: "segment-gateway"}, Trust: config.Trust{Keys: []string{s.opsPub}},
-		Tunnel: config.TunnelConfig{ListenPort: 51820}})
+		Tunnel: config.TunnelConfig{ListenPort: 51820}, Gateway: &config.GatewayConfig{Segments: []string{"finance", "wms"}}})
 	s.dev = agentproc.New(t, devNS, config.Config{Device: config.Device{Class: "scanner"}, Trust: config.Trust{Keys: []string{s.opsPub}}})
 	s.gw.Start(t)
 	s.gwKey = s.gw.Status(t).Tunnel.PublicKey
@@ -203,5 +204,139 @@ func TestGatewayHoldsTheMatrixWhenTheDeviceIsRooted(t *testing.T) {
 	s.ctl.MustCLI(t, "reinstate-partner", "acme-freight", "--reason", "cleared", "--key", s.opsKeyFile(t))
 	if !lab.ReachesWithin(t, s.dev.NS, "tcp", financeHost, longWait) {
 		t.Error("finance not reachable after reinstatement")
+	}
+
+	// Revoked for good: out of the roster, its flow cut.
+	wms = lab.Conn(t, s.dev.NS, wmsHost)
+	if !lab.RoundTrip(wms, lab.FirstContact) {
+		t.Fatal("no round trip to wms before the revocation")
+	}
+	s.ctl.MustCLI(t, "device", "revoke", devID, "--reason", "INC-9 box stolen")
+	cut("revocation", wms)
+	if got := s.gw.Status(t).Tunnel.Peers; len(got) != 0 {
+		t.Errorf("the gateway still has peers after the revocation: %+v", got)
+	}
+}
+
+// A WireGuard client whose key is not enrolled gets no handshake from a
+// Bulkhead gateway, so it reaches nothing behind it.
+func TestUnenrolledKeyGetsNoHandshake(t *testing.T) {
+	s := newGatewaySite(t)
+	strangerNS := lab.NewNS(t, "strgr")
+	lab.Link(t, strangerNS, "192.0.2.6/30", s.gw.NS, "192.0.2.5/30")
+	stranger := lab.StartGateway(t, strangerNS, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.6"), 51899, "100.64.0.200/32")
+	stranger.RouteVia(t, s.gwKey, netip.MustParseAddrPort("192.0.2.5:51820"), "10.0.0.0/8", "100.64.0.0/24")
+	if lab.ReachesWithin(t, strangerNS, "tcp", wmsHost, lab.FirstContact) {
+		t.Fatal("an unenrolled key reached wms through the gateway")
+	}
+	if !stranger.LatestHandshake(t, s.gwKey).IsZero() {
+		t.Error("an unenrolled key completed a handshake with the gateway")
+	}
+	if !lab.ReachesWithin(t, s.dev.NS, "tcp", wmsHost, lab.FirstContact) {
+		t.Error("the enrolled scanner does not reach wms: the test proves nothing")
+	}
+}
+
+// A rotated device key reaches control, which binds it in a new
+// certificate; the gateway learns it from the roster: the new key works
+// and the old one, stolen before the rotation, opens nothing.
+func TestRotatedKeyAtTheGateway(t *testing.T) {
+	s := newGatewaySite(t)
+	if !lab.ReachesWithin(t, s.dev.NS, "tcp", wmsHost, lab.FirstContact) {
+		t.Fatal("wms unreachable before the rotation")
+	}
+	stolen := filepath.Join(t.TempDir(), "old.key")
+	key, err := os.ReadFile(filepath.Join(s.dev.Dir, "state", "wg.key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, stolen, string(key))
+	addr := tunnelAddrs(t, s.dev)
+	if out, err := s.dev.CLI("rotate-key"); err != nil {
+		t.Fatalf("rotate-key: %v %s", err, out)
+	}
+	newKey := s.dev.Status(t).Tunnel.PublicKey
+	lab.WaitFor(t, "the gateway to learn the new key", longWait, func() bool {
+		peers := s.gw.Status(t).Tunnel.Peers
+		return len(peers) == 1 && peers[0].PublicKey == newKey
+	})
+	if !lab.ReachesWithin(t, s.dev.NS, "tcp", wmsHost, lab.FirstContact) {
+		t.Fatal("wms unreachable with the rotated key")
+	}
+	// Root replays the old key from another box on the same link.
+	thiefNS := lab.NewNS(t, "thief")
+	lab.Link(t, thiefNS, "192.0.2.10/30", s.gw.NS, "192.0.2.9/30")
+	thief := lab.StartGateway(t, thiefNS, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.10"), 51899, addr[0])
+	thiefNS.MustRun(t, "wg", "set", thief.Iface, "private-key", stolen)
+	thief.RouteVia(t, s.gwKey, netip.MustParseAddrPort("192.0.2.9:51820"), "10.0.0.0/8")
+	if lab.ReachesWithin(t, thiefNS, "tcp", wmsHost, lab.FirstContact) {
+		t.Error("the old key still opens wms after the rotation")
+	}
+}
+
+// A schedule edge closes at the gateway: the scanner, rooted, holds a
+// live wms flow when a policy gives its wms rule a window ending at the
+// next full minute; the gateway, waking for the edge by itself, cuts the
+// flow then and not before.
+func TestScheduleEdgeClosesAtTheGateway(t *testing.T) {
+	s := newGatewaySite(t)
+	s.root(t)
+	conn := lab.Conn(t, s.dev.NS, wmsHost)
+	if !lab.RoundTrip(conn, lab.FirstContact) {
+		t.Fatal("no round trip to wms through the rooted tunnel")
+	}
+	end := time.Now().Add(5 * time.Second).Truncate(time.Minute).Add(time.Minute)
+	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 2, func(doc *policy.Document) {
+		doc.Schedules = map[string]policy.Schedule{"shift": {Zone: "UTC", Days: []policy.Weekday{0, 1, 2, 3, 4, 5, 6},
+			Start: clock(end.Add(-2 * time.Hour).UTC()), End: clock(end.UTC())}}
+		c := doc.Classes["scanner"]
+		c.Rules[0].Schedule = "shift"
+		doc.Classes["scanner"] = c
+	}))
+	lab.WaitFor(t, "policy v2 at the gateway", longWait, func() bool { return s.gw.Status(t).PolicyVersion == 2 })
+	for time.Now().Before(end.Add(-time.Second)) {
+		if !lab.RoundTrip(conn, 2*time.Second) {
+			t.Fatalf("the flow stopped at %s, before the window's end %s", time.Now().UTC().Format(time.RFC3339), end.Format(time.RFC3339))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	lab.WaitFor(t, "the window's end to cut the flow at the gateway", longWait, func() bool { return !lab.RoundTrip(conn, 300*time.Millisecond) })
+	if lab.Reaches(t, s.dev.NS, "tcp", wmsHost) {
+		t.Error("wms reachable after the window closed")
+	}
+	if !lab.Reaches(t, s.dev.NS, "tcp", financeHost) {
+		t.Error("finance (no schedule) lost at the window's end")
+	}
+}
+
+// A gateway cut off from control, and restarted while cut off, enforces
+// the roster, orders and policy in its cache: the scanner still reaches
+// what its class opens and nothing else, and its quarantine, taken
+// before the outage, still holds.
+func TestGatewayEnforcesItsCacheOffline(t *testing.T) {
+	s := newGatewaySite(t)
+	s.ctl.MustCLI(t, "revoke-partner", "acme-freight", "--reason", "breach")
+	lab.WaitFor(t, "the gateway to take the revocation", longWait, func() bool {
+		g := s.gw.Status(t).Gateway
+		return g != nil && g.Orders == 1
+	})
+	s.ctl.Stop()
+	s.gw.Kill()
+	s.gw.Start(t)
+	st := s.gw.Status(t)
+	if c := st.Control; c != nil && c.Connected {
+		t.Fatalf("the gateway says it is connected to a stopped control server: %+v", c)
+	}
+	if g := st.Gateway; g == nil || g.Roster != 1 || g.Admitted != 1 || g.Orders != 1 {
+		t.Fatalf("after a restart offline the gateway holds %+v, want the scanner admitted and the order kept", g)
+	}
+	s.root(t)
+	if !lab.ReachesWithin(t, s.dev.NS, "tcp", wmsHost, lab.FirstContact) {
+		t.Error("wms unreachable through a gateway enforcing its cache")
+	}
+	for _, ap := range []netip.AddrPort{financeHost, wmsOther} {
+		if lab.Reaches(t, s.dev.NS, "tcp", ap) {
+			t.Errorf("%v reachable through a gateway enforcing its cache", ap)
+		}
 	}
 }

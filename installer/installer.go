@@ -9,6 +9,7 @@ package installer
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/ed25519"
 	"errors"
@@ -60,14 +61,32 @@ type Options struct {
 	// control server publishes at enrolment are pinned; with both, they
 	// must be the same keys.
 	TrustKeys []string
-	Out       io.Writer
+	// Segments makes the host a segment gateway of these segments (its
+	// token must be a gateway token for exactly them), listening for
+	// devices on ListenPort (default 51820), the port the policy names.
+	Segments   []string
+	ListenPort uint16
+	Out        io.Writer
 }
+
+// DefaultGatewayPort is a gateway's WireGuard port unless told otherwise.
+const DefaultGatewayPort = 51820
+
+// GatewayClass is the class a gateway enrols as unless told otherwise:
+// the policy declares it, with no rules, so bundles may target gateways.
+const GatewayClass = "segment-gateway"
 
 // Install puts the agent on this host as a service and enrols it. Every
 // check that can fail without changing anything runs first: a field
 // mistake leaves the host as it was.
 func Install(ctx context.Context, o Options) error {
 	p := printer{o.Out}
+	if len(o.Segments) > 0 {
+		o.Class = cmp.Or(o.Class, GatewayClass)
+		o.ListenPort = cmp.Or(o.ListenPort, DefaultGatewayPort)
+		slices.Sort(o.Segments)
+		o.Segments = slices.Compact(o.Segments)
+	}
 	if err := checkRoot("install"); err != nil {
 		return err
 	}
@@ -106,6 +125,9 @@ func Install(ctx context.Context, o Options) error {
 	case o.Class != "" && rec.Class != o.Class:
 		return fmt.Errorf("already enrolled as %s of class %s, not %s: to change its class, bulkhead uninstall --purge and install with a token for %s",
 			rec.DeviceID, rec.Class, o.Class, o.Class)
+	case !slices.Equal(rec.Segments, o.Segments):
+		return fmt.Errorf("already enrolled as %s, %s, not %s: to change it, bulkhead uninstall --purge and install with a new token",
+			rec.DeviceID, roleText(rec.Segments), roleText(o.Segments))
 	default:
 		if fp, err := controlapi.ParseFingerprint(o.TrustCA); err != nil {
 			return err
@@ -131,7 +153,7 @@ func Install(ctx context.Context, o Options) error {
 	}
 	p.said("state", StateDir+" (0700)", changedState, "created")
 	if !enrolled {
-		p.say("enrolled", "as %s (class %s) with %s", rec.DeviceID, rec.Class, rec.URL)
+		p.say("enrolled", "as %s (class %s, %s) with %s", rec.DeviceID, rec.Class, roleText(rec.Segments), rec.URL)
 	} else {
 		p.say("enrolled", "as %s (class %s) with %s: kept", rec.DeviceID, rec.Class, rec.URL)
 	}
@@ -148,6 +170,10 @@ func Install(ctx context.Context, o Options) error {
 		return err
 	}
 	cfg.raw.Device.ID, cfg.raw.Device.Class = rec.DeviceID, rec.Class
+	if rec.Gateway() {
+		cfg.raw.Gateway = &config.GatewayConfig{Segments: rec.Segments}
+		cfg.raw.Tunnel.ListenPort = o.ListenPort
+	}
 	cfg.raw.Trust.Keys, cfg.raw.Trust.Threshold = keys.files, keys.threshold
 	if o.SetFloor {
 		cfg.raw.SafetyFloor = o.SafetyFloor
@@ -192,6 +218,15 @@ func Install(ctx context.Context, o Options) error {
 	return nil
 }
 
+// roleText says what a host enrols as: a device, or a gateway of
+// segments.
+func roleText(segments []string) string {
+	if len(segments) == 0 {
+		return "a device"
+	}
+	return "a gateway of " + strings.Join(segments, ", ")
+}
+
 func policyLine(st *adminapi.Status) string {
 	if st.PolicyVersion == 0 {
 		return "no policy yet (lockdown until the control server sends one)"
@@ -215,7 +250,7 @@ func enrol(ctx context.Context, o Options, running bool, socket string) (*contro
 		if err != nil {
 			return nil, err
 		}
-		if _, err := controlclient.Enroll(ctx, StateDir, o.Control, o.Token, o.TrustCA, o.Class, key.Public().String(), ep); err != nil {
+		if _, err := controlclient.Enroll(ctx, StateDir, o.Control, o.Token, o.TrustCA, controlclient.Who{Class: o.Class, Segments: o.Segments}, key.Public().String(), ep); err != nil {
 			return nil, fmt.Errorf("enrolment failed: %w", err)
 		}
 	}

@@ -56,6 +56,15 @@ type Config struct {
 	// policy's geofence and fix-age checks: gpsd (a moving device), or a
 	// static position (a fixed site). Neither: those checks fail.
 	Location LocationConfig `json:"location,omitzero"`
+	// Gateway makes the agent a segment gateway of these segments: it
+	// enrols with a gateway token for exactly them, and needs a fixed
+	// tunnel.listen_port (the one the policy names).
+	Gateway *GatewayConfig `json:"gateway,omitzero"`
+}
+
+// GatewayConfig is the segment-gateway role.
+type GatewayConfig struct {
+	Segments []string `json:"segments"`
 }
 
 // Device is who the device is: its class (what it enrols as) and, once
@@ -170,6 +179,14 @@ func (c Config) Resolve() (*Config, error) {
 	case l.Static != nil:
 		if !(l.Static.Lat >= -90 && l.Static.Lat <= 90 && l.Static.Lon >= -180 && l.Static.Lon <= 180) {
 			errs = append(errs, fmt.Errorf("location.static: (%g, %g) is not a latitude in -90..90 and a longitude in -180..180", l.Static.Lat, l.Static.Lon))
+		}
+	}
+	if g := c.Gateway; g != nil {
+		if len(g.Segments) == 0 {
+			errs = append(errs, errors.New("gateway.segments: name the segments this gateway fronts"))
+		}
+		if c.Tunnel.ListenPort == 0 {
+			errs = append(errs, errors.New("tunnel.listen_port: a gateway listens on a fixed port, the one the policy's segments name"))
 		}
 	}
 	c.Tunnel.Interface = cmp.Or(c.Tunnel.Interface, tunnel.DefaultInterface)

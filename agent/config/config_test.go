@@ -42,6 +42,25 @@ func TestConfigErrorsNameLineAndField(t *testing.T) {
 	}
 }
 
+// A gateway names its segments and listens on a fixed port.
+func TestGatewayConfiguration(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "c.json")
+	for _, tc := range []struct{ extra, want string }{
+		{`"gateway": {"segments": []}, "tunnel": {"listen_port": 51820}`, "gateway.segments: name the segments"},
+		{`"gateway": {"segments": ["wms"]}`, "tunnel.listen_port: a gateway listens on a fixed port"},
+		{`"gateway": {"segments": ["wms"]}, "tunnel": {"listen_port": 51820}`, ""},
+	} {
+		write(t, path, `{"device": {"class": "segment-gateway"}, "trust": {"keys": ["x"]}, `+tc.extra+`}`)
+		c, err := Load(path)
+		switch {
+		case tc.want == "" && (err != nil || c.Gateway == nil || c.Gateway.Segments[0] != "wms"):
+			t.Errorf("%s: Load = %+v, %v", tc.extra, c, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%s: Load = %v, want %q", tc.extra, err, tc.want)
+		}
+	}
+}
+
 // Resolve fills every default in a copy and leaves what was written alone:
 // an installer writes back exactly what it read.
 func TestResolveIsPure(t *testing.T) {

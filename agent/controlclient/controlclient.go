@@ -98,10 +98,19 @@ func Endpoint(ctx context.Context, raw string) (netip.AddrPort, error) {
 	return netip.AddrPortFrom(addrs[0].Unmap(), uint16(port)), nil
 }
 
+// Who is what enrols: a device of Class, or (Segments set) a segment
+// gateway fronting Segments. Control refuses a token made for anything
+// else before it changes anything.
+type Who struct {
+	Class    string
+	Segments []string
+}
+
 // Enroll presents token to the server at rawURL, trusting it only if its
 // CA has the pinned fingerprint, and writes the identity key, the issued
 // certificate and the record into dir. Nothing is written on failure.
-func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey string, endpoint netip.AddrPort) (*Record, error) {
+func Enroll(ctx context.Context, dir, rawURL, token, fingerprint string, who Who, wgKey string, endpoint netip.AddrPort) (*Record, error) {
+	class := who.Class
 	fp, err := controlapi.ParseFingerprint(fingerprint)
 	if err != nil {
 		return nil, err
@@ -119,7 +128,7 @@ func Enroll(ctx context.Context, dir, rawURL, token, fingerprint, class, wgKey s
 	tlsCfg := pinnedTLS(fp, &seenCA)
 	c := &http.Client{Timeout: 15 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsCfg, DialContext: dialTo(endpoint), DisableKeepAlives: true}} // one request
 	var resp controlapi.EnrollResponse
-	err = post(ctx, c, rawURL+controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, Hostname: host, CSR: csr, WireGuardKey: wgKey}, &resp, nil)
+	err = post(ctx, c, rawURL+controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, Hostname: host, CSR: csr, WireGuardKey: wgKey, Segments: who.Segments}, &resp, nil)
 	if err != nil {
 		return nil, err
 	}

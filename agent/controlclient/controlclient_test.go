@@ -134,7 +134,7 @@ func (c *control) endpoint() netip.AddrPort {
 // enrolIn enrols into dir as a scanner with the pinned fingerprint fp,
 // and wgKey as its tunnel key, if any.
 func (c *control) enrolIn(dir, fp string, wgKey ...string) (*Record, error) {
-	return Enroll(context.Background(), dir, c.url, "token", fp, "scanner", strings.Join(wgKey, ""), c.endpoint())
+	return Enroll(context.Background(), dir, c.url, "token", fp, Who{Class: "scanner"}, strings.Join(wgKey, ""), c.endpoint())
 }
 
 func TestEnrolThenSyncAndReportOverMutualTLS(t *testing.T) {

@@ -78,6 +78,32 @@ type Status struct {
 	Monitor *MonitorStatus `json:"monitor,omitempty"`
 	// Refused is what the table refused since the agent started.
 	Refused *RefusedStatus `json:"refused,omitempty"`
+	// Gateway is the segment-gateway role; absent on a device.
+	Gateway *GatewayStatus `json:"gateway,omitempty"`
+}
+
+// GatewayStatus is what a segment gateway holds and admits.
+type GatewayStatus struct {
+	Segments []string `json:"segments"`
+	// Roster counts the enrolled devices it knows (verified), Admitted
+	// those it admits now, in Groups groups.
+	Roster   int `json:"roster"`
+	Admitted int `json:"admitted"`
+	Groups   int `json:"groups"`
+	// Orders counts the orders it took; OrderCursor and RosterCursor are
+	// how far it has taken control's.
+	Orders       int    `json:"orders"`
+	OrderCursor  uint64 `json:"order_cursor"`
+	RosterCursor uint64 `json:"roster_cursor"`
+	// Refused names the roster devices not admitted, and why (at most
+	// 100, by id).
+	Refused []GatewayRefusal `json:"refused,omitempty"`
+}
+
+// GatewayRefusal is a roster device a gateway does not admit, and why.
+type GatewayRefusal struct {
+	Device string `json:"device"`
+	Reason string `json:"reason"`
 }
 
 // TunnelStatus is the WireGuard device and its peers. The private key is

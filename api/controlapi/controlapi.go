@@ -31,7 +31,7 @@ const (
 	PathSync   = "/v1/sync"
 	PathReport = "/v1/report"
 
-	PathAdminDevices  = "/v1/admin/devices"  // GET; GET .../ID
+	PathAdminDevices  = "/v1/admin/devices"  // GET; GET .../ID; POST .../ID/revoke RevokeRequest
 	PathAdminTokens   = "/v1/admin/tokens"   // POST TokenRequest
 	PathAdminBundles  = "/v1/admin/bundles"  // POST a signed bundle
 	PathAdminCommands = "/v1/admin/commands" // POST CommandRequest
@@ -148,6 +148,10 @@ type EnrollRequest struct {
 	CSR []byte `json:"csr"`
 	// WireGuardKey is the tunnel's public key (base64), for gateways.
 	WireGuardKey string `json:"wireguard_key,omitzero"`
+	// Segments, when set, says a segment gateway of these segments is
+	// enrolling: the token must be a gateway token for exactly them. A
+	// device sends none, and a gateway token does not enrol it.
+	Segments []string `json:"segments,omitzero"`
 }
 
 // EnrollResponse is what an accepted enrolment returns.
@@ -265,7 +269,14 @@ type GatewayUpdate struct {
 // never the server's word alone.
 type RosterEntry struct {
 	ID          string `json:"id"`
-	Certificate []byte `json:"certificate"`
+	Certificate []byte `json:"certificate,omitzero"`
+	// Revoked takes the device out of the roster (no certificate).
+	Revoked bool `json:"revoked,omitzero"`
+}
+
+// RevokeRequest revokes an enrolled device for good.
+type RevokeRequest struct {
+	Reason string `json:"reason"`
 }
 
 // GatewayOrder is an order as a gateway receives it: signed, as a device
@@ -419,8 +430,14 @@ type Device struct {
 	// what gateways check its key, address and class against.
 	Certificate []byte `json:"certificate,omitzero"`
 	// Rev orders the changes gateways must learn: it is set from one
-	// server-wide counter whenever the certificate changes.
-	Rev        uint64      `json:"rev,omitzero"`
+	// server-wide counter whenever the certificate changes or the
+	// device is revoked.
+	Rev uint64 `json:"rev,omitzero"`
+	// RevokedAt is when ops revoked the device (zero: not revoked), and
+	// RevokedWhy why: it is out of every gateway's roster and control
+	// answers it no more. Only a new enrolment brings it back.
+	RevokedAt  time.Time   `json:"revoked_at,omitzero"`
+	RevokedWhy string      `json:"revoked_why,omitzero"`
 	EnrolledAt time.Time   `json:"enrolled_at"`
 	LastSeen   time.Time   `json:"last_seen,omitzero"`
 	State      DeviceState `json:"state"`

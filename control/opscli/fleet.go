@@ -305,6 +305,30 @@ func deviceCmd() *subcmd.Command {
 				return printJSON(env, d)
 			}
 		},
+	}, {
+		Name: "revoke", Args: "ID",
+		Summary: "Revoke a device for good: every Bulkhead gateway drops it from its roster (its live flows\n" +
+			"cut there) and control answers it no more, whatever its own agent does. Only a new\n" +
+			"enrolment, with a new token, brings it back.",
+		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
+			connect := adminFlags(fs)
+			reason := fs.String("reason", "", "why, for the audit log (required)")
+			return func(env *subcmd.Env, args []string) error {
+				if len(args) != 1 || strings.TrimSpace(*reason) == "" {
+					return subcmd.Usagef("device revoke takes one device id and --reason REASON")
+				}
+				a, err := connect()
+				if err != nil {
+					return err
+				}
+				var d controlapi.Device
+				if err := a.Call("POST", controlapi.PathAdminDevices+"/"+args[0]+"/revoke", controlapi.RevokeRequest{Reason: *reason}, &d); err != nil {
+					return err
+				}
+				fmt.Fprintf(env.Stdout, "revoked %s (class %s) at %s: %s\n", d.ID, d.Class, d.RevokedAt.Format(time.RFC3339), d.RevokedWhy)
+				return nil
+			}
+		},
 	}}}
 }
 

@@ -2,8 +2,11 @@ package server
 
 import (
 	"cmp"
+	"errors"
 	"fmt"
+	"net/http"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
@@ -31,7 +34,11 @@ func (s *Server) gatewayUpdate(have controlapi.GatewayCursor, now time.Time) (*c
 	}
 	u.RosterCursor, u.More = cursor, more
 	for _, d := range devs {
-		u.Roster = append(u.Roster, controlapi.RosterEntry{ID: d.ID, Certificate: d.Certificate})
+		e := controlapi.RosterEntry{ID: d.ID, Certificate: d.Certificate}
+		if !d.RevokedAt.IsZero() {
+			e = controlapi.RosterEntry{ID: d.ID, Revoked: true}
+		}
+		u.Roster = append(u.Roster, e)
 	}
 	orders := slices.SortedFunc(slices.Values(s.book.all()), func(a, b *order) int { return cmp.Compare(a.Seq, b.Seq) })
 	for _, o := range orders {
@@ -49,4 +56,30 @@ func (s *Server) gatewayUpdate(have controlapi.GatewayCursor, now time.Time) (*c
 		return nil, nil
 	}
 	return u, nil
+}
+
+// revokeDevice takes a device out of every gateway's roster for good, and
+// out of control's answers: its certificate opens nothing any more.
+func (s *Server) revokeDevice(w http.ResponseWriter, r *http.Request, actor string) {
+	var req controlapi.RevokeRequest
+	if !decode(w, r, &req) {
+		return
+	}
+	if strings.TrimSpace(req.Reason) == "" || len(req.Reason) > 500 {
+		fail(w, http.StatusBadRequest, "a revocation needs a reason (at most 500 bytes)")
+		return
+	}
+	id := r.PathValue("id")
+	dev, err := s.db.revoke(id, req.Reason, actor, s.now())
+	switch {
+	case errors.Is(err, errNoDevice):
+		fail(w, http.StatusNotFound, err.Error())
+		return
+	case err != nil:
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	s.log.Info("device revoked", "id", id, "by", actor, "reason", req.Reason)
+	s.notify() // gateways drop it now
+	reply(w, s.withSeen(dev))
 }

@@ -265,10 +265,10 @@ func TestReportsAreTakenOnce(t *testing.T) {
 // enrolKeyed enrols a device of class with a fresh token and tunnel key
 // key, from any goroutine: it returns what went wrong instead of failing
 // the test.
-func (a *api) enrolKeyed(token, class string, key policy.Key) (*x509.Certificate, controlapi.EnrollResponse, error) {
+func (a *api) enrolKeyed(token, class string, key policy.Key, segments ...string) (*x509.Certificate, controlapi.EnrollResponse, error) {
 	_, priv, _ := ed25519.GenerateKey(rand.Reader)
 	csr, _ := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev"}}, priv)
-	w := a.call("POST", controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, CSR: csr, WireGuardKey: key.String()}, nil)
+	w := a.call("POST", controlapi.PathEnroll, controlapi.EnrollRequest{Token: token, Class: class, CSR: csr, WireGuardKey: key.String(), Segments: segments}, nil)
 	var resp controlapi.EnrollResponse
 	if w.Code != http.StatusOK {
 		return nil, resp, fmt.Errorf("status %d: %s", w.Code, w.Body)
@@ -338,7 +338,7 @@ func TestEnrolmentAssignsBoundTunnelAddresses(t *testing.T) {
 	if _, _, err := a.enrolKeyed(last, "scanner", policy.Key{7}); err == nil || !strings.Contains(err.Error(), "the tunnel address pool 100.80.0.0/29 is exhausted") {
 		t.Fatalf("an enrolment into a full pool: %v", err)
 	}
-	if err := a.s.db.checkToken(last, "scanner", time.Now()); err != nil {
+	if err := a.s.db.checkToken(last, "scanner", nil, time.Now()); err != nil {
 		t.Errorf("the refused enrolment spent its token: %v", err)
 	}
 }

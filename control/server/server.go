@@ -350,6 +350,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST "+controlapi.PathReport, s.device(s.report))
 	mux.HandleFunc("GET "+controlapi.PathAdminDevices, s.ops(s.listDevices))
 	mux.HandleFunc("GET "+controlapi.PathAdminDevices+"/{id}", s.ops(s.showDevice))
+	mux.HandleFunc("POST "+controlapi.PathAdminDevices+"/{id}/revoke", s.ops(s.revokeDevice))
 	mux.HandleFunc("POST "+controlapi.PathAdminTokens, s.ops(s.createToken))
 	mux.HandleFunc("POST "+controlapi.PathAdminBundles, s.ops(s.pushBundle))
 	mux.HandleFunc("DELETE "+controlapi.PathAdminBundles+"/{version}", s.ops(s.withdrawBundle))
@@ -391,8 +392,13 @@ func (s *Server) device(h func(w http.ResponseWriter, r *http.Request, id string
 			fail(w, http.StatusUnauthorized, "a device certificate is required (enrol first)")
 			return
 		}
-		if _, err := s.db.device(id); err != nil {
+		dev, err := s.db.device(id)
+		switch {
+		case err != nil:
 			fail(w, http.StatusForbidden, "device "+id+" is not enrolled here")
+			return
+		case !dev.RevokedAt.IsZero():
+			fail(w, http.StatusForbidden, "device "+id+" was revoked: "+dev.RevokedWhy)
 			return
 		}
 		h(w, r, id)
@@ -461,7 +467,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	now := s.now()
-	if err := s.db.checkToken(req.Token, req.Class, now); err != nil {
+	if err := s.db.checkToken(req.Token, req.Class, req.Segments, now); err != nil {
 		refuse(http.StatusForbidden, tokenReason(err), err.Error())
 		return
 	}
@@ -474,7 +480,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var der []byte
-	dev, err := s.db.enroll(req.Token, req.Class, s.cfg.TunnelPool, now, func(id string, t token, addr netip.Addr) (controlapi.Device, error) {
+	dev, err := s.db.enroll(req.Token, req.Class, req.Segments, s.cfg.TunnelPool, now, func(id string, t token, addr netip.Addr) (controlapi.Device, error) {
 		var err error
 		der, err = s.deviceCert(csr.PublicKey, id, t.Class, req.WireGuardKey, addr)
 		return controlapi.Device{ID: id, Class: t.Class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, TunnelAddress: addr,
@@ -515,6 +521,8 @@ func checkEnrolFields(req controlapi.EnrollRequest) string {
 		return "csr: a certificate request of at most 4 KiB is required"
 	case req.WireGuardKey != "" && !wgKeyForm.MatchString(req.WireGuardKey):
 		return "wireguard_key: a base64 Curve25519 public key (44 characters)"
+	case len(req.Segments) > 64 || slices.ContainsFunc(req.Segments, func(s string) bool { return s == "" || len(s) > 64 }):
+		return "segments: at most 64 names of 1-64 characters"
 	}
 	return ""
 }
@@ -526,12 +534,13 @@ var (
 )
 
 func isTokenError(err error) bool {
-	return errors.Is(err, errTokenUnknown) || errors.Is(err, errTokenUsed) || errors.Is(err, errTokenExpired) || errors.Is(err, errTokenClass)
+	return errors.Is(err, errTokenUnknown) || errors.Is(err, errTokenUsed) || errors.Is(err, errTokenExpired) || errors.Is(err, errTokenClass) ||
+		errors.Is(err, errTokenRole)
 }
 
 // tokenReason names a token refusal for the audit summary.
 func tokenReason(err error) string {
-	for _, e := range []error{errTokenUnknown, errTokenUsed, errTokenExpired, errTokenClass} {
+	for _, e := range []error{errTokenUnknown, errTokenUsed, errTokenExpired, errTokenClass, errTokenRole} {
 		if errors.Is(err, e) {
 			return e.Error()
 		}

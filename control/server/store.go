@@ -44,6 +44,7 @@ var (
 	errTokenUsed    = errors.New("enrolment token already used")
 	errTokenExpired = errors.New("enrolment token expired")
 	errTokenClass   = errors.New("enrolment token is for another class")
+	errTokenRole    = errors.New("enrolment token is for another role")
 	errNoDevice     = errors.New("no such device")
 	errNoBundle     = errors.New("no such policy bundle")
 )
@@ -150,19 +151,31 @@ func (d *db) newToken(class, role string, segments []string, ttl time.Duration, 
 }
 
 // checkToken reports, reading only, whether tok would enrol a device of
-// class now: the check that comes before any other work.
-func (d *db) checkToken(tok, class string, now time.Time) error {
+// class now (a gateway of segments, when given): the check that comes
+// before any other work.
+func (d *db) checkToken(tok, class string, segments []string, now time.Time) error {
 	return d.bolt.View(func(tx *bolt.Tx) error {
 		t, ok, err := get[token](tx.Bucket(bucketTokens), hashToken(tok))
 		if err != nil {
 			return err
 		}
-		return tokenUsable(t, ok, class, now)
+		return tokenUsable(t, ok, class, segments, now)
 	})
 }
 
-// tokenUsable is why a token cannot enrol a device of class now, or nil.
-func tokenUsable(t token, ok bool, class string, now time.Time) error {
+// tokenUsable is why a token cannot enrol a device of class (a gateway of
+// segments) now, or nil.
+func tokenUsable(t token, ok bool, class string, segments []string, now time.Time) error {
+	if ok && t.UsedBy == "" {
+		switch gw := t.Role == controlapi.RoleGateway; {
+		case gw && len(segments) == 0:
+			return fmt.Errorf("%w: it enrols a gateway of %s; this is a device (a gateway is configured with gateway.segments)", errTokenRole, strings.Join(t.Segments, ", "))
+		case !gw && len(segments) > 0:
+			return fmt.Errorf("%w: it enrols a device of class %s; this is a gateway of %s", errTokenRole, t.Class, strings.Join(segments, ", "))
+		case gw && !slices.Equal(slices.Sorted(slices.Values(segments)), t.Segments):
+			return fmt.Errorf("%w: it enrols a gateway of %s; this gateway fronts %s", errTokenRole, strings.Join(t.Segments, ", "), strings.Join(segments, ", "))
+		}
+	}
 	switch {
 	case !ok:
 		return errTokenUnknown
@@ -179,7 +192,7 @@ func tokenUsable(t token, ok bool, class string, now time.Time) error {
 // enroll spends the token, assigns the device a tunnel address from pool
 // (when valid) and records the device, all or nothing: a refused or
 // failed enrolment leaves the token and the pool as they were.
-func (d *db) enroll(tok, class string, pool netip.Prefix, now time.Time, issue func(id string, t token, addr netip.Addr) (controlapi.Device, error)) (controlapi.Device, error) {
+func (d *db) enroll(tok, class string, segments []string, pool netip.Prefix, now time.Time, issue func(id string, t token, addr netip.Addr) (controlapi.Device, error)) (controlapi.Device, error) {
 	var dev controlapi.Device
 	err := d.bolt.Update(func(tx *bolt.Tx) error {
 		tb := tx.Bucket(bucketTokens)
@@ -187,7 +200,7 @@ func (d *db) enroll(tok, class string, pool netip.Prefix, now time.Time, issue f
 		if err != nil {
 			return err
 		}
-		if err := tokenUsable(t, ok, class, now); err != nil {
+		if err := tokenUsable(t, ok, class, segments, now); err != nil {
 			return err
 		}
 		class = t.Class
@@ -262,7 +275,7 @@ func (d *db) roster(after uint64, limit int) (out []controlapi.Device, cursor ui
 			if err := json.Unmarshal(v, &dev); err != nil {
 				return fmt.Errorf("stored device %s: %w", k, err)
 			}
-			if dev.Rev > after && dev.Role != controlapi.RoleGateway && len(dev.Certificate) > 0 {
+			if dev.Rev > after && dev.Role != controlapi.RoleGateway && (len(dev.Certificate) > 0 || !dev.RevokedAt.IsZero()) {
 				out = append(out, dev)
 			}
 			return nil
@@ -277,6 +290,30 @@ func (d *db) roster(after uint64, limit int) (out []controlapi.Device, cursor ui
 		cursor = out[len(out)-1].Rev
 	}
 	return out, cursor, more, err
+}
+
+// revoke marks a device revoked, for the gateways (a new rev) and for
+// the audit; revoking one already revoked changes nothing.
+func (d *db) revoke(id, why, actor string, now time.Time) (controlapi.Device, error) {
+	var dev controlapi.Device
+	err := d.bolt.Update(func(tx *bolt.Tx) error {
+		rev, err := tx.Bucket(bucketDevices).NextSequence()
+		if err != nil {
+			return err
+		}
+		already := false
+		err = updateDeviceIn(tx, id, func(d *controlapi.Device) {
+			if already = !d.RevokedAt.IsZero(); !already {
+				d.RevokedAt, d.RevokedWhy, d.Rev = now.UTC(), why, rev
+			}
+			dev = *d
+		})
+		if err != nil || already {
+			return err
+		}
+		return audit(tx, now, actor, "device-revoked", fmt.Sprintf("%s (class %s): %s", id, dev.Class, why))
+	})
+	return dev, err
 }
 
 // updateDevice applies fn to a stored device.

@@ -99,7 +99,7 @@ func enrollOne(ctx context.Context, o Options, endpoint netip.AddrPort, i int, t
 	if err != nil {
 		return nil, err
 	}
-	rec, err := controlclient.Enroll(ctx, dir, o.URL, token, o.Fingerprint, o.Class, key.Public().String(), endpoint)
+	rec, err := controlclient.Enroll(ctx, dir, o.URL, token, o.Fingerprint, controlclient.Who{Class: o.Class}, key.Public().String(), endpoint)
 	if err != nil {
 		return nil, fmt.Errorf("member %d: %w", i, err)
 	}

@@ -68,7 +68,8 @@ func (s *Store) Gateway() (GatewayState, error) {
 
 // TakeGateway stores what one update from control brought, in one
 // transaction: devices whose certificate is new or changed (the latest
-// replaces the one held), the orders taken, and both cursors. Control
+// replaces the one held; nil: revoked, forgotten), the orders taken, and
+// both cursors. Control
 // sends an update only when it brings something, so an idle gateway
 // writes nothing.
 func (s *Store) TakeGateway(roster map[string][]byte, orders []GatewayOrder, rosterCursor, orderCursor uint64) error {
@@ -79,7 +80,11 @@ func (s *Store) TakeGateway(roster map[string][]byte, orders []GatewayOrder, ros
 				return err
 			}
 			for id, der := range roster {
-				if err := b.Put([]byte(id), der); err != nil {
+				put := func() error { return b.Put([]byte(id), der) }
+				if der == nil { // revoked
+					put = func() error { return b.Delete([]byte(id)) }
+				}
+				if err := put(); err != nil {
 					return err
 				}
 			}

@@ -148,6 +148,7 @@ func printStatus(env *subcmd.Env, s *adminapi.Status) {
 	if !s.NextChange.IsZero() {
 		fmt.Fprintf(w, "next      %s\n", s.NextChange.UTC().Format(time.RFC3339))
 	}
+	printGateway(env, s.Gateway)
 	printTunnel(env, s.Tunnel)
 	printMonitor(env, s.Monitor)
 	printRefused(env, s.Refused)
@@ -158,6 +159,18 @@ func printStatus(env *subcmd.Env, s *adminapi.Status) {
 		fmt.Fprintf(w, "control   %s, connected, last sync %s\n", c.URL, c.LastSync.UTC().Format(time.RFC3339))
 	default:
 		fmt.Fprintf(w, "control   %s, NOT CONNECTED: %s (enforcing from the cache meanwhile)\n", c.URL, c.Error)
+	}
+}
+
+func printGateway(env *subcmd.Env, g *adminapi.GatewayStatus) {
+	if g == nil {
+		return
+	}
+	w := env.Stdout
+	fmt.Fprintf(w, "gateway   of %s: admits %d of %d enrolled devices (%d groups); %d orders taken\n",
+		strings.Join(g.Segments, ", "), g.Admitted, g.Roster, g.Groups, g.Orders)
+	for _, r := range g.Refused {
+		fmt.Fprintf(w, "  not admitted %s: %s\n", r.Device, r.Reason)
 	}
 }
 

@@ -29,16 +29,31 @@ func installCmd() *subcmd.Command {
 			class := fs.String("class", "", "device `CLASS` (default: the class the token was made for)")
 			floor := fs.String("safety-floor", "", "JSON `FILE` with the safety floor: destinations open in every mode, e.g.\n"+
 				`[{"name": "can-gateway", "cidr": "192.168.50.0/29", "protocol": "any"}]`+"\n(default: keep the installed floor, or none)")
-			var keys subcmd.Strings
+			var keys, segments subcmd.Strings
 			fs.Var(&keys, "trust-key", "ops public key `FILE` (ops.pub) to pin; repeat for each (default: the keys the control server publishes)")
+			role := fs.String("role", "device", "device, or gateway: a segment gateway enforcing the policy for the devices (docs/gateway.md)")
+			fs.Var(&segments, "segment", "a `SEGMENT` this gateway fronts; repeat for each (gateway only; the token must name exactly these)")
+			port := fs.Uint("listen-port", installer.DefaultGatewayPort, "the gateway's WireGuard UDP `PORT`, the one the policy names (gateway only)")
 			return func(env *subcmd.Env, args []string) error {
-				if len(args) > 0 || *url == "" || *fp == "" {
+				switch {
+				case len(args) > 0 || *url == "" || *fp == "":
 					return subcmd.Usagef("install needs --control URL and --trust-ca SHA256:FP (and --token TOKEN to enrol)")
+				case *role != "device" && *role != "gateway":
+					return subcmd.Usagef("--role %q is neither device nor gateway", *role)
+				case *role == "gateway" && len(segments) == 0:
+					return subcmd.Usagef("install --role gateway needs --segment SEGMENT (the segments it fronts)")
+				case *role == "device" && len(segments) > 0:
+					return subcmd.Usagef("--segment is for --role gateway")
+				case *port == 0 || *port > 65535:
+					return subcmd.Usagef("--listen-port %d is not a UDP port", *port)
 				}
 				if _, err := controlapi.ParseFingerprint(*fp); err != nil {
 					return subcmd.Usagef("--trust-ca: %v", err)
 				}
 				o := installer.Options{Control: *url, Token: *token, TrustCA: *fp, Class: *class, TrustKeys: keys, Out: env.Stdout}
+				if *role == "gateway" {
+					o.Segments, o.ListenPort = segments, uint16(*port)
+				}
 				if *floor != "" {
 					rules, err := readFloor(*floor)
 					if err != nil {
