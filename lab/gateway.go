@@ -96,6 +96,12 @@ func StartGateway(t T, ns *NS, impl WireGuardImpl, uplink netip.Addr, port uint1
 	return g
 }
 
+// Stop ends the WireGuard daemon, and with it its interface.
+func (g *Gateway) Stop() {
+	g.cmd.Process.Kill()
+	g.cmd.Wait()
+}
+
 // Serve puts a segment host address on the gateway's loopback with TCP
 // and UDP echo services on each port.
 func (g *Gateway) Serve(t T, addr netip.Addr, ports ...uint16) {

@@ -19,9 +19,6 @@ type Agent struct {
 	*agentproc.Agent
 	Name  string // what the demo calls it: "dock gateway"
 	Class string
-	// Tunnel is the device's address in the tunnels (gateways route
-	// replies to it).
-	Tunnel string
 	// LAN is its address on the site's network.
 	LAN netip.Addr
 	// ID is the device id control gave it at enrolment.
@@ -32,9 +29,13 @@ type Agent struct {
 
 // AgentConfig is what differs between the site's devices.
 type AgentConfig struct {
-	Name, Class, Tunnel string
-	Floor               []localpolicy.FloorRule
-	GPSD                string // gpsd's host:port, for a moving device
+	Name, Class string
+	Floor       []localpolicy.FloorRule
+	GPSD        string // gpsd's host:port, for a moving device
+	// Segments make the agent a segment gateway of them, and ListenPort
+	// fixes its tunnel's UDP port (the policy names it).
+	Segments   []string
+	ListenPort uint16
 }
 
 // newAgent writes the agent's configuration; Start runs it.
@@ -44,11 +45,14 @@ func newAgent(t lab.T, ns *lab.NS, c AgentConfig, opsPub string, control policy.
 		Trust:       config.Trust{Keys: []string{opsPub}},
 		Control:     []policy.Endpoint{control},
 		SafetyFloor: c.Floor,
-		Tunnel:      config.TunnelConfig{Addresses: []netip.Prefix{netip.MustParsePrefix(c.Tunnel)}},
+		Tunnel:      config.TunnelConfig{ListenPort: c.ListenPort},
 		Posture:     config.PostureConfig{Interval: policy.Duration(time.Second)},
 		Location:    config.LocationConfig{GPSD: c.GPSD},
 	}
-	return &Agent{Agent: agentproc.New(t, ns, cfg), Name: c.Name, Class: c.Class, Tunnel: c.Tunnel}
+	if len(c.Segments) > 0 {
+		cfg.Gateway = &config.GatewayConfig{Segments: c.Segments}
+	}
+	return &Agent{Agent: agentproc.New(t, ns, cfg), Name: c.Name, Class: c.Class}
 }
 
 // Status is `bulkhead status` as data.

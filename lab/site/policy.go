@@ -13,7 +13,7 @@ import (
 func (s *Site) policyJSON(shift *[2]string) string {
 	gw := map[string]string{}
 	for _, seg := range s.Segments {
-		gw[seg.Name] = fmt.Sprintf(`"gateway": {"public_key": %q, "endpoint": %q}`, seg.GW.PublicKey, seg.GW.Endpoint)
+		gw[seg.Name] = fmt.Sprintf(`"gateway": {"public_key": %q, "endpoint": %q}`, seg.Key, seg.Endpoint)
 	}
 	scannerWMS, schedules := `{"segment": "wms", "ports": ["443"]}`, ""
 	if shift != nil {
@@ -60,8 +60,9 @@ func (s *Site) policyJSON(shift *[2]string) string {
       "rules": [{"segment": "carrier-edi"}, {"segment": "diagnostics"}],
       "profiles": {"restricted": ["diagnostics"], "offline": ["carrier-edi"], "diagnostic": ["diagnostics"]},
       "checks": [{"id": "service-area", "geofence": {"circle": {"lat": %v, "lon": %v, "radius_m": 500}}}]
-    }
+    },
+    %q: {"rules": []}
   }
 }`, controlAddr.Addr(), controlAddr.Port(), gw["wms"], gw["finance"], gw["carrier-edi"], brokerFeed, gw["broker-portal"], gw["diagnostics"],
-		schedules, s.SensorName, scannerWMS, yard.Lat, yard.Lon))
+		schedules, s.SensorName, scannerWMS, yard.Lat, yard.Lon, gatewayClass))
 }

@@ -28,6 +28,7 @@ func Scenarios() []Scenario {
 		{"Ransomware drill: control and uplink cut, agents restarted, nothing lost", ransomwareDrill},
 		{"Context: geofence, shift end, a required process dies", context},
 		{"Attacks: forged bundle, rolled-back bundle, replayed release", attacks},
+		{"Rooted truck: the gateways hold the policy when the box's agent is gone", rootedTruck},
 	}
 }
 
@@ -579,4 +580,82 @@ func attacks(s *Site, r *Result) {
 	if !lab.Within(20*time.Second, func() bool { return mode("normal") }) {
 		s.t.Fatalf("a fresh release was not obeyed")
 	}
+}
+
+// rootedTruck is the article's compromised telematics unit with root
+// taken: the agent killed, the table flushed, and the box's own
+// WireGuard key in a WireGuard of root's, with routes to WMS, finance
+// and EDI through their gateways. The segment gateways hold it to its
+// class's access and obey the desk's quarantine without the box.
+func rootedTruck(s *Site, r *Result) {
+	t := s.t
+	edi, wms, fin := s.Segment("carrier-edi"), s.Segment("wms"), s.Segment("finance")
+	addr := tunnelAddress(t, s.Tele)
+	r.Note("root on the telematics box: kills the agent, flushes the ruleset, runs its own WireGuard with the box's key (tunnel address %s)", addr)
+	s.Tele.Kill()
+	s.Tele.NS.MustRun(t, "nft", "flush", "ruleset")
+	rogue := lab.StartGateway(t, s.Tele.NS, lab.DebianWireGuard, s.Tele.LAN, 51899, addr.String())
+	s.Tele.NS.MustRun(t, "wg", "set", rogue.Iface, "private-key", filepath.Join(s.Tele.Dir, "state", "wg.key"))
+	for _, seg := range []*Segment{wms, fin, edi} {
+		rogue.RouteVia(t, seg.Key, seg.Endpoint, netip.PrefixFrom(seg.Host.Addr(), 24).Masked().String())
+	}
+	r.Note("its routes: wms, finance and carrier-edi each through its own gateway")
+	table := strings.TrimSpace(s.Tele.NS.MustRun(t, "nft", "list", "ruleset"))
+	r.Check(Check{What: "the box's own enforcement", Expected: "gone: no agent, no table", Observed: fmt.Sprintf("table %q", table), Pass: table == ""})
+
+	for _, c := range []struct {
+		seg  *Segment
+		want bool
+	}{{wms, false}, {fin, false}, {edi, true}} {
+		open := s.reach(s.Tele, c.seg.Host)
+		if c.want && !open {
+			open = lab.ReachesWithin(t, s.Tele.NS, "tcp", c.seg.Host, lab.FirstContact)
+		}
+		why := "its class has no rule for " + c.seg.Name + ": that gateway does not admit the box's key"
+		if c.want {
+			why = "its class's rule: the gateway admits it there"
+		}
+		r.Check(Check{What: "the rooted box tries " + c.seg.Name + " (" + c.seg.Host.String() + ")", Expected: yesno(c.want) + " (" + why + ")",
+			Observed: yesno(open), Pass: open == c.want})
+	}
+	safe := s.reach(s.Tele, s.Truck.Controller)
+	r.Check(Check{What: "the truck's safety controller", Expected: "open: it is local to the truck, no gateway in the way",
+		Observed: yesno(safe), Pass: safe})
+
+	data := s.openFlow(s.Tele, edi.Host)
+	start := time.Now()
+	out := s.Ctl.MustCLI(t, "quarantine", s.Tele.ID, "--reason", "INC-240 telematics box rooted")
+	r.Note("$ bulkhead-control quarantine %s ...\n%s", s.Tele.ID, strings.TrimSpace(out))
+	lat, ok := data.diesAfter(start, 15*time.Second)
+	r.Check(Check{What: "the rooted box's live EDI upload", Expected: "cut at the carrier-edi gateway (the box's agent is dead)",
+		Observed: found(ok, "cut"), Latency: lat, Of: "quarantine -> last echo", Pass: ok})
+	open := s.reach(s.Tele, edi.Host)
+	r.Check(Check{What: "a new EDI connection from the rooted box", Expected: "shut", Observed: yesno(open), Pass: !open})
+
+	start = time.Now()
+	s.Ctl.MustCLI(t, "release", s.Tele.ID, "--reason", "INC-240 box reimaged", "--key", s.OpsKey)
+	lat, ok = lab.Until(start, 20*time.Second, func() bool { return s.reach(s.Tele, edi.Host) })
+	r.Check(Check{What: "release (ops-signed)", Expected: "EDI open again at the gateway", Observed: yesno(ok),
+		Latency: lat, Of: "release -> first echo", Pass: ok})
+
+	r.Note("the box is reimaged: root's WireGuard gone, the agent back")
+	rogue.Stop()
+	start = time.Now()
+	s.Tele.Start(t)
+	lat, ok = lab.Until(start, 20*time.Second, func() bool {
+		return s.Tele.Status(t).Mode == "normal" && s.reach(s.Tele, edi.Host) && !s.reach(s.Tele, wms.Host)
+	})
+	r.Check(Check{What: "the box's agent restarts from its cache", Expected: "normal, EDI open through its own tunnel, wms refused",
+		Observed: fmt.Sprintf("mode %s", s.Tele.Status(t).Mode), Latency: lat, Of: "agent start -> EDI open", Pass: ok})
+}
+
+// tunnelAddress is the address control assigned a device's tunnel.
+func tunnelAddress(t lab.T, a *Agent) netip.Prefix {
+	for _, f := range strings.Fields(a.NS.MustRun(t, "ip", "-o", "-4", "addr", "show", "dev", a.Iface)) {
+		if p, err := netip.ParsePrefix(f); err == nil {
+			return p
+		}
+	}
+	t.Fatalf("the %s has no tunnel address", a.Name)
+	return netip.Prefix{}
 }

@@ -1,7 +1,8 @@
 // Package site is the logistics site of `make demo` (`bulkhead-lab
-// demo`): a control server, segment gateways, three devices running the
-// real agent and a truck's safety controller, each in a network
-// namespace, joined by a flat network the way warehouses are wired; and
+// demo`): a control server, five Bulkhead segment gateways, three devices
+// running the real agent and a truck's safety controller, each in a
+// network namespace, joined by a flat network the way warehouses are
+// wired; and
 // the scenarios of the article run against it (scenarios.go), each
 // judged by what the site's policy says should happen.
 package site
@@ -22,12 +23,16 @@ import (
 )
 
 // Segment is one segment of the site: an echo service on a host behind
-// its gateway.
+// its gateway, a Bulkhead gateway (the agent in its gateway role).
 type Segment struct {
 	Name    string
 	Partner string
 	Host    netip.AddrPort
-	GW      *lab.Gateway
+	GW      *Agent
+	// Endpoint is where devices reach the gateway, and Key its
+	// WireGuard public key (the policy names both).
+	Endpoint netip.AddrPort
+	Key      string
 	// Local is whether the gateway is on the site's own network; the
 	// others are reached over the corporate uplink.
 	Local bool
@@ -73,6 +78,7 @@ type Site struct {
 // the corporate uplink.
 var (
 	controlAddr = netip.MustParseAddrPort("10.99.0.2:8443")
+	tunnelPool  = netip.MustParsePrefix("100.64.0.0/24")
 	truckNet    = netip.MustParsePrefix("192.168.50.0/29")
 	yard        = lab.Point{Lat: 41.5250, Lon: -88.0817} // the depot: a 500 m geofence
 )
@@ -133,23 +139,25 @@ func Build(t lab.T, progress io.Writer) *Site {
 	// by default), so scenario 4 can show, in seconds, a truck back from
 	// longer than that out of coverage getting its quarantine.
 	s.Ctl = lab.StartControlWith(t, s.ctlNS, controlAddr, lab.ControlOptions{OpsPub: []string{filepath.Join(opsDir, "ops.pub")},
-		Args: []string{"--command-lifetime", commandLifetime.String()}})
-	s.detail("control at %s, CA %s; each delivery it signs lasts %v", s.Ctl.URL, s.Ctl.Fingerprint, commandLifetime)
+		Args: []string{"--command-lifetime", commandLifetime.String(), "--tunnel-pool", tunnelPool.String()}})
+	s.detail("control at %s, CA %s; each delivery it signs lasts %v; tunnel addresses from %s", s.Ctl.URL, s.Ctl.Fingerprint, commandLifetime, tunnelPool)
 
-	s.step("policy v1 signed by the ops key, pushed through control (tokens are made only for classes it defines)")
+	s.step("segment gateways: the agent in its gateway role, one per segment (they boot in lockdown)")
+	for _, seg := range s.Segments {
+		seg.GW.Start(t)
+		seg.Key = seg.GW.Status(t).Tunnel.PublicKey
+	}
+	s.step("policy v1 signed by the ops key, pushed through control (tokens are made only for classes and segments it defines)")
 	s.Push(nil)
-	s.step("agents: enrol with one-time tokens (they boot in lockdown)")
+	for _, seg := range s.Segments {
+		seg.GW.Enroll(t, s.Ctl, strings.Fields(s.Ctl.MustCLI(t, "token", "create", "--role", "gateway", "--segment", seg.Name, "--ttl", "10m"))[0])
+		s.detail("%-22s %s, fronts %s, tunnel key %s", seg.GW.Name, seg.GW.ID, seg.Name, seg.Key)
+	}
+	s.step("devices: enrol with one-time tokens; control assigns each its tunnel address, and every gateway learns it")
 	for _, a := range s.Agents() {
 		a.Start(t)
 		a.Enroll(t, s.Ctl, strings.Fields(s.Ctl.MustCLI(t, "token", "create", "--class", a.Class, "--ttl", "10m"))[0])
 		s.detail("%-14s %s, class %s, tunnel key %s", a.Name, a.ID, a.Class, a.Status(t).Tunnel.PublicKey)
-	}
-	s.step("gateways admit the devices whose class uses them")
-	for _, a := range s.Agents() {
-		pub := a.Status(t).Tunnel.PublicKey
-		for _, seg := range classSegments[a.Class] {
-			s.Segment(seg).GW.AllowPeer(t, pub, netip.AddrPort{}, a.Tunnel)
-		}
 	}
 	s.WaitVersion(s.Version, 30*time.Second)
 	for _, a := range s.Agents() { // the truck's first fix may take a second
@@ -196,9 +204,9 @@ func (s *Site) network() {
 		return ns, me, link
 	}
 	devs := []AgentConfig{
-		{Name: "dock gateway", Class: "dock-gateway", Tunnel: "100.64.0.2/32"},
-		{Name: "scanner", Class: "scanner", Tunnel: "100.64.0.3/32"},
-		{Name: "telematics box", Class: "telematics", Tunnel: "100.64.0.4/32"},
+		{Name: "dock gateway", Class: "dock-gateway"},
+		{Name: "scanner", Class: "scanner"},
+		{Name: "telematics box", Class: "telematics"},
 	}
 	s.ctlNS, _, _ = hang("ctl", false, "10.99.0.0/24", 0)
 	control := policy.Endpoint{Address: controlAddr.Addr(), Port: controlAddr.Port()}
@@ -228,8 +236,10 @@ func (s *Site) network() {
 	for i, plan := range segmentPlan {
 		seg := plan
 		ns, addr, _ := hang("gw"+fmt.Sprint(i), seg.Local, map[bool]string{true: "10.10.2.0/24", false: "10.201.0.0/24"}[seg.Local], i)
-		seg.GW = lab.StartGateway(t, ns, lab.DebianWireGuard, addr, 51820, "100.64.0.1/24")
-		seg.GW.Serve(t, seg.Host.Addr(), seg.Host.Port())
+		seg.Endpoint = netip.AddrPortFrom(addr, 51820)
+		seg.GW = newAgent(t, ns, AgentConfig{Name: seg.Name + " gateway", Class: gatewayClass, Segments: []string{seg.Name}, ListenPort: seg.Endpoint.Port()}, opsPub, control)
+		ns.MustRun(t, "ip", "addr", "add", netip.PrefixFrom(seg.Host.Addr(), 32).String(), "dev", "lo")
+		lab.Echo(t, ns, seg.Host)
 		// The flat network: the host is routed to without any tunnel,
 		// as warehouses are wired before segmentation.
 		up := map[bool]*lab.NS{true: s.Router, false: s.WAN}[seg.Local]
@@ -284,6 +294,19 @@ func (s *Site) Namespaces() []string {
 // Agents are the three devices.
 func (s *Site) Agents() []*Agent { return []*Agent{s.Dock, s.Scanner, s.Tele} }
 
+// Gateways are the segment gateways, in segment order.
+func (s *Site) Gateways() []*Agent {
+	var out []*Agent
+	for _, seg := range s.Segments {
+		out = append(out, seg.GW)
+	}
+	return out
+}
+
+// gatewayClass is the class the site's gateways enrol as; the policy
+// declares it (with no rules) so that bundles may target them.
+const gatewayClass = "segment-gateway"
+
 // Segment is the segment called name.
 func (s *Site) Segment(name string) *Segment {
 	for _, seg := range s.Segments {
@@ -304,9 +327,10 @@ func (s *Site) detail(format string, args ...any) {
 	fmt.Fprintf(s.progress, "      "+format+"\n", args...)
 }
 
-// WaitVersion waits until every agent runs policy version v.
+// WaitVersion waits until every agent, devices and gateways, runs
+// policy version v.
 func (s *Site) WaitVersion(v uint64, d time.Duration) {
-	for _, a := range s.Agents() {
+	for _, a := range append(s.Agents(), s.Gateways()...) {
 		if !lab.Within(d, func() bool { return a.Status(s.t).PolicyVersion == v }) {
 			st := a.Status(s.t)
 			s.t.Fatalf("the %s runs policy v%d in mode %s, not v%d (%s)", a.Name, st.PolicyVersion, st.Mode, v, strings.Join(st.Why, "; "))
@@ -333,7 +357,7 @@ func (s *Site) Push(shift *[2]string) string {
 func (s *Site) Sign(v uint64, doc, key string) string {
 	out := filepath.Join(s.dir, fmt.Sprintf("v%d-%s.dsse", v, filepath.Base(filepath.Dir(key))))
 	args := []string{"policy", "sign", "--key", key, "--in", doc, "--version", fmt.Sprint(v), "--valid-for", "720h", "--out", out}
-	for _, c := range []string{"dock-gateway", "scanner", "telematics"} {
+	for _, c := range []string{"dock-gateway", "scanner", "telematics", gatewayClass} {
 		args = append(args, "--target", c)
 	}
 	s.Ctl.MustCLI(s.t, args...)

@@ -8,7 +8,6 @@ import (
 	"testing"
 
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
-	"github.com/bulkhead-edge/bulkhead/lab"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
@@ -20,7 +19,7 @@ func planned() *Site {
 		seg := p
 		key := make([]byte, 32)
 		key[0] = byte(i + 1)
-		seg.GW = &lab.Gateway{PublicKey: base64.StdEncoding.EncodeToString(key), Endpoint: netip.MustParseAddrPort(fmt.Sprintf("10.201.0.%d:51820", 4*i+2))}
+		seg.Key, seg.Endpoint = base64.StdEncoding.EncodeToString(key), netip.MustParseAddrPort(fmt.Sprintf("10.201.0.%d:51820", 4*i+2))
 		s.Segments = append(s.Segments, &seg)
 	}
 	return s
