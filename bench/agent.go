@@ -71,6 +71,23 @@ func (a *agentProc) apply(b testing.TB, version uint64, doc policy.Document) str
 	return file
 }
 
+// signFile signs doc as version for classes and returns the bundle's
+// file.
+func (k *opsKeys) signFile(b testing.TB, version uint64, doc policy.Document, classes ...string) string {
+	b.Helper()
+	now := time.Now().UTC()
+	raw, err := bundle.Sign(bundle.Payload{Version: version, IssuedAt: now, ExpiresAt: now.Add(time.Hour),
+		Target: bundle.Target{Classes: classes}, Policy: doc}, k.priv)
+	if err != nil {
+		b.Fatal(err)
+	}
+	file := filepath.Join(b.TempDir(), fmt.Sprintf("policy-%d.dsse", version))
+	if err := os.WriteFile(file, raw, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	return file
+}
+
 // enroll enrols the agent with ctl and returns its device id.
 func (a *agentProc) enroll(b testing.TB, ctl *lab.Control) string {
 	b.Helper()
@@ -98,6 +115,9 @@ type agentStatus struct {
 	Tunnel struct {
 		PublicKey string `json:"public_key"`
 	} `json:"tunnel"`
+	Gateway *struct {
+		Admitted int `json:"admitted"`
+	} `json:"gateway"`
 }
 
 func (a *agentProc) tryStatus() (agentStatus, error) {

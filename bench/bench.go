@@ -148,7 +148,7 @@ func CanRunPrivileged() bool {
 
 // All is every case: the pure ones, then those that need the kernel.
 func All() []Case {
-	return slices.Concat(Cases(), crossCases(), kernelCases(), tunnelCases(), controlCases(), floodCases(), postureCases())
+	return slices.Concat(Cases(), crossCases(), kernelCases(), tunnelCases(), controlCases(), gatewayCases(), floodCases(), postureCases())
 }
 
 // LargePolicy builds a valid policy with n destinations spread over

@@ -104,28 +104,31 @@ func benchKillSwitch(b B) {
 	if Quick {
 		trials = 1
 	}
-	quarantineTrials(b, trials, flow, a,
+	quarantineTrials(b, trials, flow,
+		func() bool { return a.status(b).Mode == "normal" },
 		func() { ctl.MustCLI(b, "quarantine", id, "--reason", "bench") },
+		func() bool { return a.status(b).Mode == "quarantine" },
 		func() { ctl.MustCLI(b, "release", id, "--reason", "bench", "--key", a.ops.privFile, "--wait", "60s") })
 }
 
-// quarantineTrials times trials of cut (something that should put agent
-// a in quarantine) against a running flow: from calling cut to the last
-// packet reaching the segment host. restore brings the agent back to
-// normal between trials. It reports the p99 and the p50 in ms.
-func quarantineTrials(b B, trials int, flow *udpFlows, a *agentProc, cut, restore func()) {
+// quarantineTrials times trials of cut (something that should quarantine
+// a device) against a running flow: from calling cut to the last packet
+// reaching the segment host. cutDone says the enforcer (the device's
+// agent, or a gateway) has applied it; restore brings the device back,
+// and normal says it is back. It reports the p99 and the p50 in ms.
+func quarantineTrials(b B, trials int, flow *udpFlows, normal func() bool, cut func(), cutDone func() bool, restore func()) {
 	var ms []float64
 	b.ResetTimer()
 	for range b.N {
 		for range trials {
-			lab.WaitFor(b, "the flow runs", 20*time.Second, func() bool { return flow.running(20*time.Millisecond) && a.status(b).Mode == "normal" })
+			lab.WaitFor(b, "the flow runs", 20*time.Second, func() bool { return flow.running(20*time.Millisecond) && normal() })
 			start := time.Now()
 			cut()
-			// The last packet is known once the agent says it is
-			// quarantined (its table is applied by then) and the host
-			// has heard nothing for a while.
+			// The last packet is known once the enforcer says it has
+			// applied the quarantine and the host has heard nothing for
+			// a while.
 			lab.WaitFor(b, "the flow stops in quarantine", 20*time.Second, func() bool {
-				return flow.silent(100*time.Millisecond) && a.status(b).Mode == "quarantine"
+				return flow.silent(100*time.Millisecond) && cutDone()
 			})
 			ms = append(ms, max(0, float64(flow.last()[0].Sub(start))/float64(time.Millisecond)))
 			restore()

@@ -133,15 +133,20 @@ type crowdProc struct {
 // startCrowd enrols size devices of class "crowd" with ctl from ns and
 // waits until each holds a poll.
 func startCrowd(b testing.TB, ns *lab.NS, ctl *lab.Control, size int) *crowdProc {
+	return startCrowdOf(b, ns, ctl, size, "crowd")
+}
+
+// startCrowdOf is startCrowd with devices of class.
+func startCrowdOf(b testing.TB, ns *lab.NS, ctl *lab.Control, size int, class string) *crowdProc {
 	b.Helper()
 	// The tokens come first, one per line; the summary follows (stderr).
-	lines := strings.Split(ctl.MustCLI(b, "token", "create", "--allow-unknown-class", "--class", "crowd", "--count", fmt.Sprint(size)), "\n")
+	lines := strings.Split(ctl.MustCLI(b, "token", "create", "--allow-unknown-class", "--class", class, "--count", fmt.Sprint(size)), "\n")
 	if len(lines) < size {
 		b.Fatalf("token create printed %d lines for %d tokens", len(lines), size)
 	}
 	tokens := strings.Join(lines[:size], "\n")
 	cmd := ns.Command(lab.Binary(b, "cmd/bulkhead-lab"), "crowd", "--control", ctl.URL, "--trust-ca", ctl.Fingerprint,
-		"--class", "crowd", "--dir", b.TempDir())
+		"--class", class, "--dir", b.TempDir())
 	cmd.Stdin = strings.NewReader(tokens)
 	logf, err := os.Create(filepath.Join(b.TempDir(), "crowd.log"))
 	if err != nil {

@@ -74,14 +74,15 @@ func benchPostureChange(b B) {
 	if Quick {
 		trials = 1
 	}
-	quarantineTrials(b, trials, flow, a, kill, func() {
-		start()
-		if err := os.WriteFile(conf, content, 0o600); err != nil {
-			b.Fatal(err)
-		}
-		// The agent spaces change-triggered samples 250 ms apart (the
-		// sample this write triggers may itself wait that long): each
-		// trial starts from a device quiet for longer.
-		time.Sleep(time.Second)
-	})
+	quarantineTrials(b, trials, flow, func() bool { return a.status(b).Mode == "normal" }, kill,
+		func() bool { return a.status(b).Mode == "quarantine" }, func() {
+			start()
+			if err := os.WriteFile(conf, content, 0o600); err != nil {
+				b.Fatal(err)
+			}
+			// The agent spaces change-triggered samples 250 ms apart (the
+			// sample this write triggers may itself wait that long): each
+			// trial starts from a device quiet for longer.
+			time.Sleep(time.Second)
+		})
 }

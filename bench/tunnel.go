@@ -86,9 +86,14 @@ func benchThroughput(b B, gwImpl, ref string) {
 		c.RouteVia(b, gw.PublicKey, netip.MustParseAddrPort("192.0.2.5:51820"), "10.20.1.0/24")
 		gw.AllowPeer(b, c.PublicKey, netip.MustParseAddrPort("192.0.2.6:51820"), "100.64.0.3/32")
 	}
-	refC := client{ns: refNS, name: ref}
+	interleaved(b, ours, client{ns: refNS, name: ref})
+}
+
+// interleaved runs iperf3 rounds from ours and ref alternately, and
+// reports the medians and the median ratio of neighbouring runs.
+func interleaved(b B, ours, refC client) {
 	for _, c := range []client{ours, refC} {
-		if !lab.ReachesWithin(b, c.ns, "tcp", netip.AddrPortFrom(iperfHost, echoPort), 10*time.Second) {
+		if !lab.ReachesWithin(b, c.ns, "tcp", netip.AddrPortFrom(iperfHost, echoPort), lab.FirstContact) {
 			b.Fatalf("%s: no TCP to the iperf3 server through the tunnel", c.name)
 		}
 	}
