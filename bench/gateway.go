@@ -132,6 +132,8 @@ type gwSite struct {
 	gw, dev      *agentProc
 	gwKey, devID string
 	gwNS, devNS  *lab.NS
+	// rogue is root's WireGuard on the scanner, once rooted.
+	rogue *lab.Gateway
 }
 
 func newGWSite(b B, extra func(*policy.Document)) *gwSite {
@@ -187,7 +189,17 @@ func (s *gwSite) root(b B) {
 	s.devNS.MustRun(b, "nft", "flush", "ruleset")
 	rogue := lab.StartGateway(b, s.devNS, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.2"), 51899, addr)
 	s.devNS.MustRun(b, "wg", "set", rogue.Iface, "private-key", filepath.Join(dev.Dir, "state", "wg.key"))
-	rogue.RouteVia(b, s.gwKey, netip.MustParseAddrPort("192.0.2.1:51820"), "10.20.1.0/24")
+	s.rogue = rogue
+	s.rejoin(b)
+}
+
+// rejoin (re)configures root's WireGuard peer for the gateway: a fresh
+// session at once, where Debian's wireguard-go, whose peer the gateway
+// dropped, would keep sending on its dead one until its own rekey timer
+// (about 15 s) runs out.
+func (s *gwSite) rejoin(b B) {
+	s.devNS.MustRun(b, "wg", "set", s.rogue.Iface, "peer", s.gwKey, "remove")
+	s.rogue.RouteVia(b, s.gwKey, netip.MustParseAddrPort("192.0.2.1:51820"), "10.20.1.0/24")
 }
 
 // admitted is how many devices the gateway admits now.
@@ -214,7 +226,11 @@ func benchGatewayKillSwitch(b B) {
 		func() bool { return s.admitted(b) == 1 },
 		func() { s.ctl.MustCLI(b, "quarantine", s.devID, "--reason", "bench") },
 		func() bool { return s.admitted(b) == 0 },
-		func() { s.ctl.MustCLI(b, "release", s.devID, "--reason", "bench", "--key", s.ops.privFile) })
+		func() {
+			s.ctl.MustCLI(b, "release", s.devID, "--reason", "bench", "--key", s.ops.privFile)
+			lab.WaitFor(b, "the gateway to admit the scanner again", 20*time.Second, func() bool { return s.admitted(b) == 1 })
+			s.rejoin(b)
+		})
 }
 
 // benchGatewayThroughput runs iperf3 through a Bulkhead gateway holding
