@@ -41,8 +41,23 @@ func gatewayInput(t testing.TB, n int) admit.Input {
 	return in
 }
 
-func gatewayRuleset(t testing.TB, n int) Ruleset {
+func gatewayRuleset(t testing.TB, n int) Ruleset { return gatewayRulesetWith(t, n, 0) }
+
+// gatewayRulesetWith is gatewayRuleset with extra more /32 destinations
+// (two ports each) in wms, all open to dock gateways.
+func gatewayRulesetWith(t testing.TB, n, extra int) Ruleset {
 	in := gatewayInput(t, n)
+	if extra > 0 {
+		doc := &in.Bundle.Policy
+		seg, _ := doc.Segment("wms")
+		for i := range extra {
+			seg.Destinations = append(seg.Destinations, policy.Destination{CIDR: netip.PrefixFrom(netip.AddrFrom4([4]byte{10, 20, byte(2 + i/250), byte(i%250 + 1)}), 32),
+				Protocol: policy.TCP, Ports: []policy.PortRange{{First: 443, Last: 443}, {First: 8000, Last: 8099}}})
+		}
+		if err := doc.Validate(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	d := admit.Decide(in)
 	self := localpolicy.Evaluate(localpolicy.Input{Bundle: in.Bundle, Device: bundle.Device{ID: "gw-wms", Class: "segment-gateway"}, Now: in.Now,
 		Control: []policy.Endpoint{{Address: netip.MustParseAddr("10.10.0.2"), Port: 8443}}})
@@ -115,5 +130,37 @@ func TestGatewayBuildIgnoresRosterOrder(t *testing.T) {
 		if got := Build(self, Options{Tunnel: "wg-gw", ListenPort: 51820, Gateway: &d}); !got.Equal(want) {
 			t.Fatal("a shuffled roster builds another table")
 		}
+	}
+}
+
+// A group with more destinations than one set should hold is cut into
+// shards by address, behind two dispatch maps, as a device's segments
+// are: the from and to chains each look up a dispatch map, and every
+// shard holds at most about shardSize elements.
+func TestLargeGroupSetsAreSharded(t *testing.T) {
+	rs := gatewayRulesetWith(t, 30, 3000)
+	dock := slices.IndexFunc(rs.Chains, func(c Chain) bool {
+		return strings.HasPrefix(c.Name, "gw_") && strings.HasSuffix(c.Name, "_from") && strings.Contains(c.Rules[0].Comment, "dock-gateway")
+	})
+	if dock < 0 {
+		t.Fatalf("no dock-gateway group chain:\n%s", rs.Text())
+	}
+	from := rs.Chains[dock]
+	if l := from.Rules[0].Lookup; l == nil || !l.Map || !strings.HasSuffix(l.Set, "_out_v4") {
+		t.Fatalf("the dock gateways' from chain looks up %+v, want a dispatch map", from.Rules[0].Lookup)
+	}
+	shards, total := 0, 0
+	prefix := strings.TrimSuffix(from.Name, "_from") + "_v4_"
+	for _, set := range rs.Sets {
+		if strings.HasPrefix(set.Name, prefix) {
+			shards++
+			total += len(set.Elements)
+			if len(set.Elements) > 2*shardSize {
+				t.Errorf("shard %s holds %d elements", set.Name, len(set.Elements))
+			}
+		}
+	}
+	if shards < 2 || total < 6000 {
+		t.Errorf("%d shards holding %d elements; want the 6,000 boxes cut into several", shards, total)
 	}
 }

@@ -372,7 +372,9 @@ func segments(rs *Ruleset, d localpolicy.Desired, tun string) (r rules, chains [
 }
 
 // gateway adds a segment gateway's part. Each group of devices has a
-// set of what is open to it (gw_N_v4, gw_N_v6) and two chains: gw_N_from
+// set of what is open to it (gw_N_v4, gw_N_v6; above shardSize elements
+// cut by address into maps behind dispatch maps, as the device's segments
+// are) and two chains: gw_N_from
 // accepts a device's packet to an open destination, gw_N_to accepts the
 // replies to it. Two verdict maps keyed by the devices' tunnel addresses
 // send a packet to its device's chains: gw_src (coming out of the
@@ -402,11 +404,27 @@ func gateway(rs *Ruleset, g *admit.Desired, tun string, port uint16) (r rules, c
 		}
 		fromChain := Chain{Name: name + "_from"}
 		toChain := Chain{Name: name + "_to"}
-		addSets(rs, name, dsts, func(look func(addr, port Field) *Lookup) rules {
-			fromChain.Rules = append(fromChain.Rules, Rule{Comment: grp.Name, Lookup: look(Dst, Dst)})
-			toChain.Rules = append(toChain.Rules, Rule{Comment: grp.Name + " replies", Established: true, Lookup: look(Src, Src)})
-			return rules{}
-		})
+		for _, v6 := range []bool{false, true} {
+			elems := normalize(family(dsts, v6))
+			var from, to *Lookup
+			switch {
+			case len(elems) == 0:
+				continue
+			case len(elems) <= shardSize:
+				set := setName(name, v6)
+				rs.Sets = append(rs.Sets, Set{Name: set, V6: v6, Elements: elems})
+				from, to = &Lookup{Set: set, V6: v6, Addr: Dst, Port: Dst}, &Lookup{Set: set, V6: v6, Addr: Src, Port: Src}
+			default:
+				// Cut by address as the device's segments map is: a
+				// lookup in a large interval set costs in proportion
+				// to its size.
+				out, in := setName(name+"_out", v6), setName(name+"_in", v6)
+				chains = append(chains, sharded(rs, setName(name, v6), out, in, v6, verdict(elems, ""))...)
+				from, to = &Lookup{Set: out, V6: v6, Map: true, Addr: Dst, Port: Dst}, &Lookup{Set: in, V6: v6, Map: true, Addr: Src, Port: Src}
+			}
+			fromChain.Rules = append(fromChain.Rules, Rule{Comment: grp.Name, Lookup: from})
+			toChain.Rules = append(toChain.Rules, Rule{Comment: grp.Name + " replies", Established: true, Lookup: to})
+		}
 		fromChain.Rules = append(fromChain.Rules, Rule{Comment: grp.Name + " refused", Drop: true})
 		toChain.Rules = append(toChain.Rules, Rule{Comment: grp.Name + " refused", Drop: true})
 		chains = append(chains, fromChain, toChain)

@@ -74,8 +74,11 @@ func desired(t *testing.T, class string, sticky localpolicy.Sticky) localpolicy.
 // rulesetFor is the table of a device of class, or of a segment gateway
 // with 300 devices ("segment-gateway").
 func rulesetFor(t *testing.T, class string) Ruleset {
-	if class == "segment-gateway" {
+	switch class {
+	case "segment-gateway":
 		return gatewayRuleset(t, 300)
+	case "segment-gateway-sharded":
+		return gatewayRulesetWith(t, 300, 3000)
 	}
 	return Build(desired(t, class, localpolicy.Sticky{}), Options{DHCP: true, Tunnel: "bh0", ListenPort: 51820})
 }
@@ -220,7 +223,7 @@ func TestApplyMatchesNftListing(t *testing.T) {
 	lab.RequirePrivileged(t, "nft")
 	ns := lab.NewNS(t, "nft")
 	e := NewEnforcer(WithNetNS(ns.FD()))
-	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner", "sharded", "segment-gateway"} {
+	for _, class := range []string{"dock-gateway", "scanner", "telematics", "monitored-scanner", "sharded", "segment-gateway", "segment-gateway-sharded"} {
 		rs := rulesetFor(t, class)
 		if _, err := e.Apply(rs); err != nil {
 			t.Fatalf("%s: Apply: %v", class, err)
@@ -238,7 +241,7 @@ func TestApplyMatchesNftListing(t *testing.T) {
 // The same ruleset loaded by nft -f from Text and built through netlink
 // must list identically: our netlink encoding is what nft itself makes.
 func TestNetlinkMatchesNftText(t *testing.T) {
-	for _, class := range []string{"dock-gateway", "monitored-scanner", "sharded", "segment-gateway"} {
+	for _, class := range []string{"dock-gateway", "monitored-scanner", "sharded", "segment-gateway", "segment-gateway-sharded"} {
 		t.Run(class, func(t *testing.T) { netlinkMatchesNftText(t, class) })
 	}
 }
