@@ -63,6 +63,37 @@ func Wanted(peers []localpolicy.Peer) []Peer {
 	return out
 }
 
+// splitRoaming separates the peers set up front (a device's gateways)
+// from the roaming ones, which are only admitted.
+func splitRoaming(want []Peer) (fixed, roaming []Peer) {
+	for _, p := range want {
+		if p.Roams {
+			roaming = append(roaming, p)
+		} else {
+			fixed = append(fixed, p)
+		}
+	}
+	return fixed, roaming
+}
+
+// Live is what the device's peers must be: every fixed peer, and the
+// roaming peers that are both admitted and live now (made at their first
+// initiation). An admitted device not heard from has no peer yet, and
+// needs none.
+func Live(have []PeerState, fixed, roaming []Peer) []Peer {
+	admitted := make(map[policy.Key]Peer, len(roaming))
+	for _, p := range roaming {
+		admitted[p.PublicKey] = p
+	}
+	out := slices.Clone(fixed)
+	for _, h := range have {
+		if p, ok := admitted[h.PublicKey]; ok {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
 // Diff is the WireGuard UAPI "set" text that turns the device's peers have
 // into want: new peers added, changed ones updated in place, unwanted ones
 // removed. Peers equal in both are not mentioned at all, so their sessions

@@ -23,6 +23,9 @@ func testKey(b byte) policy.Key {
 	return k
 }
 
+// equateAddrs compares netip values by ==.
+var equateAddrs = cmp.Options{cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })}
+
 func peer(b byte, ep string, ips ...string) Peer {
 	p := Peer{PublicKey: testKey(b), Endpoint: netip.MustParseAddrPort(ep)}
 	for _, ip := range ips {
@@ -57,6 +60,34 @@ func TestDiff(t *testing.T) {
 	}
 }
 
+// A gateway's admitted devices are peers only while live: Live keeps
+// the fixed peers, and of the roaming ones those both admitted and live.
+func TestLiveKeepsAdmittedPeersThatAreLive(t *testing.T) {
+	gw := peer(1, "192.0.2.1:51820", "10.20.1.0/24")
+	roam := func(b byte, ip string) Peer {
+		return Peer{PublicKey: testKey(b), Roams: true, AllowedIPs: []netip.Prefix{netip.MustParsePrefix(ip)}}
+	}
+	live, idle, dropped := roam(2, "100.64.0.2/32"), roam(3, "100.64.0.3/32"), roam(4, "100.64.0.4/32")
+	moved := roam(5, "100.64.0.9/32")
+	have := []PeerState{{Peer: gw}, {Peer: live}, {Peer: dropped}, {Peer: roam(5, "100.64.0.5/32")}}
+	got := Live(have, []Peer{gw}, []Peer{live, idle, moved})
+	want := []Peer{gw, live, moved}
+	if diff := cmp.Diff(want, got, equateAddrs); diff != "" {
+		t.Errorf("Live (-want +got):\n%s", diff)
+	}
+	// What Apply sets from it: the dropped device's peer removed, the
+	// moved one's address replaced, the idle one not made.
+	d := Diff(Peers(have), got)
+	for _, w := range []string{"remove=true", "allowed_ip=100.64.0.9/32"} {
+		if !strings.Contains(d, w) {
+			t.Errorf("Diff lacks %q:\n%s", w, d)
+		}
+	}
+	if strings.Contains(d, "100.64.0.3") || strings.Count(d, "public_key=") != 2 {
+		t.Errorf("Diff touches more than the dropped and the moved peer:\n%s", d)
+	}
+}
+
 func TestWantedAndRoutes(t *testing.T) {
 	got := Wanted([]localpolicy.Peer{
 		{PublicKey: testKey(1), Endpoint: "192.0.2.1:51820", AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.20.1.7/24"), netip.MustParsePrefix("10.20.0.0/24")}},
@@ -64,7 +95,7 @@ func TestWantedAndRoutes(t *testing.T) {
 		{PublicKey: testKey(3), Endpoint: "[::ffff:192.0.2.5]:51820", AllowedIPs: []netip.Prefix{netip.MustParsePrefix("10.20.0.0/24")}},
 	})
 	want := []Peer{peer(1, "192.0.2.1:51820", "10.20.0.0/24", "10.20.1.0/24"), peer(3, "192.0.2.5:51820", "10.20.0.0/24")}
-	if d := cmp.Diff(want, got, cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }), cmp.Comparer(func(a, b netip.AddrPort) bool { return a == b })); d != "" {
+	if d := cmp.Diff(want, got, equateAddrs); d != "" {
 		t.Errorf("Wanted (-want +got):\n%s", d)
 	}
 	routes := Routes(got)

@@ -4,10 +4,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"net/netip"
+	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 
 	"github.com/tailscale/wireguard-go/conn"
+	"github.com/tailscale/wireguard-go/device"
 )
 
 // tailscale/wireguard-go never moves a peer's endpoint to where its
@@ -16,7 +19,18 @@ import (
 // gateway's peers are devices behind cellular NAT whose address nobody
 // knows in advance: roamingBind gives them what kernel WireGuard does.
 //
-// A roaming peer is set with the endpoint "roam:KEY" (hex). Its packets
+// Roaming peers are made lazily. A gateway admits thousands of devices
+// and hears from a few at a time; a wireguard-go peer costs tens of
+// kilobytes of queues and three goroutines, so configuring every admitted
+// device would cost hundreds of megabytes and most of a second per roster.
+// Instead the bind holds the admitted table (key → allowed IPs), swapped
+// whole by Apply, and wireguard-go asks it (its PeerLookupFunc) when an
+// initiation arrives from a key it has no peer for: an admitted key gets
+// a peer, any other key gets no handshake. wireguard-go drops such a peer
+// again when its session has been idle for RejectAfterTime×3 (9 minutes).
+//
+// A roaming peer's endpoint is a roamEndpoint ("roam:KEY" in UAPI text,
+// hex). Its packets
 // go where that key was last authenticated from: the source of its
 // latest decrypted transport packet (wireguard-go reports the sender of
 // every batch it authenticated, conn.PeerAwareEndpoint). A handshake
@@ -35,16 +49,66 @@ const noEndpoint = "0.0.0.0:0"
 
 type roamingBind struct {
 	conn.Bind
+	// admitted is the roaming peers allowed now: key → allowed IPs.
+	// Replaced whole, never modified; read without a lock per initiation.
+	admitted atomic.Pointer[map[[32]byte][]netip.Prefix]
+
 	mu sync.Mutex
-	// heard is where each roaming key was last authenticated from;
+	// heard is where each admitted key was last authenticated from;
 	// claimed where an initiation naming it last came from.
 	heard, claimed map[[32]byte]conn.Endpoint
-	// roaming are the keys set with a roaming endpoint.
+	// roaming are the keys whose live peer has a roaming endpoint.
 	roaming map[[32]byte]bool
 }
 
 func newRoamingBind(inner conn.Bind) *roamingBind {
-	return &roamingBind{Bind: inner, heard: map[[32]byte]conn.Endpoint{}, claimed: map[[32]byte]conn.Endpoint{}, roaming: map[[32]byte]bool{}}
+	b := &roamingBind{Bind: inner, heard: map[[32]byte]conn.Endpoint{}, claimed: map[[32]byte]conn.Endpoint{}, roaming: map[[32]byte]bool{}}
+	b.admitted.Store(&map[[32]byte][]netip.Prefix{})
+	return b
+}
+
+// admit replaces the admitted table with peers (all roaming) and reports
+// whether it changed.
+func (b *roamingBind) admit(peers []Peer) bool {
+	old := *b.admitted.Load()
+	next := make(map[[32]byte][]netip.Prefix, len(peers))
+	changed := len(old) != len(peers)
+	for _, p := range peers {
+		next[p.PublicKey] = p.AllowedIPs
+		if ips, ok := old[p.PublicKey]; !changed && (!ok || !slices.Equal(ips, p.AllowedIPs)) {
+			changed = true
+		}
+	}
+	b.admitted.Store(&next)
+	return changed
+}
+
+func (b *roamingBind) isAdmitted(pk [32]byte) bool {
+	_, ok := (*b.admitted.Load())[pk]
+	return ok
+}
+
+// lookup is wireguard-go's PeerLookupFunc: an initiation from a key with
+// no peer makes one only if the key is admitted.
+func (b *roamingBind) lookup(pk device.NoisePublicKey) (*device.NewPeerConfig, bool) {
+	ips, ok := (*b.admitted.Load())[pk]
+	if !ok {
+		return nil, false
+	}
+	b.mu.Lock()
+	b.roaming[pk] = true
+	b.mu.Unlock()
+	return &device.NewPeerConfig{AllowedIPs: ips, Endpoint: &roamEndpoint{key: pk, b: b}}, true
+}
+
+// stray reports a live roaming peer whose key is no longer admitted: one
+// made from the table an Apply was replacing, after that Apply read the
+// device's peers. The session-state hook removes it.
+func (b *roamingBind) stray(pk [32]byte) bool {
+	b.mu.Lock()
+	roams := b.roaming[pk]
+	b.mu.Unlock()
+	return roams && !b.isAdmitted(pk)
 }
 
 // arrival is the endpoint a packet arrived from: the inner bind's, and
@@ -58,11 +122,12 @@ func (a *arrival) InitiationMessagePublicKey(pk [32]byte) { a.b.note(a.b.claimed
 func (a *arrival) FromPeer(pk [32]byte)                   { a.b.note(a.b.heard, pk, a.Endpoint) }
 
 func (b *roamingBind) note(m map[[32]byte]conn.Endpoint, pk [32]byte, ep conn.Endpoint) {
+	if !b.isAdmitted(pk) {
+		return
+	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	if b.roaming[pk] {
-		m[pk] = ep
-	}
+	m[pk] = ep
 }
 
 // roamEndpoint is a roaming peer's endpoint.
@@ -158,15 +223,21 @@ func (b *roamingBind) ParseEndpoint(s string) (conn.Endpoint, error) {
 	return e, nil
 }
 
-// forget drops what is known of keys no longer peers.
-func (b *roamingBind) forget(keep func([32]byte) bool) {
+// forget drops what is known of keys no longer admitted.
+func (b *roamingBind) forget() {
+	admitted := *b.admitted.Load()
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	for _, m := range []map[[32]byte]conn.Endpoint{b.heard, b.claimed} {
+		for k := range m {
+			if _, ok := admitted[k]; !ok {
+				delete(m, k)
+			}
+		}
+	}
 	for k := range b.roaming {
-		if !keep(k) {
+		if _, ok := admitted[k]; !ok {
 			delete(b.roaming, k)
-			delete(b.heard, k)
-			delete(b.claimed, k)
 		}
 	}
 }

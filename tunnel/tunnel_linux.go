@@ -76,6 +76,12 @@ func Open(cfg Config) (*Tunnel, error) {
 		Verbosef: func(string, ...any) {},
 		Errorf:   func(format string, args ...any) { t.log.Warn("wireguard: " + fmt.Sprintf(format, args...)) },
 	}, opts...)
+	t.dev.SetPeerLookupFunc(t.bind.lookup)
+	t.dev.SetSessionStateFunc(func(pk device.NoisePublicKey, s device.PeerSessionState) {
+		if s != device.PeerSessionNone && t.bind.stray(pk) {
+			go t.dev.RemovePeer(pk) // not from the hook, which holds the peer's locks
+		}
+	})
 	fail := func(err error) (*Tunnel, error) {
 		t.Close()
 		return nil, err
@@ -215,26 +221,34 @@ func (t *Tunnel) State() ([]PeerState, error) {
 // and returns the peers' state (handshakes, counters) as the device reports
 // it afterwards. Peers are diffed against what the device reports, not
 // what was last set, so a peer removed by hand with `wg set` comes back.
+//
+// Roaming peers (a gateway's devices) are admitted rather than made: the
+// device gets a peer when it first sends an initiation (see roam.go), and
+// State lists it only from then on. A live peer no longer admitted is
+// removed here, its sessions with it.
 func (t *Tunnel) Apply(want []Peer) (state []PeerState, changed bool, err error) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
+	fixed, roaming := splitRoaming(want)
+	// The table first: from here no initiation makes a peer the new
+	// roster does not admit, and the state read next sees every peer the
+	// old one made (a straggler is the session hook's).
+	if t.bind.admit(roaming) {
+		changed = true
+		t.bind.forget()
+	}
 	state, err = t.State()
 	if err != nil {
-		return nil, false, err
+		return nil, changed, err
 	}
-	if diff := Diff(Peers(state), want); diff != "" {
+	if diff := Diff(Peers(state), Live(state, fixed, roaming)); diff != "" {
 		if err := t.dev.IpcSet(diff); err != nil {
-			return state, false, fmt.Errorf("tunnel %s: set peers: %w", t.cfg.Interface, err)
+			return state, changed, fmt.Errorf("tunnel %s: set peers: %w", t.cfg.Interface, err)
 		}
 		changed = true
 		if state, err = t.State(); err != nil {
 			return nil, true, err
 		}
-		wanted := make(map[[32]byte]bool, len(want))
-		for _, p := range want {
-			wanted[p.PublicKey] = true
-		}
-		t.bind.forget(func(k [32]byte) bool { return wanted[k] })
 	}
 	routes, err := t.routes()
 	if err != nil {

@@ -243,8 +243,8 @@ func TestRoamingPeersAreAnsweredWhereTheyAre(t *testing.T) {
 	outsider.RouteVia(t, tun.PublicKey().String(), netip.MustParseAddrPort("192.0.2.5:51820"), "10.20.1.0/24")
 
 	want := []Peer{{PublicKey: key(t, device.PublicKey), Roams: true, AllowedIPs: []netip.Prefix{netip.MustParsePrefix("100.64.0.2/32")}}}
-	if _, _, err := tun.Apply(want); err != nil {
-		t.Fatal(err)
+	if st, _, err := tun.Apply(want); err != nil || len(st) != 0 {
+		t.Fatalf("Apply: state %+v, err %v; want no peer until the device is heard from", st, err)
 	}
 	if !lab.ReachesWithin(t, dev, "tcp", host, lab.FirstContact) {
 		t.Fatalf("the roaming device does not reach %s through the tunnel", host)
@@ -267,5 +267,23 @@ func TestRoamingPeersAreAnsweredWhereTheyAre(t *testing.T) {
 	}
 	if !outsider.LatestHandshake(t, tun.PublicKey().String()).IsZero() {
 		t.Error("a key that is not a peer completed a handshake")
+	}
+
+	// Dropped from the roster: its live peer goes in the same Apply, and
+	// its key makes no new one.
+	if st, changed, err := tun.Apply(nil); err != nil || !changed || len(st) != 0 {
+		t.Fatalf("Apply(nil): state %+v, changed %v, err %v; want the live peer removed", st, changed, err)
+	}
+	if lab.ReachesWithin(t, dev, "tcp", host, lab.FirstContact) {
+		t.Error("a device no longer admitted still reaches the host")
+	}
+	if st, err := tun.State(); err != nil || len(st) != 0 {
+		t.Errorf("state %+v, err %v: a key no longer admitted got a peer again", st, err)
+	}
+	if _, _, err := tun.Apply(want); err != nil {
+		t.Fatal(err)
+	}
+	if !lab.ReachesWithin(t, dev, "tcp", host, lab.FirstContact) {
+		t.Error("the device, admitted again, does not reach the host")
 	}
 }
