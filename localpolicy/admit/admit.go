@@ -13,6 +13,7 @@
 package admit
 
 import (
+	"bytes"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -95,8 +96,9 @@ func (d Desired) Admitted() int { return len(d.Peers) }
 // Decide computes the gateway's Desired state: the same inputs give the
 // same result, whatever order the roster and the orders come in.
 func Decide(in Input) Desired {
-	var d Desired
-	roster := slices.SortedFunc(slices.Values(in.Roster), func(a, b Member) int { return strings.Compare(a.ID, b.ID) })
+	d := Desired{Verdicts: make([]Verdict, 0, len(in.Roster))}
+	roster := slices.Clone(in.Roster)
+	slices.SortFunc(roster, func(a, b Member) int { return strings.Compare(a.ID, b.ID) })
 	if in.Bundle == nil {
 		why := in.NoPolicy
 		if why == "" {
@@ -115,6 +117,7 @@ func Decide(in Input) Desired {
 	type outcome struct {
 		group int // index into groups, -1: none open
 		why   string
+		segs  []string // the group's segment names, shared by its peers
 	}
 	byKey := map[string]outcome{}
 	var groups []*Group
@@ -134,7 +137,7 @@ func Decide(in Input) Desired {
 			d.NextChange = earliest(d.NextChange, desired.NextChange)
 			g := Group{Name: key, Class: m.Class, Mode: desired.Mode, Segments: served(desired, in.Segments)}
 			if len(g.Segments) > 0 {
-				o.group = len(groups)
+				o.group, o.segs = len(groups), names(g.Segments)
 				groups = append(groups, &g)
 			}
 			o.why = reason(desired, in.Segments, g)
@@ -148,7 +151,7 @@ func Decide(in Input) Desired {
 		g.Sources = append(g.Sources, m.Address)
 		d.Verdicts = append(d.Verdicts, Verdict{ID: m.ID, Admitted: true, Group: o.group, Reason: o.why})
 		d.Peers = append(d.Peers, localpolicy.Peer{PublicKey: m.Key, AllowedIPs: []netip.Prefix{netip.PrefixFrom(m.Address, m.Address.BitLen())},
-			Segments: names(g.Segments)})
+			Segments: o.segs})
 	}
 	// Groups in name order, so their numbering (and the table's chain
 	// names) does not depend on which device came first.
@@ -169,7 +172,7 @@ func Decide(in Input) Desired {
 			d.Verdicts[i].Group = renumber[d.Verdicts[i].Group]
 		}
 	}
-	slices.SortFunc(d.Peers, func(a, b localpolicy.Peer) int { return strings.Compare(a.PublicKey.String(), b.PublicKey.String()) })
+	slices.SortFunc(d.Peers, func(a, b localpolicy.Peer) int { return bytes.Compare(a.PublicKey[:], b.PublicKey[:]) })
 	return d
 }
 
@@ -193,28 +196,49 @@ func Sticky(orders []command.Verified, dev bundle.Device) localpolicy.Sticky {
 // another: a WireGuard key is one peer and an address routes to one peer,
 // so none of them is admitted rather than one at random.
 func conflicts(roster []Member) map[string]string {
-	byKey := map[policy.Key][]string{}
-	byAddr := map[netip.Addr][]string{}
-	for _, m := range roster {
-		byKey[m.Key] = append(byKey[m.Key], m.ID)
-		byAddr[m.Address] = append(byAddr[m.Address], m.ID)
+	// First holder of each key and address; -1 once a second one shows.
+	keys := make(map[policy.Key]int, len(roster))
+	addrs := make(map[netip.Addr]int, len(roster))
+	shared := false
+	for i, m := range roster {
+		for _, seen := range []bool{claim(keys, m.Key, i), claim(addrs, m.Address, i)} {
+			shared = shared || seen
+		}
 	}
 	out := map[string]string{}
 	for _, m := range roster {
 		switch {
 		case !m.Address.IsValid():
 			out[m.ID] = "no tunnel address is bound to its certificate"
-		case len(byKey[m.Key]) > 1:
-			out[m.ID] = "its tunnel key is also bound to " + strings.Join(others(byKey[m.Key], m.ID), ", ")
-		case len(byAddr[m.Address]) > 1:
-			out[m.ID] = "its tunnel address " + m.Address.String() + " is also bound to " + strings.Join(others(byAddr[m.Address], m.ID), ", ")
+		case shared && keys[m.Key] < 0:
+			out[m.ID] = "its tunnel key is also bound to " + others(roster, m.ID, func(o Member) bool { return o.Key == m.Key })
+		case shared && addrs[m.Address] < 0:
+			out[m.ID] = "its tunnel address " + m.Address.String() + " is also bound to " + others(roster, m.ID, func(o Member) bool { return o.Address == m.Address })
 		}
 	}
 	return out
 }
 
-func others(ids []string, self string) []string {
-	return slices.DeleteFunc(slices.Clone(ids), func(id string) bool { return id == self })
+// claim notes member i as holding k, and reports whether another did.
+func claim[K comparable](holders map[K]int, k K, i int) bool {
+	if _, taken := holders[k]; taken {
+		holders[k] = -1
+		return true
+	}
+	holders[k] = i
+	return false
+}
+
+// others names the members other than self that match: only called for
+// a conflict, which is rare, so a scan of the roster is fine.
+func others(roster []Member, self string, match func(Member) bool) string {
+	var ids []string
+	for _, o := range roster {
+		if o.ID != self && match(o) {
+			ids = append(ids, o.ID)
+		}
+	}
+	return strings.Join(ids, ", ")
 }
 
 // monitors says whether the class's monitor names dev: the only part of
