@@ -30,15 +30,18 @@ import (
 // again when its session has been idle for RejectAfterTime×3 (9 minutes).
 //
 // A roaming peer's endpoint is a roamEndpoint ("roam:KEY" in UAPI text,
-// hex). Its packets
-// go where that key was last authenticated from: the source of its
-// latest decrypted transport packet (wireguard-go reports the sender of
-// every batch it authenticated, conn.PeerAwareEndpoint). A handshake
-// response goes to the source of the initiation it answers
+// hex). Its packets go where that key was last authenticated from: the
+// source of its latest decrypted transport packet (wireguard-go reports
+// the sender of every packet it authenticated, conn.PeerAwareEndpoint).
+// A handshake response goes to the source of the initiation it answers
 // (conn.InitiationAwareEndpoint names the claimed key before
 // verification; wireguard-go answers only an initiation that verified,
 // so an unverified claim can steer nothing but a response to a genuine
 // initiation that races it, which the device retries).
+//
+// That report comes for every packet received, so noting it takes no
+// lock: each admitted key's whereabouts are atomics in the table entry,
+// written only when the address changes.
 
 // roamPrefix marks a roaming peer's endpoint in UAPI text.
 const roamPrefix = "roam:"
@@ -49,56 +52,98 @@ const noEndpoint = "0.0.0.0:0"
 
 type roamingBind struct {
 	conn.Bind
-	// admitted is the roaming peers allowed now: key → allowed IPs.
-	// Replaced whole, never modified; read without a lock per initiation.
-	admitted atomic.Pointer[map[[32]byte][]netip.Prefix]
+	// admitted is the roaming peers allowed now. The map is replaced
+	// whole, never modified, and read without a lock; an entry lives on
+	// into the next table while its key stays admitted.
+	admitted atomic.Pointer[map[[32]byte]*roamer]
 
 	mu sync.Mutex
-	// heard is where each admitted key was last authenticated from;
-	// claimed where an initiation naming it last came from.
-	heard, claimed map[[32]byte]conn.Endpoint
 	// roaming are the keys whose live peer has a roaming endpoint.
 	roaming map[[32]byte]bool
 }
 
+// roamer is one admitted key: its allowed IPs, and where it was last
+// heard from (authenticated) and claimed from (an initiation naming it).
+type roamer struct {
+	ips            []netip.Prefix
+	heard, claimed atomic.Pointer[endpoint]
+}
+
+// endpoint boxes a conn.Endpoint for an atomic pointer.
+type endpoint struct{ conn.Endpoint }
+
+// note records that ep is where the key was last seen, unless it is
+// already: the common case, a packet from where the last one came from,
+// writes nothing.
+func note(at *atomic.Pointer[endpoint], ep conn.Endpoint) {
+	if cur := at.Load(); cur != nil && sameDestination(cur.Endpoint, ep) {
+		return
+	}
+	at.Store(&endpoint{ep})
+}
+
+// sameDestination compares where two endpoints send to. The standard
+// bind makes a new endpoint per datagram, so pointers alone rarely match.
+func sameDestination(a, b conn.Endpoint) bool {
+	if a == b {
+		return true
+	}
+	x, ok1 := a.(*conn.StdNetEndpoint)
+	y, ok2 := b.(*conn.StdNetEndpoint)
+	return ok1 && ok2 && x.AddrPort == y.AddrPort
+}
+
 func newRoamingBind(inner conn.Bind) *roamingBind {
-	b := &roamingBind{Bind: inner, heard: map[[32]byte]conn.Endpoint{}, claimed: map[[32]byte]conn.Endpoint{}, roaming: map[[32]byte]bool{}}
-	b.admitted.Store(&map[[32]byte][]netip.Prefix{})
+	b := &roamingBind{Bind: inner, roaming: map[[32]byte]bool{}}
+	b.admitted.Store(&map[[32]byte]*roamer{})
 	return b
 }
 
 // admit replaces the admitted table with peers (all roaming) and reports
-// whether it changed.
+// whether it changed. A key admitted before keeps what was learned of it.
 func (b *roamingBind) admit(peers []Peer) bool {
 	old := *b.admitted.Load()
-	next := make(map[[32]byte][]netip.Prefix, len(peers))
+	next := make(map[[32]byte]*roamer, len(peers))
 	changed := len(old) != len(peers)
 	for _, p := range peers {
-		next[p.PublicKey] = p.AllowedIPs
-		if ips, ok := old[p.PublicKey]; !changed && (!ok || !slices.Equal(ips, p.AllowedIPs)) {
-			changed = true
+		r, ok := old[p.PublicKey]
+		switch {
+		case !ok:
+			r, changed = &roamer{ips: p.AllowedIPs}, true
+		case !slices.Equal(r.ips, p.AllowedIPs):
+			moved := &roamer{ips: p.AllowedIPs}
+			moved.heard.Store(r.heard.Load())
+			moved.claimed.Store(r.claimed.Load())
+			r, changed = moved, true
 		}
+		next[p.PublicKey] = r
 	}
 	b.admitted.Store(&next)
+	if changed {
+		b.mu.Lock()
+		for k := range b.roaming {
+			if _, ok := next[k]; !ok {
+				delete(b.roaming, k)
+			}
+		}
+		b.mu.Unlock()
+	}
 	return changed
 }
 
-func (b *roamingBind) isAdmitted(pk [32]byte) bool {
-	_, ok := (*b.admitted.Load())[pk]
-	return ok
-}
+func (b *roamingBind) find(pk [32]byte) *roamer { return (*b.admitted.Load())[pk] }
 
 // lookup is wireguard-go's PeerLookupFunc: an initiation from a key with
 // no peer makes one only if the key is admitted.
 func (b *roamingBind) lookup(pk device.NoisePublicKey) (*device.NewPeerConfig, bool) {
-	ips, ok := (*b.admitted.Load())[pk]
-	if !ok {
+	r := b.find(pk)
+	if r == nil {
 		return nil, false
 	}
 	b.mu.Lock()
 	b.roaming[pk] = true
 	b.mu.Unlock()
-	return &device.NewPeerConfig{AllowedIPs: ips, Endpoint: &roamEndpoint{key: pk, b: b}}, true
+	return &device.NewPeerConfig{AllowedIPs: r.ips, Endpoint: &roamEndpoint{key: pk, b: b}}, true
 }
 
 // stray reports a live roaming peer whose key is no longer admitted: one
@@ -108,7 +153,7 @@ func (b *roamingBind) stray(pk [32]byte) bool {
 	b.mu.Lock()
 	roams := b.roaming[pk]
 	b.mu.Unlock()
-	return roams && !b.isAdmitted(pk)
+	return roams && b.find(pk) == nil
 }
 
 // arrival is the endpoint a packet arrived from: the inner bind's, and
@@ -118,16 +163,16 @@ type arrival struct {
 	b *roamingBind
 }
 
-func (a *arrival) InitiationMessagePublicKey(pk [32]byte) { a.b.note(a.b.claimed, pk, a.Endpoint) }
-func (a *arrival) FromPeer(pk [32]byte)                   { a.b.note(a.b.heard, pk, a.Endpoint) }
-
-func (b *roamingBind) note(m map[[32]byte]conn.Endpoint, pk [32]byte, ep conn.Endpoint) {
-	if !b.isAdmitted(pk) {
-		return
+func (a *arrival) InitiationMessagePublicKey(pk [32]byte) {
+	if r := a.b.find(pk); r != nil {
+		note(&r.claimed, a.Endpoint)
 	}
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	m[pk] = ep
+}
+
+func (a *arrival) FromPeer(pk [32]byte) {
+	if r := a.b.find(pk); r != nil {
+		note(&r.heard, a.Endpoint)
+	}
 }
 
 // roamEndpoint is a roaming peer's endpoint.
@@ -137,13 +182,18 @@ type roamEndpoint struct {
 }
 
 func (e *roamEndpoint) current(handshake bool) conn.Endpoint {
-	e.b.mu.Lock()
-	defer e.b.mu.Unlock()
-	heard, claimed := e.b.heard[e.key], e.b.claimed[e.key]
-	if handshake && claimed != nil || heard == nil {
-		return claimed
+	r := e.b.find(e.key)
+	if r == nil {
+		return nil
 	}
-	return heard
+	heard, claimed := r.heard.Load(), r.claimed.Load()
+	if handshake && claimed != nil || heard == nil {
+		heard = claimed
+	}
+	if heard == nil {
+		return nil
+	}
+	return heard.Endpoint
 }
 
 func (e *roamEndpoint) ClearSrc() {}
@@ -178,8 +228,13 @@ func (b *roamingBind) Open(port uint16) ([]conn.ReceiveFunc, uint16, error) {
 	for i, fn := range fns {
 		fns[i] = func(slab []byte, packets []conn.ReceivedPacket) (int, error) {
 			n, err := fn(slab, packets)
+			// One allocation per batch, not per packet: wireguard-go
+			// may keep an endpoint past this call, which keeps the
+			// batch's few bytes alive with it.
+			arrived := make([]arrival, n)
 			for j := range n {
-				packets[j].Endpoint = &arrival{Endpoint: packets[j].Endpoint, b: b}
+				arrived[j] = arrival{Endpoint: packets[j].Endpoint, b: b}
+				packets[j].Endpoint = &arrived[j]
 			}
 			return n, err
 		}
@@ -223,26 +278,7 @@ func (b *roamingBind) ParseEndpoint(s string) (conn.Endpoint, error) {
 	return e, nil
 }
 
-// forget drops what is known of keys no longer admitted.
-func (b *roamingBind) forget() {
-	admitted := *b.admitted.Load()
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	for _, m := range []map[[32]byte]conn.Endpoint{b.heard, b.claimed} {
-		for k := range m {
-			if _, ok := admitted[k]; !ok {
-				delete(m, k)
-			}
-		}
-	}
-	for k := range b.roaming {
-		if _, ok := admitted[k]; !ok {
-			delete(b.roaming, k)
-		}
-	}
-}
-
-// roams reports whether key was set roaming.
+// roams reports whether key's live peer roams.
 func (b *roamingBind) roams(key [32]byte) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()

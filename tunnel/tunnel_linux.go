@@ -235,7 +235,6 @@ func (t *Tunnel) Apply(want []Peer) (state []PeerState, changed bool, err error)
 	// old one made (a straggler is the session hook's).
 	if t.bind.admit(roaming) {
 		changed = true
-		t.bind.forget()
 	}
 	state, err = t.State()
 	if err != nil {
