@@ -244,10 +244,10 @@ const maxRaces = 5
 // the chains they jump to; chains exist before the map elements that
 // jump to them, and sets before the rules that look them up.
 func queue(c *nftables.Conn, rs Ruleset, prev *Ruleset, old contents) error {
-	known := map[string][]Element{}
+	known := map[string]Set{}
 	if prev != nil {
 		for _, s := range prev.Sets {
-			known[s.Name] = s.Elements
+			known[s.Name] = s
 		}
 	}
 	c.AddTable(table)
@@ -261,8 +261,8 @@ func queue(c *nftables.Conn, rs Ruleset, prev *Ruleset, old contents) error {
 	type diff struct{ add, del []Element }
 	keep := map[string]diff{} // sets changed in place, and how
 	for _, s := range rs.Sets {
-		if have, ok := known[s.Name]; ok {
-			if add, del := diffElements(have, s.Elements); len(add)+len(del) <= diffLimit {
+		if have, ok := known[s.Name]; ok && have.sameKind(s) {
+			if add, del := diffElements(have.Elements, s.Elements); len(add)+len(del) <= diffLimit {
 				keep[s.Name] = diff{add, del}
 			}
 		}
@@ -284,7 +284,7 @@ func queue(c *nftables.Conn, rs Ruleset, prev *Ruleset, old contents) error {
 		// netlink attribute, whose 16-bit length silently wraps past ~1,000
 		// elements and the kernel stores a truncated set. Chunks keep each
 		// message well under 64 KiB; they are still one transaction.
-		for chunk := range slices.Chunk(nfElements(s.Map, keep[s.Name].del), elementsPerMessage) {
+		for chunk := range slices.Chunk(nfElements(s, keep[s.Name].del), elementsPerMessage) {
 			if err := c.SetDeleteElements(ns, chunk); err != nil {
 				return fmt.Errorf("nftables: set %s: %w", s.Name, err)
 			}
@@ -314,7 +314,7 @@ func queue(c *nftables.Conn, rs Ruleset, prev *Ruleset, old contents) error {
 			}
 			d.add = s.Elements
 		}
-		for chunk := range slices.Chunk(nfElements(s.Map, d.add), elementsPerMessage) {
+		for chunk := range slices.Chunk(nfElements(s, d.add), elementsPerMessage) {
 			if err := c.SetAddElements(ns, chunk); err != nil {
 				return fmt.Errorf("nftables: set %s: %w", s.Name, err)
 			}
@@ -510,7 +510,7 @@ func (e *Enforcer) check(rs Ruleset) error {
 		if !ok {
 			return fmt.Errorf("%w: set %s is missing", ErrDrift, want.Name)
 		}
-		if s.IsMap != want.Map || !s.Interval {
+		if s.IsMap != want.Map || s.Interval == want.ByAddress {
 			return fmt.Errorf("%w: set %s changed its kind", ErrDrift, want.Name)
 		}
 		elems, err := c.GetSetElements(s)
@@ -523,7 +523,7 @@ func (e *Enforcer) check(rs Ruleset) error {
 		// element the model could not have made is drift, never skipped.
 		have := make([]Element, 0, len(elems))
 		for _, el := range elems {
-			e, err := decodeElement(el, want.V6, want.Map)
+			e, err := decodeElement(el, want)
 			if err != nil {
 				return fmt.Errorf("%w: set %s: %v", ErrDrift, want.Name, err)
 			}
@@ -605,13 +605,16 @@ func nfSet(s Set) *nftables.Set {
 		Table: table, Name: s.Name, Interval: true, Concatenation: true,
 		KeyType: nftables.MustConcatSetType(addrType, nftables.TypeInetProto, nftables.TypeInetService),
 	}
+	if s.ByAddress {
+		ns.Interval, ns.Concatenation, ns.KeyType = false, false, addrType
+	}
 	if s.Map {
 		ns.IsMap, ns.DataType = true, nftables.TypeVerdict
 	}
 	return ns
 }
 
-func nfElements(isMap bool, elements []Element) []nftables.SetElement {
+func nfElements(s Set, elements []Element) []nftables.SetElement {
 	out := make([]nftables.SetElement, 0, len(elements))
 	for _, e := range elements {
 		first, last := e.Prefix.Masked().Addr(), lastAddr(e.Prefix)
@@ -619,7 +622,10 @@ func nfElements(isMap bool, elements []Element) []nftables.SetElement {
 			Key:    key(first, e.ProtoFrom, e.PortFrom),
 			KeyEnd: key(last, e.ProtoTo, e.PortTo),
 		}
-		if isMap {
+		if s.ByAddress { // Build puts only whole single addresses here
+			el = nftables.SetElement{Key: first.AsSlice()}
+		}
+		if s.Map {
 			el.VerdictData = &expr.Verdict{Kind: expr.VerdictAccept}
 			if e.Chain != "" {
 				el.VerdictData = &expr.Verdict{Kind: expr.VerdictJump, Chain: e.Chain}
@@ -665,10 +671,18 @@ func key(a netip.Addr, proto uint8, port uint16) []byte {
 // address prefix with protocol and port ranges, and a map element's
 // verdict. Anything else (an address range that is no prefix, a verdict
 // the model never uses) is an error.
-func decodeElement(el nftables.SetElement, v6, isMap bool) (Element, error) {
+func decodeElement(el nftables.SetElement, s Set) (Element, error) {
+	v6, isMap := s.V6, s.Map
 	n := 4
 	if v6 {
 		n = 16
+	}
+	if s.ByAddress {
+		a, ok := netip.AddrFromSlice(el.Key)
+		if !ok || len(el.Key) != n || len(el.KeyEnd) != 0 {
+			return Element{}, fmt.Errorf("element key of %d and %d bytes in a set by address", len(el.Key), len(el.KeyEnd))
+		}
+		el.Key, el.KeyEnd = key(a, 0, 0), key(a, 255, 65535)
 	}
 	if len(el.Key) != n+8 || len(el.KeyEnd) != n+8 {
 		return Element{}, fmt.Errorf("element key of %d and %d bytes", len(el.Key), len(el.KeyEnd))
@@ -827,6 +841,15 @@ func (r Rule) exprs(hook string, sets map[string]*nftables.Set) ([]expr.Any, err
 			portOff = 2
 		}
 		ex = append(ex, nfproto(l.V6)...)
+		if l.ByAddress {
+			ex = append(ex,
+				&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n},
+				&expr.Lookup{SourceRegister: 1, SetName: set.Name, SetID: set.ID, IsDestRegSet: l.Map, DestRegister: 0})
+			if l.Map {
+				return ex, nil
+			}
+			break
+		}
 		ex = append(ex,
 			&expr.Payload{DestRegister: 1, Base: expr.PayloadBaseNetworkHeader, Offset: off, Len: n},
 			&expr.Meta{Key: expr.MetaKeyL4PROTO, Register: protoReg},

@@ -107,8 +107,8 @@ func TestGatewayMapsHoldOnlyAdmittedDevices(t *testing.T) {
 	text := rs.Text()
 	for _, want := range []string{
 		`ip saddr . meta l4proto . th sport @gw_wireguard_v4`,
-		`iifname "wg-gw" ip saddr . meta l4proto . th sport vmap @gw_src_v4`,
-		`oifname "wg-gw" ip daddr . meta l4proto . th dport vmap @gw_dst_v4`,
+		`iifname "wg-gw" ip saddr vmap @gw_src_v4`,
+		`oifname "wg-gw" ip daddr vmap @gw_dst_v4`,
 		`iifname "wg-gw" counter drop comment "from no admitted device"`,
 	} {
 		if !strings.Contains(text, want) {

@@ -140,9 +140,15 @@ func listTable(t *testing.T, ns *lab.NS) nftView {
 					Concat []json.RawMessage `json:"concat"`
 				}
 				var verdict map[string]struct{ Target string }
-				json.Unmarshal(kv[0], &k)
+				var addr string // the key of a map by address alone
+				var text string
 				json.Unmarshal(kv[1], &verdict)
-				text := concatText(k.Concat) + " : "
+				if json.Unmarshal(kv[0], &addr) == nil {
+					text = addr + " : "
+				} else {
+					json.Unmarshal(kv[0], &k)
+					text = concatText(k.Concat) + " : "
+				}
 				for kind, arg := range verdict { // one key: accept, or jump
 					text += strings.TrimSpace(kind + " " + arg.Target)
 				}
@@ -208,6 +214,9 @@ func modelView(rs Ruleset) nftView {
 		var elems []string
 		for _, e := range s.Elements {
 			text := fmt.Sprintf("%s . %s . %s", e.Prefix, rangeText(int(e.ProtoFrom), int(e.ProtoTo)), rangeText(int(e.PortFrom), int(e.PortTo)))
+			if s.ByAddress {
+				text = e.Prefix.Addr().String()
+			}
 			if s.Map {
 				text += " : " + verdictText(e.Chain)
 			}
@@ -304,6 +313,38 @@ func TestApplyIsIdempotentAndAtomic(t *testing.T) {
 	}
 	if err := e.Check(rs); err != nil {
 		t.Fatalf("after a refused apply the previous ruleset is gone: %v", err)
+	}
+}
+
+// A gateway's device maps are keyed by address alone: an element added
+// there by someone else (a device let through to accept, or to another
+// group's chain) is drift, and so is a removed one.
+func TestGatewayDeviceMapDriftIsDetected(t *testing.T) {
+	lab.RequirePrivileged(t, "nft")
+	ns := lab.NewNS(t, "gwdrift")
+	e := NewEnforcer(WithNetNS(ns.FD()))
+	rs := gatewayRuleset(t, 30)
+	if _, err := e.Apply(rs); err != nil {
+		t.Fatal(err)
+	}
+	for _, tamper := range [][]string{
+		{"nft", "add", "element", "inet", Table, "gw_src_v4", "{ 100.64.9.9 : accept }"},
+		{"nft", "add", "element", "inet", Table, "gw_dst_v4", "{ 100.64.0.0 : jump gw_0_to }"},
+		{"nft", "delete", "element", "inet", Table, "gw_src_v4", "{ 100.64.0.1 }"},
+	} {
+		if err := e.Verify(rs); err != nil {
+			t.Fatalf("before %q: %v", tamper, err)
+		}
+		ns.MustRun(t, tamper...)
+		if err := e.Check(rs); !errors.Is(err, ErrDrift) {
+			t.Fatalf("after %q Check = %v, want ErrDrift", tamper, err)
+		}
+		if err := e.Reapply(rs); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.Check(rs); err != nil {
+			t.Fatalf("after repair: %v", err)
+		}
 	}
 }
 
