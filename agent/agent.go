@@ -375,7 +375,9 @@ func (a *Agent) loop(ctx context.Context) {
 	a.kickSample() // the first sample gathers for the policy booted with
 	go a.sample.run(ctx)
 	a.loc.start(ctx, a.log)
-	startTrimmer(ctx)
+	if a.cfg.Gateway == nil {
+		startTrimmer(ctx) // a device's memory, not a gateway's (see memory.go)
+	}
 	a.mon.start(ctx)
 	a.syncFlowLog() // a monitor applied at boot
 

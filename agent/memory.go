@@ -24,6 +24,12 @@ const (
 // Reading the metric costs microseconds; a release is a full collection
 // of a small heap, run off the event loop so a command never waits for
 // it. Under a full tunnel it runs every few seconds.
+//
+// A segment gateway runs none: it forwards a whole segment's traffic,
+// whose garbage keeps more than retainedFree free between collections,
+// so the trimmer forced a full collection and a page-fault storm every
+// half second. With it the gateway bench read 0.86× the bare library's
+// throughput; without it, and at the runtime's default GOGC, 0.95-0.99×.
 func startTrimmer(ctx context.Context) {
 	go func() {
 		tick := time.NewTicker(trimEvery)

@@ -47,9 +47,11 @@ func runCmd() *subcmd.Command {
 				// and the runtime's default lets it double before it
 				// collects. Collecting at half again bounds it at 1.5
 				// times the live data, for a collection of a millisecond
-				// when there is garbage at all. GOGC in the environment
-				// still decides when it is set.
-				if os.Getenv("GOGC") == "" {
+				// when there is garbage at all. A segment gateway keeps
+				// the default: it forwards a segment's traffic, and its
+				// throughput is worth more than its last MiB. GOGC in the
+				// environment still decides when it is set.
+				if os.Getenv("GOGC") == "" && cfg.Gateway == nil {
 					debug.SetGCPercent(50)
 				}
 				a := agent.New(cfg)
