@@ -116,6 +116,12 @@ type Desired struct {
 	Control       []policy.Endpoint
 	// Segments are the open segments, by name.
 	Segments []Access
+	// Inbound is what may connect to the device now, per segment, by
+	// name: each destination is a source prefix with the protocol and
+	// the device's own ports it may reach (policy.Rule.Accepts). An
+	// inbound rule is in force exactly when an outbound rule on its
+	// segment would be (mode, profile, partner, schedule).
+	Inbound []Access
 	// Peers are the WireGuard gateways of the open segments, by key.
 	Peers []Peer
 	// Decisions explain every segment of the policy, open or not, by name.
@@ -153,6 +159,10 @@ type Peer struct {
 	Endpoint   string
 	AllowedIPs []netip.Prefix
 	Segments   []string
+	// Keepalive is set for a gateway that carries inbound connections:
+	// the device keeps its session (and its NAT's mapping) alive so the
+	// gateway can reach it.
+	Keepalive bool
 }
 
 // Decision explains one segment.
@@ -219,6 +229,27 @@ func Evaluate(in Input) Desired {
 		rulesOpening[seg.Name]++
 	}
 
+	inbound := map[string]*Access{}
+	for _, rule := range class.Inbound {
+		seg, _ := doc.Segment(rule.Segment)
+		ok, because, edge := ruleOpen(doc, class, rule, seg, d.Mode, in)
+		d.NextChange = earliest(d.NextChange, edge)
+		why[seg.Name] = append(why[seg.Name], "inbound: "+because)
+		if !ok {
+			continue
+		}
+		a := inbound[seg.Name]
+		if a == nil {
+			a = &Access{Segment: seg.Name, Partner: seg.Partner, Tier: seg.Tier, Gateway: seg.Gateway}
+			inbound[seg.Name] = a
+		}
+		a.Destinations = dedupe(append(a.Destinations, rule.Accepts(seg)...))
+	}
+	for _, a := range inbound {
+		d.Inbound = append(d.Inbound, *a)
+	}
+	slices.SortFunc(d.Inbound, func(a, b Access) int { return strings.Compare(a.Segment, b.Segment) })
+
 	for _, seg := range doc.Segments {
 		dec := Decision{Segment: seg.Name}
 		if a, ok := open[seg.Name]; ok {
@@ -253,7 +284,7 @@ func Evaluate(in Input) Desired {
 			}
 		}
 	}
-	d.Peers = peers(routed)
+	d.Peers = peers(routed, d.Inbound)
 	return d
 }
 
@@ -392,9 +423,12 @@ func dedupe(dsts []policy.Destination) []policy.Destination {
 	return out
 }
 
-func peers(open []Access) []Peer {
+// peers are the gateways of the open (and monitored) segments and of
+// the inbound ones, each routed what it carries; a gateway carrying
+// inbound connections is kept alive.
+func peers(open, inbound []Access) []Peer {
 	byKey := map[policy.Key]*Peer{}
-	for _, a := range open {
+	for i, a := range slices.Concat(open, inbound) {
 		p := byKey[a.Gateway.PublicKey]
 		if p == nil {
 			p = &Peer{PublicKey: a.Gateway.PublicKey, Endpoint: a.Gateway.Endpoint}
@@ -406,6 +440,7 @@ func peers(open []Access) []Peer {
 		for _, d := range a.Destinations {
 			p.AllowedIPs = append(p.AllowedIPs, d.CIDR)
 		}
+		p.Keepalive = p.Keepalive || i >= len(open)
 	}
 	out := make([]Peer, 0, len(byKey))
 	for _, p := range byKey {

@@ -388,3 +388,50 @@ func TestMonitor(t *testing.T) {
 		}
 	}
 }
+
+// An inbound rule lets the named sources reach the device's own ports
+// through its segment's gateway: in force when an outbound rule on that
+// segment would be (so a profile keeps it, quarantine ends it, and its
+// schedule bounds it), and the gateway carrying it is kept alive.
+func TestInbound(t *testing.T) {
+	b := example(t)
+	c := b.Policy.Classes["dock-gateway"]
+	c.Inbound = []policy.Rule{{Segment: "diagnostics", Hosts: []netip.Prefix{netip.MustParsePrefix("10.50.0.8/29")},
+		Protocol: policy.TCP, Ports: []policy.PortRange{{First: 22, Last: 22}}, Schedule: "day-shift"}}
+	b.Policy.Classes["dock-gateway"] = c
+	if err := b.Policy.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	diagnostics, _ := b.Policy.Segment("diagnostics")
+	want := []Access{{Segment: "diagnostics", Gateway: diagnostics.Gateway, Destinations: []policy.Destination{
+		{CIDR: netip.MustParsePrefix("10.50.0.8/29"), Protocol: policy.TCP, Ports: []policy.PortRange{{First: 22, Last: 22}}}}}}
+	dock := bundle.Device{Class: "dock-gateway"}
+	for _, tc := range []struct {
+		name string
+		in   Input
+		want []Access
+	}{
+		{"normal, in the shift", Input{Device: dock, Now: dayShift}, want},
+		{"the diagnostic profile keeps diagnostics", Input{Device: dock, Now: dayShift, Sticky: Sticky{Mode: Diagnostic}}, want},
+		{"quarantine ends it", Input{Device: dock, Now: dayShift, Sticky: Sticky{Mode: Quarantine}}, nil},
+		{"outside its schedule", Input{Device: dock, Now: dayShift.Add(10 * time.Hour)}, nil},
+		{"a class without inbound rules", Input{Device: bundle.Device{Class: "scanner"}, Now: dayShift}, nil},
+	} {
+		tc.in.Bundle = b
+		d := Evaluate(tc.in)
+		if diff := cmp.Diff(tc.want, d.Inbound, netipEq); diff != "" {
+			t.Errorf("%s: inbound (-want +got):\n%s", tc.name, diff)
+		}
+		i := slices.IndexFunc(d.Peers, func(p Peer) bool { return p.PublicKey == diagnostics.Gateway.PublicKey })
+		if tc.want != nil && (i < 0 || !d.Peers[i].Keepalive || !slices.Contains(d.Peers[i].AllowedIPs, netip.MustParsePrefix("10.50.0.8/29"))) {
+			t.Errorf("%s: peers %+v; want the diagnostics gateway kept alive and routing the sources", tc.name, d.Peers)
+		}
+		if tc.want == nil && i >= 0 && d.Peers[i].Keepalive {
+			t.Errorf("%s: the diagnostics gateway is kept alive with nothing inbound", tc.name)
+		}
+	}
+	// The schedule's edges are the decision's.
+	if d := Evaluate(Input{Bundle: b, Device: dock, Now: dayShift}); d.NextChange.IsZero() || !d.NextChange.After(dayShift) {
+		t.Errorf("next change %v; want the shift's end", d.NextChange)
+	}
+}

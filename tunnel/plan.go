@@ -25,7 +25,16 @@ type Peer struct {
 	// authenticated from, and Endpoint is only what was learned.
 	Roams      bool
 	AllowedIPs []netip.Prefix
+	// Keepalive is the persistent keepalive in seconds (0: none): a
+	// gateway that must reach the device (inbound connections) keeps
+	// its session and the NAT's mapping alive.
+	Keepalive uint16
 }
+
+// KeepaliveInterval is the keepalive set toward a gateway that carries
+// inbound connections: WireGuard's customary value, under the shortest
+// common NAT UDP timeout.
+const KeepaliveInterval = 25
 
 // PeerState is a peer and its live counters, for status and for the
 // evaluator's behaviour context.
@@ -55,6 +64,9 @@ func Wanted(peers []localpolicy.Peer) []Peer {
 		sortPrefixes(ips)
 		ips = slices.Compact(ips)
 		w := Peer{PublicKey: p.PublicKey, Roams: roams, AllowedIPs: ips}
+		if p.Keepalive {
+			w.Keepalive = KeepaliveInterval
+		}
 		if !roams {
 			w.Endpoint = netip.AddrPortFrom(ep.Addr().Unmap(), ep.Port())
 		}
@@ -109,7 +121,7 @@ func Diff(have, want []Peer) string {
 		keep[w.PublicKey] = true
 		h, exists := old[w.PublicKey]
 		sameEndpoint := h.Roams == w.Roams && (w.Roams || h.Endpoint == w.Endpoint)
-		if exists && sameEndpoint && slices.Equal(h.AllowedIPs, w.AllowedIPs) {
+		if exists && sameEndpoint && slices.Equal(h.AllowedIPs, w.AllowedIPs) && h.Keepalive == w.Keepalive {
 			continue
 		}
 		fmt.Fprintf(&b, "public_key=%s\n", hex.EncodeToString(w.PublicKey[:]))
@@ -122,6 +134,9 @@ func Diff(have, want []Peer) string {
 			fmt.Fprintf(&b, "endpoint=%s%s\n", roamPrefix, hex.EncodeToString(w.PublicKey[:]))
 		default:
 			fmt.Fprintf(&b, "endpoint=%s\n", w.Endpoint)
+		}
+		if h.Keepalive != w.Keepalive {
+			fmt.Fprintf(&b, "persistent_keepalive_interval=%d\n", w.Keepalive)
 		}
 		if !exists || !slices.Equal(h.AllowedIPs, w.AllowedIPs) {
 			b.WriteString("replace_allowed_ips=true\n")
@@ -245,6 +260,10 @@ func ParseState(text string) ([]PeerState, error) {
 			sec, err = strconv.ParseInt(value, 10, 64)
 		case "last_handshake_time_nsec":
 			nsec, err = strconv.ParseInt(value, 10, 64)
+		case "persistent_keepalive_interval":
+			var n uint64
+			n, err = strconv.ParseUint(value, 10, 16)
+			cur.Keepalive = uint16(n)
 		case "rx_bytes":
 			cur.RxBytes, err = strconv.ParseUint(value, 10, 64)
 		case "tx_bytes":

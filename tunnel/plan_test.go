@@ -52,6 +52,8 @@ func TestDiff(t *testing.T) {
 		{"new endpoint only", []Peer{a}, []Peer{peer(1, "192.0.2.9:51820", "10.20.1.0/24")}, "public_key=" + hexKey(1) + "\nupdate_only=true\nendpoint=192.0.2.9:51820\n"},
 		{"new allowed IPs only", []Peer{a}, []Peer{peer(1, "192.0.2.1:51820", "10.20.1.0/24", "10.20.2.0/24")},
 			"public_key=" + hexKey(1) + "\nupdate_only=true\nreplace_allowed_ips=true\nallowed_ip=10.20.1.0/24\nallowed_ip=10.20.2.0/24\n"},
+		{"keepalive set on a peer", []Peer{a}, []Peer{func() Peer { k := a; k.Keepalive = KeepaliveInterval; return k }()},
+			"public_key=" + hexKey(1) + "\nupdate_only=true\npersistent_keepalive_interval=25\n"},
 		{"everything removed", []Peer{a, b}, nil, "public_key=" + hexKey(1) + "\nremove=true\npublic_key=" + hexKey(2) + "\nremove=true\n"},
 	} {
 		if got := Diff(tc.have, tc.want); got != tc.diff {

@@ -9,6 +9,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -109,7 +110,11 @@ const MaxRate = 10_000_000_000
 
 // Class is a kind of device and what it may reach.
 type Class struct {
-	Rules    []Rule   `json:"rules"`
+	Rules []Rule `json:"rules"`
+	// Inbound are the connections the class's devices accept through the
+	// tunnel from a segment (a desk in diagnostics reaching a dock
+	// gateway's ssh): see Rule.Accepts. Nothing else reaches a device.
+	Inbound  []Rule   `json:"inbound,omitzero"`
 	Profiles Profiles `json:"profiles,omitzero"`
 	// Checks are the posture checks devices of the class judge themselves
 	// on; a failing one moves the device to its profile.
@@ -414,6 +419,26 @@ func decodeKey(s string) (Key, error) {
 func (r Rule) Opens(seg *Segment) []Destination {
 	var out []Destination
 	r.opens(seg, func(d Destination) bool { out = append(out, d); return true })
+	return out
+}
+
+// Accepts is what an inbound rule lets reach the device from seg: the
+// sources are the rule's hosts, or every destination the segment
+// declares, and each comes with the rule's protocol and the device's own
+// ports it may connect to.
+func (r Rule) Accepts(seg *Segment) []Destination {
+	sources := r.Hosts
+	if len(sources) == 0 {
+		for _, d := range seg.Destinations {
+			sources = append(sources, d.CIDR)
+		}
+	}
+	var out []Destination
+	for _, src := range sources {
+		if !slices.ContainsFunc(out, func(d Destination) bool { return d.CIDR == src }) {
+			out = append(out, Destination{CIDR: src, Protocol: r.Protocol, Ports: r.Ports})
+		}
+	}
 	return out
 }
 

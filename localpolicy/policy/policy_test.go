@@ -21,6 +21,11 @@ func TestExamplesAreValid(t *testing.T) {
 
 // Each case changes the valid example in one place and names the problem
 // the operator must be told about.
+// dockProfiles is where the dock gateways' class continues after its
+// rules in the example, for cases that add to the class.
+const dockProfiles = `"profiles": {
+        "restricted": ["wms", "dock-scheduling"],`
+
 func TestValidationRejects(t *testing.T) {
 	tests := []struct {
 		name      string
@@ -55,6 +60,21 @@ func TestValidationRejects(t *testing.T) {
 		{"rule host outside the segment",
 			`{"segment": "carrier-edi", "ports": ["443"]}`, `{"segment": "carrier-edi", "hosts": ["10.61.0.5/32"], "ports": ["443"]}`,
 			ErrInvalid, `classes.telematics.rules[1].hosts[0]: 10.61.0.5/32 lies outside every destination of segment carrier-edi`},
+		{"inbound without a protocol",
+			dockProfiles, `"inbound": [{"segment": "diagnostics", "ports": ["22"]}], ` + dockProfiles,
+			ErrInvalid, `classes.dock-gateway.inbound[0].protocol: an inbound rule names its protocol`},
+		{"inbound tcp without ports",
+			dockProfiles, `"inbound": [{"segment": "diagnostics", "protocol": "tcp"}], ` + dockProfiles,
+			ErrInvalid, `classes.dock-gateway.inbound[0].ports: names none of the device's ports`},
+		{"inbound source outside the segment",
+			dockProfiles, `"inbound": [{"segment": "diagnostics", "hosts": ["10.51.0.0/28"], "protocol": "tcp", "ports": ["22"]}], ` + dockProfiles,
+			ErrInvalid, `classes.dock-gateway.inbound[0].hosts[0]: 10.51.0.0/28 lies outside every destination of segment diagnostics`},
+		{"inbound from an unknown segment",
+			dockProfiles, `"inbound": [{"segment": "diagnostic", "protocol": "tcp", "ports": ["22"]}], ` + dockProfiles,
+			ErrInvalid, `classes.dock-gateway.inbound[0].segment: names unknown segment "diagnostic"`},
+		{"inbound icmp with ports",
+			dockProfiles, `"inbound": [{"segment": "diagnostics", "protocol": "icmp", "ports": ["22"]}], ` + dockProfiles,
+			ErrInvalid, `classes.dock-gateway.inbound[0].ports: icmp has no ports`},
 		{"rule protocol any",
 			`{"segment": "carrier-edi", "ports": ["443"]}`, `{"segment": "carrier-edi", "protocol": "any"}`,
 			ErrInvalid, `classes.telematics.rules[1].protocol: "any" narrows nothing; omit protocol`},

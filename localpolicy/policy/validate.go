@@ -312,6 +312,15 @@ func (v *validator) checkClass(d *Document, p, name string, c Class) {
 		}
 		v.checkNarrowing(rp, r, seg)
 	}
+	for i, r := range c.Inbound {
+		rp := fmt.Sprintf("%s.inbound[%d]", p, i)
+		if seg, ok := d.Segment(r.Segment); !ok {
+			v.addf(rp+".segment", "names unknown segment %q", r.Segment)
+		} else {
+			opened[r.Segment] = true
+			v.checkInbound(rp, r, seg, d)
+		}
+	}
 	v.checkChecks(p, c.Checks, d)
 	if c.Monitor != nil {
 		v.checkMonitor(p+".monitor", *c.Monitor, d)
@@ -334,8 +343,27 @@ func (v *validator) checkClass(d *Document, p, name string, c Class) {
 // checkNarrowing refuses hosts and protocols a segment does not declare,
 // and a rule whose narrowings leave it nothing to open.
 func (v *validator) checkNarrowing(rp string, r Rule, seg *Segment) {
-	bad := false
-	for j, h := range r.Hosts {
+	bad := v.checkHosts(rp, r.Hosts, seg)
+	switch r.Protocol {
+	case "":
+	case Any:
+		v.addf(rp+".protocol", "\"any\" narrows nothing; omit protocol")
+		bad = true
+	case ICMP:
+		if len(r.Ports) > 0 {
+			v.addf(rp+".ports", "icmp has no ports; remove them")
+			bad = true
+		}
+	}
+	if !bad && !r.opensAnything(seg) {
+		v.addf(rp, "opens nothing: segment %s declares no destination on these hosts, protocol and ports", seg.Name)
+	}
+}
+
+// checkHosts refuses a rule's hosts that are no plain prefix or lie
+// outside the segment's destinations, and reports whether it did.
+func (v *validator) checkHosts(rp string, hosts []netip.Prefix, seg *Segment) (bad bool) {
+	for j, h := range hosts {
 		hp := fmt.Sprintf("%s.hosts[%d]", rp, j)
 		switch {
 		case !h.IsValid():
@@ -351,19 +379,32 @@ func (v *validator) checkNarrowing(rp string, r Rule, seg *Segment) {
 		}
 		bad = true
 	}
-	switch r.Protocol {
-	case "":
-	case Any:
-		v.addf(rp+".protocol", "\"any\" narrows nothing; omit protocol")
-		bad = true
-	case ICMP:
-		if len(r.Ports) > 0 {
-			v.addf(rp+".ports", "icmp has no ports; remove them")
-			bad = true
+	return bad
+}
+
+// checkInbound refuses an inbound rule that does not say exactly what
+// reaches the device: its sources must lie inside the segment's
+// destinations, and it names a protocol and, for tcp and udp, the
+// device's ports.
+func (v *validator) checkInbound(rp string, r Rule, seg *Segment, d *Document) {
+	if r.Schedule != "" {
+		if _, ok := d.Schedules[r.Schedule]; !ok {
+			v.addf(rp+".schedule", "names unknown schedule %q", r.Schedule)
 		}
 	}
-	if !bad && !r.opensAnything(seg) {
-		v.addf(rp, "opens nothing: segment %s declares no destination on these hosts, protocol and ports", seg.Name)
+	v.checkHosts(rp, r.Hosts, seg)
+	switch {
+	case r.Protocol == "" || r.Protocol == Any:
+		v.addf(rp+".protocol", "an inbound rule names its protocol: tcp, udp or icmp")
+	case r.Protocol.HasPorts() && len(r.Ports) == 0:
+		v.addf(rp+".ports", "names none of the device's ports; an inbound rule opens only the ports it names")
+	case !r.Protocol.HasPorts() && len(r.Ports) > 0:
+		v.addf(rp+".ports", "%s has no ports; remove them", r.Protocol)
+	}
+	for j, pr := range r.Ports {
+		if pr.First == 0 || pr.First > pr.Last {
+			v.addf(fmt.Sprintf("%s.ports[%d]", rp, j), "%s is not a port range of 1-65535", pr)
+		}
 	}
 }
 
