@@ -341,3 +341,59 @@ func TestGatewayEnforcesItsCacheOffline(t *testing.T) {
 		}
 	}
 }
+
+// An inbound rule (a desk in wms reaching the scanners' port 2222) is
+// the only way into a device: through the gateway, from the rule's
+// hosts, to that port. The gateway holds it when the device is rooted
+// and its own table is gone (its other port answers anyone who gets
+// there), and a quarantine cuts a live inbound session.
+func TestInboundReachesOnlyWhatThePolicyAccepts(t *testing.T) {
+	s := newGatewaySite(t)
+	devID := s.dev.Status(t).DeviceID
+	s.ctl.MustCLI(t, "policy", "push", s.bundle(t, 2, func(doc *policy.Document) {
+		c := doc.Classes["scanner"]
+		c.Inbound = []policy.Rule{{Segment: "wms", Hosts: []netip.Prefix{netip.MustParsePrefix("10.20.1.48/30")},
+			Protocol: policy.TCP, Ports: []policy.PortRange{{First: 2222, Last: 2222}}}}
+		doc.Classes["scanner"] = c
+	}))
+	for _, a := range []*agentproc.Agent{s.gw, s.dev} {
+		lab.WaitFor(t, "policy v2 on "+a.NS.Name, longWait, func() bool { return a.Status(t).PolicyVersion == 2 })
+	}
+	addr := netip.MustParsePrefix(tunnelAddrs(t, s.dev)[0]).Addr()
+	ssh, other := netip.AddrPortFrom(addr, 2222), netip.AddrPortFrom(addr, 2223)
+	lab.Echo(t, s.dev.NS, ssh)
+	lab.Echo(t, s.dev.NS, other)
+	desk := lab.NewNS(t, "desk")
+	lab.Link(t, desk, "10.20.1.50/30", s.gw.NS, "10.20.1.49/30")
+	desk.MustRun(t, "ip", "route", "add", "100.64.0.0/24", "via", "10.20.1.49")
+	s.gw.NS.MustRun(t, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+	matrix := func(when string) {
+		t.Helper()
+		if !lab.ReachesWithin(t, desk, "tcp", ssh, lab.FirstContact) {
+			t.Errorf("%s: the desk does not reach the device's port 2222", when)
+		}
+		if lab.Reaches(t, desk, "tcp", other) {
+			t.Errorf("%s: the desk reaches the device's port 2223, which no rule accepts", when)
+		}
+		if lab.Reaches(t, s.gw.NS, "tcp", ssh) {
+			t.Errorf("%s: the gateway's own address, outside the rule's hosts, reaches port 2222", when)
+		}
+	}
+	matrix("agent running")
+	s.root(t)
+	// Root's WireGuard keeps no session alive by itself: its own
+	// traffic brings one up, as any traffic of a rooted box would.
+	if !lab.ReachesWithin(t, s.dev.NS, "tcp", wmsHost, lab.FirstContact) {
+		t.Fatal("no session through the rooted tunnel")
+	}
+	matrix("rooted")
+	conn := lab.Conn(t, desk, ssh)
+	if !lab.RoundTrip(conn, lab.FirstContact) {
+		t.Fatal("no round trip on the inbound session")
+	}
+	s.ctl.MustCLI(t, "quarantine", devID, "--reason", "INC-12")
+	lab.WaitFor(t, "the quarantine to cut the inbound session", longWait, func() bool { return !lab.RoundTrip(conn, 300*time.Millisecond) })
+	if lab.Reaches(t, desk, "tcp", ssh) {
+		t.Error("the desk reaches a quarantined device")
+	}
+}

@@ -65,6 +65,9 @@ type Group struct {
 	// Segments are the gateway's segments open to the group, each with
 	// what is open on it, by name.
 	Segments []localpolicy.Access
+	// Inbound is what may connect to the group's devices from the
+	// gateway's segments now (localpolicy.Desired.Inbound), by name.
+	Inbound []localpolicy.Access
 }
 
 // Verdict is one member's outcome.
@@ -135,9 +138,9 @@ func Decide(in Input) Desired {
 			o = outcome{group: -1}
 			desired := localpolicy.Evaluate(localpolicy.Input{Bundle: in.Bundle, Device: dev, Now: in.Now, LastContact: in.LastContact, Sticky: st})
 			d.NextChange = earliest(d.NextChange, desired.NextChange)
-			g := Group{Name: key, Class: m.Class, Mode: desired.Mode, Segments: served(desired, in.Segments)}
-			if len(g.Segments) > 0 {
-				o.group, o.segs = len(groups), names(g.Segments)
+			g := Group{Name: key, Class: m.Class, Mode: desired.Mode, Segments: served(desired, in.Segments), Inbound: at(desired.Inbound, in.Segments)}
+			if len(g.Segments)+len(g.Inbound) > 0 {
+				o.group, o.segs = len(groups), slices.Compact(slices.Sorted(slices.Values(append(names(g.Segments), names(g.Inbound)...))))
 				groups = append(groups, &g)
 			}
 			o.why = reason(desired, in.Segments, g)
@@ -284,10 +287,28 @@ func served(desired localpolicy.Desired, segments []string) []localpolicy.Access
 	return out
 }
 
+// at is what of as is on the gateway's segments.
+func at(as []localpolicy.Access, segments []string) []localpolicy.Access {
+	var out []localpolicy.Access
+	for _, a := range as {
+		if slices.Contains(segments, a.Segment) {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
 // reason explains a group's outcome at this gateway.
 func reason(desired localpolicy.Desired, segments []string, g Group) string {
-	if len(g.Segments) > 0 {
-		return fmt.Sprintf("%s: opens %s", desired.Mode, strings.Join(names(g.Segments), ", "))
+	if len(g.Segments)+len(g.Inbound) > 0 {
+		var what []string
+		if len(g.Segments) > 0 {
+			what = append(what, "opens "+strings.Join(names(g.Segments), ", "))
+		}
+		if len(g.Inbound) > 0 {
+			what = append(what, "accepts from "+strings.Join(names(g.Inbound), ", "))
+		}
+		return fmt.Sprintf("%s: %s", desired.Mode, strings.Join(what, "; "))
 	}
 	var why []string
 	for _, dec := range desired.Decisions {

@@ -97,6 +97,34 @@ func TestGatewayAdmitsTheClassesThePolicyOpens(t *testing.T) {
 	}
 }
 
+// A class that reaches nothing through the gateway but accepts a
+// connection from its segment is admitted for that alone, and its group
+// carries only the inbound access; what it may reach stays nothing.
+func TestInboundAloneAdmits(t *testing.T) {
+	b := site(t)
+	c := b.Policy.Classes["telematics"]
+	c.Inbound = []policy.Rule{{Segment: "wms", Hosts: []netip.Prefix{netip.MustParsePrefix("10.20.1.0/28")}, Protocol: policy.TCP,
+		Ports: []policy.PortRange{{First: 22, Last: 22}}}}
+	b.Policy.Classes["telematics"] = c
+	if err := b.Policy.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	d := Decide(Input{Bundle: b, Segments: []string{"wms"}, Roster: []Member{member(4, "telematics")}, Now: dayShift, LastContact: dayShift})
+	v := verdict(t, d, "dev-0004")
+	if !v.Admitted || !strings.Contains(v.Reason, "accepts from wms") {
+		t.Fatalf("verdict %+v, want admitted for wms's inbound", v)
+	}
+	g := d.Groups[v.Group]
+	if len(g.Segments) != 0 || len(g.Inbound) != 1 || g.Inbound[0].Segment != "wms" {
+		t.Errorf("group %+v, want the wms inbound access alone", g)
+	}
+	q := Decide(Input{Bundle: b, Segments: []string{"wms"}, Roster: []Member{member(4, "telematics")}, Now: dayShift, LastContact: dayShift,
+		Orders: []command.Verified{order("q", command.Quarantine, command.Target{Devices: []string{"dev-0004"}}, "", dayShift.Add(-time.Minute), false)}})
+	if v := verdict(t, q, "dev-0004"); v.Admitted {
+		t.Errorf("a quarantined device is admitted for its inbound rule: %+v", v)
+	}
+}
+
 // The kill-switch at the gateway: each order cuts what it names, whoever
 // runs the device; the control key only tightens; lifting takes the ops
 // keys, and an old lift replayed cannot undo a later order.

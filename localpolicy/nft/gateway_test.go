@@ -164,3 +164,62 @@ func TestLargeGroupSetsAreSharded(t *testing.T) {
 		t.Errorf("%d shards holding %d elements; want the 6,000 boxes cut into several", shards, total)
 	}
 }
+
+// An inbound rule (ssh to the dock gateways from the diagnostics desk)
+// is enforced at both ends: the dock's table accepts exactly those
+// sources on that port through the tunnel and answers only them, and
+// the diagnostics gateway's group chain lets exactly that into the
+// tunnel toward the docks, and only replies back. A class without it
+// gets neither.
+func TestInboundIsEnforcedAtBothEnds(t *testing.T) {
+	in := gatewayInput(t, 30)
+	doc := &in.Bundle.Policy
+	c := doc.Classes["dock-gateway"]
+	c.Inbound = []policy.Rule{{Segment: "diagnostics", Hosts: []netip.Prefix{netip.MustParsePrefix("10.50.0.8/29")},
+		Protocol: policy.TCP, Ports: []policy.PortRange{{First: 22, Last: 22}}}}
+	doc.Classes["dock-gateway"] = c
+	if err := doc.Validate(); err != nil {
+		t.Fatal(err)
+	}
+	dock := localpolicy.Evaluate(localpolicy.Input{Bundle: in.Bundle, Device: bundle.Device{ID: "dock-1", Class: "dock-gateway"}, Now: in.Now})
+	text := Build(dock, Options{Tunnel: "bh0", ListenPort: 51820}).Text()
+	for _, want := range []string{
+		`iifname "bh0" ip saddr . meta l4proto . th dport @inbound_v4 accept comment "inbound"`,
+		`oifname "bh0" ct state established,related ip daddr . meta l4proto . th sport @inbound_v4 accept comment "inbound replies"`,
+		"10.50.0.8/29 . 6 . 22",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("the dock's table lacks %q:\n%s", want, text)
+		}
+	}
+	scanner := localpolicy.Evaluate(localpolicy.Input{Bundle: in.Bundle, Device: bundle.Device{ID: "s-1", Class: "scanner"}, Now: in.Now})
+	if text := Build(scanner, Options{Tunnel: "bh0", ListenPort: 51820}).Text(); strings.Contains(text, "@inbound_") {
+		t.Errorf("a scanner's table accepts inbound:\n%s", text)
+	}
+
+	in.Segments = []string{"diagnostics"}
+	d := admit.Decide(in)
+	gw := Build(localpolicy.Desired{Mode: localpolicy.Normal}, Options{Tunnel: "wg-gw", ListenPort: 51820, Gateway: &d})
+	var dockGroup int = -1
+	for i, g := range d.Groups {
+		if g.Class == "dock-gateway" {
+			dockGroup = i
+		}
+	}
+	if dockGroup < 0 {
+		t.Fatalf("no dock group: %+v", d.Groups)
+	}
+	name := fmt.Sprintf("gw_%d", dockGroup)
+	gtext := gw.Text()
+	for _, want := range []string{
+		`ip saddr . meta l4proto . th dport @` + name + `_inbound_v4 accept comment "dock-gateway normal inbound"`,
+		`ct state established,related ip daddr . meta l4proto . th sport @` + name + `_inbound_v4 accept comment "dock-gateway normal inbound replies"`,
+	} {
+		if !strings.Contains(gtext, want) {
+			t.Errorf("the gateway's table lacks %q:\n%s", want, gtext)
+		}
+	}
+	if strings.Count(gtext, "_inbound_v4 accept") != 2 {
+		t.Errorf("inbound rules for more than the docks' group:\n%s", gtext)
+	}
+}

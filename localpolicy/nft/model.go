@@ -257,6 +257,14 @@ func Build(d localpolicy.Desired, opt Options) Ruleset {
 			return r
 		})
 		r.add(gw)
+		r.add(addSets(&rs, "inbound", accessElements(d.Inbound), func(look func(addr, port Field) *Lookup) (r rules) {
+			// What the policy lets connect to the device, through the
+			// tunnel only: by source and the device's port, and the
+			// device's replies to exactly that.
+			r.in = []Rule{{Comment: "inbound", Iface: opt.Tunnel, Lookup: look(Src, Dst)}}
+			r.out = []Rule{{Comment: "inbound replies", Iface: opt.Tunnel, Established: true, Lookup: look(Dst, Src)}}
+			return r
+		}))
 		in.Rules, out.Rules = append(in.Rules, r.in...), append(out.Rules, r.out...)
 	}
 	in.Rules, out.Rules = linkLocal(in.Rules, out.Rules, opt.DHCP)
@@ -433,6 +441,15 @@ func gateway(rs *Ruleset, g *admit.Desired, tun string, port uint16) (r rules, c
 			fromChain.Rules = append(fromChain.Rules, Rule{Comment: grp.Name, Lookup: from})
 			toChain.Rules = append(toChain.Rules, Rule{Comment: grp.Name + " replies", Established: true, Lookup: to})
 		}
+		// What may connect to the group's devices (into the tunnel, by
+		// source and the device's port), and their replies to it.
+		inbound := addSets(rs, name+"_inbound", accessElements(grp.Inbound), func(look func(addr, port Field) *Lookup) (r rules) {
+			r.in = []Rule{{Comment: grp.Name + " inbound", Lookup: look(Src, Dst)}}
+			r.out = []Rule{{Comment: grp.Name + " inbound replies", Established: true, Lookup: look(Dst, Src)}}
+			return r
+		})
+		toChain.Rules = append(toChain.Rules, inbound.in...)
+		fromChain.Rules = append(fromChain.Rules, inbound.out...)
 		fromChain.Rules = append(fromChain.Rules, Rule{Comment: grp.Name + " refused", Drop: true})
 		toChain.Rules = append(toChain.Rules, Rule{Comment: grp.Name + " refused", Drop: true})
 		chains = append(chains, fromChain, toChain)
@@ -584,6 +601,15 @@ func destinations(a localpolicy.Access) []Element {
 	var out []Element
 	for _, dst := range a.Destinations {
 		out = append(out, elements(dst)...)
+	}
+	return out
+}
+
+// accessElements are the elements of every access in as.
+func accessElements(as []localpolicy.Access) []Element {
+	var out []Element
+	for _, a := range as {
+		out = append(out, destinations(a)...)
 	}
 	return out
 }
