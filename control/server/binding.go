@@ -70,7 +70,7 @@ func (s *Server) rebind(presented *x509.Certificate, dev controlapi.Device, wgKe
 	if wgKey != dev.WireGuardKey {
 		s.log.Info("device tunnel key changed", "id", dev.ID, "public_key", wgKey)
 	}
-	s.notify() // gateways learn the new binding
+	s.waits.roster(dev.ID) // gateways learn the new binding
 	return der, nil
 }
 

@@ -86,10 +86,9 @@ type Server struct {
 	ca     *pki.CA
 	cmdKey ed25519.PrivateKey
 	log    *slog.Logger
-	// changed is closed and replaced whenever a bundle or command arrives:
-	// every waiting sync wakes and looks for what is new for it.
-	mu      sync.Mutex
-	changed chan struct{}
+	// waits wakes the held polls a change concerns (waiters.go).
+	waits *waiters
+	mu    sync.Mutex
 	// lastSeen is kept in memory; a write per poll would wear the disk.
 	seen map[string]time.Time
 	// gate and refused bound what callers without a certificate get.
@@ -145,7 +144,7 @@ func Open(cfg Config) (*Server, bool, error) {
 	if err != nil {
 		return nil, false, err
 	}
-	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, changed: make(chan struct{}), seen: map[string]time.Time{}, gate: newGate(), sent: map[string]time.Time{}}
+	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, waits: newWaiters(), seen: map[string]time.Time{}, gate: newGate(), sent: map[string]time.Time{}}
 	s.refused = newRefusals(s.now)
 	orders, err := d.orders()
 	if err != nil {
@@ -495,7 +494,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("device enrolled", "id", dev.ID, "class", dev.Class, "hostname", dev.Hostname, "role", dev.Role)
-	s.notify() // gateways learn the new device
+	s.waits.roster(dev.ID) // gateways learn the new device
 	resp := controlapi.EnrollResponse{DeviceID: dev.ID, Class: dev.Class, TunnelAddress: dev.TunnelAddress, Certificate: der, CA: s.ca.Cert.Raw,
 		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), OpsThreshold: s.cfg.Ops.Threshold, Role: dev.Role, Segments: dev.Segments}
 	if dev.TunnelAddress.IsValid() {
@@ -548,20 +547,6 @@ func tokenReason(err error) string {
 	return "token refused"
 }
 
-// wakeup returns the channel closed at the next change.
-func (s *Server) wakeup() <-chan struct{} {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.changed
-}
-
-func (s *Server) notify() {
-	s.mu.Lock()
-	close(s.changed)
-	s.changed = make(chan struct{})
-	s.mu.Unlock()
-}
-
 func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	var req controlapi.SyncRequest
 	if !decode(w, r, &req) {
@@ -607,7 +592,7 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	w.WriteHeader(http.StatusOK)
 	http.NewResponseController(w).Flush()
 	for {
-		woken := s.wakeup() // before looking, so nothing slips between
+		woken := s.waits.wait(id, dev.Class, dev.Role == controlapi.RoleGateway) // before looking, so nothing slips between
 		resp, due, err := s.pending(req, target)
 		if err != nil {
 			s.log.Error("sync", "device", id, "err", err)
@@ -630,7 +615,10 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 		}
 		select {
 		case <-again:
-		case <-woken:
+		case <-woken.device:
+		case <-woken.class:
+		case <-woken.gateways:
+		case <-woken.all:
 		case <-timer.C:
 			reply(w, resp)
 			return
@@ -860,7 +848,7 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 		}
 		s.trust.accept(next)
 		s.log.Info("trust-root rotation pushed", "version", next.version, "by", actor)
-		s.notify()
+		s.waits.everyone()
 		reply(w, map[string]any{"roots_version": next.version})
 		return
 	}
@@ -887,7 +875,7 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 		return
 	}
 	s.log.Info("policy pushed", "version", p.Version, "target", p.Target.String(), "by", actor)
-	s.notify()
+	s.waits.bundle(p.Target)
 	reply(w, map[string]uint64{"version": p.Version})
 }
 
@@ -980,7 +968,7 @@ func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {
 	}
 	s.book.add(o)
 	s.log.Info("order given", "detail", detail, "by", actor)
-	s.notify()
+	s.waits.order(c.Target)
 	reply(w, controlapi.CommandResponse{ID: c.ID, Devices: ids})
 }
 
