@@ -30,7 +30,7 @@ func gatewayCases() []Case {
 		{Name: "TCP through a Bulkhead gateway: 1,000 devices enrolled, 10,000 destinations", Privileged: true, Unit: "Gbit/s", MinRatio: 0.95,
 			Reference: "the same agent and policy through a bare tailscale/wireguard-go gateway",
 			Run:       benchGatewayThroughput,
-			Note:      "iperf3 -t 3, 7 interleaved rounds; the Bulkhead gateway holds 1,000 enrolled scanners (999 from `bulkhead-lab crowd`) in its roster and peers, and the segment's 10,000 destinations in the scanners' group set; both clients are the agent enforcing the same 10,000-destination policy"},
+			Note:      "iperf3 -t 3, 7 interleaved rounds; the Bulkhead gateway admits 1,000 enrolled scanners (999 from `bulkhead-lab crowd`, which make no WireGuard peer: a peer is made at a device's first handshake), and the segment's 10,000 destinations in the scanners' group set; both clients are the agent enforcing the same 10,000-destination policy"},
 		{Name: "gateway kill-switch latency: quarantine to the last packet of a rooted device", Privileged: true, Unit: "ms-p99", Also: []string{"ms-p50"}, Max: 250,
 			Run:  benchGatewayKillSwitch,
 			Note: "100 trials: the scanner's agent killed and its table flushed, its key in Debian's wireguard-go sending a 1 ms UDP flow through a Bulkhead gateway; from starting `bulkhead-control quarantine ID` to the last packet reaching the segment host (the gateway's held sync, verified order, one apply); an ops-signed `release` between trials"},
