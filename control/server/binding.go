@@ -5,11 +5,8 @@ import (
 	"crypto"
 	"crypto/x509"
 	"errors"
-	"fmt"
 	"net/netip"
 	"time"
-
-	bolt "go.etcd.io/bbolt"
 
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
@@ -64,7 +61,7 @@ func (s *Server) rebind(presented *x509.Certificate, dev controlapi.Device, wgKe
 	if err != nil {
 		return nil, err
 	}
-	if err := s.db.rebind(dev.ID, wgKey, der, now); err != nil {
+	if err := s.db.Rebind(dev.ID, wgKey, der, now); err != nil {
 		return nil, err
 	}
 	if wgKey != dev.WireGuardKey {
@@ -72,27 +69,4 @@ func (s *Server) rebind(presented *x509.Certificate, dev controlapi.Device, wgKe
 	}
 	s.waits.roster(dev.ID) // gateways learn the new binding
 	return der, nil
-}
-
-// rebind records a device's new certificate and tunnel key, with a new
-// rev for the gateways; a changed key is audited with the old one.
-func (d *db) rebind(id, wgKey string, der []byte, now time.Time) error {
-	return d.bolt.Update(func(tx *bolt.Tx) error {
-		old := ""
-		rev, err := tx.Bucket(bucketDevices).NextSequence()
-		if err != nil {
-			return err
-		}
-		err = updateDeviceIn(tx, id, func(dev *controlapi.Device) {
-			old = dev.WireGuardKey
-			dev.WireGuardKey, dev.Certificate, dev.Rev = wgKey, der, rev
-		})
-		if err != nil || old == wgKey {
-			return err
-		}
-		if old == "" {
-			old = "none"
-		}
-		return audit(tx, now, "device "+id, "wireguard-key-changed", fmt.Sprintf("%s replaces %s", wgKey, old))
-	})
 }

@@ -12,10 +12,6 @@ import (
 	"github.com/bulkhead-edge/bulkhead/localpolicy/policy"
 )
 
-// flowsPerDevice bounds the observed flows one device can add: a device
-// reporting junk fills its own share, not the class's.
-const flowsPerDevice = 1000
-
 // monitors remembers each stored bundle's monitors by class: reports are
 // judged against them, and a bundle of 10,000 destinations is parsed once,
 // not per report.
@@ -56,7 +52,7 @@ func (s *Server) monitoredFlows(dev controlapi.Device, detail string) []controla
 	if json.Unmarshal([]byte(detail), &flows) != nil {
 		return nil
 	}
-	raw, err := s.db.bundle(dev.State.PolicyVersion)
+	raw, err := s.db.Bundle(dev.State.PolicyVersion)
 	if err != nil || raw == nil {
 		return nil
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/go-json-experiment/json/jsontext"
 
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
+	"github.com/bulkhead-edge/bulkhead/control/store"
 )
 
 // harness is a server in a temporary directory with one enrolled device,
@@ -38,7 +39,7 @@ func newHarness(t testing.TB) *harness {
 	}
 	t.Cleanup(func() { s.Close() })
 	h := &harness{s: s, h: s.Handler()}
-	tok, err := s.db.newToken("scanner", "", nil, time.Hour, time.Now(), "test")
+	tok, err := s.db.NewToken("scanner", "", nil, time.Hour, time.Now(), "test")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,7 +112,7 @@ func FuzzSyncRequest(f *testing.F) {
 	h := newHarness(f)
 	f.Fuzz(func(t *testing.T, body []byte) {
 		answers(t, h.do(controlapi.PathSync, body, h.device), http.StatusOK, http.StatusBadRequest)
-		dev, err := h.s.db.device(deviceID(h.device))
+		dev, err := h.s.db.Device(deviceID(h.device))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -129,11 +130,11 @@ func FuzzReportRequest(f *testing.F) {
 	h := newHarness(f)
 	f.Fuzz(func(t *testing.T, body []byte) {
 		answers(t, h.do(controlapi.PathReport, body, h.device), http.StatusOK, http.StatusBadRequest)
-		dev, err := h.s.db.device(deviceID(h.device))
+		dev, err := h.s.db.Device(deviceID(h.device))
 		if err != nil {
 			t.Fatal(err)
 		}
-		if dev.FlowsAdded > flowsPerDevice {
+		if dev.FlowsAdded > store.FlowsPerDevice {
 			t.Fatalf("a device added %d flows", dev.FlowsAdded)
 		}
 	})

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
+	"github.com/bulkhead-edge/bulkhead/control/store"
 )
 
 // GatewayClass is the class a gateway token gives when it names none: a
@@ -28,7 +29,7 @@ const rosterBatch = 1000
 // server's word.
 func (s *Server) gatewayUpdate(have controlapi.GatewayCursor, now time.Time) (*controlapi.GatewayUpdate, error) {
 	u := &controlapi.GatewayUpdate{OrderCursor: have.Orders}
-	devs, cursor, more, err := s.db.roster(have.Roster, rosterBatch)
+	devs, cursor, more, err := s.db.Roster(have.Roster, rosterBatch)
 	if err != nil {
 		return nil, err
 	}
@@ -70,9 +71,9 @@ func (s *Server) revokeDevice(w http.ResponseWriter, r *http.Request, actor stri
 		return
 	}
 	id := r.PathValue("id")
-	dev, err := s.db.revoke(id, req.Reason, actor, s.now())
+	dev, err := s.db.Revoke(id, req.Reason, actor, s.now())
 	switch {
-	case errors.Is(err, errNoDevice):
+	case errors.Is(err, store.ErrNoDevice):
 		fail(w, http.StatusNotFound, err.Error())
 		return
 	case err != nil:

@@ -338,7 +338,7 @@ func TestEnrolmentAssignsBoundTunnelAddresses(t *testing.T) {
 	if _, _, err := a.enrolKeyed(last, "scanner", policy.Key{7}); err == nil || !strings.Contains(err.Error(), "the tunnel address pool 100.80.0.0/29 is exhausted") {
 		t.Fatalf("an enrolment into a full pool: %v", err)
 	}
-	if err := a.s.db.checkToken(last, "scanner", nil, time.Now()); err != nil {
+	if err := a.s.db.CheckToken(last, "scanner", nil, time.Now()); err != nil {
 		t.Errorf("the refused enrolment spent its token: %v", err)
 	}
 }

@@ -24,7 +24,7 @@ func (s *Server) names(devs []controlapi.Device) (names, error) {
 	for _, d := range devs {
 		n.devices[d.ID], n.classes[d.Class] = true, true
 	}
-	err := s.db.bundles(func(v uint64, raw []byte) {
+	err := s.db.Bundles(func(v uint64, raw []byte) {
 		if s.isUnverified(v) {
 			return
 		}

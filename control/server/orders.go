@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
+	"github.com/bulkhead-edge/bulkhead/control/store"
 	"github.com/bulkhead-edge/bulkhead/localpolicy"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
@@ -35,15 +36,9 @@ const DefaultCommandLifetime = 15 * time.Minute
 // that cannot take it does not poll in a loop.
 const redeliverPause = 3 * time.Second
 
-// order is an order as stored: the command it was given as, who gave it,
-// and the ops-signed envelope when ops signed it.
-type order struct {
-	Seq     uint64          `json:"seq"`
-	Command command.Command `json:"command"`
-	ByOps   bool            `json:"by_ops,omitzero"`
-	Raw     []byte          `json:"raw,omitzero"`
-	By      string          `json:"by"`
-}
+// order is an order as stored (the name reads better in the folding
+// below than the store's).
+type order = store.Order
 
 // before sorts orders as they take effect: by the time they were imposed,
 // then as they arrived.

@@ -32,6 +32,8 @@ import (
 
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
+	"github.com/bulkhead-edge/bulkhead/control/store"
+	"github.com/bulkhead-edge/bulkhead/control/store/boltstore"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
@@ -82,7 +84,7 @@ type Config struct {
 // Server is a running control server.
 type Server struct {
 	cfg    Config
-	db     *db
+	db     store.Store
 	ca     *pki.CA
 	cmdKey ed25519.PrivateKey
 	log    *slog.Logger
@@ -140,22 +142,22 @@ func Open(cfg Config) (*Server, bool, error) {
 	if err := ensureAdmin(ca, filepath.Join(cfg.DataDir, pki.AdminDir)); err != nil {
 		return nil, false, err
 	}
-	d, err := openDB(filepath.Join(cfg.DataDir, DBFile))
+	d, err := boltstore.Open(filepath.Join(cfg.DataDir, DBFile))
 	if err != nil {
 		return nil, false, err
 	}
 	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, waits: newWaiters(), seen: map[string]time.Time{}, gate: newGate(), sent: map[string]time.Time{}}
 	s.refused = newRefusals(s.now)
-	orders, err := d.orders()
+	orders, err := d.OrdersAfter(0)
 	if err != nil {
-		d.bolt.Close()
+		d.Close()
 		return nil, false, err
 	}
 	for _, o := range orders {
 		s.book.add(o)
 	}
 	if err := s.loadTrust(); err != nil {
-		d.bolt.Close()
+		d.Close()
 		return nil, false, err
 	}
 	return s, created, nil
@@ -169,7 +171,7 @@ func Open(cfg Config) (*Server, bool, error) {
 // the server no longer offers it, and a mistaken --ops-pub at one start
 // loses nothing.
 func (s *Server) loadTrust() error {
-	rotations, err := s.db.rotations()
+	rotations, err := s.db.RootsAbove(0, func([]byte) bool { return false })
 	if err != nil {
 		return err
 	}
@@ -182,7 +184,7 @@ func (s *Server) loadTrust() error {
 		return nil
 	}
 	s.unverified = map[uint64]bool{}
-	return s.db.bundles(func(v uint64, raw []byte) {
+	return s.db.Bundles(func(v uint64, raw []byte) {
 		if !s.trust.verifiesUnderAny(raw) {
 			s.log.Warn("a stored bundle verifies under none of the ops keys this server trusts; it is not offered to devices (policy withdraw removes it)", "version", v)
 			s.unverified[v] = true
@@ -208,7 +210,7 @@ func (s *Server) auditRefusals(ctx context.Context) {
 		case <-t.C:
 		}
 		if detail := s.refused.summary(); detail != "" {
-			if err := s.db.recordAudit(s.now(), "enrolment", "enrolment-refused", detail); err != nil {
+			if err := s.db.Audit(s.now(), "enrolment", "enrolment-refused", detail); err != nil {
 				s.log.Error("audit", "err", err)
 			}
 		}
@@ -222,7 +224,7 @@ func (s *Server) auditRefusals(ctx context.Context) {
 func (s *Server) Fingerprint() string { return controlapi.Fingerprint(s.ca.Cert) }
 
 // Close releases the database.
-func (s *Server) Close() error { return s.db.bolt.Close() }
+func (s *Server) Close() error { return s.db.Close() }
 
 func loadOrCreateCommandKey(path string) (ed25519.PrivateKey, error) {
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
@@ -391,7 +393,7 @@ func (s *Server) device(h func(w http.ResponseWriter, r *http.Request, id string
 			fail(w, http.StatusUnauthorized, "a device certificate is required (enrol first)")
 			return
 		}
-		dev, err := s.db.device(id)
+		dev, err := s.db.Device(id)
 		switch {
 		case err != nil:
 			fail(w, http.StatusForbidden, "device "+id+" is not enrolled here")
@@ -466,7 +468,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	now := s.now()
-	if err := s.db.checkToken(req.Token, req.Class, req.Segments, now); err != nil {
+	if err := s.db.CheckToken(req.Token, req.Class, req.Segments, now); err != nil {
 		refuse(http.StatusForbidden, tokenReason(err), err.Error())
 		return
 	}
@@ -479,7 +481,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var der []byte
-	dev, err := s.db.enroll(req.Token, req.Class, req.Segments, s.cfg.TunnelPool, now, func(id string, t token, addr netip.Addr) (controlapi.Device, error) {
+	dev, err := s.db.Enroll(req.Token, req.Class, req.Segments, s.cfg.TunnelPool, now, func(id string, t store.Token, addr netip.Addr) (controlapi.Device, error) {
 		var err error
 		der, err = s.deviceCert(csr.PublicKey, id, t.Class, req.WireGuardKey, addr)
 		return controlapi.Device{ID: id, Class: t.Class, Hostname: req.Hostname, WireGuardKey: req.WireGuardKey, TunnelAddress: addr,
@@ -533,13 +535,13 @@ var (
 )
 
 func isTokenError(err error) bool {
-	return errors.Is(err, errTokenUnknown) || errors.Is(err, errTokenUsed) || errors.Is(err, errTokenExpired) || errors.Is(err, errTokenClass) ||
-		errors.Is(err, errTokenRole)
+	return errors.Is(err, store.ErrTokenUnknown) || errors.Is(err, store.ErrTokenUsed) || errors.Is(err, store.ErrTokenExpired) || errors.Is(err, store.ErrTokenClass) ||
+		errors.Is(err, store.ErrTokenRole)
 }
 
 // tokenReason names a token refusal for the audit summary.
 func tokenReason(err error) string {
-	for _, e := range []error{errTokenUnknown, errTokenUsed, errTokenExpired, errTokenClass, errTokenRole} {
+	for _, e := range []error{store.ErrTokenUnknown, store.ErrTokenUsed, store.ErrTokenExpired, store.ErrTokenClass, store.ErrTokenRole} {
 		if errors.Is(err, e) {
 			return e.Error()
 		}
@@ -556,14 +558,14 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	s.mu.Lock()
 	s.seen[id] = now
 	s.mu.Unlock()
-	dev, err := s.db.device(id)
+	dev, err := s.db.Device(id)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
 	}
 	req.State = boundState(req.State)
 	if !stateEqual(dev.State, req.State) {
-		err := s.db.updateDevice(id, func(d *controlapi.Device) { d.State, d.LastSeen = req.State, now.UTC() })
+		err := s.db.UpdateDevice(id, func(d *controlapi.Device) { d.State, d.LastSeen = req.State, now.UTC() })
 		if err != nil {
 			fail(w, http.StatusInternalServerError, err.Error())
 			return
@@ -680,7 +682,7 @@ func stateEqual(a, b controlapi.DeviceState) bool {
 func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (resp controlapi.SyncResponse, due time.Duration, err error) {
 	now := s.now()
 	resp = controlapi.SyncResponse{ServerTime: now.UTC()}
-	raw, err := s.db.newestBundle(req.PolicyVersion, func(version uint64, raw []byte) bool {
+	raw, err := s.db.NewestBundle(req.PolicyVersion, func(version uint64, raw []byte) bool {
 		if s.isUnverified(version) {
 			return false
 		}
@@ -691,7 +693,7 @@ func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (resp co
 		return resp, 0, err
 	}
 	resp.Bundle = raw
-	if resp.Roots, err = s.db.rootsAbove(req.RootsVersion, func(raw []byte) bool {
+	if resp.Roots, err = s.db.RootsAbove(req.RootsVersion, func(raw []byte) bool {
 		return slices.Contains(req.Refused, controlapi.BundleDigest(raw))
 	}); err != nil {
 		return resp, 0, err
@@ -705,12 +707,12 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, id string) {
 	if !decode(w, r, &req) {
 		return
 	}
-	dev, err := s.db.device(id)
+	dev, err := s.db.Device(id)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
 	}
-	acked, err := s.db.addReports(id, req, func(e controlapi.Event) []controlapi.ObservedFlow { return s.monitoredFlows(dev, e.Detail) })
+	acked, err := s.db.AddReports(id, req, func(e controlapi.Event) []controlapi.ObservedFlow { return s.monitoredFlows(dev, e.Detail) })
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
@@ -730,7 +732,7 @@ func (s *Server) withSeen(dev controlapi.Device) controlapi.Device {
 
 // devices are the enrolled devices, each last seen as of its latest sync.
 func (s *Server) devices() ([]controlapi.Device, error) {
-	devs, err := s.db.devices()
+	devs, err := s.db.Devices()
 	for i := range devs {
 		devs[i] = s.withSeen(devs[i])
 	}
@@ -747,13 +749,13 @@ func (s *Server) listDevices(w http.ResponseWriter, _ *http.Request, _ string) {
 }
 
 func (s *Server) showDevice(w http.ResponseWriter, r *http.Request, _ string) {
-	dev, err := s.db.device(r.PathValue("id"))
-	if errors.Is(err, errNoDevice) {
+	dev, err := s.db.Device(r.PathValue("id"))
+	if errors.Is(err, store.ErrNoDevice) {
 		fail(w, http.StatusNotFound, err.Error())
 		return
 	}
 	if err == nil {
-		dev.Reports, err = s.db.reports(dev.ID, 50)
+		dev.Reports, err = s.db.Reports(dev.ID, 50)
 	}
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
@@ -811,7 +813,7 @@ func (s *Server) createToken(w http.ResponseWriter, r *http.Request, actor strin
 		}
 	}
 	slices.Sort(req.Segments)
-	resp, err := s.db.newToken(req.Class, req.Role, slices.Compact(req.Segments), ttl, s.now(), actor)
+	resp, err := s.db.NewToken(req.Class, req.Role, slices.Compact(req.Segments), ttl, s.now(), actor)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
@@ -842,7 +844,7 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 			fail(w, http.StatusUnprocessableEntity, "trust-root rotation refused: "+err.Error())
 			return
 		}
-		if err := s.db.pushRoots(next.version, raw, s.now(), actor); err != nil {
+		if err := s.db.PushRoots(next.version, raw, s.now(), actor); err != nil {
 			fail(w, http.StatusConflict, err.Error())
 			return
 		}
@@ -870,7 +872,7 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 		fail(w, http.StatusConflict, fmt.Sprintf("version %d is taken by a stored bundle that does not verify (it is not offered to devices); withdraw it first: bulkhead-control policy withdraw %d --reason ...", p.Version, p.Version))
 		return
 	}
-	if err := s.db.pushBundle(p.Version, raw, s.now(), actor, p.Target.String()); err != nil {
+	if err := s.db.PushBundle(p.Version, raw, s.now(), actor, p.Target.String()); err != nil {
 		fail(w, http.StatusConflict, err.Error())
 		return
 	}
@@ -893,9 +895,9 @@ func (s *Server) withdrawBundle(w http.ResponseWriter, r *http.Request, actor st
 		fail(w, http.StatusBadRequest, "reason: say why the bundle is withdrawn")
 		return
 	}
-	if err := s.db.withdrawBundle(v, s.now(), actor, reason); err != nil {
+	if err := s.db.WithdrawBundle(v, s.now(), actor, reason); err != nil {
 		code := http.StatusInternalServerError
-		if errors.Is(err, errNoBundle) {
+		if errors.Is(err, store.ErrNoBundle) {
 			code = http.StatusNotFound
 		}
 		fail(w, code, err.Error())
@@ -924,7 +926,7 @@ func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {
 		fail(w, http.StatusConflict, fmt.Sprintf("order %s was already given; an order is given once (sign a new one to give it again)", c.ID))
 		return
 	}
-	devs, err := s.db.devices()
+	devs, err := s.db.Devices()
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
@@ -962,8 +964,12 @@ func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {
 		what += " partner " + c.Partner
 	}
 	detail := fmt.Sprintf("%s %s for %s (%d devices enrolled now), signed by the %s; reason: %s", c.ID, what, c.Target, len(ids), signer, c.Reason)
-	if err := s.db.addOrder(o, now, detail); err != nil {
-		fail(w, http.StatusInternalServerError, err.Error())
+	if err := s.db.AddOrder(o, now, detail); err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, store.ErrOrderGiven) {
+			code = http.StatusConflict
+		}
+		fail(w, code, err.Error())
 		return
 	}
 	s.book.add(o)
@@ -983,7 +989,7 @@ func (s *Server) orderFrom(req controlapi.CommandRequest, now time.Time, actor s
 		}
 		return &order{Command: v.Command, ByOps: true, Raw: req.Signed, By: actor}, 0, nil
 	}
-	c := command.Command{ID: randomID("order-", 8), Kind: command.Kind(req.Kind), Partner: req.Partner, Reason: req.Reason,
+	c := command.Command{ID: store.RandomID("order-", 8), Kind: command.Kind(req.Kind), Partner: req.Partner, Reason: req.Reason,
 		Target:   command.Target{All: req.All, Classes: req.Classes, Devices: req.Devices},
 		IssuedAt: now.UTC(), ExpiresAt: now.Add(s.cfg.CommandLifetime).UTC()}
 	if c.Kind.Loosens() {
@@ -1094,7 +1100,7 @@ func (s *Server) audit(w http.ResponseWriter, r *http.Request, _ string) {
 		}
 		limit = n
 	}
-	entries, next, err := s.db.auditPage(after, limit)
+	entries, next, err := s.db.AuditPage(after, limit)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
@@ -1109,7 +1115,7 @@ func (s *Server) flows(w http.ResponseWriter, r *http.Request, _ string) {
 		fail(w, http.StatusBadRequest, "name a device class: ?class=CLASS")
 		return
 	}
-	flows, err := s.db.flows(class)
+	flows, err := s.db.Flows(class)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
