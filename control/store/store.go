@@ -333,3 +333,17 @@ func MergeFlow(have controlapi.ObservedFlow, found bool, f controlapi.ObservedFl
 	}
 	return have
 }
+
+// RosterPage cuts devices read in rev order after after to a page of
+// limit: the page, the cursor to ask after next (after, when empty), and
+// whether more follow.
+func RosterPage(devs []controlapi.Device, after uint64, limit int) (page []controlapi.Device, cursor uint64, more bool) {
+	if len(devs) > limit {
+		devs, more = devs[:limit], true
+	}
+	cursor = after
+	if len(devs) > 0 {
+		cursor = devs[len(devs)-1].Rev
+	}
+	return devs, cursor, more
+}

@@ -230,13 +230,7 @@ func (d *Store) Roster(after uint64, limit int) (out []controlapi.Device, cursor
 		})
 	})
 	slices.SortFunc(out, func(a, b controlapi.Device) int { return cmp.Compare(a.Rev, b.Rev) })
-	if len(out) > limit {
-		out, more = out[:limit], true
-	}
-	cursor = after
-	if len(out) > 0 {
-		cursor = out[len(out)-1].Rev
-	}
+	out, cursor, more = store.RosterPage(out, after, limit)
 	return out, cursor, more, err
 }
 
