@@ -37,9 +37,13 @@ func serveCmd() *subcmd.Command {
 	return &subcmd.Command{
 		Name: "serve",
 		Summary: "Run the control server. On first start it creates its CA, its command key and the first\n" +
-			"operator's credentials in DATA; it prints the CA fingerprint devices pin at enrolment.",
+			"operator's credentials in DATA; it prints the CA fingerprint devices pin at enrolment.\n" +
+			"State is DATA/control.db for one process, or with --db a PostgreSQL database that any\n" +
+			"number of replicas share; each replica needs the same ca.crt, ca.key and command.key in\n" +
+			"its DATA (copy them from the first; docs/control.md, Replicas).",
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {
 			data := fs.String("data", DefaultData, "data `DIR` (CA, keys, control.db); created 0700")
+			db := fs.String("db", os.Getenv("BULKHEAD_DB"), "PostgreSQL `URL` (postgres://user@host/db?sslmode=verify-full) replicas share, instead of DIR/control.db; a password belongs in ~/.pgpass or PGPASSFILE, not here (env BULKHEAD_DB)")
 			listen := fs.String("listen", ":8443", "`ADDR` to listen on")
 			var names subcmd.Strings
 			fs.Var(&names, "name", "DNS `NAME` or address devices use to reach the server (in its certificate); repeatable; default: localhost and 127.0.0.1")
@@ -87,7 +91,10 @@ func serveCmd() *subcmd.Command {
 					names = subcmd.Strings{"localhost", "127.0.0.1"}
 				}
 				log := slog.New(slog.NewTextHandler(env.Stderr, nil))
-				srv, created, err := server.Open(server.Config{DataDir: *data, Names: names, KeepAlive: *keepAlive, Logger: log, Ops: ops, ClockOffset: *clockOffset, CommandLifetime: *lifetime, TunnelPool: tunnelPool})
+				if *db != "" && !strings.HasPrefix(*db, "postgres://") && !strings.HasPrefix(*db, "postgresql://") {
+					return subcmd.Usagef("--db %q: a PostgreSQL URL, postgres://user@host/database", *db)
+				}
+				srv, created, err := server.Open(server.Config{DataDir: *data, Database: *db, Names: names, KeepAlive: *keepAlive, Logger: log, Ops: ops, ClockOffset: *clockOffset, CommandLifetime: *lifetime, TunnelPool: tunnelPool})
 				if err != nil {
 					return err
 				}

@@ -52,8 +52,9 @@ func before(a, b *order) int {
 // book is the orders in effect order; replaced, never changed in place,
 // so a sync reads it without a lock held.
 type book struct {
-	mu     sync.Mutex
-	orders []*order
+	mu      sync.Mutex
+	orders  []*order
+	lastSeq uint64
 }
 
 func (b *book) all() []*order {
@@ -62,9 +63,17 @@ func (b *book) all() []*order {
 	return b.orders
 }
 
+// last is the highest seq in the book (0: none).
+func (b *book) last() uint64 {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.lastSeq
+}
+
 func (b *book) add(o *order) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	b.lastSeq = max(b.lastSeq, o.Seq)
 	next := append(slices.Clip(b.orders), o)
 	slices.SortFunc(next, before)
 	b.orders = next

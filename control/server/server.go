@@ -3,7 +3,9 @@
 // ops-signed policy bundles and forwards them untouched, routes signed
 // commands, answers devices' long-poll syncs the moment something is
 // waiting for them, ingests their reports, and serves the ops API. All
-// state is one bbolt file; transport is TLS 1.3 with its own CA.
+// state is a control/store: one bbolt file, or a PostgreSQL database that
+// any number of replicas share (replicas.go); transport is TLS 1.3 with
+// its own CA.
 package server
 
 import (
@@ -12,6 +14,7 @@ import (
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -34,6 +37,7 @@ import (
 	"github.com/bulkhead-edge/bulkhead/control/pki"
 	"github.com/bulkhead-edge/bulkhead/control/store"
 	"github.com/bulkhead-edge/bulkhead/control/store/boltstore"
+	"github.com/bulkhead-edge/bulkhead/control/store/pgstore"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/envelope"
@@ -75,6 +79,9 @@ type Config struct {
 	// stays valid (DefaultCommandLifetime when zero). The order itself
 	// stays in force until ops lift it.
 	CommandLifetime time.Duration
+	// Database is the PostgreSQL address (postgres://…) of the store
+	// replicas share; empty: one bbolt file in DataDir, for one process.
+	Database string
 	// TunnelPool is where devices' tunnel addresses are assigned from at
 	// enrolment, each bound in the device's certificate with its
 	// WireGuard key (zero: none assigned; devices name their own).
@@ -96,11 +103,14 @@ type Server struct {
 	// gate and refused bound what callers without a certificate get.
 	gate    *gate
 	refused *refusals
+	// touched is who synced since seen was last recorded; guarded by mu.
+	touched map[string]time.Time
 	// trust is the ops trust root pushes are judged by.
 	trust *trust
-	// unverified are the stored bundles trust does not verify, never
-	// offered; guarded by mu.
-	unverified map[uint64]bool
+	// catalog is the stored bundles and rotations (replicas.go).
+	catalog catalog
+	// reloadMu makes reloads and order catch-ups take turns.
+	reloadMu sync.Mutex
 	// monitors are the stored bundles' monitors, for judging reports.
 	monitors monitors
 	// book is the orders given, in effect order.
@@ -131,6 +141,34 @@ func Open(cfg Config) (*Server, bool, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, false, err
 	}
+	d, err := openStore(cfg)
+	if err != nil {
+		return nil, false, err
+	}
+	s, created, err := open(cfg, d)
+	if err != nil {
+		d.Close()
+		return nil, false, err
+	}
+	return s, created, nil
+}
+
+func openStore(cfg Config) (store.Store, error) {
+	if cfg.Database == "" {
+		return boltstore.Open(filepath.Join(cfg.DataDir, DBFile))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	return pgstore.Open(ctx, cfg.Database, cfg.Logger)
+}
+
+func open(cfg Config, d store.Store) (*Server, bool, error) {
+	if _, err := os.Stat(filepath.Join(cfg.DataDir, pki.CertFile)); errors.Is(err, os.ErrNotExist) {
+		if fp, err := d.Claim(claimCA, ""); err != nil || fp != "" {
+			return nil, false, errors.Join(err, fmt.Errorf("the store already serves a fleet whose CA has fingerprint %s, and %s holds no CA: "+
+				"every replica needs the same %s, %s and %s; copy them from a running replica (docs/control.md, Replicas)", fp, cfg.DataDir, pki.CertFile, pki.KeyFile, CommandKeyFile))
+		}
+	}
 	ca, created, err := pki.LoadOrCreate(cfg.DataDir)
 	if err != nil {
 		return nil, false, err
@@ -142,60 +180,45 @@ func Open(cfg Config) (*Server, bool, error) {
 	if err := ensureAdmin(ca, filepath.Join(cfg.DataDir, pki.AdminDir)); err != nil {
 		return nil, false, err
 	}
-	d, err := boltstore.Open(filepath.Join(cfg.DataDir, DBFile))
-	if err != nil {
-		return nil, false, err
+	for _, c := range []struct{ name, what, value string }{
+		{claimCA, "CA (" + pki.CertFile + ", " + pki.KeyFile + ")", controlapi.Fingerprint(ca.Cert)},
+		{claimCommandKey, "command key (" + CommandKeyFile + ")", hex.EncodeToString(key.Public().(ed25519.PublicKey))},
+	} {
+		have, err := d.Claim(c.name, c.value)
+		if err != nil {
+			return nil, false, err
+		}
+		if have != c.value {
+			return nil, false, fmt.Errorf("the %s in %s is not the one the store's fleet uses (%s, not %s): every replica needs the same; copy it from a running replica (docs/control.md, Replicas)", c.what, cfg.DataDir, have, c.value)
+		}
 	}
-	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, waits: newWaiters(), seen: map[string]time.Time{}, gate: newGate(), sent: map[string]time.Time{}}
+	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, waits: newWaiters(), seen: map[string]time.Time{}, touched: map[string]time.Time{},
+		gate: newGate(), sent: map[string]time.Time{}, trust: &trust{}}
 	s.refused = newRefusals(s.now)
-	orders, err := d.OrdersAfter(0)
-	if err != nil {
-		d.Close()
+	if err := s.catchUpOrders(); err != nil {
 		return nil, false, err
 	}
-	for _, o := range orders {
-		s.book.add(o)
-	}
-	if err := s.loadTrust(); err != nil {
-		d.Close()
+	// The trust root follows the stored rotations, and every stored bundle
+	// that verifies under none of the root sets it has held is set aside:
+	// one pushed before the server checked pushes, which devices refuse,
+	// and which kept them in a loop of refusals (nine of them starved a
+	// valid bundle for good). Set aside, not deleted: the server no longer
+	// offers it, and a mistaken --ops-pub at one start loses nothing.
+	if err := s.reload(); err != nil {
 		return nil, false, err
 	}
 	return s, created, nil
 }
 
-// loadTrust builds the ops trust root from the published keys and the
-// stored rotations, and sets aside every stored bundle that verifies under
-// none of the root sets it has held: one pushed before the server checked
-// pushes, which devices refuse, and which kept them in a loop of refusals
-// (nine of them starved a valid bundle for good). Set aside, not deleted:
-// the server no longer offers it, and a mistaken --ops-pub at one start
-// loses nothing.
-func (s *Server) loadTrust() error {
-	rotations, err := s.db.RootsAbove(0, func([]byte) bool { return false })
-	if err != nil {
-		return err
-	}
-	var errs []error
-	s.trust, errs = newTrust(s.cfg.Ops, rotations)
-	for _, err := range errs {
-		s.log.Error("a stored trust-root rotation does not verify; later ones are not trusted either", "err", err)
-	}
-	if s.cfg.Ops.Len() == 0 {
-		return nil
-	}
-	s.unverified = map[uint64]bool{}
-	return s.db.Bundles(func(v uint64, raw []byte) {
-		if !s.trust.verifiesUnderAny(raw) {
-			s.log.Warn("a stored bundle verifies under none of the ops keys this server trusts; it is not offered to devices (policy withdraw removes it)", "version", v)
-			s.unverified[v] = true
-		}
-	})
-}
+// What replicas sharing a store must agree on (store.Claim).
+const (
+	claimCA         = "ca-fingerprint"
+	claimCommandKey = "command-key"
+)
 
 func (s *Server) isUnverified(version uint64) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.unverified[version]
+	b, ok := s.catalog.bundle(version)
+	return ok && b.unverified
 }
 
 // auditRefusals writes one audit row per window in which enrolments were
@@ -324,8 +347,14 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		IdleTimeout:       controlapi.MaxWait + time.Minute,
 		ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 	}
-	audited := make(chan struct{})
-	go func() { s.auditRefusals(ctx); close(audited) }()
+	var bg sync.WaitGroup
+	bg.Go(func() { s.auditRefusals(ctx) })
+	bg.Go(func() { s.follow(ctx) })
+	flush := time.Duration(0) // one process: last seen is written once, at the end
+	if s.cfg.Database != "" {
+		flush = seenFlush
+	}
+	bg.Go(func() { s.flushSeen(ctx, flush) })
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -335,9 +364,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}()
 	err = srv.ServeTLS(ln, "", "")
 	if errors.Is(err, http.ErrServerClosed) {
-		// The last minute's refusals are written before Serve returns
-		// (and the caller closes the store).
-		<-audited
+		// The last minute's refusals and last-seen times are written
+		// before Serve returns (and the caller closes the store).
+		bg.Wait()
 		return nil
 	}
 	return err
@@ -556,7 +585,7 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	}
 	now := s.now()
 	s.mu.Lock()
-	s.seen[id] = now
+	s.seen[id], s.touched[id] = now, now
 	s.mu.Unlock()
 	dev, err := s.db.Device(id)
 	if err != nil {
@@ -682,22 +711,10 @@ func stateEqual(a, b controlapi.DeviceState) bool {
 func (s *Server) pending(req controlapi.SyncRequest, dev bundle.Device) (resp controlapi.SyncResponse, due time.Duration, err error) {
 	now := s.now()
 	resp = controlapi.SyncResponse{ServerTime: now.UTC()}
-	raw, err := s.db.NewestBundle(req.PolicyVersion, func(version uint64, raw []byte) bool {
-		if s.isUnverified(version) {
-			return false
-		}
-		p, err := bundle.Peek(raw)
-		return err == nil && p.Target.Matches(dev) && !slices.Contains(req.Refused, controlapi.BundleDigest(raw))
+	resp.Bundle = s.catalog.newest(req.PolicyVersion, func(b storedBundle) bool {
+		return !b.unverified && b.target.Matches(dev) && !slices.Contains(req.Refused, b.digest)
 	})
-	if err != nil {
-		return resp, 0, err
-	}
-	resp.Bundle = raw
-	if resp.Roots, err = s.db.RootsAbove(req.RootsVersion, func(raw []byte) bool {
-		return slices.Contains(req.Refused, controlapi.BundleDigest(raw))
-	}); err != nil {
-		return resp, 0, err
-	}
+	resp.Roots = s.catalog.rootsAbove(req.RootsVersion, req.Refused)
 	resp.Commands, due, err = s.deliveries(dev, req.State, now, resp.Bundle != nil || len(resp.Roots) > 0)
 	return resp, due, err
 }
@@ -848,9 +865,8 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 			fail(w, http.StatusConflict, err.Error())
 			return
 		}
-		s.trust.accept(next)
 		s.log.Info("trust-root rotation pushed", "version", next.version, "by", actor)
-		s.waits.everyone()
+		s.changed(store.Change{Kind: store.ChangeRoots, Seq: next.version})
 		reply(w, map[string]any{"roots_version": next.version})
 		return
 	}
@@ -877,7 +893,7 @@ func (s *Server) pushBundle(w http.ResponseWriter, r *http.Request, actor string
 		return
 	}
 	s.log.Info("policy pushed", "version", p.Version, "target", p.Target.String(), "by", actor)
-	s.waits.bundle(p.Target)
+	s.changed(store.Change{Kind: store.ChangeBundle, Seq: p.Version})
 	reply(w, map[string]uint64{"version": p.Version})
 }
 
@@ -903,9 +919,7 @@ func (s *Server) withdrawBundle(w http.ResponseWriter, r *http.Request, actor st
 		fail(w, code, err.Error())
 		return
 	}
-	s.mu.Lock()
-	delete(s.unverified, v)
-	s.mu.Unlock()
+	s.changed(store.Change{Kind: store.ChangeBundle, Seq: v})
 	s.log.Info("policy withdrawn", "version", v, "by", actor, "reason", reason)
 	reply(w, map[string]uint64{"withdrawn": v})
 }
@@ -972,9 +986,12 @@ func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {
 		fail(w, code, err.Error())
 		return
 	}
-	s.book.add(o)
+	// Committed: the order is acknowledged, and this replica's polls are
+	// woken from the store, as every other replica's are.
 	s.log.Info("order given", "detail", detail, "by", actor)
-	s.waits.order(c.Target)
+	if err := s.catchUpOrders(); err != nil {
+		s.log.Error("read the order back", "order", c.ID, "err", err)
+	}
 	reply(w, controlapi.CommandResponse{ID: c.ID, Devices: ids})
 }
 

@@ -49,6 +49,16 @@ func newTrust(published opskey.Roots, rotations [][]byte) (*trust, []error) {
 	return t, errs
 }
 
+// reset starts again from the published roots and applies rotations in
+// order, as newTrust does: a replica follows rotations others accepted.
+func (t *trust) reset(published opskey.Roots, rotations [][]byte) []error {
+	fresh, errs := newTrust(published, rotations)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.chain = fresh.chain
+	return errs
+}
+
 // current is the root set in force and its version.
 func (t *trust) current() (opskey.Roots, uint64, error) {
 	t.mu.Lock()

@@ -153,6 +153,11 @@ type Store interface {
 	// and the seq to ask after for the next page (0: none left).
 	AuditPage(after uint64, limit int) ([]controlapi.AuditEntry, uint64, error)
 
+	// Claim records value under name unless a value is recorded there
+	// already, and returns what is recorded (value "" only reads): how
+	// replicas agree on what must be the same for all of them.
+	Claim(name, value string) (string, error)
+
 	// Listen calls changed with each change another process committed,
 	// and caughtUp whenever changes may have been missed (at the start,
 	// and after a lost connection is back), until ctx ends. A backend

@@ -34,6 +34,7 @@ var (
 	bucketFlows     = []byte("flows")     // class 0x00 flow -> observed flow
 	bucketRoots     = []byte("roots")     // version -> signed trust-root rotation
 	bucketAddresses = []byte("addresses") // address (16 bytes) -> device id
+	bucketClaims    = []byte("claims")    // name -> value
 )
 
 // Store is a bbolt-backed store.Store.
@@ -48,7 +49,7 @@ func Open(path string) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w (is another bulkhead-control serve using it?)", path, err)
 	}
 	err = b.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketOrders, bucketReports, bucketAudit, bucketFlows, bucketRoots, bucketAddresses} {
+		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketOrders, bucketReports, bucketAudit, bucketFlows, bucketRoots, bucketAddresses, bucketClaims} {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -64,6 +65,20 @@ func Open(path string) (*Store, error) {
 
 // Close releases the file.
 func (d *Store) Close() error { return d.bolt.Close() }
+
+func (d *Store) Claim(name, value string) (string, error) {
+	var have string
+	err := d.bolt.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketClaims)
+		if v := b.Get([]byte(name)); v != nil || value == "" {
+			have = string(v)
+			return nil
+		}
+		have = value
+		return b.Put([]byte(name), []byte(value))
+	})
+	return have, err
+}
 
 // Listen waits for ctx: no other process writes the file.
 func (d *Store) Listen(ctx context.Context, _ func(store.Change), caughtUp func()) error {

@@ -786,6 +786,22 @@ func (s *Store) AuditPage(after uint64, limit int) ([]controlapi.AuditEntry, uin
 	return out, next, errors.Join(err, bad)
 }
 
+func (s *Store) Claim(name, value string) (string, error) {
+	ctx, cancel := op()
+	defer cancel()
+	if value != "" {
+		if _, err := s.pool.Exec(ctx, "INSERT INTO claims (name, value) VALUES ($1, $2) ON CONFLICT DO NOTHING", name, value); err != nil {
+			return "", err
+		}
+	}
+	var have string
+	err := s.pool.QueryRow(ctx, "SELECT value FROM claims WHERE name = $1", name).Scan(&have)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", nil
+	}
+	return have, err
+}
+
 // Listen follows the changes other replicas commit, on a connection of
 // its own; after each (re)connection it calls caughtUp, since changes
 // made while it was away were not heard.

@@ -48,6 +48,7 @@ func Run(t *testing.T, b Backend) {
 	t.Run("Reports", func(t *testing.T) { testReports(t, b.Open(t)) })
 	t.Run("Flows", func(t *testing.T) { testFlows(t, b.Open(t)) })
 	t.Run("Audit", func(t *testing.T) { testAudit(t, b.Open(t)) })
+	t.Run("Claims", func(t *testing.T) { testClaims(t, b) })
 	t.Run("Listen", func(t *testing.T) { testListen(t, b) })
 	t.Run("ConcurrentWritersKeepCursorsWhole", func(t *testing.T) { testCursors(t, b) })
 }
@@ -563,6 +564,27 @@ func testAudit(t *testing.T, s store.Store) {
 	if d := all[25].Detail; len(d) > store.MaxAuditDetail+20 || !strings.HasSuffix(d, "(cut)") {
 		t.Errorf("long detail kept as %d bytes", len(d))
 	}
+}
+
+func testClaims(t *testing.T, b Backend) {
+	s := b.Open(t)
+	other := s
+	if b.Share != nil {
+		other = b.Share(t, s)
+	}
+	check := func(s store.Store, name, value, want string) {
+		t.Helper()
+		got, err := s.Claim(name, value)
+		must(t, err)
+		if got != want {
+			t.Errorf("Claim(%q, %q) = %q, want %q", name, value, got, want)
+		}
+	}
+	check(s, "ca", "", "")
+	check(s, "ca", "fp-1", "fp-1")
+	check(other, "ca", "fp-2", "fp-1")
+	check(other, "ca", "", "fp-1")
+	check(other, "key", "k", "k")
 }
 
 // testListen checks that each write another handle commits reaches a

@@ -12,6 +12,13 @@ CREATE TABLE counters (
 );
 INSERT INTO counters VALUES ('rev', 0), ('orders', 0), ('audit', 0);
 
+-- claims are what every replica must agree on (the CA's fingerprint,
+-- the command key): the first replica records them, the others check.
+CREATE TABLE claims (
+	name  text PRIMARY KEY,
+	value text NOT NULL
+);
+
 CREATE TABLE tokens (
 	hash bytea PRIMARY KEY,
 	data bytea NOT NULL
