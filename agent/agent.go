@@ -316,6 +316,15 @@ func (a *Agent) reconcile(why string) error {
 		a.log.Error("apply failed; the previous ruleset stays in force", "err", err)
 		return err
 	}
+	if a.ch.client != nil {
+		// Control replicas the table now opens are where the channel
+		// fails over to.
+		eps := make([]netip.AddrPort, 0, len(a.desired.Control))
+		for _, e := range a.desired.Control {
+			eps = append(eps, netip.AddrPortFrom(e.Address, e.Port))
+		}
+		a.ch.client.SetEndpoints(eps)
+	}
 	if changed {
 		a.log.Info("enforcing", "why", why, "mode", a.desired.Mode, "policy", a.desired.PolicyVersion, "segments", len(a.desired.Segments))
 	}

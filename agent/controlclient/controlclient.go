@@ -25,6 +25,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -293,6 +294,70 @@ func dialTo(ep netip.AddrPort) func(ctx context.Context, network, addr string) (
 	}
 }
 
+// dialAttempt bounds one connection attempt to one control endpoint, so
+// a replica whose machine is gone costs this much before the next is
+// tried, not the operating system's minutes.
+const dialAttempt = 5 * time.Second
+
+// endpoints is where the client reaches control: the endpoint enrolled
+// with, then the others the table keeps open (the policy's control
+// list). A connection tries them in turn, from the last that answered;
+// the syncer's jittered backoff spaces out rounds that all fail.
+type endpoints struct {
+	mu   sync.Mutex
+	list []netip.AddrPort
+	good int // index of the last endpoint that answered
+}
+
+// set makes first, then others, the endpoints tried; the one that
+// answered last stays first in turn if it is still listed.
+func (e *endpoints) set(first netip.AddrPort, others []netip.AddrPort) {
+	list := []netip.AddrPort{first}
+	for _, ep := range others {
+		if ep.IsValid() && ep.Port() != 0 && !slices.Contains(list, ep) {
+			list = append(list, ep)
+		}
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	good := 0
+	if len(e.list) > 0 {
+		if i := slices.Index(list, e.list[e.good]); i >= 0 {
+			good = i
+		}
+	}
+	e.list, e.good = list, good
+}
+
+func (e *endpoints) dial(ctx context.Context, network, _ string) (net.Conn, error) {
+	e.mu.Lock()
+	list, start := e.list, e.good
+	e.mu.Unlock()
+	d := net.Dialer{KeepAlive: -1, Timeout: dialAttempt}
+	var errs []error
+	for i := range list {
+		n := (start + i) % len(list)
+		conn, err := d.DialContext(ctx, network, list[n].String())
+		if err == nil {
+			e.mu.Lock()
+			if slices.Equal(e.list, list) {
+				e.good = n
+			}
+			e.mu.Unlock()
+			return conn, nil
+		}
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return nil, errors.Join(errs...)
+}
+
+// SetEndpoints gives the control endpoints to try after the enrolled
+// one: those the table keeps open.
+func (c *Client) SetEndpoints(eps []netip.AddrPort) { c.eps.set(c.rec.Endpoint, eps) }
+
 // Load reads the enrolment in dir.
 func Load(dir string) (*Record, error) {
 	raw, err := os.ReadFile(filepath.Join(dir, RecordFile))
@@ -318,6 +383,7 @@ type Client struct {
 	http *http.Client
 	// cert is the client certificate presented; Renew replaces it.
 	cert atomic.Pointer[tls.Certificate]
+	eps  endpoints
 }
 
 // New makes a client from the enrolment in dir.
@@ -337,10 +403,11 @@ func New(dir string, rec *Record) (*Client, error) {
 	pool.AddCert(ca)
 	c := &Client{rec: rec, dir: dir, pool: pool}
 	c.cert.Store(&cert)
+	c.eps.set(rec.Endpoint, nil)
 	tr := &http.Transport{
 		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool,
 			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.cert.Load(), nil }},
-		DialContext:         dialTo(rec.Endpoint),
+		DialContext:         c.eps.dial,
 		MaxIdleConns:        1,
 		IdleConnTimeout:     controlapi.MaxWait + time.Minute,
 		TLSHandshakeTimeout: 15 * time.Second,
