@@ -12,15 +12,17 @@ import (
 	"testing"
 
 	"github.com/bulkhead-edge/bulkhead/internal/pgrun"
-	"github.com/bulkhead-edge/bulkhead/lab"
 )
+
+// requireEnv is lab.RequireEnv, which this package sits below.
+const requireEnv = "BULKHEAD_REQUIRE_PRIVILEGED"
 
 // Start runs a cluster for t.
 func Start(t testing.TB, opts pgrun.Options) *pgrun.Cluster {
 	t.Helper()
 	if _, err := pgrun.BinDir(); err != nil {
-		if os.Getenv(lab.RequireEnv) == "1" {
-			t.Fatalf("%v, and %s=1 forbids skipping", err, lab.RequireEnv)
+		if os.Getenv(requireEnv) == "1" {
+			t.Fatalf("%v, and %s=1 forbids skipping", err, requireEnv)
 		}
 		t.Skip(err)
 	}
