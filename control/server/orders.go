@@ -63,6 +63,29 @@ func (b *book) all() []*order {
 	return b.orders
 }
 
+// replace makes orders the book, and returns those it did not hold (by
+// command id).
+func (b *book) replace(orders []*order) []*order {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	held := map[string]bool{}
+	for _, o := range b.orders {
+		held[o.Command.ID] = true
+	}
+	var fresh []*order
+	b.lastSeq = 0
+	for _, o := range orders {
+		b.lastSeq = max(b.lastSeq, o.Seq)
+		if !held[o.Command.ID] {
+			fresh = append(fresh, o)
+		}
+	}
+	next := slices.Clone(orders)
+	slices.SortFunc(next, before)
+	b.orders = next
+	return fresh
+}
+
 // last is the highest seq in the book (0: none).
 func (b *book) last() uint64 {
 	b.mu.Lock()

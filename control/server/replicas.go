@@ -2,6 +2,7 @@ package server
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"slices"
 	"sync"
@@ -64,7 +65,7 @@ func (c *catalog) set(b []storedBundle, r []storedRoots) {
 // bundle is the stored bundle of version.
 func (c *catalog) bundle(version uint64) (storedBundle, bool) {
 	bs, _ := c.get()
-	i, ok := slices.BinarySearchFunc(bs, version, func(b storedBundle, v uint64) int { return cmpU64(b.version, v) })
+	i, ok := slices.BinarySearchFunc(bs, version, func(b storedBundle, v uint64) int { return cmp.Compare(b.version, v) })
 	if !ok {
 		return storedBundle{}, false
 	}
@@ -95,16 +96,6 @@ func (c *catalog) rootsAbove(have uint64, refused []string) [][]byte {
 	return out
 }
 
-func cmpU64(a, b uint64) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
-
 // reload reads the stored rotations and bundles again: the trust root
 // follows every rotation, and each bundle is judged against it. A bundle
 // already held is not parsed again.
@@ -132,7 +123,7 @@ func (s *Server) reload() error {
 	old, _ := s.catalog.get()
 	var bundles []storedBundle
 	err = s.db.Bundles(func(v uint64, raw []byte) {
-		if i, ok := slices.BinarySearchFunc(old, v, func(b storedBundle, v uint64) int { return cmpU64(b.version, v) }); ok && bytes.Equal(old[i].raw, raw) {
+		if i, ok := slices.BinarySearchFunc(old, v, func(b storedBundle, v uint64) int { return cmp.Compare(b.version, v) }); ok && bytes.Equal(old[i].raw, raw) {
 			b := old[i]
 			b.unverified = s.cfg.Ops.Len() > 0 && !s.trust.verifiesUnderAny(raw)
 			bundles = append(bundles, b)
@@ -200,12 +191,29 @@ func (s *Server) changed(c store.Change) {
 	}
 }
 
+// reloadOrders reads every order again and makes them the book: after
+// the feed was lost, the database may have lost commits too (a failover
+// to a standby that had not received them), and an order numbered like
+// one it lost would otherwise be taken as held.
+func (s *Server) reloadOrders() error {
+	s.reloadMu.Lock()
+	defer s.reloadMu.Unlock()
+	orders, err := s.db.OrdersAfter(0)
+	if err != nil {
+		return err
+	}
+	for _, o := range s.book.replace(orders) {
+		s.waits.order(o.Command.Target)
+	}
+	return nil
+}
+
 // caughtUp reads everything that may have changed unheard, and wakes
 // every poll to look again.
 func (s *Server) caughtUp() {
 	err := s.reload()
 	if err == nil {
-		err = s.catchUpOrders()
+		err = s.reloadOrders()
 	}
 	if err != nil {
 		s.log.Error("catch up with the store", "err", err)

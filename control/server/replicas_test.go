@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/go-json-experiment/json"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/control/pki"
@@ -72,7 +73,13 @@ type held struct {
 
 func hold(t *testing.T, a *api, dev *x509.Certificate) *held {
 	t.Helper()
-	body, _ := json.Marshal(controlapi.SyncRequest{WaitSeconds: 3600})
+	return holdWith(t, a, dev, controlapi.DeviceState{})
+}
+
+// holdWith is hold for a device reporting st.
+func holdWith(t *testing.T, a *api, dev *x509.Certificate, st controlapi.DeviceState) *held {
+	t.Helper()
+	body, _ := json.Marshal(controlapi.SyncRequest{WaitSeconds: 3600, State: st})
 	r := httptest.NewRequest("POST", controlapi.PathSync, bytes.NewReader(body))
 	r.TLS = &tls.ConnectionState{VerifiedChains: [][]*x509.Certificate{{dev}}}
 	h := &held{w: flushes{httptest.NewRecorder(), make(chan struct{}, 1)}, done: make(chan struct{})}
@@ -207,5 +214,56 @@ func TestAReplicaWithOtherSecretsIsRefused(t *testing.T) {
 	cfg.DataDir = mixed
 	if _, _, err := Open(cfg); err == nil || !strings.Contains(err.Error(), "command key") {
 		t.Errorf("a replica with another command key: %v, want a refusal", err)
+	}
+}
+
+// A database that fails over to a standby may lose its last commits, and
+// then number the next order like one it lost. A replica that heard of
+// the lost order must not take the new one as held: after the feed is
+// back it reads the whole book again.
+func TestAnOrderNumberedLikeALostOneIsNotSkipped(t *testing.T) {
+	rs, _ := replicas(t, 2)
+	dev := rs[0].enrol(t, "scanner")
+	var lost controlapi.CommandResponse
+	decodeOK(t, rs[0].call("POST", controlapi.PathAdminCommands, controlapi.CommandRequest{Kind: "quarantine", Devices: []string{deviceID(dev)}, Reason: "INC-10"}, rs[0].ops), &lost)
+	seq := rs[0].s.book.find(lost.ID).Seq
+	for rs[1].s.book.find(lost.ID) == nil {
+		time.Sleep(10 * time.Millisecond) // the other replica hears of it
+	}
+	ctx := context.Background()
+	db, err := pgx.Connect(ctx, rs[0].s.cfg.Database)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close(ctx)
+	// The failover: the order and its number are gone, and the feed's
+	// connections with the old primary.
+	if _, err := db.Exec(ctx, "DELETE FROM orders WHERE seq = $1", int64(seq)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(ctx, "UPDATE counters SET value = $1 WHERE name = 'orders'", int64(seq-1)); err != nil {
+		t.Fatal(err)
+	}
+	listeners := func() (n int) {
+		if err := db.QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE query ILIKE 'listen%'").Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if _, err := db.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query ILIKE 'listen%'"); err != nil {
+		t.Fatal(err)
+	}
+	for listeners() != len(rs) {
+		time.Sleep(10 * time.Millisecond) // both replicas follow the feed again
+	}
+	// The device holds the lost order, as it was delivered before.
+	onB := holdWith(t, rs[1], dev, controlapi.DeviceState{Orders: map[string]string{"mode": lost.ID}})
+	var next controlapi.CommandResponse
+	decodeOK(t, rs[0].call("POST", controlapi.PathAdminCommands, controlapi.CommandRequest{Kind: "diagnostic", Devices: []string{deviceID(dev)}, Reason: "INC-11"}, rs[0].ops), &next)
+	if o := rs[0].s.book.find(next.ID); o == nil || o.Seq != seq {
+		t.Fatalf("the new order is %+v in the replica that gave it, not numbered %d", o, seq)
+	}
+	if resp := onB.answer(t); len(resp.Commands) != 1 {
+		t.Errorf("the poll carried %d commands, want the new order", len(resp.Commands))
 	}
 }

@@ -811,9 +811,15 @@ func (s *Store) Listen(ctx context.Context, changed func(store.Change), caughtUp
 			return pgx.ConnectConfig(ctx, s.cfg.Copy())
 		},
 		LogError: func(ctx context.Context, err error) {
-			if ctx.Err() == nil {
-				s.log.Warn("database change feed interrupted; reconnecting", "err", err)
+			if ctx.Err() != nil {
+				return
 			}
+			s.log.Warn("database change feed interrupted; reconnecting", "err", err)
+			// The pool's idle connections most likely died with the feed's
+			// (a restart, a failover): each would fail one device's sync
+			// before being dropped, and each failure doubles that device's
+			// backoff. Closing them now means the next call connects anew.
+			s.pool.Reset()
 		},
 		ReconnectDelay: ReconnectDelay,
 	}
@@ -841,6 +847,7 @@ func (h handler) HandleNotification(_ context.Context, n *pgconn.Notification, _
 }
 
 func (h handler) HandleBacklog(context.Context, string, *pgx.Conn) error {
+	h.log.Info("following the database's change feed")
 	h.caughtUp()
 	return nil
 }
