@@ -28,6 +28,7 @@ func Root() *subcmd.Command {
 		Summary: "bulkhead-control: security-operations tools for a Bulkhead fleet.",
 		Sub: []*subcmd.Command{
 			serveCmd(),
+			migrateCmd(),
 			keygenCmd(),
 			tokenCmd(),
 			{Name: "policy", Summary: "validate, sign and push policy bundles; draft rules from observed flows", Sub: []*subcmd.Command{validateCmd(), signCmd(), pushCmd(), withdrawCmd(), suggestCmd()}},

@@ -352,3 +352,28 @@ func RosterPage(devs []controlapi.Device, after uint64, limit int) (page []contr
 	}
 	return devs, cursor, more
 }
+
+// Record is one stored item as a backend keeps it, for moving a whole
+// store to another backend (bulkhead-control migrate): the bucket it is
+// in, its key and its value, byte for byte as the bbolt backend keys and
+// encodes it. A Record with only Bucket and Seq set carries the bucket's
+// counter (the last number it gave).
+type Record struct {
+	Bucket     string
+	Key, Value []byte
+	Seq        uint64
+}
+
+// The buckets a store is made of, as Records name them.
+const (
+	BucketTokens    = "tokens"    // sha256(token) -> Token
+	BucketDevices   = "devices"   // id -> controlapi.Device; Seq: the last rev
+	BucketBundles   = "bundles"   // version (8 bytes, big endian) -> signed bundle
+	BucketOrders    = "orders"    // seq (8 bytes) -> Order; Seq: the last seq
+	BucketReports   = "reports"   // id 0x00 seq (8 bytes) -> controlapi.Event
+	BucketAudit     = "audit"     // seq (8 bytes) -> controlapi.AuditEntry; Seq: the last seq
+	BucketFlows     = "flows"     // class 0x00 flow (deterministic JSON) -> controlapi.ObservedFlow
+	BucketRoots     = "roots"     // version (8 bytes) -> signed trust-root rotation
+	BucketAddresses = "addresses" // address (16 bytes) -> device id
+	BucketClaims    = "claims"    // name -> value
+)

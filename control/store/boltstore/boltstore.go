@@ -14,6 +14,7 @@ import (
 	"iter"
 	"maps"
 	"net/netip"
+	"os"
 	"slices"
 	"time"
 
@@ -25,17 +26,20 @@ import (
 )
 
 var (
-	bucketTokens    = []byte("tokens")    // sha256(token) -> token
-	bucketDevices   = []byte("devices")   // id -> device
-	bucketBundles   = []byte("bundles")   // version -> signed bundle
-	bucketOrders    = []byte("orders")    // seq -> order
-	bucketReports   = []byte("reports")   // id 0x00 seq -> event
-	bucketAudit     = []byte("audit")     // seq -> audit entry
-	bucketFlows     = []byte("flows")     // class 0x00 flow -> observed flow
-	bucketRoots     = []byte("roots")     // version -> signed trust-root rotation
-	bucketAddresses = []byte("addresses") // address (16 bytes) -> device id
-	bucketClaims    = []byte("claims")    // name -> value
+	bucketTokens    = []byte(store.BucketTokens)
+	bucketDevices   = []byte(store.BucketDevices)
+	bucketBundles   = []byte(store.BucketBundles)
+	bucketOrders    = []byte(store.BucketOrders)
+	bucketReports   = []byte(store.BucketReports)
+	bucketAudit     = []byte(store.BucketAudit)
+	bucketFlows     = []byte(store.BucketFlows)
+	bucketRoots     = []byte(store.BucketRoots)
+	bucketAddresses = []byte(store.BucketAddresses)
+	bucketClaims    = []byte(store.BucketClaims)
 )
+
+// buckets are every bucket, in the order Export gives them.
+var buckets = [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketOrders, bucketReports, bucketAudit, bucketFlows, bucketRoots, bucketAddresses, bucketClaims}
 
 // Store is a bbolt-backed store.Store.
 type Store struct{ bolt *bolt.DB }
@@ -49,7 +53,7 @@ func Open(path string) (*Store, error) {
 		return nil, fmt.Errorf("open %s: %w (is another bulkhead-control serve using it?)", path, err)
 	}
 	err = b.Update(func(tx *bolt.Tx) error {
-		for _, name := range [][]byte{bucketTokens, bucketDevices, bucketBundles, bucketOrders, bucketReports, bucketAudit, bucketFlows, bucketRoots, bucketAddresses, bucketClaims} {
+		for _, name := range buckets {
 			if _, err := tx.CreateBucketIfNotExists(name); err != nil {
 				return err
 			}
@@ -61,6 +65,42 @@ func Open(path string) (*Store, error) {
 		return nil, err
 	}
 	return &Store{b}, nil
+}
+
+// OpenReadOnly opens the file at path for reading only: what migrate
+// reads, with the server stopped.
+func OpenReadOnly(path string) (*Store, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, err
+	}
+	b, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: time.Second, ReadOnly: true})
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w (stop the bulkhead-control serve using it first)", path, err)
+	}
+	return &Store{b}, nil
+}
+
+// Export calls fn with every record, bucket by bucket, each bucket's
+// counter first, in one consistent read.
+func (d *Store) Export(fn func(store.Record) error) error {
+	return d.bolt.View(func(tx *bolt.Tx) error {
+		for _, name := range buckets {
+			b := tx.Bucket(name)
+			if b == nil {
+				continue
+			}
+			if err := fn(store.Record{Bucket: string(name), Seq: b.Sequence()}); err != nil {
+				return err
+			}
+			err := b.ForEach(func(k, v []byte) error {
+				return fn(store.Record{Bucket: string(name), Key: bytes.Clone(k), Value: bytes.Clone(v)})
+			})
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 // Close releases the file.

@@ -2,9 +2,12 @@ package pgstore_test
 
 import (
 	"context"
+	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/bulkhead-edge/bulkhead/control/store"
+	"github.com/bulkhead-edge/bulkhead/control/store/boltstore"
 	"github.com/bulkhead-edge/bulkhead/control/store/pgstore"
 	"github.com/bulkhead-edge/bulkhead/control/store/storetest"
 	"github.com/bulkhead-edge/bulkhead/internal/pgrun"
@@ -33,4 +36,29 @@ func TestConformance(t *testing.T) {
 		},
 		Share: func(t *testing.T, s store.Store) store.Store { return open(t, urls[s]) },
 	})
+}
+
+// A bbolt store moved into PostgreSQL reads the same through every call,
+// and goes on numbering, assigning and refusing where it left off.
+func TestImportFromBolt(t *testing.T) {
+	pg := pgtest.Start(t, pgrun.Options{})
+	from, err := boltstore.Open(filepath.Join(t.TempDir(), "control.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer from.Close()
+	f := storetest.Fill(t, from)
+	to := open(t, pgtest.DB(t, pg))
+	n, err := to.Import(context.Background(), from.Export)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n < 20 {
+		t.Errorf("%d records moved", n)
+	}
+	// Into a database that holds a store already: refused, nothing added.
+	if _, err := to.Import(context.Background(), from.Export); err == nil || !strings.Contains(err.Error(), "empty") {
+		t.Errorf("a second import: %v, want a refusal", err)
+	}
+	storetest.Same(t, from, to, f)
 }
