@@ -41,6 +41,15 @@ type ControlOptions struct {
 	OpsPub []string
 	// Args are further `serve` flags (--clock-offset, say).
 	Args []string
+	// Database is the PostgreSQL store replicas share (empty: the
+	// server's own bbolt file).
+	Database string
+	// Names are further names in its certificate besides its address:
+	// every replica carries the name devices enrolled with.
+	Names []string
+	// SecretsFrom is the data directory of the replica whose CA and
+	// command key this one shares, copied in before its first start.
+	SecretsFrom string
 }
 
 // StartControl runs `bulkhead-control serve` in ns on addr with its data
@@ -57,6 +66,17 @@ func StartControlWith(t T, ns *NS, addr netip.AddrPort, o ControlOptions) *Contr
 	t.Helper()
 	c := &Control{NS: ns, URL: "https://" + addr.String(), Data: t.TempDir(), addr: addr,
 		bin: Binary(t, "cmd/bulkhead-control"), opts: o}
+	if o.SecretsFrom != "" {
+		for _, name := range []string{pki.CertFile, pki.KeyFile, "command.key"} {
+			raw, err := os.ReadFile(filepath.Join(o.SecretsFrom, name))
+			if err == nil {
+				err = os.WriteFile(filepath.Join(c.Data, name), raw, 0o600)
+			}
+			if err != nil {
+				t.Fatalf("replica secrets: %v", err)
+			}
+		}
+	}
 	c.Start(t)
 	t.Cleanup(c.Stop)
 	return c
@@ -88,6 +108,12 @@ func (c *Control) Options() ControlOptions { return c.opts }
 func (c *Control) Start(t T) {
 	t.Helper()
 	argv := []string{c.bin, "serve", "--data", c.Data, "--listen", c.addr.String(), "--name", c.addr.Addr().String()}
+	for _, n := range c.opts.Names {
+		argv = append(argv, "--name", n)
+	}
+	if c.opts.Database != "" {
+		argv = append(argv, "--db", c.opts.Database)
+	}
 	if c.opts.KeepAlive > 0 {
 		argv = append(argv, "--keepalive", c.opts.KeepAlive.String())
 	}
@@ -159,7 +185,6 @@ func (c *Control) HTTPClient(t T, cert *tls.Certificate) *http.Client {
 // Pid is the running server's process id.
 func (c *Control) Pid() int { return c.cmd.Process.Pid }
 
-// Stop kills the server (as a crash or power loss would).
 // Terminate stops the server with SIGTERM and waits for it to finish
 // (killing it after 10 s).
 func (c *Control) Terminate() {
@@ -178,6 +203,8 @@ func (c *Control) Terminate() {
 	c.cmd = nil
 }
 
+// Stop kills the server with SIGKILL, as a crash or a lost machine
+// would, and waits for it to be gone.
 func (c *Control) Stop() {
 	if c.cmd != nil && c.cmd.Process != nil {
 		c.cmd.Process.Kill()

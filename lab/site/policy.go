@@ -24,7 +24,7 @@ func (s *Site) policyJSON(shift *[2]string) string {
 	return strings.TrimSpace(fmt.Sprintf(`
 {
   "schema": "bulkhead.policy/v1",
-  "control": [{"address": %q, "port": %d}],
+  "control": [{"address": %q, "port": %d}, {"address": %q, "port": %d}, {"address": %q, "port": %d}],
   "validity": {"max_offline": "72h"},
   "segments": [
     {"name": "wms", "data_class": "operational", "tier": 0,
@@ -63,6 +63,6 @@ func (s *Site) policyJSON(shift *[2]string) string {
     },
     %q: {"rules": []}
   }
-}`, controlAddr.Addr(), controlAddr.Port(), gw["wms"], gw["finance"], gw["carrier-edi"], brokerFeed, gw["broker-portal"], gw["diagnostics"],
+}`, controlAddr.Addr(), controlAddr.Port(), replicaAddr[0].Addr(), replicaAddr[0].Port(), replicaAddr[1].Addr(), replicaAddr[1].Port(), gw["wms"], gw["finance"], gw["carrier-edi"], brokerFeed, gw["broker-portal"], gw["diagnostics"],
 		schedules, s.SensorName, scannerWMS, yard.Lat, yard.Lon, gatewayClass))
 }

@@ -29,6 +29,7 @@ func Scenarios() []Scenario {
 		{"Context: geofence, shift end, a required process dies", context},
 		{"Attacks: forged bundle, rolled-back bundle, replayed release", attacks},
 		{"Rooted truck: the gateways hold the policy when the box's agent is gone", rootedTruck},
+		{"Control failover: the devices' replica dies mid-revocation, the database restarts", controlFailover},
 	}
 }
 
@@ -284,8 +285,10 @@ func ransomwareDrill(s *Site, r *Result) {
 		d, _ := s.device(a)
 		before[a] = lastSeq(d)
 	}
-	r.Note("ransomware on the corporate side: control server down, corporate uplink cut")
-	s.Ctl.Stop()
+	r.Note("ransomware on the corporate side: every control replica down, corporate uplink cut")
+	for _, c := range s.Controls() {
+		c.Stop()
+	}
 	s.setUplink(false)
 	r.Note("every device reboots")
 	for _, a := range s.Agents() {
@@ -332,9 +335,13 @@ func ransomwareDrill(s *Site, r *Result) {
 	r.Check(Check{What: "the dock gateway's table, flushed offline", Expected: "restored", Observed: found(ok, "restored"),
 		Latency: lat, Of: "flush -> restored", Pass: ok})
 
-	r.Note("recovery: uplink and control back")
+	r.Note("recovery: control and uplink back")
+	// The replicas are up before the uplink, so each device finds the
+	// one it enrolled with first, as before the attack.
+	for _, c := range s.Controls() {
+		c.Start(s.t)
+	}
 	s.setUplink(true)
-	s.Ctl.Start(s.t)
 	start = time.Now()
 	for _, a := range s.Agents() {
 		lat, ok := lab.Until(start, 100*time.Second, func() bool { c := a.Status(s.t).Control; return c != nil && c.Connected })
@@ -475,12 +482,16 @@ func attacks(s *Site, r *Result) {
 	r.Check(Check{What: fmt.Sprintf("forged bundle v%d (attacker's key) pushed to the control server", forged),
 		Expected: "refused by control itself, version left free", Observed: strings.TrimSpace(out),
 		Pass: err != nil && strings.Contains(out, "not a trusted ops key")})
-	// An attacker who takes the server over can make it trust their key;
-	// the devices pin the real one.
-	honest := s.Ctl.Options()
-	taken := honest
-	taken.OpsPub = []string{filepath.Join(filepath.Dir(s.AttackerKey), "ops.pub")}
-	s.Ctl.RestartWith(s.t, taken)
+	// An attacker who takes the control plane over (every replica: they
+	// share their configuration) can make it trust their key; the devices
+	// pin the real one.
+	var honest []lab.ControlOptions
+	for _, c := range s.Controls() {
+		honest = append(honest, c.Options())
+		taken := c.Options()
+		taken.OpsPub = []string{filepath.Join(filepath.Dir(s.AttackerKey), "ops.pub")}
+		c.RestartWith(s.t, taken)
+	}
 	start := time.Now()
 	s.Ctl.MustCLI(s.t, "policy", "push", forgedFile)
 	lat, ok := lab.Until(start, 20*time.Second, func() bool {
@@ -499,11 +510,13 @@ func attacks(s *Site, r *Result) {
 		versions = append(versions, fmt.Sprintf("v%d", v))
 	}
 	open := s.reach(s.Scanner, fin)
-	r.Check(Check{What: "the same bundle through a control server the attacker took over (it trusts the attacker's key)",
+	r.Check(Check{What: "the same bundle through a control plane the attacker took over (its replicas trust the attacker's key)",
 		Expected: fmt.Sprintf("rejected by all three devices and audited; they stay on v%d; finance stays shut to the scanner", s.Version),
 		Observed: fmt.Sprintf("%s audited; versions %s; finance %s", found(ok, "rejection"), strings.Join(versions, " "), yesno(open)),
 		Latency:  lat, Of: "push -> every rejection at control", Pass: ok && !open && unchanged})
-	s.Ctl.RestartWith(s.t, honest) // restored: it no longer offers what it cannot verify
+	for i, c := range s.Controls() {
+		c.RestartWith(s.t, honest[i]) // restored: it no longer offers what it cannot verify
+	}
 
 	// An old bundle, validly signed, dropped on the scanner (a USB stick
 	// from last month, or a network replaying it).
@@ -658,4 +671,89 @@ func tunnelAddress(t lab.T, a *Agent) netip.Prefix {
 	}
 	t.Fatalf("the %s has no tunnel address", a.Name)
 	return netip.Prefix{}
+}
+
+// controlFailover kills the control replica every device holds its poll
+// on right after a partner revocation committed on another, gives an
+// order while it is down, and restarts the database under the replicas.
+func controlFailover(s *Site, r *Result) {
+	edi, broker := s.Segment("carrier-edi").Host, s.Segment("broker-portal").Host
+	wms, finance := s.Segment("wms").Host, s.Segment("finance").Host
+	b, c := s.Replicas[0], s.Replicas[1]
+	r.Note("every device and gateway holds its poll on %s, the replica it enrolled with; %s and %s share its database", s.Ctl.URL, b.URL, c.URL)
+	flows := map[*Agent]*flow{s.Dock: s.openFlow(s.Dock, edi), s.Tele: s.openFlow(s.Tele, edi)}
+	start := time.Now()
+	out := c.MustCLI(s.t, "revoke-partner", "northline-freight", "--reason", "INC-240 partner breach, failover drill")
+	s.Ctl.Stop()
+	id := orderID(out)
+	r.Note("$ bulkhead-control revoke-partner northline-freight ... (on %s)\n%s\nthen %s is killed (SIGKILL)", c.URL, strings.TrimSpace(out), s.Ctl.URL)
+	for _, a := range []*Agent{s.Dock, s.Tele} {
+		lat, ok := flows[a].diesAfter(start, 15*time.Second)
+		r.Check(Check{What: "the " + a.Name + "'s established EDI connection, its replica dead", Expected: "cut",
+			Observed: found(ok, "cut") + fmt.Sprintf(", last echo %s after the command", ms(lat)), Latency: lat, Of: "revoke-partner -> last echo", Pass: ok})
+	}
+	lat, ok := lab.Until(start, 20*time.Second, func() bool { return s.appliedEverywhere(b, id) })
+	r.Check(Check{What: "the order on every enrolled device and gateway, as another replica shows it", Expected: "applied on all",
+		Observed: found(ok, "applied on all"), Latency: lat, Of: "revoke-partner -> all applied", Pass: ok})
+
+	start = time.Now()
+	out = b.MustCLI(s.t, "reinstate-partner", "northline-freight", "--reason", "INC-240 closed", "--key", s.OpsKey, "--wait", "20s")
+	r.Note("with that replica still down, through another:\n$ bulkhead-control reinstate-partner northline-freight --key ops.key --wait 20s ...\n%s", strings.TrimSpace(out))
+	for _, a := range []*Agent{s.Dock, s.Tele} {
+		lat, ok := lab.Until(start, 20*time.Second, func() bool { return s.reach(a, edi) })
+		r.Check(Check{What: "EDI from the " + a.Name + ", reinstated while its first replica is down", Expected: "open", Observed: yesno(ok),
+			Latency: lat, Of: "reinstate-partner -> first echo", Pass: ok})
+	}
+
+	r.Note("the database crashes (immediate shutdown) under the replicas")
+	s.DB.Stop(s.t)
+	_, err := b.CLI("revoke-partner", "spotload-brokers", "--reason", "INC-241")
+	r.Check(Check{What: "an order while the database is down", Expected: "refused, nothing acknowledged", Observed: found(err != nil, "refused"), Pass: err != nil})
+	held := s.reach(s.Scanner, wms) && !s.reach(s.Scanner, finance) && s.reach(s.Tele, edi)
+	r.Check(Check{What: "devices while the database is down", Expected: "enforcing (scanner: WMS open, finance shut; EDI open)", Observed: yesno(held), Pass: held})
+	s.DB.Start(s.t)
+	r.Note("the database is back; the replicas reconnect by themselves")
+	start = time.Now()
+	id = ""
+	lat, ok = lab.Until(start, 30*time.Second, func() bool {
+		if id == "" {
+			if out, err := c.CLI("revoke-partner", "spotload-brokers", "--reason", "INC-241"); err == nil {
+				id = orderID(out)
+			}
+		}
+		return id != "" && s.appliedEverywhere(b, id)
+	})
+	shut := ok && !s.reach(s.Dock, broker)
+	r.Check(Check{What: "an order after the restart: spotload-brokers revoked, the dock gateway's broker portal", Expected: "applied on all; shut",
+		Observed: found(ok, "applied on all") + "; " + map[bool]string{true: "shut", false: "open"}[shut], Latency: lat, Of: "database back -> all applied", Pass: ok && shut})
+	start = time.Now()
+	b.MustCLI(s.t, "reinstate-partner", "spotload-brokers", "--reason", "INC-241 closed", "--key", s.OpsKey, "--wait", "20s")
+	lat, ok = lab.Until(start, 20*time.Second, func() bool { return s.reach(s.Dock, broker) })
+	r.Check(Check{What: "the broker portal, reinstated", Expected: "open", Observed: yesno(ok), Latency: lat, Of: "reinstate-partner -> first echo", Pass: ok})
+	s.Ctl.Start(s.t)
+}
+
+// orderID is the order a command's output names ("" if none).
+func orderID(out string) string {
+	for _, f := range strings.Fields(out) {
+		if strings.HasPrefix(f, "order-") {
+			return f
+		}
+	}
+	return ""
+}
+
+// appliedEverywhere reports whether every device order id covers holds
+// it, as replica c shows it.
+func (s *Site) appliedEverywhere(c *lab.Control, id string) bool {
+	var o controlapi.Order
+	if err := c.Ops(s.t).Call("GET", controlapi.PathAdminOrders+"/"+id, nil, &o); err != nil || len(o.Devices) == 0 {
+		return false
+	}
+	for _, d := range o.Devices {
+		if d.State != controlapi.OrderApplied {
+			return false
+		}
+	}
+	return true
 }

@@ -44,14 +44,20 @@ type Site struct {
 	progress io.Writer
 	dir      string
 
+	// Ctl is the control replica devices enrol with; Replicas the two
+	// others, sharing DB with it.
 	Ctl         *lab.Control
+	Replicas    []*lab.Control
+	DB          *lab.Postgres
 	ControlBin  string
 	OpsKey      string // the ops signing key (ops.key); its ops.pub is pinned by every agent
 	AttackerKey string // a key no device trusts
 	Router      *lab.NS
 	WAN         *lab.NS
-	uplink      string // the router's interface to the corporate uplink
-	ctlNS       *lab.NS
+	uplink      string    // the router's interface to the corporate uplink
+	ctlNS       *lab.NS   // the first replica's machine
+	replicaNS   []*lab.NS // the others'
+	dbNS        *lab.NS   // the database's
 
 	Segments []*Segment
 	Dock     *Agent
@@ -78,6 +84,8 @@ type Site struct {
 // the corporate uplink.
 var (
 	controlAddr = netip.MustParseAddrPort("10.99.0.2:8443")
+	replicaAddr = []netip.AddrPort{netip.MustParseAddrPort("10.99.0.6:8443"), netip.MustParseAddrPort("10.99.0.10:8443")}
+	dbAddr      = netip.MustParseAddrPort("10.99.0.14:5432")
 	tunnelPool  = netip.MustParsePrefix("100.64.0.0/24")
 	truckNet    = netip.MustParsePrefix("192.168.50.0/29")
 	yard        = lab.Point{Lat: 41.5250, Lon: -88.0817} // the depot: a 500 m geofence
@@ -126,7 +134,7 @@ func Build(t lab.T, progress io.Writer) *Site {
 		s.detail("the scanner reaches %s at %s", f.what, f.ap)
 	}
 
-	s.step("control server with the ops trust root; ops and attacker keys")
+	s.step("control plane: PostgreSQL and three control replicas with the ops trust root; ops and attacker keys")
 	opsDir, attacker := filepath.Join(s.dir, "ops"), filepath.Join(s.dir, "attacker")
 	s.ControlBin = lab.Binary(t, "cmd/bulkhead-control")
 	for _, dir := range []string{opsDir, attacker} {
@@ -138,9 +146,19 @@ func Build(t lab.T, progress io.Writer) *Site {
 	// Each delivery of an order the server signs lasts 5 s here (15 min
 	// by default), so scenario 4 can show, in seconds, a truck back from
 	// longer than that out of coverage getting its quarantine.
-	s.Ctl = lab.StartControlWith(t, s.ctlNS, controlAddr, lab.ControlOptions{OpsPub: []string{filepath.Join(opsDir, "ops.pub")},
-		Args: []string{"--command-lifetime", commandLifetime.String(), "--tunnel-pool", tunnelPool.String()}})
+	s.DB = lab.StartPostgres(t, s.dbNS, dbAddr)
+	s.detail("PostgreSQL at %s", dbAddr)
+	opts := lab.ControlOptions{OpsPub: []string{filepath.Join(opsDir, "ops.pub")}, Database: s.DB.URL,
+		Args: []string{"--command-lifetime", commandLifetime.String(), "--tunnel-pool", tunnelPool.String()}}
+	s.Ctl = lab.StartControlWith(t, s.ctlNS, controlAddr, opts)
 	s.detail("control at %s, CA %s; each delivery it signs lasts %v; tunnel addresses from %s", s.Ctl.URL, s.Ctl.Fingerprint, commandLifetime, tunnelPool)
+	// The other replicas share the first's CA and command key, and carry
+	// the name devices enrolled with in their certificates.
+	opts.SecretsFrom, opts.Names = s.Ctl.Data, []string{controlAddr.Addr().String()}
+	for i, ns := range s.replicaNS {
+		s.Replicas = append(s.Replicas, lab.StartControlWith(t, ns, replicaAddr[i], opts))
+		s.detail("replica at %s, the same store and CA", s.Replicas[i].URL)
+	}
 
 	s.step("segment gateways: the agent in its gateway role, one per segment (they boot in lockdown)")
 	for _, seg := range s.Segments {
@@ -209,6 +227,11 @@ func (s *Site) network() {
 		{Name: "telematics box", Class: "telematics"},
 	}
 	s.ctlNS, _, _ = hang("ctl", false, "10.99.0.0/24", 0)
+	for i := range replicaAddr {
+		ns, _, _ := hang(fmt.Sprint("ctl", i+1), false, "10.99.0.0/24", i+1)
+		s.replicaNS = append(s.replicaNS, ns)
+	}
+	s.dbNS, _, _ = hang("db", false, "10.99.0.0/24", len(replicaAddr)+1)
 	control := policy.Endpoint{Address: controlAddr.Addr(), Port: controlAddr.Port()}
 	opsPub := filepath.Join(s.dir, "ops", "ops.pub")
 	var agents []*Agent
@@ -281,7 +304,10 @@ func parked() []byte {
 
 // Namespaces are the names of every namespace of the site.
 func (s *Site) Namespaces() []string {
-	names := []string{s.Router.Name, s.WAN.Name, s.ctlNS.Name, s.Truck.NS.Name}
+	names := []string{s.Router.Name, s.WAN.Name, s.ctlNS.Name, s.dbNS.Name, s.Truck.NS.Name}
+	for _, ns := range s.replicaNS {
+		names = append(names, ns.Name)
+	}
 	for _, a := range s.Agents() {
 		names = append(names, a.NS.Name)
 	}
@@ -290,6 +316,9 @@ func (s *Site) Namespaces() []string {
 	}
 	return names
 }
+
+// Controls are the control replicas, the one devices enrol with first.
+func (s *Site) Controls() []*lab.Control { return append([]*lab.Control{s.Ctl}, s.Replicas...) }
 
 // Agents are the three devices.
 func (s *Site) Agents() []*Agent { return []*Agent{s.Dock, s.Scanner, s.Tele} }
