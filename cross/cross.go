@@ -51,14 +51,26 @@ const AgentTags = "nethttpomithttp2"
 // Agent is the agent's main package.
 const Agent = "github.com/bulkhead-edge/bulkhead/cmd/bulkhead"
 
+// Control is the control server's main package, built for the servers it
+// runs on (ControlTargets) and packaged beside the agent.
+const Control = "github.com/bulkhead-edge/bulkhead/cmd/bulkhead-control"
+
+// ControlTargets are the platforms control ships for.
+var ControlTargets = Targets[:2]
+
 // Build builds the agent for t into out and returns its size and SHA-256.
 // The build is static (no cgo), stripped, free of local paths
 // (-trimpath) and carries an empty build id, so the same source, version
 // and Go release give the same bytes on any machine.
 // Extra environment (a fresh GOCACHE) is added last.
 func Build(t Target, version, out string, extra ...string) (size int64, sum string, err error) {
+	return BuildMain(t, Agent, AgentTags, version, out, extra...)
+}
+
+// BuildMain builds main package pkg with tags as Build builds the agent.
+func BuildMain(t Target, pkg, tags, version, out string, extra ...string) (size int64, sum string, err error) {
 	ldflags := "-s -w -buildid= -X github.com/bulkhead-edge/bulkhead/internal/version.Version=" + version
-	cmd := exec.Command("go", "build", "-trimpath", "-buildvcs=false", "-tags", AgentTags, "-ldflags", ldflags, "-o", out, Agent)
+	cmd := exec.Command("go", "build", "-trimpath", "-buildvcs=false", "-tags", tags, "-ldflags", ldflags, "-o", out, pkg)
 	cmd.Env = append(append(append(os.Environ(), "CGO_ENABLED=0"), t.Env...), extra...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -84,6 +96,11 @@ func digest(path string) (int64, string, error) {
 
 // Output is where `make cross` puts t's agent.
 func Output(dir string, t Target) string { return filepath.Join(dir, "bulkhead-"+t.Name) }
+
+// ControlOutput is where `make cross` puts t's control server.
+func ControlOutput(dir string, t Target) string {
+	return filepath.Join(dir, "bulkhead-control-"+t.Name)
+}
 
 // MiB is a size in MiB.
 func MiB(n int64) float64 { return float64(n) / (1 << 20) }

@@ -1,8 +1,10 @@
 // Command deb is `make deb`: it packages the agents `make cross` built in
-// dist/ as Debian packages for amd64, arm64 and armhf with nfpm (a
-// maintained Go packaging library), then checks each package as dpkg sees
-// it: its architecture and files, its unit under systemd-analyze, and its
-// binary run (natively or under qemu-user).
+// dist/ as Debian packages for amd64, arm64 and armhf, and the control
+// server for amd64 and arm64, with nfpm (a maintained Go packaging
+// library), then checks each package as dpkg sees it: its architecture
+// and files, its unit under systemd-analyze (control's hardening scored by
+// systemd-analyze security), and its binary run (natively or under
+// qemu-user).
 //
 // It is a module of its own so that nfpm's dependencies (go-git, sprig,
 // compressors) never enter the agent's module graph. `go mod tidy` fails
@@ -40,7 +42,33 @@ var arches = []struct{ deb, dist, qemu string }{
 const (
 	Binary = "/usr/sbin/bulkhead"
 	Unit   = "/lib/systemd/system/bulkhead.service"
+
+	ControlBinary = "/usr/bin/bulkhead-control"
+	ControlUnit   = "/lib/systemd/system/bulkhead-control.service"
+	ControlEnv    = "/etc/bulkhead-control/env"
 )
+
+// controlArches are the control server's packages.
+var controlArches = []struct{ deb, dist, qemu string }{
+	{"amd64", "bulkhead-control-linux-amd64", ""},
+	{"arm64", "bulkhead-control-linux-arm64", "qemu-aarch64-static"},
+}
+
+// maxExposure is the most systemd-analyze security may score control's
+// unit (0 is sealed, 10 is root with everything): a server that needs no
+// privilege gets none.
+const maxExposure = 2.0
+
+// package_ is one package to build: the agent's or control's.
+type package_ struct {
+	name, description string
+	binary, unit      string
+	contents          func(dist, bin string, mtime time.Time) files.Contents
+	scripts           nfpm.Scripts
+	recommends        []string
+	// runs is the binary's version line prefix.
+	runs string
+}
 
 // prerm runs when the package is removed: the service goes, the table
 // stays (fail closed), and so do the configuration and state, which
@@ -95,41 +123,63 @@ func run(dist, license, version string) error {
 		}
 		mtime = time.Unix(sec, 0).UTC()
 	}
-	for _, a := range arches {
-		out := filepath.Join(dist, fmt.Sprintf("bulkhead_%s_%s.deb", version, a.deb))
-		if err := build(dist, a.dist, a.deb, version, license, prermFile, mtime, out); err != nil {
-			return fmt.Errorf("%s: %w", a.deb, err)
+	agent := package_{name: "bulkhead", binary: Binary, unit: Unit, runs: "bulkhead ",
+		description: "zero-trust edge agent for logistics devices\nEnforces a signed network policy with nftables and WireGuard microtunnels,\nkeeps enforcing offline from its cache, and obeys the security desk's\nquarantine and partner-disconnect commands. Run `bulkhead install` to enrol.",
+		recommends:  []string{"nftables"}, scripts: nfpm.Scripts{PreRemove: prermFile},
+		contents: func(dist, bin string, mtime time.Time) files.Contents {
+			return files.Contents{
+				{Source: filepath.Join(dist, bin), Destination: Binary, FileInfo: &files.ContentFileInfo{Mode: 0o755, MTime: mtime}},
+				{Source: filepath.Join(dist, "bulkhead.service"), Destination: Unit, FileInfo: &files.ContentFileInfo{Mode: 0o644, MTime: mtime}},
+			}
+		}}
+	control := package_{name: "bulkhead-control", binary: ControlBinary, unit: ControlUnit, runs: "bulkhead-control ",
+		description: "control server for a Bulkhead fleet\nEnrols devices, forwards ops-signed policy and routes the security desk's\norders, from one bbolt file or a PostgreSQL database shared by replicas.\nSet BULKHEAD_DB and BULKHEAD_CONTROL_ARGS in /etc/bulkhead-control/env.",
+		contents: func(dist, bin string, mtime time.Time) files.Contents {
+			return files.Contents{
+				{Source: filepath.Join(dist, bin), Destination: ControlBinary, FileInfo: &files.ContentFileInfo{Mode: 0o755, MTime: mtime}},
+				{Source: filepath.Join(dist, "bulkhead-control.service"), Destination: ControlUnit, FileInfo: &files.ContentFileInfo{Mode: 0o644, MTime: mtime}},
+				{Source: filepath.Join(dist, "bulkhead-control.env"), Destination: ControlEnv, Type: files.TypeConfigNoReplace, FileInfo: &files.ContentFileInfo{Mode: 0o640, MTime: mtime}},
+			}
+		}}
+	for _, p := range []struct {
+		pkg    package_
+		arches []struct{ deb, dist, qemu string }
+	}{{agent, arches}, {control, controlArches}} {
+		for _, a := range p.arches {
+			out := filepath.Join(dist, fmt.Sprintf("%s_%s_%s.deb", p.pkg.name, version, a.deb))
+			if err := build(p.pkg, dist, a.dist, a.deb, version, license, mtime, out); err != nil {
+				return fmt.Errorf("%s %s: %w", p.pkg.name, a.deb, err)
+			}
+			what, err := check(p.pkg, out, a.deb, a.qemu)
+			if err != nil {
+				return fmt.Errorf("%s: %w", out, err)
+			}
+			st, _ := os.Stat(out)
+			fmt.Printf("%-48s %6.2f MiB  checked: architecture, files, unit%s, binary runs\n", out, float64(st.Size())/(1<<20), what)
 		}
-		if err := check(out, a.deb, a.qemu); err != nil {
-			return fmt.Errorf("%s: %w", out, err)
-		}
-		st, _ := os.Stat(out)
-		fmt.Printf("%-40s %6.2f MiB  checked: architecture, files, unit, binary runs\n", out, float64(st.Size())/(1<<20))
 	}
 	return nil
 }
 
-func build(dist, bin, arch, version, license, prermFile string, mtime time.Time, out string) error {
+func build(p package_, dist, bin, arch, version, license string, mtime time.Time, out string) error {
+	contents := append(p.contents(dist, bin, mtime),
+		&files.Content{Source: license, Destination: "/usr/share/doc/" + p.name + "/copyright", FileInfo: &files.ContentFileInfo{Mode: 0o644, MTime: mtime}})
 	info := nfpm.WithDefaults(&nfpm.Info{
-		Name:        "bulkhead",
+		Name:        p.name,
 		Arch:        arch,
 		Platform:    "linux",
 		Version:     version,
 		Section:     "net",
 		Priority:    "optional",
 		Maintainer:  "Bulkhead maintainers <security@bulkhead.invalid>",
-		Description: "zero-trust edge agent for logistics devices\nEnforces a signed network policy with nftables and WireGuard microtunnels,\nkeeps enforcing offline from its cache, and obeys the security desk's\nquarantine and partner-disconnect commands. Run `bulkhead install` to enrol.",
+		Description: p.description,
 		Homepage:    "https://github.com/bulkhead-edge/bulkhead",
-		License:     "See /usr/share/doc/bulkhead/copyright",
+		License:     "See /usr/share/doc/" + p.name + "/copyright",
 		MTime:       mtime,
 		Overridables: nfpm.Overridables{
-			Recommends: []string{"nftables"},
-			Contents: files.Contents{
-				{Source: filepath.Join(dist, bin), Destination: Binary, FileInfo: &files.ContentFileInfo{Mode: 0o755, MTime: mtime}},
-				{Source: filepath.Join(dist, "bulkhead.service"), Destination: Unit, FileInfo: &files.ContentFileInfo{Mode: 0o644, MTime: mtime}},
-				{Source: license, Destination: "/usr/share/doc/bulkhead/copyright", FileInfo: &files.ContentFileInfo{Mode: 0o644, MTime: mtime}},
-			},
-			Scripts: nfpm.Scripts{PreRemove: prermFile},
+			Recommends: p.recommends,
+			Contents:   contents,
+			Scripts:    p.scripts,
 		},
 	})
 	if err := nfpm.PrepareForPackager(info, "deb"); err != nil {
@@ -147,45 +197,98 @@ func build(dist, bin, arch, version, license, prermFile string, mtime time.Time,
 }
 
 // check reads the package back with dpkg-deb, verifies the unit inside it
-// with systemd-analyze against the unpacked tree, and runs the binary.
-func check(pkg, arch, qemu string) error {
+// with systemd-analyze against the unpacked tree (and scores control's
+// hardening), and runs the binary. It says what it checked beyond that.
+func check(p package_, pkg, arch, qemu string) (string, error) {
 	field, err := output("dpkg-deb", "--field", pkg, "Architecture")
 	if err != nil {
-		return err
+		return "", err
 	}
 	if strings.TrimSpace(field) != arch {
-		return fmt.Errorf("architecture %q, want %s", strings.TrimSpace(field), arch)
+		return "", fmt.Errorf("architecture %q, want %s", strings.TrimSpace(field), arch)
 	}
 	list, err := output("dpkg-deb", "--contents", pkg)
 	if err != nil {
-		return err
+		return "", err
 	}
-	for _, want := range []string{"-rwxr-xr-x root/root", "." + Binary, "." + Unit} {
+	for _, want := range []string{"-rwxr-xr-x root/root", "." + p.binary, "." + p.unit} {
 		if !strings.Contains(list, want) {
-			return fmt.Errorf("contents lack %q:\n%s", want, list)
+			return "", fmt.Errorf("contents lack %q:\n%s", want, list)
 		}
 	}
 	dir, err := os.MkdirTemp("", "bulkhead-deb-")
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer os.RemoveAll(dir)
 	if _, err := output("dpkg-deb", "--extract", pkg, dir); err != nil {
-		return err
+		return "", err
 	}
-	if out, err := output("systemd-analyze", "verify", "--root="+dir, Unit); err != nil || strings.TrimSpace(out) != "" {
-		return fmt.Errorf("systemd-analyze verify %s: %v\n%s", Unit, err, out)
+	if p.unit == ControlUnit {
+		// Control's unit has the default dependencies (sysinit.target,
+		// network-online.target, ...); verify resolves them in the tree.
+		if err := copyTargets(filepath.Join(dir, "lib/systemd/system")); err != nil {
+			return "", err
+		}
 	}
-	argv := []string{filepath.Join(dir, Binary), "version"}
+	if out, err := output("systemd-analyze", "verify", "--root="+dir, p.unit); err != nil || strings.TrimSpace(out) != "" {
+		return "", fmt.Errorf("systemd-analyze verify %s: %v\n%s", p.unit, err, out)
+	}
+	what := ""
+	if p.unit == ControlUnit {
+		score, err := exposure(dir, p.unit)
+		if err != nil {
+			return "", err
+		}
+		if score > maxExposure {
+			return "", fmt.Errorf("%s: systemd-analyze security scores its exposure %.1f, over %.1f", p.unit, score, maxExposure)
+		}
+		what = fmt.Sprintf(" (exposure %.1f)", score)
+	}
+	argv := []string{filepath.Join(dir, p.binary), "version"}
 	if qemu != "" {
 		argv = append([]string{qemu}, argv...)
 	}
 	out, err := output(argv[0], argv[1:]...)
-	if err != nil || !strings.HasPrefix(out, "bulkhead ") {
-		return fmt.Errorf("%s: %v %q", strings.Join(argv, " "), err, out)
+	if err != nil || !strings.HasPrefix(out, p.runs) {
+		return "", fmt.Errorf("%s: %v %q", strings.Join(argv, " "), err, out)
+	}
+	return what, nil
+}
+
+// copyTargets copies this machine's systemd targets into dir.
+func copyTargets(dir string) error {
+	targets, err := filepath.Glob("/lib/systemd/system/*.target")
+	if err != nil || len(targets) == 0 {
+		return fmt.Errorf("no systemd targets in /lib/systemd/system to verify against (is systemd installed?): %v", err)
+	}
+	for _, t := range targets {
+		raw, err := os.ReadFile(t)
+		if err != nil {
+			continue // a dangling link
+		}
+		if err := os.WriteFile(filepath.Join(dir, filepath.Base(t)), raw, 0o644); err != nil {
+			return err
+		}
 	}
 	return nil
 }
+
+// exposure is systemd-analyze security's overall score for unit in the
+// unpacked tree root.
+func exposure(root, unit string) (float64, error) {
+	out, err := output("systemd-analyze", "security", "--offline=true", "--root="+root, unit)
+	if err != nil {
+		return 0, err
+	}
+	m := overall.FindStringSubmatch(out)
+	if m == nil {
+		return 0, fmt.Errorf("systemd-analyze security %s: no overall exposure in:\n%s", unit, out)
+	}
+	return strconv.ParseFloat(m[1], 64)
+}
+
+var overall = regexp.MustCompile(`Overall exposure level for \S+: ([0-9.]+)`)
 
 func output(name string, args ...string) (string, error) {
 	var out bytes.Buffer

@@ -1,6 +1,8 @@
 // Command bulkhead-cross is `make cross`: it builds the agent for every
-// target into dist/, writes dist/SHA256SUMS and the systemd unit the
-// packages ship (dist/bulkhead.service), enforces the size budget and,
+// target and the control server for its own into dist/, writes
+// dist/SHA256SUMS and what the packages ship besides (the agent's and
+// control's systemd units, control's environment file), enforces the
+// agent's size budget and,
 // with -check, builds everything a second time from an empty build cache
 // and fails unless every binary is byte-for-byte the same.
 package main
@@ -12,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/bulkhead-edge/bulkhead/control/opscli"
 	"github.com/bulkhead-edge/bulkhead/cross"
 	"github.com/bulkhead-edge/bulkhead/installer"
 )
@@ -58,12 +61,28 @@ func run(out, version string, check bool) error {
 			fmt.Printf("%-14s reproduced from an empty build cache\n", "")
 		}
 	}
+	for _, t := range cross.ControlTargets {
+		path := cross.ControlOutput(out, t)
+		size, sum, err := cross.BuildMain(t, cross.Control, "", version, path)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("%-14s %6.2f MiB  %s  (control)\n", t.Name, cross.MiB(size), sum)
+		fmt.Fprintf(&sums, "%s  %s\n", sum, filepath.Base(path))
+	}
 	if err := os.WriteFile(filepath.Join(out, "SHA256SUMS"), []byte(sums.String()), 0o644); err != nil {
 		return err
 	}
-	// The unit the packages ship, for the binary where they put it.
-	if err := os.WriteFile(filepath.Join(out, "bulkhead.service"), []byte(installer.SystemdUnit(installer.PackagedBinary)), 0o644); err != nil {
-		return err
+	// The units the packages ship, for the binaries where they put them,
+	// and control's environment file.
+	for name, text := range map[string]string{
+		"bulkhead.service":         installer.SystemdUnit(installer.PackagedBinary),
+		"bulkhead-control.service": opscli.SystemdUnit,
+		"bulkhead-control.env":     opscli.EnvFile,
+	} {
+		if err := os.WriteFile(filepath.Join(out, name), []byte(text), 0o644); err != nil {
+			return err
+		}
 	}
 	if len(failed) > 0 {
 		return fmt.Errorf("%s", strings.Join(failed, "; "))
