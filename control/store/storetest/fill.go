@@ -47,7 +47,9 @@ func Fill(t *testing.T, s store.Store) Filled {
 		must(t, s.AddOrder(order(id), now, "d"))
 	}
 	_, err = s.AddReports(devs[0].ID, controlapi.ReportRequest{Events: []controlapi.Event{{Seq: 1, Time: now, Kind: "mode"}, {Seq: 2, Time: now, Kind: controlapi.EventFlows}}, Dropped: 3},
-		func(controlapi.Event) []controlapi.ObservedFlow { return []controlapi.ObservedFlow{flow(443), flow(80)} })
+		func(controlapi.Event) []controlapi.ObservedFlow {
+			return []controlapi.ObservedFlow{flow(443), flow(80)}
+		})
 	must(t, err)
 	_, err = s.Claim("ca-fingerprint", "fp")
 	must(t, err)
