@@ -29,7 +29,7 @@ CROSS_TEST_PKGS := ./localpolicy ./localpolicy/admit ./localpolicy/policy ./loca
 	./localpolicy/opskey ./internal/strictjson ./localpolicy/trustedtime ./localpolicy/store \
 	./agent/spool ./cmd/bulkhead/cli ./control/suggest ./posture ./posture/gpsd
 
-.PHONY: all build test lint fuzz bench demo deps go clean cross cross-test deb
+.PHONY: all build test lint fuzz bench bench-scale demo deps go clean cross cross-test deb
 
 all: build
 
@@ -73,6 +73,12 @@ fuzz: deps
 bench: deps
 	@.ci/ensure-debs $(TEST_DEBS)
 	go run ./bench/cmd/bulkhead-bench -out bench/RESULTS.md
+
+# The replicated fan-out with 100,000 held polls (not in CI: it takes the
+# machine for several minutes and a few GB); prints, leaves RESULTS.md.
+bench-scale: deps
+	@.ci/ensure-debs $(TEST_DEBS)
+	go run ./bench/cmd/bulkhead-bench -run 'order fan-out' -crowd 100000
 
 # Static, stripped, reproducible agents for every target into dist/, each
 # built a second time from an empty build cache and compared; fails over

@@ -7,7 +7,9 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -24,34 +26,83 @@ import (
 // the real agents.
 const crowdSize = 1000
 
+// ReplicaCrowd is how many the fan-out over three replicas on PostgreSQL
+// reaches: 10,000 in make bench, 100,000 in make bench-scale.
+var ReplicaCrowd = 10000
+
+// fanOutPlan is one fan-out benchmark's setting.
+type fanOutPlan struct {
+	size, trials, replicas int
+	// kill adds a trial that starts by killing the replica the agents
+	// and a third of the crowd hold their polls on.
+	kill bool
+}
+
 // benchFanOut measures how long a partner revocation takes to reach a
-// fleet: crowdSize long-polls held by `bulkhead-lab crowd`, and two real
-// agents each sending a 1 ms UDP flow to the partner's segment through a
-// Debian wireguard-go gateway. Each trial is one revoke-partner from the
-// ops CLI; a device's figure is when its answer arrived (crowd) or when
-// the last packet of its flow reached the segment host (agents). An
-// ops-signed reinstate-partner goes between trials, and every poll is
-// held again before the next.
+// fleet on one server with its bbolt file.
 func benchFanOut(b B) {
-	lab.RequirePrivileged(b, "nft", "wg", "wireguard-go")
-	size, trials := crowdSize, 5
+	p := fanOutPlan{size: crowdSize, trials: 5, replicas: 1}
 	if Quick {
-		size, trials = 20, 1
+		p.size, p.trials = 20, 1
 	}
+	fanOut(b, p)
+}
+
+// benchFanOutReplicas is the same over three replicas sharing one
+// PostgreSQL, with a replica killed at the start of one more trial.
+func benchFanOutReplicas(b B) {
+	p := fanOutPlan{size: ReplicaCrowd, trials: 5, replicas: 3, kill: true}
+	if Quick {
+		p.size, p.trials = 30, 1
+	}
+	fanOut(b, p)
+}
+
+// fanOut measures the fan-out of p: p.size long-polls held by `bulkhead-lab
+// crowd` (one crowd per replica, each trying the others when its own does
+// not answer), and two real agents enrolled with the first replica, each
+// sending a 1 ms UDP flow to the partner's segment through a Debian
+// wireguard-go gateway. Each trial is one revoke-partner from the ops CLI
+// (on the last replica); a device's figure is when its answer arrived
+// (crowd) or when the last packet of its flow reached the segment host
+// (agents). An ops-signed reinstate-partner goes between trials, and
+// every poll is held again before the next.
+func fanOut(b B, p fanOutPlan) {
+	lab.RequirePrivileged(b, "nft", "wg", "wireguard-go")
 	ctlNS, crowdNS, gwNS := lab.NewNS(b, "ctl"), lab.NewNS(b, "crowd"), lab.NewNS(b, "gw")
 	devs := []*lab.NS{lab.NewNS(b, "dev"), lab.NewNS(b, "dev")}
 	gw := lab.StartGateway(b, gwNS, lab.DebianWireGuard, netip.MustParseAddr("192.0.2.1"), 51820, "100.64.0.1/24")
 	gwNS.MustRun(b, "ip", "addr", "add", iperfHost.String()+"/32", "dev", "lo")
 	// Every device has its own link into the control namespace and (the
-	// agents) into the gateway's; the server listens on the first.
+	// agents) into the gateway's; the replicas listen on addresses of
+	// their own there, the database on another.
+	replicaAddr := func(i int) netip.AddrPort { return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 98, 0, byte(i + 1)}), 8443) }
+	for i := range p.replicas {
+		ctlNS.MustRun(b, "ip", "addr", "add", replicaAddr(i).Addr().String()+"/32", "dev", "lo")
+	}
 	for i, ns := range append([]*lab.NS{crowdNS}, devs...) {
 		lab.Link(b, ns, fmt.Sprintf("10.99.%d.2/30", i), ctlNS, fmt.Sprintf("10.99.%d.1/30", i))
-		if i > 0 {
-			ns.MustRun(b, "ip", "route", "add", "10.99.0.1/32", "via", fmt.Sprintf("10.99.%d.1", i))
-		}
+		ns.MustRun(b, "ip", "route", "add", "10.98.0.0/24", "via", fmt.Sprintf("10.99.%d.1", i))
 	}
 	ops := newOpsKeys(b, b.TempDir())
-	ctl := lab.StartControl(b, ctlNS, netip.MustParseAddrPort("10.99.0.1:8443"), 0, ops.pubFile)
+	opts := lab.ControlOptions{OpsPub: []string{ops.pubFile}}
+	if p.replicas > 1 {
+		dbAddr := netip.MustParseAddrPort("10.98.0.100:5432")
+		ctlNS.MustRun(b, "ip", "addr", "add", dbAddr.Addr().String()+"/32", "dev", "lo")
+		opts.Database = lab.StartPostgres(b, ctlNS, dbAddr).URL
+	}
+	var ctls []*lab.Control
+	var control []policy.Endpoint
+	for i := range p.replicas {
+		if i > 0 {
+			// The CA and command key are the first's, and so is the name
+			// its devices enrolled with.
+			opts.SecretsFrom, opts.Names = ctls[0].Data, []string{replicaAddr(0).Addr().String()}
+		}
+		ctls = append(ctls, lab.StartControlWith(b, ctlNS, replicaAddr(i), opts))
+		control = append(control, policy.Endpoint{Address: replicaAddr(i).Addr(), Port: replicaAddr(i).Port()})
+	}
+	first, last := ctls[0], ctls[len(ctls)-1]
 	var agents []*agentProc
 	var pushed string
 	for i, ns := range devs {
@@ -59,11 +110,11 @@ func benchFanOut(b B) {
 		lab.Link(b, ns, uplink+"/30", gwNS, gwAddr+"/30")
 		tunAddr := fmt.Sprintf("100.64.0.%d", i+2)
 		a := runAgent(b, ns, "scanner", tunAddr+"/32", 51820, ops)
-		a.enroll(b, ctl)
+		a.enroll(b, first)
 		gw.AllowPeer(b, a.PublicKey, netip.MustParseAddrPort(uplink+":51820"), tunAddr+"/32")
 		file := a.apply(b, 1, policy.Document{
 			Schema:   policy.Schema,
-			Control:  []policy.Endpoint{{Address: netip.MustParseAddr("10.99.0.1"), Port: 8443}},
+			Control:  control,
 			Validity: policy.Validity{MaxOffline: policy.Duration(72 * time.Hour)},
 			Segments: []policy.Segment{{Name: "carrier", DataClass: "operational", Partner: "acme", Tier: 3,
 				Destinations: []policy.Destination{{CIDR: netip.PrefixFrom(iperfHost, 32), Protocol: policy.UDP, Ports: []policy.PortRange{{First: flowPort, Last: flowPort}}}},
@@ -75,9 +126,24 @@ func benchFanOut(b B) {
 	}
 	// Control learns the partner's name from the policy it holds (pushed
 	// once every agent runs its own copy of it).
-	ctl.MustCLI(b, "policy", "push", pushed)
+	first.MustCLI(b, "policy", "push", pushed)
 	flows := startFlows(b, gwNS, devs)
-	cr := startCrowd(b, crowdNS, ctl, size)
+	before := rssOf(b, ctls)
+	var crowds crowds
+	for i, c := range ctls {
+		n := p.size / p.replicas
+		if i == 0 {
+			n += p.size % p.replicas
+		}
+		var also []netip.AddrPort
+		for j := range p.replicas {
+			if j != i {
+				also = append(also, replicaAddr(j))
+			}
+		}
+		crowds = append(crowds, startCrowdAt(b, crowdNS, first, c, n, "crowd", also))
+	}
+	held := rssOf(b, ctls)
 	cut := func(a *agentProc) bool {
 		for _, d := range a.status(b).Decisions {
 			if d.Segment == "carrier" {
@@ -86,40 +152,123 @@ func benchFanOut(b B) {
 		}
 		return true
 	}
-	var ms []float64
+	var ms, killMs []float64
+	var cpu float64
+	orders := 0
 	b.ResetTimer()
 	for range b.N {
-		for range trials {
+		for trial := range p.trials + map[bool]int{true: 1}[p.kill] {
+			killing := p.kill && trial == p.trials
 			lab.WaitFor(b, "every poll is held and every flow runs", 60*time.Second, func() bool {
-				return cr.held() == size && flows.running(20*time.Millisecond)
+				return crowds.held() == p.size && flows.running(20*time.Millisecond)
 			})
+			ticks := cpuTicks(b, ctlNS)
 			start := time.Now()
-			out := ctl.MustCLI(b, "revoke-partner", "acme", "--reason", "bench")
+			if killing {
+				first.Stop()
+			}
+			out := last.MustCLI(b, "revoke-partner", "acme", "--reason", "bench")
 			f := strings.Fields(out)
 			if len(f) < 2 || f[0] != "revoke-partner" {
 				b.Fatalf("revoke-partner said %q", out)
 			}
 			id := f[1]
-			lab.WaitFor(b, "the crowd has the revocation", 60*time.Second, func() bool { return len(cr.arrivals(id)) == size })
+			if !lab.Within(60*time.Second, func() bool { return len(crowds.arrivals(id)) == p.size }) {
+				var got []string
+				for _, c := range crowds {
+					got = append(got, fmt.Sprintf("%d of %d held, %d arrived", c.held(), len(c.isHeld), len(c.arrivals(id))))
+				}
+				b.Fatalf("trial %d: after 60 s the crowds have: %s", trial, strings.Join(got, "; "))
+			}
 			lab.WaitFor(b, "the agents' flows stop", 60*time.Second, func() bool {
 				return flows.silent(100*time.Millisecond) && cut(agents[0]) && cut(agents[1])
 			})
-			for _, at := range cr.arrivals(id) {
-				ms = append(ms, float64(at.Sub(start))/float64(time.Millisecond))
+			if !killing {
+				cpu += float64(cpuTicks(b, ctlNS)-ticks) * 1000 / clockTicks
+				orders++
+			}
+			into := &ms
+			if killing {
+				into = &killMs
+			}
+			for _, at := range crowds.arrivals(id) {
+				*into = append(*into, float64(at.Sub(start))/float64(time.Millisecond))
 			}
 			for _, at := range flows.last() {
-				ms = append(ms, max(0, float64(at.Sub(start))/float64(time.Millisecond)))
+				*into = append(*into, max(0, float64(at.Sub(start))/float64(time.Millisecond)))
 			}
-			ctl.MustCLI(b, "reinstate-partner", "acme", "--reason", "bench", "--key", ops.privFile, "--wait", "60s")
+			if !killing {
+				last.MustCLI(b, "reinstate-partner", "acme", "--reason", "bench", "--key", ops.privFile, "--wait", "60s")
+			}
 		}
 	}
 	b.StopTimer()
-	if want := trials * (size + len(agents)); len(ms) != want {
+	if want := p.trials * (p.size + len(agents)); len(ms) != want {
 		b.Fatalf("%d figures, want %d", len(ms), want)
 	}
 	b.ReportMetric(percentile(ms, 0.99), "ms-p99")
 	b.ReportMetric(percentile(ms, 0.50), "ms-p50")
 	b.ReportMetric(percentile(ms, 1), "ms-max")
+	if p.kill {
+		b.ReportMetric(percentile(killMs, 0.99), "kill-ms-p99")
+		b.ReportMetric(percentile(killMs, 1), "kill-ms-max")
+	}
+	b.ReportMetric((held-before)*1024/float64(p.size+len(agents)), "KiB/poll")
+	b.ReportMetric(cpu/float64(max(orders, 1)), "cpu-ms/order")
+}
+
+// rssOf is the resident memory of the control servers, in MiB.
+func rssOf(b testing.TB, ctls []*lab.Control) float64 {
+	var n float64
+	for _, c := range ctls {
+		n += vmRSS(b, c.Pid())
+	}
+	return n
+}
+
+// clockTicks is the kernel's USER_HZ, in which /proc reports CPU time.
+const clockTicks = 100
+
+// cpuTicks is the CPU time (user and system, in clock ticks) every
+// process in ns has used: the replicas and their database.
+func cpuTicks(b testing.TB, ns *lab.NS) int64 {
+	out, err := exec.Command("ip", "netns", "pids", ns.Name).Output()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var n int64
+	for _, pid := range strings.Fields(string(out)) {
+		raw, err := os.ReadFile("/proc/" + pid + "/stat")
+		if err != nil {
+			continue // gone meanwhile
+		}
+		// The fields after the command's closing parenthesis: utime is
+		// the 12th of them, stime the 13th.
+		f := strings.Fields(string(raw[strings.LastIndexByte(string(raw), ')')+1:]))
+		if len(f) > 12 {
+			u, _ := strconv.ParseInt(f[11], 10, 64)
+			s, _ := strconv.ParseInt(f[12], 10, 64)
+			n += u + s
+		}
+	}
+	return n
+}
+
+// crowds are several crowd processes read as one.
+type crowds []*crowdProc
+
+func (cs crowds) held() (n int) {
+	for _, c := range cs {
+		n += c.held()
+	}
+	return n
+}
+
+func (cs crowds) arrivals(id string) (out []time.Time) {
+	for _, c := range cs {
+		out = append(out, c.arrivals(id)...)
+	}
+	return out
 }
 
 // crowdProc is `bulkhead-lab crowd` running in a namespace, and what its
@@ -130,23 +279,29 @@ type crowdProc struct {
 	got    map[string][]time.Time // command id -> arrival at each member
 }
 
-// startCrowd enrols size devices of class "crowd" with ctl from ns and
-// waits until each holds a poll.
-func startCrowd(b testing.TB, ns *lab.NS, ctl *lab.Control, size int) *crowdProc {
-	return startCrowdOf(b, ns, ctl, size, "crowd")
+// startCrowdOf enrols size devices of class with ctl from ns and waits
+// until each holds a poll.
+func startCrowdOf(b testing.TB, ns *lab.NS, ctl *lab.Control, size int, class string) *crowdProc {
+	return startCrowdAt(b, ns, ctl, ctl, size, class, nil)
 }
 
-// startCrowdOf is startCrowd with devices of class.
-func startCrowdOf(b testing.TB, ns *lab.NS, ctl *lab.Control, size int, class string) *crowdProc {
+// startCrowdAt is startCrowdOf with the tokens made by issuer and the
+// devices enrolled with ctl, trying the replicas also in turn when it
+// does not answer.
+func startCrowdAt(b testing.TB, ns *lab.NS, issuer, ctl *lab.Control, size int, class string, also []netip.AddrPort) *crowdProc {
 	b.Helper()
 	// The tokens come first, one per line; the summary follows (stderr).
-	lines := strings.Split(ctl.MustCLI(b, "token", "create", "--allow-unknown-class", "--class", class, "--count", fmt.Sprint(size)), "\n")
+	lines := strings.Split(issuer.MustCLI(b, "token", "create", "--allow-unknown-class", "--class", class, "--count", fmt.Sprint(size)), "\n")
 	if len(lines) < size {
 		b.Fatalf("token create printed %d lines for %d tokens", len(lines), size)
 	}
 	tokens := strings.Join(lines[:size], "\n")
-	cmd := ns.Command(lab.Binary(b, "cmd/bulkhead-lab"), "crowd", "--control", ctl.URL, "--trust-ca", ctl.Fingerprint,
-		"--class", class, "--dir", b.TempDir())
+	argv := []string{lab.Binary(b, "cmd/bulkhead-lab"), "crowd", "--control", ctl.URL, "--trust-ca", ctl.Fingerprint,
+		"--class", class, "--dir", b.TempDir()}
+	for _, a := range also {
+		argv = append(argv, "--also", a.String())
+	}
+	cmd := ns.Command(argv...)
 	cmd.Stdin = strings.NewReader(tokens)
 	logf, err := os.Create(filepath.Join(b.TempDir(), "crowd.log"))
 	if err != nil {

@@ -13,6 +13,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
@@ -60,9 +61,18 @@ func crowdCmd() *subcmd.Command {
 			fs.StringVar(&o.Class, "class", "", "device `CLASS` the tokens were made for (required)")
 			fs.StringVar(&o.Dir, "dir", "", "`DIR` for the devices' enrolment files (default: a temporary directory, removed at exit)")
 			fs.DurationVar(&o.Wait, "wait", 4*time.Minute, "how long each poll asks the server to hold it")
+			var also subcmd.Strings
+			fs.Var(&also, "also", "another control replica's `ADDR:PORT`, tried in turn when the one enrolled with does not answer (repeatable)")
 			return func(env *subcmd.Env, args []string) error {
 				if o.URL == "" || o.Fingerprint == "" || o.Class == "" || len(args) > 0 {
 					return subcmd.Usagef("crowd needs --control URL, --trust-ca FP and --class CLASS, and tokens on standard input")
+				}
+				for _, a := range also {
+					ap, err := netip.ParseAddrPort(a)
+					if err != nil {
+						return subcmd.Usagef("--also %q: an ADDR:PORT such as 10.98.0.2:8443", a)
+					}
+					o.Also = append(o.Also, ap)
 				}
 				var tokens []string
 				sc := bufio.NewScanner(os.Stdin)

@@ -167,12 +167,34 @@ func refusedBy(st controlapi.DeviceState, id string) string {
 	return ""
 }
 
-// delivery is o as sent to dev at now: a lift as ops signed it; a
-// tightening order as ops signed it while that is valid, else signed
-// afresh by the server for this device alone, keeping the time it was
-// imposed.
-func (s *Server) delivery(o *order, dev bundle.Device, now time.Time) ([]byte, error) {
-	return s.deliveryFor(o, command.Target{Devices: []string{dev.ID}}, now)
+// delivery is o as sent to a device at now: a lift as ops signed it; a
+// tightening order as ops signed it while that is valid, else signed by
+// the server for every device the order names, keeping the time it was
+// imposed. The server's signature is shared while at least half its
+// lifetime is left: an order to 10,000 devices is signed once, not
+// 10,000 times (each device takes only what names it, and every device
+// it names holds the order anyway).
+func (s *Server) delivery(o *order, now time.Time) ([]byte, error) {
+	s.signedMu.Lock()
+	d, ok := s.signed[o.Command.ID]
+	s.signedMu.Unlock()
+	if ok && now.Add(s.cfg.CommandLifetime/2).Before(d.expires) && !now.Before(d.issued) {
+		return d.raw, nil
+	}
+	raw, err := s.deliveryFor(o, o.Command.Target, now)
+	if err != nil || o.Command.Kind.Loosens() || raw == nil || (o.Raw != nil && string(raw) == string(o.Raw)) {
+		return raw, err
+	}
+	s.signedMu.Lock()
+	s.signed[o.Command.ID] = signedDelivery{raw: raw, issued: now, expires: now.Add(s.cfg.CommandLifetime)}
+	s.signedMu.Unlock()
+	return raw, nil
+}
+
+// signedDelivery is a delivery the server signed, and its validity.
+type signedDelivery struct {
+	raw             []byte
+	issued, expires time.Time
 }
 
 // deliveryFor is o as sent at now to the devices target names (a device
@@ -212,7 +234,7 @@ func (s *Server) deliveries(dev bundle.Device, st controlapi.DeviceState, now ti
 			}
 			continue
 		}
-		raw, err := s.delivery(o, dev, now)
+		raw, err := s.delivery(o, now)
 		if err != nil {
 			return nil, 0, fmt.Errorf("sign order %s for %s: %w", o.Command.ID, dev.ID, err)
 		}

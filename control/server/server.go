@@ -118,6 +118,9 @@ type Server struct {
 	// sent is when each order was last delivered to each device
 	// (device NUL order); guarded by mu.
 	sent map[string]time.Time
+	// signed are the deliveries the server signed, by order.
+	signedMu sync.Mutex
+	signed   map[string]signedDelivery
 }
 
 // Open loads (or on first start creates) the CA, the command key, the
@@ -193,7 +196,7 @@ func open(cfg Config, d store.Store) (*Server, bool, error) {
 		}
 	}
 	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, waits: newWaiters(), seen: map[string]time.Time{}, touched: map[string]time.Time{},
-		gate: newGate(), sent: map[string]time.Time{}, trust: &trust{}}
+		gate: newGate(), sent: map[string]time.Time{}, signed: map[string]signedDelivery{}, trust: &trust{}}
 	s.refused = newRefusals(s.now)
 	if err := s.catchUpOrders(); err != nil {
 		return nil, false, err
@@ -1063,6 +1066,9 @@ func lifted(orders []*order, p *order) bool {
 }
 
 func (s *Server) listOrders(w http.ResponseWriter, r *http.Request, _ string) {
+	if !s.caughtUpForDesk(w) {
+		return
+	}
 	devs, err := s.devices()
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
@@ -1081,6 +1087,9 @@ func (s *Server) listOrders(w http.ResponseWriter, r *http.Request, _ string) {
 
 func (s *Server) showOrder(w http.ResponseWriter, r *http.Request, _ string) {
 	id := r.PathValue("id")
+	if !s.caughtUpForDesk(w) {
+		return
+	}
 	o := s.book.find(id)
 	if o == nil {
 		fail(w, http.StatusNotFound, fmt.Sprintf("no order %q (bulkhead-control orders --all lists them)", id))
@@ -1092,6 +1101,18 @@ func (s *Server) showOrder(w http.ResponseWriter, r *http.Request, _ string) {
 		return
 	}
 	reply(w, view(o, s.book.all(), devs))
+}
+
+// caughtUpForDesk reads the orders committed since the book's last, so
+// an operator who gave an order on one replica sees it on any other at
+// once, not when the change feed brings it; false: it failed, and said
+// so.
+func (s *Server) caughtUpForDesk(w http.ResponseWriter) bool {
+	if err := s.catchUpOrders(); err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return false
+	}
+	return true
 }
 
 // auditPageMax bounds one page of the audit log.

@@ -58,6 +58,9 @@ type Options struct {
 	Dir string
 	// Wait is what each poll asks the server to hold it for.
 	Wait time.Duration
+	// Also are other control replicas' endpoints, tried in turn when the
+	// one enrolled with does not answer, as an agent tries its policy's.
+	Also []netip.AddrPort
 }
 
 // Enroll enrols one member per token, a few at a time, and returns their
@@ -103,7 +106,11 @@ func enrollOne(ctx context.Context, o Options, endpoint netip.AddrPort, i int, t
 	if err != nil {
 		return nil, fmt.Errorf("member %d: %w", i, err)
 	}
-	return controlclient.New(dir, rec)
+	c, err := controlclient.New(dir, rec)
+	if err == nil {
+		c.SetEndpoints(o.Also)
+	}
+	return c, err
 }
 
 // Poll holds one long-poll open per client until ctx ends, writing an

@@ -10,6 +10,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -28,7 +29,13 @@ func main() {
 func run() int {
 	out := flag.String("out", "bench/RESULTS.md", "where to write the results table")
 	only := flag.String("run", "", "run only the cases whose name matches this regular expression, print them, and leave the table alone")
+	flag.IntVar(&bench.ReplicaCrowd, "crowd", bench.ReplicaCrowd, "how many long-polls the replicated fan-out case holds (make bench-scale: 100000)")
 	flag.Parse()
+	// Every held poll is a descriptor in a crowd process and in a
+	// replica; root may raise the limit the children inherit.
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: 1 << 20, Max: 1 << 20}); err != nil && os.Geteuid() == 0 {
+		fmt.Fprintf(os.Stderr, "bulkhead-bench: raising the descriptor limit: %v\n", err)
+	}
 	testing.Init()
 	match, err := regexp.Compile(*only)
 	if err != nil {
