@@ -76,7 +76,9 @@ func fanOut(b B, p fanOutPlan) {
 	// Every device has its own link into the control namespace and (the
 	// agents) into the gateway's; the replicas listen on addresses of
 	// their own there, the database on another.
-	replicaAddr := func(i int) netip.AddrPort { return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 98, 0, byte(i + 1)}), 8443) }
+	replicaAddr := func(i int) netip.AddrPort {
+		return netip.AddrPortFrom(netip.AddrFrom4([4]byte{10, 98, 0, byte(i + 1)}), 8443)
+	}
 	for i := range p.replicas {
 		ctlNS.MustRun(b, "ip", "addr", "add", replicaAddr(i).Addr().String()+"/32", "dev", "lo")
 	}
