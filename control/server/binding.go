@@ -67,6 +67,6 @@ func (s *Server) rebind(presented *x509.Certificate, dev controlapi.Device, wgKe
 	if wgKey != dev.WireGuardKey {
 		s.log.Info("device tunnel key changed", "id", dev.ID, "public_key", wgKey)
 	}
-	s.waits.roster(dev.ID) // gateways learn the new binding
+	s.rosterChanged(dev.ID) // gateways learn the new binding
 	return der, nil
 }

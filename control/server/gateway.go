@@ -81,6 +81,6 @@ func (s *Server) revokeDevice(w http.ResponseWriter, r *http.Request, actor stri
 		return
 	}
 	s.log.Info("device revoked", "id", id, "by", actor, "reason", req.Reason)
-	s.waits.roster(id) // gateways drop it now; its own poll ends
+	s.rosterChanged(id) // gateways drop it now; its own poll ends
 	reply(w, s.withSeen(dev))
 }

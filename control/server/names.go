@@ -6,7 +6,6 @@ import (
 	"slices"
 	"strings"
 
-	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/bundle"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 )
@@ -19,10 +18,12 @@ type names struct {
 	classes, partners, devices, segments map[string]bool
 }
 
-func (s *Server) names(devs []controlapi.Device) (names, error) {
+// names are read from classes (the enrolled devices' classes, by id),
+// the stored bundles and the order book.
+func (s *Server) names(classes map[string]string) (names, error) {
 	n := names{classes: map[string]bool{}, partners: map[string]bool{}, devices: map[string]bool{}, segments: map[string]bool{}}
-	for _, d := range devs {
-		n.devices[d.ID], n.classes[d.Class] = true, true
+	for id, class := range classes {
+		n.devices[id], n.classes[class] = true, true
 	}
 	err := s.db.Bundles(func(v uint64, raw []byte) {
 		if s.isUnverified(v) {

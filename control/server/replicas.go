@@ -21,6 +21,13 @@ import (
 // polls the change concerns. After the feed was lost (a database restart
 // or failover), it reads everything again and wakes every poll, since
 // changes made meanwhile were not heard.
+//
+// What a poll itself reads and writes stays off the store's critical
+// path too: the records of the devices calling are kept (known.go) and
+// forgotten at each change to their enrolment, and the states devices
+// report are written in batches (states.go). A revocation is heard like
+// an order: within the fan-out, the revoked device's poll ends on every
+// replica and its next one is refused.
 
 // seenFlush is how often a replica sharing its store records when its
 // devices were last seen, so every replica's desk shows them.
@@ -187,7 +194,7 @@ func (s *Server) changed(c store.Change) {
 			s.waits.bundle(b.target)
 		}
 	case store.ChangeRoster:
-		s.waits.roster(c.Device)
+		s.rosterChanged(c.Device)
 	}
 }
 
@@ -218,7 +225,16 @@ func (s *Server) caughtUp() {
 	if err != nil {
 		s.log.Error("catch up with the store", "err", err)
 	}
+	s.known.clear()
 	s.waits.everyone()
+}
+
+// rosterChanged is a device's enrolment changed (enrolled, rebound or
+// revoked, here or on another replica): its record is read again, the
+// gateways learn the change, and the device's own poll looks again.
+func (s *Server) rosterChanged(id string) {
+	s.known.forget(id)
+	s.waits.roster(id)
 }
 
 // flushSeen records the last-seen times gathered since the previous

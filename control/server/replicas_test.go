@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
@@ -83,7 +84,16 @@ func holdWith(t *testing.T, a *api, dev *x509.Certificate, st controlapi.DeviceS
 	r := httptest.NewRequest("POST", controlapi.PathSync, bytes.NewReader(body))
 	r.TLS = &tls.ConnectionState{VerifiedChains: [][]*x509.Certificate{{dev}}}
 	h := &held{w: flushes{httptest.NewRecorder(), make(chan struct{}, 1)}, done: make(chan struct{})}
-	go func() { a.h.ServeHTTP(h.w, r); close(h.done) }()
+	go func() {
+		defer close(h.done)
+		defer func() {
+			// A poll the server ends (its device revoked) is aborted.
+			if v := recover(); v != nil && v != http.ErrAbortHandler {
+				panic(v)
+			}
+		}()
+		a.h.ServeHTTP(h.w, r)
+	}()
 	<-h.w.flushed
 	return h
 }
@@ -139,6 +149,31 @@ func TestAnOrderReachesPollsHeldByOtherReplicas(t *testing.T) {
 		decodeOK(t, a.call("GET", controlapi.PathAdminOrders+"/"+order.ID, nil, a.ops), &got)
 		if got.ID != order.ID {
 			t.Errorf("replica %d shows order %q", i, got.ID)
+		}
+	}
+}
+
+// A device revoked on one replica is refused by every other, though each
+// knew it a moment before: the poll each held for it ends, and its next
+// sync is refused.
+func TestARevocationReachesEveryReplica(t *testing.T) {
+	rs, _ := replicas(t, 3)
+	dev := rs[0].enrol(t, "scanner")
+	var polls []*held
+	for _, a := range rs {
+		polls = append(polls, hold(t, a, dev))
+	}
+	decodeOK(t, rs[2].call("POST", controlapi.PathAdminDevices+"/"+deviceID(dev)+"/revoke", controlapi.RevokeRequest{Reason: "stolen truck"}, rs[2].ops), nil)
+	for i, h := range polls {
+		select {
+		case <-h.done:
+		case <-time.After(time.Minute):
+			t.Fatalf("the poll held on replica %d outlived the device's revocation", i)
+		}
+	}
+	for i, a := range rs {
+		if w := a.call("POST", controlapi.PathSync, controlapi.SyncRequest{}, dev); w.Code != http.StatusForbidden || !strings.Contains(w.Body.String(), "revoked") {
+			t.Errorf("replica %d answered a revoked device's sync: %d %s", i, w.Code, w.Body)
 		}
 	}
 }

@@ -121,6 +121,10 @@ type Server struct {
 	// signed are the deliveries the server signed, by order.
 	signedMu sync.Mutex
 	signed   map[string]signedDelivery
+	// known is the records of the devices calling (known.go).
+	known *known
+	// states are what devices report, written in batches (states.go).
+	states *stateLog
 }
 
 // Open loads (or on first start creates) the CA, the command key, the
@@ -198,6 +202,7 @@ func open(cfg Config, d store.Store) (*Server, bool, error) {
 	s := &Server{cfg: cfg, db: d, ca: ca, cmdKey: key, log: cfg.Logger, waits: newWaiters(), seen: map[string]time.Time{}, touched: map[string]time.Time{},
 		gate: newGate(), sent: map[string]time.Time{}, signed: map[string]signedDelivery{}, trust: &trust{}}
 	s.refused = newRefusals(s.now)
+	s.known = newKnown(d)
 	if err := s.catchUpOrders(); err != nil {
 		return nil, false, err
 	}
@@ -210,6 +215,7 @@ func open(cfg Config, d store.Store) (*Server, bool, error) {
 	if err := s.reload(); err != nil {
 		return nil, false, err
 	}
+	s.states = newStateLog(d.SetStates, s.now, s.log)
 	return s, created, nil
 }
 
@@ -250,7 +256,10 @@ func (s *Server) auditRefusals(ctx context.Context) {
 func (s *Server) Fingerprint() string { return controlapi.Fingerprint(s.ca.Cert) }
 
 // Close releases the database.
-func (s *Server) Close() error { return s.db.Close() }
+func (s *Server) Close() error {
+	s.states.close()
+	return s.db.Close()
+}
 
 func loadOrCreateCommandKey(path string) (ed25519.PrivateKey, error) {
 	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
@@ -425,7 +434,7 @@ func (s *Server) device(h func(w http.ResponseWriter, r *http.Request, id string
 			fail(w, http.StatusUnauthorized, "a device certificate is required (enrol first)")
 			return
 		}
-		dev, err := s.db.Device(id)
+		dev, err := s.known.device(id)
 		switch {
 		case err != nil:
 			fail(w, http.StatusForbidden, "device "+id+" is not enrolled here")
@@ -528,7 +537,7 @@ func (s *Server) enroll(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.log.Info("device enrolled", "id", dev.ID, "class", dev.Class, "hostname", dev.Hostname, "role", dev.Role)
-	s.waits.roster(dev.ID) // gateways learn the new device
+	s.rosterChanged(dev.ID) // gateways learn the new device
 	resp := controlapi.EnrollResponse{DeviceID: dev.ID, Class: dev.Class, TunnelAddress: dev.TunnelAddress, Certificate: der, CA: s.ca.Cert.Raw,
 		CommandKey: s.cmdKey.Public().(ed25519.PublicKey), OpsThreshold: s.cfg.Ops.Threshold, Role: dev.Role, Segments: dev.Segments}
 	if dev.TunnelAddress.IsValid() {
@@ -590,19 +599,13 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	s.mu.Lock()
 	s.seen[id], s.touched[id] = now, now
 	s.mu.Unlock()
-	dev, err := s.db.Device(id)
+	dev, err := s.known.device(id)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
 	}
 	req.State = boundState(req.State)
-	if !stateEqual(dev.State, req.State) {
-		err := s.db.UpdateDevice(id, func(d *controlapi.Device) { d.State, d.LastSeen = req.State, now.UTC() })
-		if err != nil {
-			fail(w, http.StatusInternalServerError, err.Error())
-			return
-		}
-	}
+	s.states.put(id, req.State)
 	if _, _, err := parseWGKey(req.WireGuardKey); err != nil {
 		fail(w, http.StatusBadRequest, err.Error())
 		return
@@ -627,6 +630,11 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	http.NewResponseController(w).Flush()
 	for {
 		woken := s.waits.wait(id, dev.Class, dev.Role == controlapi.RoleGateway) // before looking, so nothing slips between
+		if now, err := s.known.device(id); err != nil || !now.RevokedAt.IsZero() {
+			// Revoked (or gone) while held: the poll ends, and the next
+			// one is refused.
+			panic(http.ErrAbortHandler)
+		}
 		resp, due, err := s.pending(req, target)
 		if err != nil {
 			s.log.Error("sync", "device", id, "err", err)
@@ -702,12 +710,6 @@ func boundState(st controlapi.DeviceState) controlapi.DeviceState {
 	return st
 }
 
-func stateEqual(a, b controlapi.DeviceState) bool {
-	x, _ := json.Marshal(a, json.Deterministic(true))
-	y, _ := json.Marshal(b, json.Deterministic(true))
-	return string(x) == string(y)
-}
-
 // pending is what a device is missing: the newest bundle meant for it and
 // the orders in force for it that the state it reported does not hold.
 // due is how long until an order paused for the device may be sent again.
@@ -727,11 +729,14 @@ func (s *Server) report(w http.ResponseWriter, r *http.Request, id string) {
 	if !decode(w, r, &req) {
 		return
 	}
+	// The store's record, with the state the device reported last (the
+	// flows are judged by the policy it runs).
 	dev, err := s.db.Device(id)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
 	}
+	dev = s.withSeen(dev)
 	acked, err := s.db.AddReports(id, req, func(e controlapi.Event) []controlapi.ObservedFlow { return s.monitoredFlows(dev, e.Detail) })
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
@@ -746,6 +751,9 @@ func (s *Server) withSeen(dev controlapi.Device) controlapi.Device {
 	defer s.mu.Unlock()
 	if t, ok := s.seen[dev.ID]; ok && t.After(dev.LastSeen) {
 		dev.LastSeen = t.UTC()
+	}
+	if st, ok := s.states.latest(dev.ID); ok {
+		dev.State = st
 	}
 	return dev
 }
@@ -943,27 +951,30 @@ func (s *Server) command(w http.ResponseWriter, r *http.Request, actor string) {
 		fail(w, http.StatusConflict, fmt.Sprintf("order %s was already given; an order is given once (sign a new one to give it again)", c.ID))
 		return
 	}
-	devs, err := s.db.Devices()
+	// Only ids and classes: an order to a fleet must not first read the
+	// fleet's records.
+	classes, err := s.db.DeviceClasses()
 	if err != nil {
 		fail(w, http.StatusInternalServerError, err.Error())
 		return
 	}
-	n, err := s.names(devs)
-	if err == nil {
-		err = n.check(c)
-	}
+	n, err := s.names(classes)
 	if err != nil {
+		fail(w, http.StatusInternalServerError, err.Error())
+		return
+	}
+	if err := n.check(c); err != nil {
 		fail(w, http.StatusNotFound, err.Error())
 		return
 	}
 	var ids []string
-	for _, d := range devs {
-		if c.Target.Matches(bundle.Device{ID: d.ID, Class: d.Class}) {
-			ids = append(ids, d.ID)
+	for _, id := range slices.Sorted(maps.Keys(classes)) {
+		if c.Target.Matches(bundle.Device{ID: id, Class: classes[id]}) {
+			ids = append(ids, id)
 		}
 	}
 	if c.Kind.Loosens() {
-		if err := s.checkLift(o, devs); err != nil {
+		if err := s.checkLift(o, ids, classes); err != nil {
 			fail(w, http.StatusConflict, err.Error())
 			return
 		}
@@ -1024,17 +1035,13 @@ func (s *Server) orderFrom(req controlapi.CommandRequest, now time.Time, actor s
 // checkLift refuses a lift that would lift nothing on any device it
 // covers, saying why: nothing it names is in force, or what is in force
 // was imposed after it was issued.
-func (s *Server) checkLift(o *order, devs []controlapi.Device) error {
+func (s *Server) checkLift(o *order, ids []string, classes map[string]string) error {
 	orders := s.book.all()
 	with := append(slices.Clone(orders), o)
 	slices.SortFunc(with, before)
 	var why error
-	for _, d := range devs {
-		dev := bundle.Device{ID: d.ID, Class: d.Class}
-		if !o.Command.Target.Matches(dev) {
-			continue
-		}
-		h := fold(with, dev)
+	for _, id := range ids {
+		h := fold(with, bundle.Device{ID: id, Class: classes[id]})
 		if h.decisive[o.Command.Slot()] == o {
 			return nil
 		}

@@ -20,6 +20,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/go-json-experiment/json"
+
 	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 	"github.com/bulkhead-edge/bulkhead/localpolicy/command"
 )
@@ -96,8 +98,13 @@ type Store interface {
 
 	Device(id string) (controlapi.Device, error)
 	Devices() ([]controlapi.Device, error)
-	// UpdateDevice applies fn to a stored device.
-	UpdateDevice(id string, fn func(*controlapi.Device)) error
+	// DeviceClasses is every enrolled device's class (revoked ones too),
+	// by id: what an order names and targets, without whole records.
+	DeviceClasses() (map[string]string, error)
+	// SetStates records the state each device last reported, as of now,
+	// in one write: a device whose stored state is the same is left as it
+	// is, and one not enrolled here is skipped.
+	SetStates(states map[string]controlapi.DeviceState, now time.Time) error
 	// Touch records when devices were last seen; a time not after the
 	// stored one changes nothing.
 	Touch(seen map[string]time.Time) error
@@ -214,6 +221,13 @@ func ParseChange(s string) (Change, error) {
 		return c, nil
 	}
 	return c, fmt.Errorf("change %q: unknown kind", s)
+}
+
+// SameState reports whether two reported states say the same.
+func SameState(a, b controlapi.DeviceState) bool {
+	x, _ := json.Marshal(a, json.Deterministic(true))
+	y, _ := json.Marshal(b, json.Deterministic(true))
+	return string(x) == string(y)
 }
 
 // HashToken is what names a token in the store.

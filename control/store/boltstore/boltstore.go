@@ -271,6 +271,23 @@ func (d *Store) Devices() ([]controlapi.Device, error) {
 	return out, err
 }
 
+func (d *Store) DeviceClasses() (map[string]string, error) {
+	out := map[string]string{}
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
+			var dev struct {
+				Class string `json:"class"`
+			}
+			if err := json.Unmarshal(v, &dev); err != nil {
+				return fmt.Errorf("stored device %s: %w", k, err)
+			}
+			out[string(k)] = dev.Class
+			return nil
+		})
+	})
+	return out, err
+}
+
 func (d *Store) Roster(after uint64, limit int) (out []controlapi.Device, cursor uint64, more bool, err error) {
 	err = d.bolt.View(func(tx *bolt.Tx) error {
 		return tx.Bucket(bucketDevices).ForEach(func(k, v []byte) error {
@@ -311,8 +328,40 @@ func (d *Store) Revoke(id, why, actor string, now time.Time) (controlapi.Device,
 	return dev, err
 }
 
-func (d *Store) UpdateDevice(id string, fn func(*controlapi.Device)) error {
-	return d.bolt.Update(func(tx *bolt.Tx) error { return updateDeviceIn(tx, id, fn) })
+func (d *Store) SetStates(states map[string]controlapi.DeviceState, now time.Time) error {
+	// Most syncs repeat what is stored: those are found by a read, and
+	// only the rest take a write (and its sync to disk).
+	var changed []string
+	err := d.bolt.View(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketDevices)
+		for _, id := range slices.Sorted(maps.Keys(states)) {
+			dev, ok, err := get[controlapi.Device](b, []byte(id))
+			if err != nil {
+				return err
+			}
+			if ok && !store.SameState(dev.State, states[id]) {
+				changed = append(changed, id)
+			}
+		}
+		return nil
+	})
+	if err != nil || len(changed) == 0 {
+		return err
+	}
+	return d.bolt.Update(func(tx *bolt.Tx) error {
+		for _, id := range changed {
+			err := updateDeviceIn(tx, id, func(dev *controlapi.Device) {
+				dev.State = states[id]
+				if now.After(dev.LastSeen) {
+					dev.LastSeen = now.UTC()
+				}
+			})
+			if err != nil && !errors.Is(err, store.ErrNoDevice) {
+				return err
+			}
+		}
+		return nil
+	})
 }
 
 func (d *Store) Touch(seen map[string]time.Time) error {

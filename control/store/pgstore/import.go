@@ -107,7 +107,7 @@ func rowOf(r store.Record) (row []any, table string, cols []string, err error) {
 			return nil, "", nil, err
 		}
 		inRoster := dev.Role != controlapi.RoleGateway && (len(dev.Certificate) > 0 || !dev.RevokedAt.IsZero())
-		return []any{string(k), int64(dev.Rev), inRoster, v}, "devices", []string{"id", "rev", "in_roster", "data"}, nil
+		return []any{string(k), int64(dev.Rev), inRoster, dev.Class, v}, "devices", []string{"id", "rev", "in_roster", "class", "data"}, nil
 	case store.BucketBundles, store.BucketRoots:
 		n, err := seqKey(k)
 		return []any{n, v}, r.Bucket, []string{"version", "raw"}, err

@@ -189,6 +189,7 @@ func decode[T any](raw []byte, what string) (T, error) {
 // querier is a pool or a transaction.
 type querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
 }
 
 // device reads a device; lock takes its row until commit.
@@ -223,9 +224,9 @@ func putDevice(ctx context.Context, tx pgx.Tx, dev controlapi.Device) error {
 		return err
 	}
 	inRoster := dev.Role != controlapi.RoleGateway && (len(dev.Certificate) > 0 || !dev.RevokedAt.IsZero())
-	_, err = tx.Exec(ctx, `INSERT INTO devices (id, rev, in_roster, data) VALUES ($1, $2, $3, $4)
-		ON CONFLICT (id) DO UPDATE SET rev = excluded.rev, in_roster = excluded.in_roster, data = excluded.data`,
-		dev.ID, int64(dev.Rev), inRoster, raw)
+	_, err = tx.Exec(ctx, `INSERT INTO devices (id, rev, in_roster, class, data) VALUES ($1, $2, $3, $4, $5)
+		ON CONFLICT (id) DO UPDATE SET rev = excluded.rev, in_roster = excluded.in_roster, class = excluded.class, data = excluded.data`,
+		dev.ID, int64(dev.Rev), inRoster, dev.Class, raw)
 	return err
 }
 
@@ -377,6 +378,25 @@ func (s *Store) Devices() ([]controlapi.Device, error) {
 	return s.devices(ctx, "SELECT data, last_seen FROM devices ORDER BY id")
 }
 
+func (s *Store) DeviceClasses() (map[string]string, error) {
+	ctx, cancel := op()
+	defer cancel()
+	rows, err := s.pool.Query(ctx, "SELECT id, class FROM devices")
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	out := map[string]string{}
+	for rows.Next() {
+		var id, class string
+		if err := rows.Scan(&id, &class); err != nil {
+			return nil, err
+		}
+		out[id] = class
+	}
+	return out, rows.Err()
+}
+
 func (s *Store) devices(ctx context.Context, sql string, args ...any) ([]controlapi.Device, error) {
 	rows, err := s.pool.Query(ctx, sql, args...)
 	if err != nil {
@@ -432,8 +452,59 @@ func (s *Store) Revoke(id, why, actor string, now time.Time) (controlapi.Device,
 	return dev, err
 }
 
-func (s *Store) UpdateDevice(id string, fn func(*controlapi.Device)) error {
-	return s.write(func(ctx context.Context, tx pgx.Tx) error { return updateDevice(ctx, tx, id, fn) })
+func (s *Store) SetStates(states map[string]controlapi.DeviceState, now time.Time) error {
+	// Most syncs repeat what is stored: those are found by a read, and
+	// only the rest are locked (in id order, as every batch locks them)
+	// and written, in one statement.
+	differs := func(ctx context.Context, q querier, ids []string, lock string) ([]string, [][]byte, error) {
+		rows, err := q.Query(ctx, "SELECT id, data FROM devices WHERE id = ANY($1) ORDER BY id"+lock, ids)
+		if err != nil {
+			return nil, nil, err
+		}
+		defer rows.Close()
+		var changed []string
+		var raws [][]byte
+		for rows.Next() {
+			var id string
+			var raw []byte
+			if err := rows.Scan(&id, &raw); err != nil {
+				return nil, nil, err
+			}
+			dev, err := decode[controlapi.Device](raw, "device")
+			if err != nil {
+				return nil, nil, err
+			}
+			if st := states[id]; !store.SameState(dev.State, st) {
+				dev.State = st
+				if now.After(dev.LastSeen) {
+					dev.LastSeen = now.UTC()
+				}
+				if raw, err = json.Marshal(dev); err != nil {
+					return nil, nil, err
+				}
+				changed, raws = append(changed, id), append(raws, raw)
+			}
+		}
+		return changed, raws, rows.Err()
+	}
+	if len(states) == 0 {
+		return nil
+	}
+	ctx, cancel := op()
+	defer cancel()
+	changed, _, err := differs(ctx, s.pool, slices.Sorted(maps.Keys(states)), "")
+	if err != nil || len(changed) == 0 {
+		return err
+	}
+	return s.write(func(ctx context.Context, tx pgx.Tx) error {
+		ids, raws, err := differs(ctx, tx, changed, " FOR UPDATE")
+		if err != nil || len(ids) == 0 {
+			return err
+		}
+		_, err = tx.Exec(ctx, `UPDATE devices d SET data = v.data
+			FROM unnest($1::text[], $2::bytea[]) AS v(id, data) WHERE d.id = v.id`, ids, raws)
+		return err
+	})
 }
 
 func (s *Store) Touch(seen map[string]time.Time) error {

@@ -37,7 +37,7 @@ func Fill(t *testing.T, s store.Store) Filled {
 	must(t, s.Rebind(devs[0].ID, "key-0", []byte("cert again"), now))
 	_, err = s.Revoke(devs[1].ID, "stolen", "ops", now)
 	must(t, err)
-	must(t, s.UpdateDevice(devs[2].ID, func(d *controlapi.Device) { d.State.Why = "ops said so" }))
+	must(t, s.SetStates(map[string]controlapi.DeviceState{devs[2].ID: {Why: "ops said so"}}, now))
 	must(t, s.Touch(map[string]time.Time{devs[3].ID: now.Add(time.Hour)}))
 	for _, v := range []uint64{3, 4} {
 		must(t, s.PushBundle(v, fmt.Appendf(nil, "bundle %d", v), now, "ops", "x"))

@@ -51,6 +51,7 @@ func Run(t *testing.T, b Backend) {
 	t.Run("Claims", func(t *testing.T) { testClaims(t, b) })
 	t.Run("Listen", func(t *testing.T) { testListen(t, b) })
 	t.Run("ConcurrentWritersKeepCursorsWhole", func(t *testing.T) { testCursors(t, b) })
+	t.Run("StateBatchesLoseNoRevocation", func(t *testing.T) { testStateBatches(t, b) })
 }
 
 // diff is cmp.Diff with addresses compared as values.
@@ -221,14 +222,25 @@ func testDevices(t *testing.T, s store.Store) {
 	}
 	_, err = s.Device("dev-nope")
 	is(t, err, store.ErrNoDevice)
-	is(t, s.UpdateDevice("dev-nope", func(*controlapi.Device) {}), store.ErrNoDevice)
 
+	// States are written in batches: one not enrolled is skipped, and one
+	// the same as stored leaves the record (its last-seen time) alone.
 	st := controlapi.DeviceState{Mode: localpolicy.Quarantine, Why: "ops", PolicyVersion: 3, Orders: map[string]string{"mode": "order-1"}}
-	must(t, s.UpdateDevice(b.ID, func(d *controlapi.Device) { d.State = st }))
+	must(t, s.SetStates(map[string]controlapi.DeviceState{b.ID: st, "dev-nope": st, a.ID: a.State}, now.Add(time.Second)))
 	got, err = s.Device(b.ID)
 	must(t, err)
 	if d := diff(st, got.State); d != "" {
 		t.Errorf("state (-want +got):\n%s", d)
+	}
+	if !got.LastSeen.Equal(now.Add(time.Second)) {
+		t.Errorf("a changed state: last seen %v, want %v", got.LastSeen, now.Add(time.Second))
+	}
+	must(t, s.SetStates(map[string]controlapi.DeviceState{b.ID: st}, now.Add(time.Hour)))
+	if got, err = s.Device(b.ID); err != nil || !got.LastSeen.Equal(now.Add(time.Second)) {
+		t.Errorf("the same state again: last seen %v (%v), want it left at %v", got.LastSeen, err, now.Add(time.Second))
+	}
+	if got, err = s.Device(a.ID); err != nil || !got.LastSeen.IsZero() {
+		t.Errorf("a device whose state did not change: last seen %v (%v), want none", got.LastSeen, err)
 	}
 
 	must(t, s.Touch(map[string]time.Time{a.ID: now.Add(time.Minute), "dev-gone": now}))
@@ -247,6 +259,11 @@ func testDevices(t *testing.T, s store.Store) {
 	slices.Sort(ids)
 	if want := slices.Sorted(slices.Values([]string{a.ID, b.ID})); !slices.Equal(ids, want) {
 		t.Errorf("devices %v, want %v", ids, want)
+	}
+	classes, err := s.DeviceClasses()
+	must(t, err)
+	if d := diff(map[string]string{a.ID: "scanner", b.ID: "truck"}, classes); d != "" {
+		t.Errorf("DeviceClasses (-want +got):\n%s", d)
 	}
 
 	// Rebind: a new rev; only a changed key is audited.
@@ -724,5 +741,57 @@ func testCursors(t *testing.T, b Backend) {
 	}
 	if len(seenOrders) != total || len(seenDevices) != total {
 		t.Errorf("a reader paging by cursor saw %d of %d orders and %d of %d devices", len(seenOrders), total, len(seenDevices), total)
+	}
+}
+
+// testStateBatches is the attack on batched state writes: replicas write
+// the states their devices report, in overlapping batches, while ops
+// revoke and devices rebind those devices on other handles. A batch that
+// wrote back records read before those commits would un-revoke a device,
+// and batches locking the same rows in different orders would deadlock.
+func testStateBatches(t *testing.T, b Backend) {
+	s := b.Open(t)
+	handles := []store.Store{s}
+	if b.Share != nil {
+		handles = append(handles, b.Share(t, s), b.Share(t, s))
+	}
+	var devs []controlapi.Device
+	for range 20 {
+		devs = append(devs, enrol(t, s, "scanner", netip.Prefix{}))
+	}
+	const rounds = 10
+	var wg sync.WaitGroup
+	for h, hs := range handles {
+		wg.Go(func() {
+			for r := range rounds {
+				states := map[string]controlapi.DeviceState{}
+				for _, d := range devs {
+					states[d.ID] = controlapi.DeviceState{Why: fmt.Sprintf("handle %d round %d", h, r)}
+				}
+				if err := hs.SetStates(states, now); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	ops := handles[len(handles)-1]
+	wg.Go(func() {
+		for i, d := range devs {
+			if err := ops.Rebind(d.ID, fmt.Sprintf("key-%d", i), []byte("cert"), now); err != nil {
+				t.Error(err)
+			}
+			if _, err := ops.Revoke(d.ID, "stolen", "ops", now); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	wg.Wait()
+	for i, d := range devs {
+		got, err := s.Device(d.ID)
+		must(t, err)
+		if got.RevokedAt.IsZero() || got.WireGuardKey != fmt.Sprintf("key-%d", i) || !strings.HasSuffix(got.State.Why, fmt.Sprintf("round %d", rounds-1)) {
+			t.Errorf("device %d: revoked at %v, key %q, state %q: a state batch undid a revocation or a rebinding", i, got.RevokedAt, got.WireGuardKey, got.State.Why)
+		}
 	}
 }
