@@ -287,7 +287,7 @@ func (a *api) token(t *testing.T, class string) string {
 	return tok.Token
 }
 
-// Control gives each device the lowest free address of its pool and
+// Control gives each device the next free address of its pool and
 // binds it, with the device's WireGuard key, in the device's certificate:
 // enrolments at once never share an address, and a full pool refuses the
 // enrolment and leaves its token unspent.

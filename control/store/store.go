@@ -293,6 +293,34 @@ func TokenUsable(t Token, found bool, class string, segments []string, now time.
 	return nil
 }
 
+// NextFree is the address a device enrolling into pool gets: the one
+// after highest, the highest taken (invalid: none is), so the pool fills
+// in order at the cost of one index read whatever the fleet's size; since
+// addresses are never given back, that is the lowest free too. Once the
+// pool's end is reached, it is the lowest free below (FirstFree over
+// taken), if any is left.
+func NextFree(pool netip.Prefix, highest netip.Addr, taken func(yield func(netip.Addr) bool)) (netip.Addr, error) {
+	if !highest.IsValid() {
+		return FirstFree(pool, func(func(netip.Addr) bool) {})
+	}
+	if next := highest.Next(); next.IsValid() && pool.Contains(next) && (!next.Is4() || pool.Contains(next.Next())) {
+		return next, nil
+	}
+	return FirstFree(pool, taken)
+}
+
+// LastOf is the last address of pool (for IPv4, its broadcast address).
+func LastOf(pool netip.Prefix) netip.Addr {
+	a := pool.Masked().Addr().AsSlice()
+	for i := range a {
+		if bit := i * 8; bit+8 > pool.Bits() { // a byte with host bits
+			a[i] |= byte(0xff >> max(0, pool.Bits()-bit))
+		}
+	}
+	last, _ := netip.AddrFromSlice(a)
+	return last
+}
+
 // FirstFree is the lowest address of pool not taken, given taken's
 // addresses from the pool's first host upwards in order (it stops at
 // the first gap). The network address and, for IPv4, the broadcast

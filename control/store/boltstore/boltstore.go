@@ -196,7 +196,7 @@ func (d *Store) Enroll(tok, class string, segments []string, pool netip.Prefix, 
 		id := store.RandomID("dev-", 6)
 		var addr netip.Addr
 		if pool.IsValid() {
-			if addr, err = store.FirstFree(pool, taken(tx, pool)); err != nil {
+			if addr, err = store.NextFree(pool, highest(tx, pool), taken(tx, pool)); err != nil {
 				return err
 			}
 			if err := tx.Bucket(bucketAddresses).Put(addrKey(addr), []byte(id)); err != nil {
@@ -236,6 +236,30 @@ func taken(tx *bolt.Tx, pool netip.Prefix) iter.Seq[netip.Addr] {
 			}
 		}
 	}
+}
+
+// highest is the highest address of pool taken (invalid: none is).
+func highest(tx *bolt.Tx, pool netip.Prefix) netip.Addr {
+	c := tx.Bucket(bucketAddresses).Cursor()
+	last := addrKey(store.LastOf(pool))
+	k, _ := c.Seek(last)
+	switch {
+	case k == nil:
+		k, _ = c.Last()
+	case !bytes.Equal(k, last):
+		k, _ = c.Prev()
+	}
+	if k == nil {
+		return netip.Addr{}
+	}
+	a := netip.AddrFrom16([16]byte(k))
+	if pool.Addr().Is4() {
+		a = a.Unmap()
+	}
+	if !pool.Contains(a) {
+		return netip.Addr{}
+	}
+	return a
 }
 
 func addrKey(a netip.Addr) []byte {

@@ -301,8 +301,20 @@ func (s *Store) Enroll(tok, class string, segments []string, pool netip.Prefix, 
 		id := store.RandomID("dev-", 6)
 		var addr netip.Addr
 		if pool.IsValid() {
+			lo, hi := pool.Addr().As16(), store.LastOf(pool).As16()
+			var top []byte
+			highest := netip.Addr{}
+			switch err := tx.QueryRow(ctx, "SELECT addr FROM addresses WHERE addr BETWEEN $1 AND $2 ORDER BY addr DESC LIMIT 1", lo[:], hi[:]).Scan(&top); {
+			case errors.Is(err, pgx.ErrNoRows):
+			case err != nil:
+				return err
+			case len(top) != 16:
+				return fmt.Errorf("stored address %x", top)
+			default:
+				highest = unmapIn(pool, netip.AddrFrom16([16]byte(top)))
+			}
 			taken, errp := takenIn(ctx, tx, pool)
-			if addr, err = store.FirstFree(pool, taken); err != nil {
+			if addr, err = store.NextFree(pool, highest, taken); err != nil {
 				return err
 			}
 			if err := *errp; err != nil {
@@ -336,6 +348,14 @@ func (s *Store) Enroll(tok, class string, segments []string, pool netip.Prefix, 
 	return dev, err
 }
 
+// unmapIn is a stored (16-byte) address as pool's family writes it.
+func unmapIn(pool netip.Prefix, a netip.Addr) netip.Addr {
+	if pool.Addr().Is4() {
+		return a.Unmap()
+	}
+	return a
+}
+
 // takenIn yields the assigned addresses of pool in order; a failed read
 // is left in *err.
 func takenIn(ctx context.Context, tx pgx.Tx, pool netip.Prefix) (iter.Seq[netip.Addr], *error) {
@@ -354,10 +374,7 @@ func takenIn(ctx context.Context, tx pgx.Tx, pool netip.Prefix) (iter.Seq[netip.
 				failed = fmt.Errorf("stored address %x: %v", k, err)
 				return
 			}
-			a := netip.AddrFrom16([16]byte(k))
-			if pool.Addr().Is4() {
-				a = a.Unmap()
-			}
+			a := unmapIn(pool, netip.AddrFrom16([16]byte(k)))
 			if !pool.Contains(a) || !yield(a) {
 				return
 			}
