@@ -2,13 +2,16 @@ package bench
 
 import (
 	"bufio"
+	"cmp"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -96,10 +99,18 @@ func fanOut(b B, p fanOutPlan) {
 	var ctls []*lab.Control
 	var control []policy.Endpoint
 	for i := range p.replicas {
+		// Each replica's certificate names every replica: a device
+		// enrolled with one and failing over to another checks the
+		// name it enrolled with.
+		opts.Names = nil
+		for j := range p.replicas {
+			if j != i {
+				opts.Names = append(opts.Names, replicaAddr(j).Addr().String())
+			}
+		}
 		if i > 0 {
-			// The CA and command key are the first's, and so is the name
-			// its devices enrolled with.
-			opts.SecretsFrom, opts.Names = ctls[0].Data, []string{replicaAddr(0).Addr().String()}
+			// The CA and command key are the first's.
+			opts.SecretsFrom = ctls[0].Data
 		}
 		ctls = append(ctls, lab.StartControlWith(b, ctlNS, replicaAddr(i), opts))
 		control = append(control, policy.Endpoint{Address: replicaAddr(i).Addr(), Port: replicaAddr(i).Port()})
@@ -279,6 +290,7 @@ type crowdProc struct {
 	mu     sync.Mutex
 	isHeld []bool
 	got    map[string][]time.Time // command id -> arrival at each member
+	errors map[string]int         // the members' errors, by text (the first 20 texts)
 }
 
 // startCrowdOf enrols size devices of class with ctl from ns and waits
@@ -319,7 +331,7 @@ func startCrowdAt(b testing.TB, ns *lab.NS, issuer, ctl *lab.Control, size int, 
 	}
 	exited := make(chan struct{})
 	b.Cleanup(func() { cmd.Process.Kill(); <-exited })
-	c := &crowdProc{isHeld: make([]bool, size), got: map[string][]time.Time{}}
+	c := &crowdProc{isHeld: make([]bool, size), got: map[string][]time.Time{}, errors: map[string]int{}}
 	go func() {
 		c.read(out)
 		cmd.Wait()
@@ -333,7 +345,7 @@ func startCrowdAt(b testing.TB, ns *lab.NS, issuer, ctl *lab.Control, size int, 
 		default:
 		}
 		if time.Now().After(deadline) {
-			b.Fatalf("only %d of %d crowd polls held after 3 minutes", c.held(), size)
+			b.Fatalf("only %d of %d crowd polls held after 3 minutes; the members' errors: %s", c.held(), size, c.errorsSeen())
 		}
 	}
 	return c
@@ -355,9 +367,28 @@ func (c *crowdProc) read(r io.Reader) {
 			c.got[e.ID] = append(c.got[e.ID], time.Unix(0, e.At))
 		case crowd.EvError:
 			c.isHeld[e.Member] = false
+			if _, ok := c.errors[e.Error]; ok || len(c.errors) < 20 {
+				c.errors[e.Error]++
+			}
 		}
 		c.mu.Unlock()
 	}
+}
+
+// errorsSeen lists the members' errors, most frequent first.
+func (c *crowdProc) errorsSeen() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.errors) == 0 {
+		return "none"
+	}
+	texts := slices.Collect(maps.Keys(c.errors))
+	slices.SortFunc(texts, func(a, b string) int { return cmp.Or(c.errors[b]-c.errors[a], strings.Compare(a, b)) })
+	var out []string
+	for _, t := range texts {
+		out = append(out, fmt.Sprintf("%d× %s", c.errors[t], t))
+	}
+	return strings.Join(out, "; ")
 }
 
 // held is how many members have a poll open now.

@@ -621,7 +621,6 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	// Held for up to wait: the server's write deadline is for answers
 	// given at once.
 	http.NewResponseController(w).SetWriteDeadline(time.Now().Add(wait + 30*time.Second))
-	target := bundle.Device{ID: id, Class: dev.Class}
 	// The headers go out at once: the device knows it is connected while
 	// the answer is held. A failure after this aborts the connection,
 	// which the device sees as an error.
@@ -630,24 +629,18 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 	http.NewResponseController(w).Flush()
 	for {
 		woken := s.waits.wait(id, dev.Class, dev.Role == controlapi.RoleGateway) // before looking, so nothing slips between
-		if now, err := s.known.device(id); err != nil || !now.RevokedAt.IsZero() {
-			// Revoked (or gone) while held: the poll ends, and the next
-			// one is refused.
+		resp, due, err := s.look(id, dev, req, cert)
+		switch {
+		case errors.Is(err, errRevokedWhileHeld):
+			// The poll ends, and the next one is refused.
 			panic(http.ErrAbortHandler)
-		}
-		resp, due, err := s.pending(req, target)
-		if err != nil {
-			s.log.Error("sync", "device", id, "err", err)
-			panic(http.ErrAbortHandler)
-		}
-		if dev.Role == controlapi.RoleGateway && req.Gateway != nil {
-			if resp.Gateway, err = s.gatewayUpdate(*req.Gateway, s.now()); err != nil {
-				s.log.Error("sync", "gateway", id, "err", err)
-				panic(http.ErrAbortHandler)
-			}
-		}
-		if resp.Bundle != nil || len(resp.Roots) > 0 || len(resp.Commands) > 0 || cert != nil || resp.Gateway != nil {
-			resp.Certificate = cert
+		case err != nil:
+			// The store is out of reach (a database restart): the poll
+			// stays held and looks again, and ends only at its
+			// deadline, as any request to a stalled control does.
+			s.log.Debug("sync: the store is out of reach; the poll stays held", "device", id, "err", err)
+			due = lookAgain
+		case resp != nil:
 			reply(w, resp)
 			return
 		}
@@ -662,12 +655,47 @@ func (s *Server) sync(w http.ResponseWriter, r *http.Request, id string) {
 		case <-woken.gateways:
 		case <-woken.all:
 		case <-timer.C:
-			reply(w, resp)
+			if err != nil {
+				panic(http.ErrAbortHandler)
+			}
+			reply(w, &controlapi.SyncResponse{ServerTime: s.now().UTC()})
 			return
 		case <-r.Context().Done():
 			return
 		}
 	}
+}
+
+// errRevokedWhileHeld ends a held poll: its device was revoked (or is
+// gone) meanwhile.
+var errRevokedWhileHeld = errors.New("revoked while held")
+
+// lookAgain is how soon a held poll whose look failed looks again.
+const lookAgain = 5 * time.Second
+
+// look is a held poll's answer, if it has one now (nil otherwise), and
+// how long until an order paused for the device may be sent again. An
+// error other than errRevokedWhileHeld is the store's.
+func (s *Server) look(id string, dev controlapi.Device, req controlapi.SyncRequest, cert []byte) (*controlapi.SyncResponse, time.Duration, error) {
+	if now, err := s.known.device(id); errors.Is(err, store.ErrNoDevice) || err == nil && !now.RevokedAt.IsZero() {
+		return nil, 0, errRevokedWhileHeld
+	} else if err != nil {
+		return nil, 0, err
+	}
+	resp, due, err := s.pending(req, bundle.Device{ID: id, Class: dev.Class})
+	if err != nil {
+		return nil, 0, err
+	}
+	if dev.Role == controlapi.RoleGateway && req.Gateway != nil {
+		if resp.Gateway, err = s.gatewayUpdate(*req.Gateway, s.now()); err != nil {
+			return nil, 0, err
+		}
+	}
+	if resp.Bundle != nil || len(resp.Roots) > 0 || len(resp.Commands) > 0 || cert != nil || resp.Gateway != nil {
+		resp.Certificate = cert
+		return &resp, due, nil
+	}
+	return nil, due, nil
 }
 
 // boundState cuts what a device says about itself to sizes a desk can
