@@ -302,11 +302,17 @@ const dialAttempt = 5 * time.Second
 // endpoints is where the client reaches control: the endpoint enrolled
 // with, then the others the table keeps open (the policy's control
 // list). A connection tries them in turn, from the last that answered;
-// the syncer's jittered backoff spaces out rounds that all fail.
+// the syncer's jittered backoff spaces out rounds that all fail. With
+// tls set, an endpoint has answered only once its server proved itself
+// under tls: one that accepts connections but fails the handshake (a
+// replica whose certificate lacks the name devices use, or a stranger
+// on its address) is passed over like one that is down, instead of
+// holding the device for good.
 type endpoints struct {
 	mu   sync.Mutex
 	list []netip.AddrPort
 	good int // index of the last endpoint that answered
+	tls  *tls.Config
 }
 
 // set makes first, then others, the endpoints tried; the one that
@@ -329,7 +335,7 @@ func (e *endpoints) set(first netip.AddrPort, others []netip.AddrPort) {
 	e.list, e.good = list, good
 }
 
-func (e *endpoints) dial(ctx context.Context, network, _ string) (net.Conn, error) {
+func (e *endpoints) dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	e.mu.Lock()
 	list, start := e.list, e.good
 	e.mu.Unlock()
@@ -338,6 +344,12 @@ func (e *endpoints) dial(ctx context.Context, network, _ string) (net.Conn, erro
 	for i := range list {
 		n := (start + i) % len(list)
 		conn, err := d.DialContext(ctx, network, list[n].String())
+		if err == nil && e.tls != nil {
+			conn, err = e.handshake(ctx, conn, addr)
+			if err != nil {
+				err = fmt.Errorf("control endpoint %s: %w", list[n], err)
+			}
+		}
 		if err == nil {
 			e.mu.Lock()
 			if slices.Equal(e.list, list) {
@@ -352,6 +364,23 @@ func (e *endpoints) dial(ctx context.Context, network, _ string) (net.Conn, erro
 		}
 	}
 	return nil, errors.Join(errs...)
+}
+
+// handshake proves the server on conn under e.tls, for the name in addr
+// (the control URL's host), within dialAttempt.
+func (e *endpoints) handshake(ctx context.Context, conn net.Conn, addr string) (net.Conn, error) {
+	cfg := e.tls.Clone()
+	if host, _, err := net.SplitHostPort(addr); err == nil && cfg.ServerName == "" {
+		cfg.ServerName = host
+	}
+	ctx, cancel := context.WithTimeout(ctx, dialAttempt)
+	defer cancel()
+	tc := tls.Client(conn, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return tc, nil
 }
 
 // SetEndpoints gives the control endpoints to try after the enrolled
@@ -404,13 +433,14 @@ func New(dir string, rec *Record) (*Client, error) {
 	c := &Client{rec: rec, dir: dir, pool: pool}
 	c.cert.Store(&cert)
 	c.eps.set(rec.Endpoint, nil)
+	c.eps.tls = &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.cert.Load(), nil }}
 	tr := &http.Transport{
-		TLSClientConfig: &tls.Config{MinVersion: tls.VersionTLS13, RootCAs: pool,
-			GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return c.cert.Load(), nil }},
-		DialContext:         c.eps.dial,
-		MaxIdleConns:        1,
-		IdleConnTimeout:     controlapi.MaxWait + time.Minute,
-		TLSHandshakeTimeout: 15 * time.Second,
+		// The endpoints dial and verify the server: a failed handshake
+		// moves on to the next endpoint.
+		DialTLSContext:  c.eps.dial,
+		MaxIdleConns:    1,
+		IdleConnTimeout: controlapi.MaxWait + time.Minute,
 	}
 	c.http = &http.Client{Transport: tr}
 	return c, nil

@@ -2,9 +2,14 @@ package controlclient
 
 import (
 	"context"
+	"crypto/tls"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"testing"
+
+	"github.com/bulkhead-edge/bulkhead/api/controlapi"
 )
 
 // listener accepts on loopback and says which one a connection reached.
@@ -63,5 +68,40 @@ func TestEndpointsAreTriedInTurn(t *testing.T) {
 	c.Close()
 	if _, err := e.dial(context.Background(), "tcp", "ignored:1"); err == nil {
 		t.Error("every endpoint is down, yet a connection was made")
+	}
+}
+
+// A control endpoint that accepts connections but fails the handshake is
+// passed over like one that is down: here the endpoint enrolled with is
+// a replica of the same CA whose certificate lacks the name the device
+// uses. Taken as answering, it held the device for good, every sync
+// failing on the name, while the next endpoint worked.
+func TestAnEndpointFailingTheHandshakeIsPassedOver(t *testing.T) {
+	c := newControl(t)
+	dir := t.TempDir()
+	rec, err := c.enrolIn(dir, c.fp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger := httptest.NewUnstartedServer(http.NotFoundHandler())
+	cert, err := c.ca.ServerCert([]string{"192.0.2.9"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stranger.TLS = &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}}
+	stranger.StartTLS()
+	t.Cleanup(stranger.Close)
+	good := rec.Endpoint
+	rec.Endpoint = netip.MustParseAddrPort(stranger.Listener.Addr().String())
+	client, err := New(dir, rec)
+	if err != nil {
+		t.Fatal(err)
+	}
+	client.SetEndpoints([]netip.AddrPort{good})
+	for i := range 2 {
+		resp, err := client.Sync(context.Background(), controlapi.SyncRequest{State: controlapi.DeviceState{Why: "echo"}}, nil)
+		if err != nil || len(resp.Commands) != 1 {
+			t.Fatalf("sync %d with the enrolled endpoint failing its handshake: %+v, %v; want the next endpoint's answer", i+1, resp, err)
+		}
 	}
 }
