@@ -20,7 +20,7 @@ GOBUILD := CGO_ENABLED=0 go build -trimpath -ldflags '$(LDFLAGS)'
 # 100000 runs is about 10 s of the slowest target (FuzzValidate) here.
 FUZZTIME ?= 100000x
 # What the kernel-facing tests drive or read back with.
-TEST_DEBS := iproute2 nftables wireguard-tools wireguard-go iperf3 curl gpsd gpsd-clients systemd util-linux postgresql
+TEST_DEBS := iproute2 nftables wireguard-tools wireguard-go iperf3 curl gpsd systemd util-linux postgresql
 
 # The pure packages (decision core, formats, caches) whose tests run for
 # ARM under qemu-user in `make cross-test`. TestGatherReadsThisHost is

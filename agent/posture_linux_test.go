@@ -190,31 +190,22 @@ func TestClockCheckAgainstControl(t *testing.T) {
 	}
 }
 
-// A truck leaves its yard's geofence and comes back, as replayed by
-// Debian's gpsfake through a real gpsd: the device is restricted while
-// outside and normal again inside; when the log ends its fix grows stale,
-// which is its own state with its own profile. Samples are an hour apart:
-// each transition is judged when the fix crosses the fence, or when it
-// grows too old.
-func TestGeofenceWithGPSFake(t *testing.T) {
+// A truck leaves its yard's geofence and comes back, its receiver read
+// through a real gpsd: the device is restricted while outside and normal
+// again inside; when the receiver falls silent its fix grows stale, which
+// is its own state with its own profile. Posture samples are an hour
+// apart: each transition is judged when the fix crosses the fence, or
+// when it grows too old. The test moves the receiver only once the device
+// has judged where it was, so no step races the device's start.
+func TestGeofenceWithGPSD(t *testing.T) {
 	e := newEnv(t)
 	yard := lab.Point{Lat: 41.5250, Lon: -88.0817}
-	var track []lab.Point
-	for i := range 38 {
-		p := lab.Point{Lat: yard.Lat + 0.0001*float64(i%10), Lon: yard.Lon} // within 100 m
-		if i >= 14 && i < 26 {
-			p.Lat = yard.Lat + 0.007 // 780 m north: out of the yard
-		}
-		track = append(track, p)
-	}
-	// Two sentences a fix, a quarter second each: 7 s in the yard, 6 s
-	// out, 6 s back in, then nothing.
-	addr := lab.GPSFake(t, lab.NMEA(track, time.Now()), 250*time.Millisecond)
+	gps := lab.StartGPS(t, nil, 0, lab.Point{Lat: yard.Lat + 0.0003, Lon: yard.Lon}, 250*time.Millisecond) // 33 m from the centre
 	cfg, err := os.ReadFile(e.cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeFile(t, e.cfg, strings.Replace(string(cfg), `"posture": {"interval": "1s"}`, `"posture": {"interval": "1h"}, "location": {"gpsd": "`+addr+`"}`, 1))
+	writeFile(t, e.cfg, strings.Replace(string(cfg), `"posture": {"interval": "1s"}`, `"posture": {"interval": "1h"}, "location": {"gpsd": "`+gps.Addr+`"}`, 1))
 	e.startWithChecks(
 		policy.Check{ID: "yard", Geofence: &policy.Geofence{Circle: &policy.Circle{Lat: yard.Lat, Lon: yard.Lon, RadiusM: 500}}},
 		policy.Check{ID: "fix-fresh", Profile: "diagnostic", MaxFixAge: policy.Duration(3 * time.Second)},
@@ -223,18 +214,21 @@ func TestGeofenceWithGPSFake(t *testing.T) {
 		m, f, o := e.check("yard")
 		return m == "normal" && !f && strings.Contains(o, "m from the centre")
 	})
+	gps.Move(lab.Point{Lat: yard.Lat + 0.007, Lon: yard.Lon}) // 778 m north: out of the yard
 	lab.WaitFor(t, "restricted once out of the yard", longWait, func() bool { m, f, _ := e.check("yard"); return m == "restricted" && f })
 	st := e.call(adminapi.Request{Op: adminapi.OpStatus}).Status
 	if why := strings.Join(st.Why, "; "); !strings.Contains(why, "check yard failed: observed (41.53200, -88.08170), 778 m from the centre") {
 		t.Errorf("status does not name the geofence check with the position: %q", why)
 	}
+	gps.Move(yard)
 	lab.WaitFor(t, "normal back in the yard", longWait, func() bool { m, f, _ := e.check("yard"); return m == "normal" && !f })
+	gps.Silence()
 	lab.WaitFor(t, "diagnostic once the fix is stale", longWait, func() bool {
 		m, f, o := e.check("fix-fresh")
 		return m == "diagnostic" && f && strings.HasPrefix(o, "fix from gpsd ")
 	})
-	if _, f, _ := e.check("yard"); f {
-		t.Error("a stale fix inside the yard failed the geofence: the last position still counts")
+	if _, f, o := e.check("yard"); f {
+		t.Errorf("a stale fix inside the yard failed the geofence (%s): the last position still counts", o)
 	}
 }
 

@@ -1,6 +1,7 @@
 package lab
 
 import (
+	"context"
 	"fmt"
 	"math"
 	"net"
@@ -52,42 +53,51 @@ func sentence(b *strings.Builder, body string) {
 	fmt.Fprintf(b, "$%s*%02X\r\n", body, sum)
 }
 
-// GPSFake replays an NMEA log through a real gpsd (Debian's gpsfake
-// starts one on a pty), one sentence every cycle, once. It returns
-// gpsd's address; gpsd and gpsfake are stopped at cleanup.
-func GPSFake(t T, log []byte, cycle time.Duration) string {
-	t.Helper()
-	port := freeTCPPort(t)
-	GPSFakeIn(t, nil, port, log, cycle, true)
-	return fmt.Sprintf("127.0.0.1:%d", port)
+// GPS is a receiver the test drives: a real gpsd (Debian's) reading NMEA
+// from a UDP port on loopback, and a feeder sending the receiver's
+// current position there every cycle, stamped with the time it is sent.
+// The test moves it or silences it and then waits for what the device
+// makes of it, so no step depends on how fast a replay runs against how
+// fast the device under test starts.
+type GPS struct {
+	Addr string // gpsd's, for the device to watch
+
+	mu sync.Mutex
+	at *Point // nil: silent, as a receiver without a fix
 }
 
-// GPSFakeIn is GPSFake inside ns (nil: the test's own namespace), with
-// gpsd on 127.0.0.1:port, playing the log once or in a loop. It returns
-// a function that stops gpsfake and its gpsd early (a receiver
-// unplugged); they are stopped at cleanup either way.
-func GPSFakeIn(t T, ns *NS, port int, log []byte, cycle time.Duration, once bool) (stop func()) {
+// StartGPS starts gpsd inside ns (nil: the test's own namespace),
+// listening on 127.0.0.1:port (0: a free port), and feeds it the
+// position at every cycle.
+// gpsd and the feeder are stopped at cleanup.
+func StartGPS(t T, ns *NS, port int, at Point, cycle time.Duration) *GPS {
 	t.Helper()
-	RequirePrivileged(t, "gpsfake", "gpsd")
+	RequirePrivileged(t, "gpsd")
+	g := &GPS{at: &at}
+	dial := func(network, addr string) (net.Conn, error) {
+		if ns != nil {
+			return ns.DialContext(context.Background(), network, addr)
+		}
+		return net.Dial(network, addr)
+	}
+	if port == 0 {
+		port = freePort(t, ns, "tcp")
+	}
+	g.Addr = fmt.Sprintf("127.0.0.1:%d", port)
+	feed := freePort(t, ns, "udp")
+
 	dir := t.TempDir()
-	file := filepath.Join(dir, "track.nmea")
-	if err := os.WriteFile(file, log, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	// -1: play once; -c: seconds between sentences; -q: quiet;
-	// -P: gpsd's port. gpsfake waits for a client before it feeds.
-	argv := []string{"gpsfake", "-q", "-c", fmt.Sprintf("%.3f", cycle.Seconds()), "-P", fmt.Sprint(port), file}
-	if once {
-		argv = append(argv[:1], append([]string{"-1"}, argv[1:]...)...)
-	}
+	// -N: foreground; -n: open the source without waiting for a client;
+	// -S: the port clients connect to. Its own process group, so
+	// whatever it starts is stopped with it.
+	argv := []string{"gpsd", "-N", "-n", "-S", fmt.Sprint(port), fmt.Sprintf("udp://127.0.0.1:%d", feed)}
 	cmd := exec.Command(argv[0], argv[1:]...)
 	if ns != nil {
 		cmd = ns.Command(argv...)
 	}
 	cmd.Env = append(os.Environ(), "PATH=/usr/sbin:/usr/bin:/sbin:/bin:"+os.Getenv("PATH"))
-	// Its own process group: gpsfake's gpsd is stopped with it.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	out, err := os.Create(filepath.Join(dir, "gpsfake.log"))
+	out, err := os.Create(filepath.Join(dir, "gpsd.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -95,54 +105,97 @@ func GPSFakeIn(t T, ns *NS, port int, log []byte, cycle time.Duration, once bool
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	var stopped sync.Once
-	stop = func() {
-		stopped.Do(func() {
-			syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			cmd.Wait()
-			// gpsd is gpsfake's child: wait until it is gone too, so
-			// the next gpsfake's gpsd finds the port free.
-			for deadline := time.Now().Add(5 * time.Second); syscall.Kill(-cmd.Process.Pid, 0) == nil && time.Now().Before(deadline); {
-				time.Sleep(10 * time.Millisecond)
-			}
-		})
+	src, err := dial("udp", fmt.Sprintf("127.0.0.1:%d", feed))
+	if err != nil {
+		t.Fatal(err)
 	}
+	done := make(chan struct{})
+	fed := make(chan struct{})
+	go func() {
+		defer close(fed)
+		tick := time.NewTicker(cycle)
+		defer tick.Stop()
+		for {
+			g.mu.Lock()
+			at := g.at
+			g.mu.Unlock()
+			if at != nil {
+				// Until gpsd has bound its port a datagram is refused;
+				// the next cycle sends again.
+				src.Write(NMEA([]Point{*at}, time.Now()))
+			}
+			select {
+			case <-done:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
 	t.Cleanup(func() {
-		stop()
+		close(done)
+		<-fed
+		src.Close()
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		cmd.Wait()
 		if t.Failed() {
 			b, _ := os.ReadFile(out.Name())
-			t.Logf("gpsfake: %s", b)
+			t.Logf("gpsd: %s", b)
 		}
 	})
-	addr := fmt.Sprintf("127.0.0.1:%d", port)
-	dial := func() error {
-		c, err := net.Dial("tcp", addr)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		c, err := dial("tcp", g.Addr)
 		if err == nil {
 			c.Close()
-		}
-		return err
-	}
-	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
-		err := dial()
-		if ns != nil {
-			err = ns.Do(dial)
-		}
-		if err == nil {
-			return stop
+			return g
 		}
 		if time.Now().After(deadline) {
 			b, _ := os.ReadFile(out.Name())
-			t.Fatalf("gpsd from gpsfake never listened on %s: %s", addr, b)
+			t.Fatalf("gpsd never listened on %s: %v: %s", g.Addr, err, b)
 		}
 	}
 }
 
-func freeTCPPort(t T) int {
+// Move puts the receiver at p: its next fixes are there.
+func (g *GPS) Move(p Point) {
+	g.mu.Lock()
+	g.at = &p
+	g.mu.Unlock()
+}
+
+// Silence stops the fixes, as a receiver that has lost the sky: gpsd
+// stays up and the last fix grows old.
+func (g *GPS) Silence() {
+	g.mu.Lock()
+	g.at = nil
+	g.mu.Unlock()
+}
+
+// freePort finds a port on loopback nobody in ns (nil: here) listens on.
+func freePort(t T, ns *NS, network string) int {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
+	var port int
+	find := func() error {
+		if network == "udp" {
+			c, err := net.ListenPacket("udp", "127.0.0.1:0")
+			if err != nil {
+				return err
+			}
+			port = c.LocalAddr().(*net.UDPAddr).Port
+			return c.Close()
+		}
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		port = l.Addr().(*net.TCPAddr).Port
+		return l.Close()
+	}
+	do := find
+	if ns != nil {
+		do = func() error { return ns.Do(find) }
+	}
+	if err := do(); err != nil {
 		t.Fatal(err)
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+	return port
 }

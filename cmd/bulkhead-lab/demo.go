@@ -30,7 +30,7 @@ func demoCmd() *subcmd.Command {
 		"FAIL; any FAIL makes the exit status 1. Everything (namespaces, processes,\n" +
 		"tables, files) is removed at the end, or on Ctrl-C; what a demo killed with\n" +
 		"SIGKILL left, the next one removes first. Needs root and Debian's\n" +
-		"nftables, wireguard-tools, wireguard-go, iperf3, gpsd and gpsd-clients.")
+		"nftables, wireguard-tools, wireguard-go, iperf3 and gpsd.")
 	return &subcmd.Command{
 		Name: "demo", Summary: summary.String(),
 		Flags: func(fs *flag.FlagSet) func(*subcmd.Env, []string) error {

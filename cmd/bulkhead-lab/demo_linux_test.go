@@ -19,7 +19,7 @@ import (
 // namespaces, its processes (agents, gateways, control, gpsd), its
 // WireGuard sockets and its files; and it exits 130.
 func TestInterruptedDemoLeavesNothing(t *testing.T) {
-	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go", "iperf3", "gpsfake", "gpsd")
+	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go", "iperf3", "gpsd")
 	cmd, namespaces, dir, log := demoUntilUp(t, func(p *os.Process) { p.Signal(os.Interrupt) })
 	err := cmd.Wait()
 	var exit *exec.ExitError
@@ -54,7 +54,7 @@ func TestInterruptedDemoLeavesNothing(t *testing.T) {
 // A demo killed with SIGKILL cannot tear its site down; the next demo
 // does, before it builds its own.
 func TestKilledDemoIsSweptByTheNext(t *testing.T) {
-	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go", "iperf3", "gpsfake", "gpsd")
+	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go", "iperf3", "gpsd")
 	first, namespaces, _, _ := demoUntilUp(t, func(p *os.Process) { p.Kill() })
 	first.Wait()
 	listed := func() string { out, _ := exec.Command("ip", "netns", "list").Output(); return string(out) }

@@ -406,34 +406,24 @@ func context(s *Site, r *Result) {
 	s.WaitVersion(s.Version, 20*time.Second)
 	r.Note("policy v%d: scanners reach WMS only during the shift %s-%s UTC", s.Version, shift[0], shift[1])
 
-	r.Note("the truck drives out of its service area (gpsfake replays the track through gpsd)")
-	s.gpsStop()
-	var track []lab.Point
-	for i := range 40 {
-		p := yard
-		if i >= 3 {
-			p.Lat += 0.009 // 1 km north
-		}
-		track = append(track, p)
-	}
+	r.Note("the truck drives out of its service area (its receiver is read through gpsd)")
 	start := time.Now()
-	s.gpsStop = lab.GPSFakeIn(s.t, s.Tele.NS, s.gpsPort, lab.NMEA(track, time.Now()), 200*time.Millisecond, true)
+	s.gps.Move(lab.Point{Lat: yard.Lat + 0.009, Lon: yard.Lon}) // 1 km north
 	lat, ok := lab.Until(start, 30*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "restricted" })
 	st := s.Tele.Status(s.t)
 	r.Check(Check{What: "the telematics box outside its geofence", Expected: "mode restricted: its profile keeps diagnostics only",
 		Observed: fmt.Sprintf("mode %s, open %s (%s)", st.Mode, list(st.Open), strings.Join(st.Why, "; ")),
-		Latency:  lat, Of: "replay start -> restricted (includes gpsd reconnect)", Pass: ok && slices.Equal(st.Open, []string{"diagnostics"})})
+		Latency:  lat, Of: "leaving the fence -> restricted", Pass: ok && slices.Equal(st.Open, []string{"diagnostics"})})
 	ediOpen, diagOpen := s.reach(s.Tele, edi), lab.ReachesWithin(s.t, s.Tele.NS, "tcp", diag, 10*time.Second)
 	r.Check(Check{What: "the truck's EDI and diagnostics outside the fence", Expected: "EDI shut, diagnostics open",
 		Observed: fmt.Sprintf("EDI %s, diagnostics %s", yesno(ediOpen), yesno(diagOpen)), Pass: !ediOpen && diagOpen})
-	s.gpsStop()
 	start = time.Now()
-	s.gpsStop = lab.GPSFakeIn(s.t, s.Tele.NS, s.gpsPort, parked(), 200*time.Millisecond, false)
+	s.gps.Move(parked)
 	lat, ok = lab.Until(start, 30*time.Second, func() bool { return s.Tele.Status(s.t).Mode == "normal" })
 	st = s.Tele.Status(s.t)
 	r.Check(Check{What: "back in the yard", Expected: "mode normal",
 		Observed: strings.TrimSpace(fmt.Sprintf("mode %s %s", st.Mode, strings.Join(st.Why, "; "))),
-		Latency:  lat, Of: "replay start -> normal", Pass: ok})
+		Latency:  lat, Of: "back inside -> normal", Pass: ok})
 
 	r.Note("the dock gateway's EDR sensor (%s) dies", s.SensorName)
 	start = time.Now()

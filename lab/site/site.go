@@ -71,8 +71,7 @@ type Site struct {
 	SensorName string // the process the dock gateway's EDR check requires
 	sensor     *exec.Cmd
 	runSensor  func() *exec.Cmd
-	gpsPort    int
-	gpsStop    func()
+	gps        *lab.GPS
 
 	// Version is the newest policy version pushed; Bundles the files.
 	Version uint64
@@ -88,7 +87,8 @@ var (
 	dbAddr      = netip.MustParseAddrPort("10.99.0.14:5432")
 	tunnelPool  = netip.MustParsePrefix("100.64.0.0/24")
 	truckNet    = netip.MustParsePrefix("192.168.50.0/29")
-	yard        = lab.Point{Lat: 41.5250, Lon: -88.0817} // the depot: a 500 m geofence
+	yard        = lab.Point{Lat: 41.5250, Lon: -88.0817}           // the depot: a 500 m geofence
+	parked      = lab.Point{Lat: yard.Lat + 0.0002, Lon: yard.Lon} // the truck's bay, 22 m from the centre
 )
 
 // segmentPlan is the site's segments: name, partner, host, local.
@@ -117,7 +117,7 @@ var classSegments = map[string][]string{
 // Build makes the site and brings every device to policy version 1,
 // printing what it does to progress.
 func Build(t lab.T, progress io.Writer) *Site {
-	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go", "iperf3", "gpsfake", "gpsd")
+	lab.RequirePrivileged(t, "nft", "wg", "wireguard-go", "iperf3", "gpsd")
 	s := &Site{t: t, progress: progress, dir: t.TempDir(), Bundles: map[uint64]string{}}
 	s.step("network: site router, corporate uplink, 3 devices, 5 segment gateways, a truck")
 	s.network()
@@ -240,8 +240,7 @@ func (s *Site) network() {
 		if i == 2 {
 			s.Truck = lab.StartTelematics(t, ns, truckNet)
 			c.Floor = []localpolicy.FloorRule{s.Truck.Floor()}
-			s.gpsPort = 2947
-			c.GPSD = fmt.Sprintf("127.0.0.1:%d", s.gpsPort)
+			c.GPSD = "127.0.0.1:2947"
 		}
 		if i == 0 {
 			s.DockSSH = netip.AddrPortFrom(addr, 22)
@@ -254,7 +253,7 @@ func (s *Site) network() {
 		agents = append(agents, a)
 	}
 	s.Dock, s.Scanner, s.Tele = agents[0], agents[1], agents[2]
-	s.gpsStop = lab.GPSFakeIn(t, s.Tele.NS, s.gpsPort, parked(), 200*time.Millisecond, false)
+	s.gps = lab.StartGPS(t, s.Tele.NS, 2947, parked, 200*time.Millisecond)
 
 	for i, plan := range segmentPlan {
 		seg := plan
@@ -290,16 +289,6 @@ func (s *Site) setUplink(up bool) {
 // leaving coverage.
 func (s *Site) setDeviceLink(a *Agent, up bool) {
 	s.Router.MustRun(s.t, "ip", "link", "set", a.link, map[bool]string{true: "up", false: "down"}[up])
-}
-
-// parked is a truck standing in its yard: a few fixes within 50 m of the
-// centre, replayed in a loop.
-func parked() []byte {
-	var track []lab.Point
-	for i := range 5 {
-		track = append(track, lab.Point{Lat: yard.Lat + 0.0001*float64(i), Lon: yard.Lon})
-	}
-	return lab.NMEA(track, time.Now())
 }
 
 // Namespaces are the names of every namespace of the site.
