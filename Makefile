@@ -74,8 +74,9 @@ bench: deps
 	@.ci/ensure-debs $(TEST_DEBS)
 	go run ./bench/cmd/bulkhead-bench -out bench/RESULTS.md
 
-# The replicated fan-out with 100,000 held polls (not in CI: it takes the
-# machine for several minutes and a few GB); prints, leaves RESULTS.md.
+# The replicated fan-out with 100,000 held polls (not in CI: it takes this
+# 2-core machine for about half an hour and 16 GB); prints, leaves
+# RESULTS.md. docs/control.md says how to profile it.
 bench-scale: deps
 	@.ci/ensure-debs $(TEST_DEBS)
 	go run ./bench/cmd/bulkhead-bench -run 'order fan-out' -crowd 100000

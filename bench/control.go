@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"fmt"
 	"math"
 	"net/netip"
 	"slices"
@@ -27,7 +28,7 @@ func controlCases() []Case {
 		{Name: "partner revocation fan-out: 1,000 long-polls and 2 agents", Privileged: true, Unit: "ms-p99", Also: []string{"ms-p50", "ms-max"}, Max: 1000,
 			Run:  benchFanOut,
 			Note: "5 trials of `bulkhead-control revoke-partner` reaching 1,000 held long-polls of `bulkhead-lab crowd` (real TLS, one client certificate each) and 2 real agents; a crowd device counts when its answer arrives, an agent when the last packet of its 1 ms UDP flow to the partner's segment does; an ops-signed `reinstate-partner` between trials"},
-		{Name: "order fan-out: 10,000 long-polls over 3 replicas on PostgreSQL, and 2 agents", Privileged: true, Unit: "ms-p99",
+		{Name: fmt.Sprintf("order fan-out: %s long-polls over %d replicas on PostgreSQL, and 2 agents", grouped(ReplicaCrowd), replicasFor(ReplicaCrowd)), Privileged: true, Unit: "ms-p99",
 			Also: []string{"ms-p50", "ms-max", "kill-ms-p99", "kill-ms-max", "KiB/poll", "cpu-ms/order"}, Max: 1000,
 			Run:  benchFanOutReplicas,
 			Note: "as the 1,000-poll case, with three `bulkhead-control serve --db` replicas sharing one PostgreSQL (Debian's, in the lab), a third of the crowd enrolled with each (each member tries the other replicas in turn), the agents with the first, and the order given on the last, so it reaches the polls on the others through LISTEN/NOTIFY; then one more trial that starts by killing (SIGKILL) the first replica, reported as kill-ms (its devices reconnect to another after a retry of about a second, jittered as the agent's first). KiB/poll: the replicas' VmRSS with every poll held, above what they held before the crowd enrolled, per poll (enrolment garbage included); cpu-ms/order: CPU of every process in the control namespace (replicas and PostgreSQL) from the order to the last device, per order"},
@@ -162,4 +163,13 @@ func percentile(v []float64, p float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
 	return s[max(0, int(math.Ceil(p*float64(len(s))))-1)]
+}
+
+// grouped writes n with a comma between groups of three digits.
+func grouped(n int) string {
+	s := strconv.Itoa(n)
+	for i := len(s) - 3; i > 0; i -= 3 {
+		s = s[:i] + "," + s[i:]
+	}
+	return s
 }

@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -30,8 +31,11 @@ import (
 const crowdSize = 1000
 
 // ReplicaCrowd is how many the fan-out over three replicas on PostgreSQL
-// reaches: 10,000 in make bench, 100,000 in make bench-scale.
-var ReplicaCrowd = 10000
+// reaches: ReplicaCrowdCI in make bench, 100,000 in make bench-scale.
+var ReplicaCrowd = ReplicaCrowdCI
+
+// ReplicaCrowdCI is the replicated fan-out's size in make bench.
+const ReplicaCrowdCI = 10000
 
 // fanOutPlan is one fan-out benchmark's setting.
 type fanOutPlan struct {
@@ -54,11 +58,38 @@ func benchFanOut(b B) {
 // benchFanOutReplicas is the same over three replicas sharing one
 // PostgreSQL, with a replica killed at the start of one more trial.
 func benchFanOutReplicas(b B) {
-	p := fanOutPlan{size: ReplicaCrowd, trials: 5, replicas: 3, kill: true}
+	p := fanOutPlan{size: ReplicaCrowd, trials: 5, replicas: replicasFor(ReplicaCrowd), kill: true}
 	if Quick {
 		p.size, p.trials = 30, 1
 	}
+	if p.replicas > 3 {
+		b.say(fmt.Sprintf("%d polls over %d replicas: each held poll is a descriptor in its replica and its crowd process, and the descriptor limit here is %d", p.size, p.replicas, noFile()))
+	}
 	fanOut(b, p)
+}
+
+// replicasFor is how many replicas hold size polls: three, or more where
+// a third of them would take a replica (and its crowd process) past
+// four fifths of its descriptor limit. A process cannot raise its hard
+// limit without CAP_SYS_RESOURCE, which a container may withhold.
+func replicasFor(size int) int {
+	per := max(1, noFile()*4/5)
+	return max(3, (size+per-1)/per)
+}
+
+// noFile is the descriptor limit the replicas and crowds inherit.
+func noFile() int {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil || lim.Cur > 1<<30 {
+		return 1 << 30
+	}
+	return int(lim.Cur)
+}
+
+// patience is how long a step that involves every poll may take: a
+// minute, or 6 ms a poll in a large crowd (10 minutes for 100,000).
+func patience(size int) time.Duration {
+	return max(time.Minute, time.Duration(size)*6*time.Millisecond)
 }
 
 // fanOut measures the fan-out of p: p.size long-polls held by `bulkhead-lab
@@ -168,11 +199,15 @@ func fanOut(b B, p fanOutPlan) {
 	var ms, killMs []float64
 	var cpu float64
 	orders := 0
+	profile := startProfile(b)
 	b.ResetTimer()
 	for range b.N {
 		for trial := range p.trials + map[bool]int{true: 1}[p.kill] {
 			killing := p.kill && trial == p.trials
-			lab.WaitFor(b, "every poll is held and every flow runs", 60*time.Second, func() bool {
+			if killing {
+				profile()
+			}
+			lab.WaitFor(b, "every poll is held and every flow runs", patience(p.size), func() bool {
 				return crowds.held() == p.size && flows.running(20*time.Millisecond)
 			})
 			ticks := cpuTicks(b, ctlNS)
@@ -180,18 +215,13 @@ func fanOut(b B, p fanOutPlan) {
 			if killing {
 				first.Stop()
 			}
-			out := last.MustCLI(b, "revoke-partner", "acme", "--reason", "bench")
-			f := strings.Fields(out)
-			if len(f) < 2 || f[0] != "revoke-partner" {
-				b.Fatalf("revoke-partner said %q", out)
-			}
-			id := f[1]
-			if !lab.Within(60*time.Second, func() bool { return len(crowds.arrivals(id)) == p.size }) {
+			id := order(b, last, "revoke-partner", "acme", "--reason", "bench")
+			if !lab.Within(patience(p.size), func() bool { return len(crowds.arrivals(id)) == p.size }) {
 				var got []string
 				for _, c := range crowds {
 					got = append(got, fmt.Sprintf("%d of %d held, %d arrived", c.held(), len(c.isHeld), len(c.arrivals(id))))
 				}
-				b.Fatalf("trial %d: after 60 s the crowds have: %s", trial, strings.Join(got, "; "))
+				b.Fatalf("trial %d: after %s the crowds have: %s", trial, patience(p.size), strings.Join(got, "; "))
 			}
 			lab.WaitFor(b, "the agents' flows stop", 60*time.Second, func() bool {
 				return flows.silent(100*time.Millisecond) && cut(agents[0]) && cut(agents[1])
@@ -200,22 +230,33 @@ func fanOut(b B, p fanOutPlan) {
 				cpu += float64(cpuTicks(b, ctlNS)-ticks) * 1000 / clockTicks
 				orders++
 			}
-			into := &ms
-			if killing {
-				into = &killMs
-			}
+			var these []float64
 			for _, at := range crowds.arrivals(id) {
-				*into = append(*into, float64(at.Sub(start))/float64(time.Millisecond))
+				these = append(these, float64(at.Sub(start))/float64(time.Millisecond))
 			}
 			for _, at := range flows.last() {
-				*into = append(*into, max(0, float64(at.Sub(start))/float64(time.Millisecond)))
+				these = append(these, max(0, float64(at.Sub(start))/float64(time.Millisecond)))
 			}
-			if !killing {
-				last.MustCLI(b, "reinstate-partner", "acme", "--reason", "bench", "--key", ops.privFile, "--wait", "60s")
+			if p.size > ReplicaCrowdCI {
+				// A long run says how each trial went as it goes.
+				b.say(fmt.Sprintf("trial %d%s: p50 %.0f ms, p99 %.0f ms, max %.0f ms", trial, map[bool]string{true: " (a replica killed)"}[killing],
+					percentile(these, 0.5), percentile(these, 0.99), percentile(these, 1)))
+			}
+			if killing {
+				killMs = append(killMs, these...)
+			} else {
+				ms = append(ms, these...)
+				// Every poll hears the reinstatement before the next trial.
+				// Not with --wait: it reads the whole order, every device's
+				// state, four times a second, which at 100,000 devices
+				// takes longer than the CLI waits for an answer.
+				back := order(b, last, "reinstate-partner", "acme", "--reason", "bench", "--key", ops.privFile)
+				lab.WaitFor(b, "the reinstatement reaching every poll", patience(p.size), func() bool { return len(crowds.arrivals(back)) == p.size })
 			}
 		}
 	}
 	b.StopTimer()
+	profile()
 	if want := p.trials * (p.size + len(agents)); len(ms) != want {
 		b.Fatalf("%d figures, want %d", len(ms), want)
 	}
@@ -228,6 +269,16 @@ func fanOut(b B, p fanOutPlan) {
 	}
 	b.ReportMetric((held-before)*1024/float64(p.size+len(agents)), "KiB/poll")
 	b.ReportMetric(cpu/float64(max(orders, 1)), "cpu-ms/order")
+}
+
+// order gives an order with the ops CLI and returns its id.
+func order(b B, ctl *lab.Control, argv ...string) string {
+	out := ctl.MustCLI(b, argv...)
+	f := strings.Fields(out)
+	if len(f) < 2 || f[0] != argv[0] {
+		b.Fatalf("%s said %q", argv[0], out)
+	}
+	return f[1]
 }
 
 // rssOf is the resident memory of the control servers, in MiB.
@@ -305,11 +356,17 @@ func startCrowdOf(b testing.TB, ns *lab.NS, ctl *lab.Control, size int, class st
 func startCrowdAt(b testing.TB, ns *lab.NS, issuer, ctl *lab.Control, size int, class string, also []netip.AddrPort) *crowdProc {
 	b.Helper()
 	// The tokens come first, one per line; the summary follows (stderr).
-	lines := strings.Split(issuer.MustCLI(b, "token", "create", "--allow-unknown-class", "--class", class, "--count", fmt.Sprint(size)), "\n")
-	if len(lines) < size {
-		b.Fatalf("token create printed %d lines for %d tokens", len(lines), size)
+	// token create makes at most 10,000 at once.
+	var made []string
+	for len(made) < size {
+		n := min(size-len(made), 10000)
+		lines := strings.Split(issuer.MustCLI(b, "token", "create", "--allow-unknown-class", "--class", class, "--count", fmt.Sprint(n)), "\n")
+		if len(lines) < n {
+			b.Fatalf("token create printed %d lines for %d tokens", len(lines), n)
+		}
+		made = append(made, lines[:n]...)
 	}
-	tokens := strings.Join(lines[:size], "\n")
+	tokens := strings.Join(made, "\n")
 	argv := []string{lab.Binary(b, "cmd/bulkhead-lab"), "crowd", "--control", ctl.URL, "--trust-ca", ctl.Fingerprint,
 		"--class", class, "--dir", b.TempDir()}
 	for _, a := range also {
@@ -337,7 +394,8 @@ func startCrowdAt(b testing.TB, ns *lab.NS, issuer, ctl *lab.Control, size int, 
 		cmd.Wait()
 		close(exited)
 	}()
-	for deadline := time.Now().Add(3 * time.Minute); c.held() < size; time.Sleep(50 * time.Millisecond) {
+	wait := max(3*time.Minute, 3*patience(size))
+	for deadline := time.Now().Add(wait); c.held() < size; time.Sleep(50 * time.Millisecond) {
 		select {
 		case <-exited:
 			log, _ := os.ReadFile(logf.Name())
@@ -345,7 +403,7 @@ func startCrowdAt(b testing.TB, ns *lab.NS, issuer, ctl *lab.Control, size int, 
 		default:
 		}
 		if time.Now().After(deadline) {
-			b.Fatalf("only %d of %d crowd polls held after 3 minutes; the members' errors: %s", c.held(), size, c.errorsSeen())
+			b.Fatalf("only %d of %d crowd polls held after %s; the members' errors: %s", c.held(), size, wait, c.errorsSeen())
 		}
 	}
 	return c
@@ -504,4 +562,31 @@ func (f *udpFlows) last() []time.Time {
 		out = append(out, t)
 	}
 	return out
+}
+
+// startProfile records where the whole machine's CPU time goes while the
+// ordinary trials run, with perf (Debian's linux-perf), when
+// BULKHEAD_BENCH_PERF names the file to write; run with
+// BULKHEAD_LAB_SYMBOLS=1 so that perf can name Bulkhead's functions, and
+// read it with `perf report -i FILE`. The function it returns stops the
+// recording; calling it again does nothing.
+func startProfile(b B) (stop func()) {
+	file := os.Getenv("BULKHEAD_BENCH_PERF")
+	if file == "" {
+		return func() {}
+	}
+	cmd := exec.Command("perf", "record", "-a", "-g", "-F", "199", "-o", file)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatalf("BULKHEAD_BENCH_PERF: %v", err)
+	}
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cmd.Process.Signal(os.Interrupt)
+			cmd.Wait()
+		})
+	}
+	b.Cleanup(stop)
+	return stop
 }

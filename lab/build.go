@@ -60,7 +60,13 @@ func Binary(t T, pkg string) string {
 	if pkg == "cmd/bulkhead" {
 		tags = AgentTags
 	}
-	cmd := exec.Command("go", "build", "-trimpath", "-tags", tags, "-ldflags", "-s -w", "-o", bin, "github.com/bulkhead-edge/bulkhead/"+pkg)
+	// Stripped, as shipped; BULKHEAD_LAB_SYMBOLS=1 keeps the symbol
+	// table, so that a profiler (perf) can name the functions.
+	ldflags := "-s -w"
+	if os.Getenv("BULKHEAD_LAB_SYMBOLS") == "1" {
+		ldflags = ""
+	}
+	cmd := exec.Command("go", "build", "-trimpath", "-tags", tags, "-ldflags", ldflags, "-o", bin, "github.com/bulkhead-edge/bulkhead/"+pkg)
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build %s: %v: %s", pkg, err, out)

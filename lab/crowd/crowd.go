@@ -138,9 +138,10 @@ func Poll(ctx context.Context, o Options, clients []*controlclient.Client, out i
 		mu.Unlock()
 	}
 	emit(Event{Kind: EvEnrolled, Count: len(clients)})
+	starting := make(chan struct{}, startBurst)
 	var wg sync.WaitGroup
 	for i, c := range clients {
-		wg.Go(func() { member(ctx, o, i, c, emit) })
+		wg.Go(func() { member(ctx, o, i, c, emit, starting) })
 	}
 	tick := time.NewTicker(eventFlush)
 	defer tick.Stop()
@@ -158,15 +159,39 @@ func Poll(ctx context.Context, o Options, clients []*controlclient.Client, out i
 // eventFlush is how often the crowd writes the events gathered.
 const eventFlush = 5 * time.Millisecond
 
-func member(ctx context.Context, o Options, i int, c *controlclient.Client, emit func(Event)) {
+// startBurst is how many members open their first connection at once. A
+// fleet does not boot in one instant, and a crowd of 14,000 dialling
+// together overflows a replica's listen backlog (4,096 here): the SYNs
+// beyond it are dropped, every dial times out and fails over, and the
+// storm spreads to every replica.
+const startBurst = 64
+
+// member polls for client c until ctx ends. Its first poll waits for a
+// place among starting, which it gives back once that poll is held or
+// has failed.
+func member(ctx context.Context, o Options, i int, c *controlclient.Client, emit func(Event), starting chan struct{}) {
+	select {
+	case starting <- struct{}{}:
+	case <-ctx.Done():
+		return
+	}
+	started := false
+	start := func() {
+		if !started {
+			started = true
+			<-starting
+		}
+	}
+	defer start()
 	var req controlapi.SyncRequest
 	var st localpolicy.Sticky
 	req.WaitSeconds = int(o.Wait / time.Second)
 	for ctx.Err() == nil {
 		pctx, cancel := context.WithTimeout(ctx, o.Wait+30*time.Second)
-		resp, err := c.Sync(pctx, req, func() { emit(Event{Kind: EvHeld, Member: i}) })
+		resp, err := c.Sync(pctx, req, func() { start(); emit(Event{Kind: EvHeld, Member: i}) })
 		at := time.Now().UnixNano()
 		cancel()
+		start()
 		if err != nil {
 			if ctx.Err() == nil {
 				emit(Event{Kind: EvError, Member: i, Error: err.Error()})
